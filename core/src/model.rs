@@ -204,7 +204,7 @@ impl Model {
                     Some(r) if r.len() >= threshold => r,
                     _ => continue,
                 };
-                while side.len() % 64 != 0 {
+                while !side.len().is_multiple_of(64) {
                     side.push(0);
                 }
                 let offset = side.len();

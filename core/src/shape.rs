@@ -440,10 +440,10 @@ impl Cx {
                 if op == "Dropout" {
                     self.set(n, 1, DataType::Bool as i32, s0.clone());
                 }
-                if matches!(op, "Identity") {
-                    if let Some(v) = self.val(n, 0).cloned() {
-                        self.set_val(n, v);
-                    }
+                if op == "Identity"
+                    && let Some(v) = self.val(n, 0).cloned()
+                {
+                    self.set_val(n, v);
                 }
             }
             "IsNaN" | "IsInf" => self.set(n, 0, DataType::Bool as i32, s0),

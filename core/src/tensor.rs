@@ -83,7 +83,7 @@ fn check_len(t: &TensorProto, got: usize) -> Result<usize> {
 }
 
 fn raw_chunks<const N: usize>(t: &TensorProto, raw: &[u8]) -> Result<Vec<[u8; N]>> {
-    if raw.len() % N != 0 {
+    if !raw.len().is_multiple_of(N) {
         return Err(bad(
             t,
             format!("raw data of {} bytes is not a multiple of {N}", raw.len()),

@@ -1,0 +1,219 @@
+//! `whittle deploy`: measure models on a target and write one report.
+//!
+//! Today the local transport runs in this process (the `host` target); boards reached over ssh,
+//! serial or an emulator come with the deploy issue.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use whittle_core::{cost, shape};
+use whittle_deploy::target::{Target, Transport};
+use whittle_deploy::{BenchConfig, RuntimeOptions};
+use whittle_export::VerifyOptions;
+
+use super::bench::{BenchReport, measure};
+use crate::Outcome;
+use crate::table::{Table, pct, si};
+
+/// Arguments of `whittle deploy`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A target name from targets/ (e.g. `host`) or a path to a target TOML file.
+    #[arg(long, default_value = "host")]
+    target: String,
+    /// Models to measure (default: the bundled ResNet-8).
+    models: Vec<PathBuf>,
+    /// Labelled data to check accuracy on (default: the bundled CIFAR-10 images).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Preprocessing profile (default: `<model>.profile.toml`).
+    #[arg(long)]
+    profile: Option<String>,
+    /// Timed runs per model and runtime.
+    #[arg(long, default_value_t = 200)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Folder for reports (a `<target>/<timestamp>/` folder is made inside).
+    #[arg(long, default_value = "reports")]
+    reports: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    model: String,
+    params: u64,
+    macs: u64,
+    bench: BenchReport,
+    accuracy: Option<f64>,
+    items: usize,
+}
+
+#[derive(Serialize)]
+struct Results {
+    target: String,
+    triple: String,
+    transport: String,
+    started: String,
+    rows: Vec<Row>,
+}
+
+/// The repository root: the current folder when it holds targets/, else the build's source tree.
+fn repo_root() -> PathBuf {
+    if Path::new("targets").is_dir() {
+        return PathBuf::from(".");
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Run the command.
+pub fn run(a: Args) -> Result<Outcome> {
+    let root = repo_root();
+    let target = Target::load(&a.target, &root.join("targets"))?;
+    if target.transport != Transport::Local {
+        bail!(
+            "target '{}' uses the {:?} transport, which this build cannot reach yet (only local targets run)",
+            target.name,
+            target.transport
+        );
+    }
+    let models = if a.models.is_empty() {
+        vec![root.join("models/resnet8_cifar10.onnx")]
+    } else {
+        a.models.clone()
+    };
+    let data = a.data.clone().unwrap_or_else(|| root.join("data/cifar10"));
+    let started = now_stamp();
+    let cfg = BenchConfig {
+        warmup: a.warmup,
+        iters: a.iters,
+        max_seconds: None,
+    };
+    let mut rows = Vec::new();
+    for path in &models {
+        let m = super::load_model(path)?;
+        let c = cost::count(&m, &shape::infer(&m, &[])?);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes = m.to_bytes();
+        for &rt in &target.runtimes {
+            let opts = RuntimeOptions {
+                threads: target.threads,
+                allow_fallback: target.allow_fallback,
+                ..Default::default()
+            };
+            eprintln!("measuring {name} on {} ({rt})", target.name);
+            let bench = measure(&bytes, &name, rt, &opts, &cfg)
+                .with_context(|| format!("{name} on {rt}"))?;
+            let vopts = VerifyOptions {
+                runtime: rt,
+                threads: target.threads,
+                ..Default::default()
+            };
+            let v = super::verify::compare(path, path, &data, a.profile.as_deref(), &vopts)
+                .with_context(|| format!("checking {name} on {rt} with {}", data.display()))?;
+            rows.push(Row {
+                model: name.clone(),
+                params: c.params,
+                macs: c.macs,
+                accuracy: v.outputs.iter().find_map(|o| o.reference_accuracy),
+                items: v.items,
+                bench,
+            });
+        }
+    }
+    let results = Results {
+        target: target.name.clone(),
+        triple: target.triple.clone(),
+        transport: format!("{:?}", target.transport).to_lowercase(),
+        started: started.clone(),
+        rows,
+    };
+    let dir = a.reports.join(&target.name).join(&started);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let table = render(&results);
+    whittle_export::write_atomic(
+        &dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
+    let md = format!(
+        "# whittle deploy: {} ({})\n\nstarted {}\n\n```\n{}```\n",
+        results.target, results.triple, results.started, table
+    );
+    whittle_export::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&results)?);
+    } else {
+        print!("{table}");
+        eprintln!("report: {}", dir.display());
+    }
+    Ok(Outcome::Ok)
+}
+
+fn render(r: &Results) -> String {
+    let mut t = Table::new(&[
+        "model", "params", "MACs", "runtime", "EP", "p50 ms", "p90 ms", "fps", "accuracy", "items",
+    ]);
+    for row in &r.rows {
+        let b = &row.bench;
+        t.row(vec![
+            row.model.clone(),
+            si(row.params),
+            si(row.macs),
+            b.runtime.to_string(),
+            b.provider.actual.clone(),
+            format!("{:.3}", b.stats.p50_ms),
+            format!("{:.3}", b.stats.p90_ms),
+            format!("{:.1}", b.stats.fps),
+            row.accuracy.map(pct).unwrap_or_else(|| "-".into()),
+            row.items.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+/// UTC time as `YYYYMMDD-HHMMSS` (folder names sort by time).
+fn now_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_786), (2026, 11, 29));
+    }
+}

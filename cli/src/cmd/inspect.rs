@@ -1,0 +1,167 @@
+//! `whittle inspect`: inputs, outputs, op histogram, params, MACs, per-layer table.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+use whittle_core::cost::{self, NodeCost};
+use whittle_core::shape::{self, describe_shape, value_info_type};
+use whittle_core::tensor::dtype_name;
+
+use crate::Outcome;
+use crate::table::{Table, si};
+
+/// Arguments of `whittle inspect`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Fix an input's shape, e.g. `input=1x3x224x224` (repeatable); symbolic dims count as 1.
+    #[arg(long = "input", value_name = "NAME=SHAPE")]
+    inputs: Vec<String>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Leave out the per-layer table.
+    #[arg(long)]
+    brief: bool,
+}
+
+#[derive(Serialize)]
+struct Io {
+    name: String,
+    dtype: String,
+    shape: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    ir_version: i64,
+    opset: Option<i64>,
+    producer: String,
+    inputs: Vec<Io>,
+    outputs: Vec<Io>,
+    params: u64,
+    macs: u64,
+    nodes: usize,
+    ops: BTreeMap<String, usize>,
+    unknown_ops: Vec<String>,
+    layers: Vec<NodeCost>,
+}
+
+/// Run the command.
+pub fn run(a: Args) -> Result<Outcome> {
+    let overrides = super::parse_overrides(&a.inputs)?;
+    let m = super::load_model(&a.model)?;
+    let shapes = shape::infer(&m, &overrides)?;
+    let c = cost::count(&m, &shapes);
+    let io = |v: &whittle_core::onnx::ValueInfoProto| {
+        let t = shapes
+            .types
+            .get(v.name())
+            .cloned()
+            .or_else(|| value_info_type(v));
+        Io {
+            name: v.name().to_string(),
+            dtype: t
+                .as_ref()
+                .map(|t| dtype_name(t.dtype))
+                .unwrap_or("?")
+                .to_string(),
+            shape: describe_shape(t.as_ref().and_then(|t| t.shape.as_deref())),
+        }
+    };
+    let mut ops = BTreeMap::new();
+    for n in &m.graph().node {
+        let key = if n.domain().is_empty() {
+            n.op_type().to_string()
+        } else {
+            format!("{}:{}", n.domain(), n.op_type())
+        };
+        *ops.entry(key).or_insert(0) += 1;
+    }
+    let report = Report {
+        model: a.model.display().to_string(),
+        ir_version: m.proto.ir_version(),
+        opset: m.opset(""),
+        producer: format!("{} {}", m.proto.producer_name(), m.proto.producer_version())
+            .trim()
+            .to_string(),
+        inputs: m.inputs().into_iter().map(io).collect(),
+        outputs: m.graph().output.iter().map(io).collect(),
+        params: c.params,
+        macs: c.macs,
+        nodes: m.graph().node.len(),
+        ops,
+        unknown_ops: shapes.unknown_ops.iter().cloned().collect(),
+        layers: c.nodes,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(Outcome::Ok);
+    }
+    let mut out = String::new();
+    out += &format!(
+        "{}  (IR {}, opset {}, {})\n",
+        report.model,
+        report.ir_version,
+        report.opset.map(|v| v.to_string()).unwrap_or("?".into()),
+        if report.producer.is_empty() {
+            "unknown producer"
+        } else {
+            &report.producer
+        }
+    );
+    for (title, list) in [("input ", &report.inputs), ("output", &report.outputs)] {
+        for i in list {
+            out += &format!("{title}  {}  {} {}\n", i.name, i.dtype, i.shape);
+        }
+    }
+    out += &format!(
+        "params  {} ({})\nMACs    {} ({}{})\nnodes   {}\nops     {}\n",
+        report.params,
+        si(report.params),
+        report.macs,
+        si(report.macs),
+        if overrides.is_empty() {
+            ", symbolic dims counted as 1"
+        } else {
+            ""
+        },
+        report.nodes,
+        report
+            .ops
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !report.unknown_ops.is_empty() {
+        out += &format!(
+            "unknown ops (no shape rule; kept as they are): {}\n",
+            report.unknown_ops.join(", ")
+        );
+    }
+    print!("{out}");
+    if !a.brief {
+        let mut t = Table::new(&["#", "layer", "op", "output", "params", "MACs"]);
+        for (i, l) in report.layers.iter().enumerate() {
+            if l.params == 0 && l.macs == 0 {
+                continue;
+            }
+            t.row(vec![
+                i.to_string(),
+                l.name.clone(),
+                l.op.clone(),
+                l.output_shape.clone(),
+                l.params.to_string(),
+                l.macs.to_string(),
+            ]);
+        }
+        println!();
+        print!("{}", t.render());
+    }
+    Ok(Outcome::Ok)
+}

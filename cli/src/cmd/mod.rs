@@ -1,0 +1,53 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod deploy;
+pub mod inspect;
+pub mod verify;
+
+use anyhow::{Context, Result};
+use std::path::Path;
+use whittle_calib::Preprocess;
+use whittle_core::Model;
+
+/// Parse `--input name=1x3x224x224` flags.
+pub fn parse_overrides(flags: &[String]) -> Result<Vec<(String, Vec<i64>)>> {
+    flags
+        .iter()
+        .map(|s| whittle_core::shape::parse_override(s).map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// Load a model with a message naming the file.
+pub fn load_model(path: &Path) -> Result<Model> {
+    Ok(Model::load(path)?)
+}
+
+/// The preprocessing to use: `--profile` (a built-in name or a TOML file), else a
+/// `<model stem>.profile.toml` beside the model, else none (values as stored, 0..255 for images).
+pub fn resolve_profile(flag: Option<&str>, model: &Path) -> Result<Preprocess> {
+    if let Some(p) = flag {
+        return Preprocess::from_name_or_path(p).with_context(|| format!("profile '{p}'"));
+    }
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let side = model.with_file_name(format!("{stem}.profile.toml"));
+    if side.is_file() {
+        eprintln!("using preprocessing profile {}", side.display());
+        return Ok(Preprocess::from_toml_file(&side)?);
+    }
+    eprintln!(
+        "no --profile and no {} beside the model: images are fed as raw 0..255 values",
+        side.display()
+    );
+    Ok(Preprocess::default())
+}
+
+/// Concrete input shapes for the runtimes from `--input` overrides.
+pub fn runtime_shapes(ov: &[(String, Vec<i64>)]) -> Vec<(String, Vec<usize>)> {
+    ov.iter()
+        .map(|(n, d)| (n.clone(), d.iter().map(|&v| v as usize).collect()))
+        .collect()
+}

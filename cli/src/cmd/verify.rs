@@ -1,0 +1,135 @@
+//! `whittle verify`: compare a candidate with a reference on real data.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use whittle_calib::Dataset;
+use whittle_deploy::RuntimeKind;
+use whittle_export::{VerifyOptions, VerifyReport};
+
+use crate::Outcome;
+use crate::progress::bar;
+use crate::table::{Table, pct};
+
+/// Arguments of `whittle verify`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The reference model.
+    reference: PathBuf,
+    /// The candidate model.
+    candidate: PathBuf,
+    /// Data: an image folder (class sub-folders give labels), a flat image folder, .npy, .npz.
+    #[arg(long)]
+    data: PathBuf,
+    /// Preprocessing: a built-in profile name or a TOML file (default: `<model>.profile.toml`).
+    #[arg(long)]
+    profile: Option<String>,
+    /// Runtime both models run in.
+    #[arg(long, default_value = "ort-cpu")]
+    runtime: RuntimeKind,
+    /// Use at most this many items (a deterministic sample).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Items per run (models with a symbolic batch axis).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Intra-op threads for ONNX Runtime.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Exit with code 1 when top-1 agreement is below this fraction (0..1).
+    #[arg(long)]
+    min_agreement: Option<f64>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run a verification (shared with `deploy`).
+pub fn compare(
+    reference: &std::path::Path,
+    candidate: &std::path::Path,
+    data: &std::path::Path,
+    profile: Option<&str>,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport> {
+    let pre = super::resolve_profile(profile, reference)?;
+    let r = super::load_model(reference)?.to_bytes();
+    let c = if candidate == reference {
+        r.clone()
+    } else {
+        super::load_model(candidate)?.to_bytes()
+    };
+    let ds = Dataset::open(data)?;
+    let total = opts.limit.map_or(ds.len(), |l| l.min(ds.len()));
+    let pb = bar("verify", total);
+    let rep = whittle_export::verify(&r, &c, &ds, &pre, opts, &mut |d, _| {
+        pb.set_position(d as u64)
+    });
+    pb.finish_and_clear();
+    Ok(rep?)
+}
+
+/// Run the command.
+pub fn run(a: Args) -> Result<Outcome> {
+    if let Some(m) = a.min_agreement
+        && !(0.0..=1.0).contains(&m)
+    {
+        anyhow::bail!("--min-agreement {m} is not a fraction between 0 and 1");
+    }
+    let opts = VerifyOptions {
+        runtime: a.runtime,
+        batch: a.batch,
+        limit: a.limit,
+        threads: a.threads,
+    };
+    let rep = compare(
+        &a.reference,
+        &a.candidate,
+        &a.data,
+        a.profile.as_deref(),
+        &opts,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&rep)?);
+    } else {
+        println!("{} items, runtime {}", rep.items, rep.runtime);
+        let mut t = Table::new(&[
+            "output",
+            "max |diff|",
+            "mean cosine",
+            "top-1 agreement",
+            "ref accuracy",
+            "cand accuracy",
+        ]);
+        let opt = |v: Option<f64>| v.map(pct).unwrap_or_else(|| "-".into());
+        for o in &rep.outputs {
+            t.row(vec![
+                o.name.clone(),
+                format!("{:.3e}", o.max_abs_diff),
+                format!("{:.6}", o.mean_cosine),
+                opt(o.top1_agreement),
+                opt(o.reference_accuracy),
+                opt(o.candidate_accuracy),
+            ]);
+        }
+        print!("{}", t.render());
+    }
+    if let Some(min) = a.min_agreement {
+        match rep.agreement() {
+            Some(ag) if ag < min => {
+                return Ok(Outcome::CheckFailed(format!(
+                    "top-1 agreement {} is below --min-agreement {}",
+                    pct(ag),
+                    pct(min)
+                )));
+            }
+            None => {
+                return Ok(Outcome::CheckFailed(
+                    "--min-agreement was given but no output is a classifier ([N, C])".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(Outcome::Ok)
+}

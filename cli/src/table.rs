@@ -1,0 +1,77 @@
+//! Plain-text tables for people (the `--json` output is for scripts).
+
+/// A table with a header row; columns are padded to their widest cell.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles.
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Append a row.
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Render with two spaces between columns; numbers are right-aligned.
+    pub fn render(&self) -> String {
+        let cols = self.header.len();
+        let mut w = vec![0; cols];
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(cols) {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        let numeric = |s: &str| {
+            s.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '+')
+                && s.chars()
+                    .all(|c| c.is_ascii_digit() || ".,%x+-eMGk ".contains(c))
+        };
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .take(cols)
+                .map(|(i, c)| {
+                    if numeric(c) {
+                        format!("{c:>width$}", width = w[i])
+                    } else {
+                        format!("{c:<width$}", width = w[i])
+                    }
+                })
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// 12501632 -> "12.50 M".
+pub fn si(v: u64) -> String {
+    let f = v as f64;
+    if f >= 1e9 {
+        format!("{:.2} G", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.2} M", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1} k", f / 1e3)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// 0.682 -> "68.20%".
+pub fn pct(v: f64) -> String {
+    format!("{:.2}%", v * 100.0)
+}

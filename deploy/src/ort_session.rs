@@ -1,0 +1,341 @@
+//! ONNX Runtime sessions (`ort-cpu`, `ort-cuda`, `ort-tensorrt`).
+
+use ndarray::ArrayD;
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::{Session as OrtInner, SessionInputValue};
+use ort::value::{
+    DynValue, Outlet, PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef, ValueType,
+};
+use whittle_core::Value;
+
+use crate::error::{Error, one_line};
+use crate::ort_lib::{OrtRuntime, ort_runtime};
+use crate::runtime::{
+    CPU_EP, Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, check_inputs,
+    onnx_dtype_name, resolve_shapes,
+};
+
+/// A model loaded into ONNX Runtime.
+pub(crate) struct OrtSession {
+    session: OrtInner,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
+    provider: ProviderInfo,
+}
+
+impl OrtSession {
+    /// Builds a session for `kind` (one of the `ort-*` kinds) from ONNX bytes.
+    pub(crate) fn load(
+        kind: RuntimeKind,
+        model_bytes: &[u8],
+        opts: &RuntimeOptions,
+    ) -> Result<Self, Error> {
+        let rt = ort_runtime()?;
+        let (session, provider) = match kind {
+            RuntimeKind::OrtCuda | RuntimeKind::OrtTensorRt => {
+                accelerated_session(rt, kind, model_bytes, opts)?
+            }
+            RuntimeKind::OrtCpu | RuntimeKind::Tract => {
+                cpu_session(rt, kind, model_bytes, opts, None)?
+            }
+        };
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| io_info(o, "input"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| io_info(o, "output"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (inputs, outputs) = resolve_shapes(&inputs, &outputs, &opts.input_shapes)?;
+        Ok(OrtSession {
+            session,
+            inputs,
+            outputs,
+            provider,
+        })
+    }
+}
+
+impl Session for OrtSession {
+    fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+
+    fn provider(&self) -> &ProviderInfo {
+        &self.provider
+    }
+
+    fn run(&mut self, inputs: &[Value]) -> Result<Vec<Value>, Error> {
+        check_inputs(&self.inputs, inputs)?;
+        let feeds = inputs
+            .iter()
+            .map(to_ort)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::ort("preparing the inputs", e))?;
+        let outputs = self
+            .session
+            .run(feeds.as_slice())
+            .map_err(|e| Error::ort("running the model", e))?;
+        self.outputs
+            .iter()
+            .enumerate()
+            .map(|(ix, info)| from_ort(&outputs[ix], &info.name))
+            .collect()
+    }
+}
+
+/// Session options shared by every provider: full graph optimisation, intra-op threads.
+fn base_builder(rt: &OrtRuntime, opts: &RuntimeOptions) -> Result<SessionBuilder, Error> {
+    let mut builder =
+        OrtInner::builder(&rt.env).map_err(|e| Error::ort("creating session options", e))?;
+    builder = builder
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| Error::ort("setting the graph optimisation level", e))?;
+    if let Some(threads) = opts.threads {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| Error::ort(format!("setting {threads} intra-op threads"), e))?;
+    }
+    Ok(builder)
+}
+
+fn commit(
+    mut builder: SessionBuilder,
+    model_bytes: &[u8],
+    context: &str,
+) -> Result<OrtInner, Error> {
+    builder
+        .commit_from_memory(model_bytes)
+        .map_err(|e| Error::ort(context, e))
+}
+
+/// A plain CPU session for `kind`; `fallback_reason` says why it replaces the requested provider.
+fn cpu_session(
+    rt: &OrtRuntime,
+    kind: RuntimeKind,
+    model_bytes: &[u8],
+    opts: &RuntimeOptions,
+    fallback_reason: Option<String>,
+) -> Result<(OrtInner, ProviderInfo), Error> {
+    let session = commit(
+        base_builder(rt, opts)?,
+        model_bytes,
+        "creating the CPU session",
+    )?;
+    let provider = ProviderInfo {
+        requested: kind.provider_name().to_string(),
+        actual: CPU_EP.to_string(),
+        fallback: fallback_reason.is_some(),
+        reason: fallback_reason,
+    };
+    Ok((session, provider))
+}
+
+/// A CUDA or TensorRT session. Without `allow_fallback`, the provider must be compiled in, register,
+/// and take the whole graph (`session.disable_cpu_ep_fallback`); with it, any of those failing gives
+/// a CPU session whose [`ProviderInfo`] records the fallback and its reason.
+fn accelerated_session(
+    rt: &OrtRuntime,
+    kind: RuntimeKind,
+    model_bytes: &[u8],
+    opts: &RuntimeOptions,
+) -> Result<(OrtInner, ProviderInfo), Error> {
+    let requested = kind.provider_name();
+    let (short, available, dispatch) = if kind == RuntimeKind::OrtTensorRt {
+        let mut trt = ep::TensorRT::default().with_fp16(true);
+        if let Some(dir) = &opts.tensorrt_cache_dir {
+            trt = trt
+                .with_engine_cache(true)
+                .with_engine_cache_path(dir.display());
+        }
+        ("TensorRT", ep::TensorRT::is_available(), trt.build())
+    } else {
+        (
+            "CUDA",
+            ep::CUDA::is_available(),
+            ep::CUDA::default().build(),
+        )
+    };
+    let available =
+        available.map_err(|e| Error::ort("listing the available execution providers", e))?;
+    // With fallback allowed, a failure becomes a CPU session whose reason is the error's message.
+    let fall_back = |err: Error, reason: String| {
+        if opts.allow_fallback {
+            cpu_session(rt, kind, model_bytes, opts, Some(reason))
+        } else {
+            Err(err)
+        }
+    };
+    if !available {
+        let reason = format!(
+            "{short} execution provider is not available in this ONNX Runtime build ({})",
+            rt.library.display()
+        );
+        return fall_back(
+            Error::ProviderUnavailable {
+                provider: short.to_string(),
+                library: rt.library.clone(),
+            },
+            reason,
+        );
+    }
+    let builder =
+        match base_builder(rt, opts)?.with_execution_providers([dispatch.error_on_failure()]) {
+            Ok(builder) => builder,
+            Err(e) => {
+                let err = Error::ProviderFailed {
+                    provider: short.to_string(),
+                    message: one_line(e),
+                };
+                let reason = err.to_string();
+                return fall_back(err, reason);
+            }
+        };
+    let registered = |session| {
+        let provider = ProviderInfo {
+            requested: requested.to_string(),
+            actual: requested.to_string(),
+            fallback: false,
+            reason: None,
+        };
+        (session, provider)
+    };
+    if opts.allow_fallback {
+        match commit(
+            builder,
+            model_bytes,
+            &format!("creating the session on {requested}"),
+        ) {
+            Ok(session) => Ok(registered(session)),
+            Err(err) => {
+                let reason = err.to_string();
+                fall_back(err, reason)
+            }
+        }
+    } else {
+        let builder = builder
+            .with_config_entry("session.disable_cpu_ep_fallback", "1")
+            .map_err(|e| Error::ort("disabling the CPU fallback", e))?;
+        let context = format!("creating the session on {requested} with CPU fallback disabled");
+        commit(builder, model_bytes, &context).map(registered)
+    }
+}
+
+/// Describes a session input or output; only tensors are supported.
+fn io_info(outlet: &Outlet, io: &'static str) -> Result<IoInfo, Error> {
+    match outlet.dtype() {
+        ValueType::Tensor {
+            ty,
+            shape,
+            dimension_symbols,
+        } => {
+            let dims = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match usize::try_from(d) {
+                    Ok(n) => Dim::Fixed(n),
+                    Err(_) => Dim::Symbolic(
+                        dimension_symbols
+                            .get(i)
+                            .filter(|s| !s.is_empty())
+                            .cloned()
+                            .unwrap_or_else(|| "?".to_string()),
+                    ),
+                })
+                .collect();
+            Ok(IoInfo {
+                name: outlet.name().to_string(),
+                dtype: dtype_name(*ty),
+                dims,
+            })
+        }
+        other => Err(Error::UnsupportedType {
+            io,
+            name: outlet.name().to_string(),
+            dtype: other.to_string(),
+            action: "exchange (tensors only)",
+        }),
+    }
+}
+
+fn dtype_name(ty: TensorElementType) -> String {
+    onnx_dtype_name(ort::sys::ONNXTensorElementDataType::from(ty) as i32)
+}
+
+/// Borrows a value as an ONNX Runtime tensor (copies only non-contiguous arrays).
+fn to_ort(value: &Value) -> ort::Result<SessionInputValue<'_>> {
+    fn feed<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+        a: &ArrayD<T>,
+    ) -> ort::Result<SessionInputValue<'_>> {
+        if a.is_standard_layout() {
+            Ok(TensorRef::from_array_view(a.view())?.into())
+        } else {
+            Ok(Tensor::from_array(a.as_standard_layout().into_owned())?.into())
+        }
+    }
+    match value {
+        Value::F32(a) => feed(a),
+        Value::I64(a) => feed(a),
+        Value::I32(a) => feed(a),
+        Value::Bool(a) => feed(a),
+    }
+}
+
+/// Copies an ONNX Runtime output into a [`Value`].
+fn from_ort(value: &DynValue, name: &str) -> Result<Value, Error> {
+    let context = || format!("reading output '{name}'");
+    let ty = match value.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => {
+            return Err(Error::UnsupportedType {
+                io: "output",
+                name: name.to_string(),
+                dtype: other.to_string(),
+                action: "read back (tensors only)",
+            });
+        }
+    };
+    let out = match ty {
+        TensorElementType::Float32 => Value::F32(
+            value
+                .try_extract_array::<f32>()
+                .map_err(|e| Error::ort(context(), e))?
+                .to_owned(),
+        ),
+        TensorElementType::Int64 => Value::I64(
+            value
+                .try_extract_array::<i64>()
+                .map_err(|e| Error::ort(context(), e))?
+                .to_owned(),
+        ),
+        TensorElementType::Int32 => Value::I32(
+            value
+                .try_extract_array::<i32>()
+                .map_err(|e| Error::ort(context(), e))?
+                .to_owned(),
+        ),
+        TensorElementType::Bool => Value::Bool(
+            value
+                .try_extract_array::<bool>()
+                .map_err(|e| Error::ort(context(), e))?
+                .to_owned(),
+        ),
+        other => {
+            return Err(Error::UnsupportedType {
+                io: "output",
+                name: name.to_string(),
+                dtype: dtype_name(other),
+                action: "read back (float, int64, int32 and bool only)",
+            });
+        }
+    };
+    Ok(out)
+}

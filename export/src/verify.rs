@@ -1,0 +1,285 @@
+//! Verify a candidate model against a reference on real data.
+//!
+//! Both models run in the same runtime on the same batches. Per output: the largest absolute
+//! difference and the mean cosine similarity between the two models' per-item outputs. For a
+//! classifier output (`[N, C]` with C ≥ 2): top-1 agreement, and both models' accuracy when the
+//! dataset has labels.
+
+use serde::Serialize;
+use whittle_calib::{Dataset, InputSpec, Preprocess};
+use whittle_core::Value;
+use whittle_deploy::{Dim, IoInfo, RuntimeKind, RuntimeOptions, Session};
+
+use crate::Error;
+
+/// How to run the comparison.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The runtime both models run in.
+    pub runtime: RuntimeKind,
+    /// Items per run for models with a symbolic batch axis.
+    pub batch: usize,
+    /// Use at most this many items (deterministic sample), all when `None`.
+    pub limit: Option<usize>,
+    /// Threads for the runtime.
+    pub threads: Option<usize>,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeKind::OrtCpu,
+            batch: 32,
+            limit: None,
+            threads: None,
+        }
+    }
+}
+
+/// The comparison of one output.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputReport {
+    /// Output name.
+    pub name: String,
+    /// Largest |reference - candidate| over all elements.
+    pub max_abs_diff: f64,
+    /// Mean over items of the cosine similarity of the two outputs.
+    pub mean_cosine: f64,
+    /// Share of items whose argmax agrees (classifier outputs only).
+    pub top1_agreement: Option<f64>,
+    /// Reference accuracy against the labels (classifier outputs of labelled data only).
+    pub reference_accuracy: Option<f64>,
+    /// Candidate accuracy against the labels.
+    pub candidate_accuracy: Option<f64>,
+}
+
+/// The result of a verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Items compared.
+    pub items: usize,
+    /// The runtime used.
+    pub runtime: String,
+    /// Per output, in graph order.
+    pub outputs: Vec<OutputReport>,
+}
+
+impl VerifyReport {
+    /// Top-1 agreement of the first classifier output, if any.
+    pub fn agreement(&self) -> Option<f64> {
+        self.outputs.iter().find_map(|o| o.top1_agreement)
+    }
+}
+
+/// The input specs a dataset must fill, from a session's inputs: every dim but the batch axis
+/// must be fixed. Returns the specs and the batch size to use.
+pub fn input_specs(inputs: &[IoInfo], batch: usize) -> Result<(Vec<InputSpec>, usize), Error> {
+    let mut specs = Vec::new();
+    let mut bs = batch.max(1);
+    for io in inputs {
+        if let Some(Dim::Fixed(b)) = io.dims.first() {
+            bs = *b;
+        }
+        let item: Option<Vec<usize>> = io
+            .dims
+            .iter()
+            .skip(1)
+            .map(|d| match d {
+                Dim::Fixed(v) => Some(*v),
+                Dim::Symbolic(_) => None,
+            })
+            .collect();
+        let item = item.ok_or_else(|| {
+            Error::Mismatch(format!(
+                "input '{}' is {}: only the batch axis may be symbolic for dataset inputs",
+                io.name,
+                io.signature()
+            ))
+        })?;
+        specs.push(InputSpec {
+            name: io.name.clone(),
+            dtype: io.dtype.clone(),
+            item_shape: item,
+        });
+    }
+    Ok((specs, bs))
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += x as f64 * x as f64;
+        bb += y as f64 * y as f64;
+    }
+    if aa == 0.0 && bb == 0.0 {
+        1.0
+    } else if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+#[derive(Default)]
+struct Acc {
+    max_abs: f64,
+    cos_sum: f64,
+    agree: usize,
+    ref_ok: usize,
+    cand_ok: usize,
+    classifier: bool,
+}
+
+/// Run both models over the dataset and compare them. `progress(done, total)` is called after
+/// each batch.
+pub fn verify(
+    reference: &[u8],
+    candidate: &[u8],
+    data: &Dataset,
+    pre: &Preprocess,
+    opts: &VerifyOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<VerifyReport, Error> {
+    let ropts = RuntimeOptions {
+        threads: opts.threads,
+        ..Default::default()
+    };
+    let mut r = whittle_deploy::load(opts.runtime, reference, &ropts)?;
+    let mut c = whittle_deploy::load(opts.runtime, candidate, &ropts)?;
+    check_same_interface(r.as_ref(), c.as_ref())?;
+    let (specs, bs) = input_specs(r.inputs(), opts.batch)?;
+    let indices = match opts.limit {
+        Some(n) => data.sample(n, 0),
+        None => (0..data.len()).collect(),
+    };
+    let total = indices.len();
+    let mut accs: Vec<Acc> = r.outputs().iter().map(|_| Acc::default()).collect();
+    let mut labelled = false;
+    let mut done = 0;
+    for chunk in indices.chunks(bs) {
+        let batch = data.load_batch(chunk, &specs, pre)?;
+        let inputs = pad_batch(&batch.inputs, chunk.len(), bs, r.inputs())?;
+        let ro = r.run(&inputs)?;
+        let co = c.run(&inputs)?;
+        for (k, (a, b)) in ro.iter().zip(&co).enumerate() {
+            if a.shape() != b.shape() {
+                return Err(Error::Mismatch(format!(
+                    "output '{}' has shape {:?} in the reference and {:?} in the candidate",
+                    r.outputs()[k].name,
+                    a.shape(),
+                    b.shape()
+                )));
+            }
+            let (av, bv) = (a.to_f32_vec(), b.to_f32_vec());
+            let acc = &mut accs[k];
+            for (x, y) in av.iter().zip(&bv) {
+                let d = (*x as f64 - *y as f64).abs();
+                if d > acc.max_abs || d.is_nan() {
+                    acc.max_abs = if d.is_nan() { f64::INFINITY } else { d };
+                }
+            }
+            let rows = a.shape().first().copied().unwrap_or(1).max(1);
+            let per = av.len() / rows;
+            let classifier = matches!(a, Value::F32(_)) && a.shape().len() == 2 && per >= 2;
+            acc.classifier = classifier;
+            for i in 0..chunk.len().min(rows) {
+                let (ra, rb) = (&av[i * per..(i + 1) * per], &bv[i * per..(i + 1) * per]);
+                acc.cos_sum += cosine(ra, rb);
+                if classifier {
+                    let (pa, pb) = (argmax(ra), argmax(rb));
+                    acc.agree += (pa == pb) as usize;
+                    if let Some(l) = batch.labels.as_ref().and_then(|l| l.get(i)) {
+                        labelled = true;
+                        acc.ref_ok += (pa == *l) as usize;
+                        acc.cand_ok += (pb == *l) as usize;
+                    }
+                }
+            }
+        }
+        done += chunk.len();
+        progress(done, total);
+    }
+    let n = total.max(1) as f64;
+    let outputs = r
+        .outputs()
+        .iter()
+        .zip(accs)
+        .map(|(io, a)| OutputReport {
+            name: io.name.clone(),
+            max_abs_diff: a.max_abs,
+            mean_cosine: a.cos_sum / n,
+            top1_agreement: a.classifier.then(|| a.agree as f64 / n),
+            reference_accuracy: (a.classifier && labelled).then(|| a.ref_ok as f64 / n),
+            candidate_accuracy: (a.classifier && labelled).then(|| a.cand_ok as f64 / n),
+        })
+        .collect();
+    Ok(VerifyReport {
+        items: total,
+        runtime: opts.runtime.to_string(),
+        outputs,
+    })
+}
+
+fn check_same_interface(r: &dyn Session, c: &dyn Session) -> Result<(), Error> {
+    let sig = |ios: &[IoInfo]| -> Vec<String> {
+        ios.iter()
+            .map(|i| format!("{}: {}", i.name, i.signature()))
+            .collect()
+    };
+    if sig(r.inputs()) != sig(c.inputs()) {
+        return Err(Error::Mismatch(format!(
+            "the candidate's inputs ({}) differ from the reference's ({})",
+            sig(c.inputs()).join(", "),
+            sig(r.inputs()).join(", ")
+        )));
+    }
+    let names = |ios: &[IoInfo]| -> Vec<String> { ios.iter().map(|i| i.name.clone()).collect() };
+    if names(r.outputs()) != names(c.outputs()) {
+        return Err(Error::Mismatch(format!(
+            "the candidate's outputs ({}) differ from the reference's ({})",
+            names(c.outputs()).join(", "),
+            names(r.outputs()).join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// For inputs with a fixed batch larger than the last chunk, repeat the last item to fill it.
+fn pad_batch(
+    inputs: &[Value],
+    have: usize,
+    bs: usize,
+    infos: &[IoInfo],
+) -> Result<Vec<Value>, Error> {
+    let fixed = infos
+        .iter()
+        .any(|io| matches!(io.dims.first(), Some(Dim::Fixed(_))));
+    if !fixed || have == bs {
+        return Ok(inputs.to_vec());
+    }
+    fn pad<T: Clone>(a: &ndarray::ArrayD<T>, bs: usize) -> ndarray::ArrayD<T> {
+        let n = a.shape()[0];
+        let idx: Vec<usize> = (0..bs).map(|i| i.min(n - 1)).collect();
+        a.select(ndarray::Axis(0), &idx)
+    }
+    Ok(inputs
+        .iter()
+        .map(|v| match v {
+            Value::F32(a) => Value::F32(pad(a, bs)),
+            Value::I64(a) => Value::I64(pad(a, bs)),
+            Value::I32(a) => Value::I32(pad(a, bs)),
+            Value::Bool(a) => Value::Bool(pad(a, bs)),
+        })
+        .collect())
+}

@@ -1,0 +1,109 @@
+//! Atomic writes: a temporary file in the destination's folder, synced, then renamed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use whittle_core::Model;
+
+use crate::Error;
+
+fn werr(path: &Path, source: std::io::Error) -> Error {
+    Error::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write `bytes` to `path` atomically: readers see the old file or the whole new one, and an
+/// interrupted write leaves no partial file (the temporary file is removed when dropped).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| werr(path, e))?;
+    tmp.write_all(bytes).map_err(|e| werr(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| werr(path, e))?;
+    tmp.persist(path).map_err(|e| werr(path, e.error))?;
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Save a model to `out`, refusing to overwrite `input`. Models whose tensors exceed protobuf's
+/// 2 GiB limit (or when `external` is set) get their large tensors in a side file
+/// `<out file name>.data` beside it, also written atomically. Returns the files written.
+pub fn save_model(
+    model: &Model,
+    out: &Path,
+    input: Option<&Path>,
+    external: bool,
+) -> Result<Vec<PathBuf>, Error> {
+    if let Some(input) = input
+        && (same_file(out, input) || out == input)
+    {
+        return Err(Error::SameAsInput(out.to_path_buf()));
+    }
+    let inline_size: usize = model
+        .graph()
+        .initializer
+        .iter()
+        .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len()))
+        .sum();
+    if !external && inline_size < (1 << 31) - (64 << 20) {
+        write_atomic(out, &model.to_bytes())?;
+        return Ok(vec![out.to_path_buf()]);
+    }
+    let side_name = format!(
+        "{}.data",
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    );
+    let (bytes, side) = model.to_bytes_external(&side_name, 1024)?;
+    let side_path = out.with_file_name(&side_name);
+    write_atomic(&side_path, &side)?;
+    write_atomic(out, &bytes)?;
+    Ok(vec![out.to_path_buf(), side_path])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.onnx");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn write_into_missing_folder_fails_cleanly() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("no/such/dir/m.onnx");
+        let e = write_atomic(&p, b"x").unwrap_err().to_string();
+        assert!(e.contains("cannot write"), "{e}");
+        assert!(!p.exists());
+    }
+}
