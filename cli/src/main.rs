@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 
 /// Compress ONNX models without retraining and measure them where they will run.
 #[derive(Parser)]
-#[command(name = "whittle", version, about, long_about = None)]
+#[command(
+    name = "whittle",
+    version,
+    about = "Compress ONNX models without retraining and measure them where they will run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +31,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Compare a candidate model with a reference on real data.
     Verify(cmd::verify::Args),
+    /// Read a model into the IR and write it back (optionally with external data).
+    Convert(cmd::convert::Args),
     /// Measure a model on a target: inspect, bench each runtime, verify, one table.
     Deploy(cmd::deploy::Args),
 }
@@ -46,6 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Deploy(a) => cmd::deploy::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -31,6 +31,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .tempfile_in(dir)
         .map_err(|e| werr(path, e))?;
     tmp.write_all(bytes).map_err(|e| werr(path, e))?;
+    #[cfg(unix)]
+    {
+        // tempfile creates 0600; a model is an ordinary file (0644, as the umask usually gives).
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| werr(path, e))?;
+    }
     tmp.as_file().sync_all().map_err(|e| werr(path, e))?;
     tmp.persist(path).map_err(|e| werr(path, e.error))?;
     Ok(())

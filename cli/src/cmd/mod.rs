@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod convert;
 pub mod deploy;
 pub mod inspect;
 pub mod verify;

@@ -1,0 +1,32 @@
+# whittle's entry points. `just --list` shows them.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+target_dir := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+whittle := target_dir / "release" / "whittle"
+
+export CARGO_TARGET_DIR := target_dir
+
+# Show the recipes.
+default:
+    @just --list
+
+# Install ONNX Runtime's library (pinned PyPI wheel) and the shared MiniLM asset.
+setup:
+    bash scripts/setup.sh
+
+# Build everything (release: the tests run real models).
+build:
+    cargo build --release --workspace
+
+# Run every test (unit, integration, end-to-end through the binary).
+test: setup build
+    cargo test --release --workspace
+
+# rustfmt check and clippy with warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --release --workspace --all-targets -- -D warnings
+
+# Measure on a target and write reports/<target>/<time>/ (default: this machine, bundled ResNet-8).
+deploy target="host" *args="": setup build
+    {{whittle}} deploy --target {{target}} {{args}}
