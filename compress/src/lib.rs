@@ -1,0 +1,37 @@
+//! whittle's compression passes. Each pass is one file with a doc comment stating what it
+//! accepts, what it declines and what it guarantees:
+//!
+//! | pass | file |
+//! |---|---|
+//! | lossless cleanup (BatchNormalization folding, Identity / Dropout / no-op Reshape removal) | `cleanup.rs` |
+//! | channel dependency groups | `groups.rs` |
+//! | channel pruning: importance, budget, plan, apply | `prune.rs` |
+//! | least-squares reconstruction of pruned layers | `refit.rs` |
+
+pub mod cleanup;
+pub mod groups;
+pub mod index;
+pub mod prune;
+
+/// Errors of the compression passes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The model itself is at fault.
+    #[error(transparent)]
+    Model(#[from] whittle_core::Error),
+    /// A pass could not do its work; nothing was changed.
+    #[error("{pass}: {reason}")]
+    Pass {
+        /// The pass.
+        pass: String,
+        /// Why.
+        reason: String,
+    },
+    /// The budget cannot be met.
+    #[error("{0}")]
+    Budget(String),
+    /// Nothing in the model can be pruned.
+    #[error("nothing to prune: {0}")]
+    NothingToPrune(String),
+}

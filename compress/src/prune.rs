@@ -1,0 +1,722 @@
+//! Channel pruning: score channels, plan how many each group keeps against a budget, and apply
+//! the plan by slicing every member of every group.
+//!
+//! Accepts any model [`crate::groups::analyse`] can read; prunes only unfrozen groups. The plan
+//! is deterministic, printable and serialisable. Applying it keeps every graph input and output
+//! shape and leaves a graph that passes the consistency check and shape inference (checked before
+//! returning).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use whittle_core::Model;
+use whittle_core::attr::Attrs;
+use whittle_core::onnx::AttributeProto;
+use whittle_core::tensor::{element_count, to_f32};
+use whittle_core::{check, cost, shape};
+
+use crate::Error;
+use crate::groups::{Groups, Role};
+
+/// What the budget limits.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Budget {
+    /// Fraction of the model's MACs to keep.
+    Macs(f64),
+    /// Fraction of the model's params to keep.
+    Params(f64),
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}' is not KIND=FRACTION (e.g. macs=0.75)"))?;
+        let f: f64 = v
+            .parse()
+            .map_err(|_| format!("'{v}' in '{s}' is not a number"))?;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(format!("'{s}': the fraction kept must be in (0, 1]"));
+        }
+        match k {
+            "macs" | "flops" => Ok(Budget::Macs(f)),
+            "params" => Ok(Budget::Params(f)),
+            "latency" => Err("latency budgets need a per-layer latency table (`whittle profile`), which is not built yet; use macs= or params=".into()),
+            _ => Err(format!("unknown budget kind '{k}' (macs, params)")),
+        }
+    }
+}
+
+/// How channels are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Importance {
+    /// L1 norm of each channel's weights over the group's members.
+    L1,
+    /// L2 norm of each channel's weights over the group's members.
+    L2,
+    /// Mean |activation| on calibration data times the consumers' weight norm.
+    Activation,
+}
+
+/// Options of [`plan`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneOptions {
+    /// The budget.
+    pub budget: Budget,
+    /// Rank channels of all groups together (greedy on importance per unit of cost) instead of
+    /// one ratio for every group.
+    pub global: bool,
+    /// Every group keeps at least this many channels (or all it has, if fewer).
+    pub min_channels: usize,
+    /// Every group keeps at least this fraction of its channels.
+    pub min_fraction: f64,
+    /// Kept channel counts are multiples of this (1: any count).
+    pub round_to: usize,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        Self {
+            budget: Budget::Macs(0.75),
+            global: true,
+            min_channels: 4,
+            min_fraction: 0.1,
+            round_to: 1,
+        }
+    }
+}
+
+/// How many and which channels one group keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupPlan {
+    /// Group id.
+    pub id: usize,
+    /// Channels before.
+    pub size: usize,
+    /// Kept channel indices, ascending.
+    pub keep: Vec<usize>,
+}
+
+/// A pruning plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// One entry per pruned group.
+    pub groups: Vec<GroupPlan>,
+    /// Predicted MACs before / after.
+    pub macs: (u64, u64),
+    /// Predicted params before / after.
+    pub params: (u64, u64),
+}
+
+/// Per-channel scores from weight norms: for each member, the norm of the channel's slice,
+/// divided by that member's mean channel norm, summed over members.
+pub fn weight_scores(
+    model: &Model,
+    groups: &Groups,
+    p: Importance,
+) -> Result<Vec<Vec<f64>>, Error> {
+    let g = model.graph();
+    let mut out = Vec::new();
+    for grp in &groups.groups {
+        let mut score = vec![0f64; grp.size];
+        for m in &grp.members {
+            let node = &g.node[m.node];
+            let Some((slot, axis)) = weight_axis(node, &m.role) else {
+                continue;
+            };
+            let Some(t) = node.input.get(slot).and_then(|x| model.initializer(x)) else {
+                continue;
+            };
+            let w = to_f32(t)?;
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let norms = channel_norms(&w, &dims, axis, m.offset, m.block, grp.size, p);
+            let mean = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
+            if mean > 0.0 {
+                for (s, v) in score.iter_mut().zip(&norms) {
+                    *s += v / mean;
+                }
+            }
+        }
+        out.push(score);
+    }
+    Ok(out)
+}
+
+/// The (input slot, axis) of a member's main weight.
+fn weight_axis(node: &whittle_core::onnx::NodeProto, role: &Role) -> Option<(usize, usize)> {
+    let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
+    let gemm = node.op_type() == "Gemm";
+    let matmul = node.op_type() == "MatMul";
+    match role {
+        Role::Producer if gemm => Some((1, if trans_b { 0 } else { 1 })),
+        Role::Producer if matmul => Some((1, 1)),
+        Role::Producer => Some((1, 0)),
+        Role::Consumer if gemm => Some((1, if trans_b { 1 } else { 0 })),
+        Role::Consumer if matmul => Some((1, 0)),
+        Role::Consumer => Some((1, 1)),
+        Role::Depthwise => Some((1, 0)),
+        Role::Param { .. } => None,
+    }
+}
+
+fn channel_norms(
+    w: &[f32],
+    dims: &[usize],
+    axis: usize,
+    offset: usize,
+    block: usize,
+    size: usize,
+    p: Importance,
+) -> Vec<f64> {
+    let outer: usize = dims[..axis].iter().product();
+    let len = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let mut acc = vec![0f64; size];
+    for o in 0..outer {
+        for a in 0..len {
+            let Some(c) = a
+                .checked_sub(offset * block)
+                .map(|x| x / block)
+                .filter(|&c| c < size)
+            else {
+                continue;
+            };
+            let base = (o * len + a) * inner;
+            for &v in &w[base..base + inner] {
+                acc[c] += match p {
+                    Importance::L2 => (v as f64) * (v as f64),
+                    _ => (v as f64).abs(),
+                };
+            }
+        }
+    }
+    if p == Importance::L2 {
+        acc.iter_mut().for_each(|v| *v = v.sqrt());
+    }
+    acc
+}
+
+/// Scores from activation statistics: `mean_abs[t]` holds mean |x| per channel of an activation
+/// tensor carrying the group (its first tensor is used), multiplied by the weight scores of the
+/// consumers (how much each channel feeds forward).
+pub fn activation_scores(
+    groups: &Groups,
+    mean_abs: &HashMap<String, Vec<f64>>,
+    weight: &[Vec<f64>],
+) -> Vec<Vec<f64>> {
+    groups
+        .groups
+        .iter()
+        .zip(weight)
+        .map(
+            |(g, w)| match g.tensors.iter().find_map(|t| mean_abs.get(t)) {
+                Some(a) if a.len() == g.size => {
+                    a.iter().zip(w).map(|(x, y)| x * y.max(1e-12)).collect()
+                }
+                _ => w.clone(),
+            },
+        )
+        .collect()
+}
+
+/// One initializer's cost: elements now, and per sliced axis the groups that slice it.
+struct InitCost {
+    elements: f64,
+    macs_per_element: f64,
+    axes: Vec<(usize, Vec<(usize, usize)>)>, // (axis length, [(group, block)])
+}
+
+struct CostModel {
+    inits: Vec<InitCost>,
+    by_group: Vec<Vec<usize>>,
+}
+
+impl CostModel {
+    fn new(model: &Model, groups: &Groups) -> Result<CostModel, Error> {
+        let g = model.graph();
+        let shapes = shape::infer(model, &[])?;
+        let costs = cost::count(model, &shapes);
+        let mut index: BTreeMap<(String, usize), Vec<(usize, usize)>> = BTreeMap::new();
+        for grp in groups.prunable() {
+            for m in &grp.members {
+                let node = &g.node[m.node];
+                let mut slots: Vec<(usize, usize)> = match &m.role {
+                    Role::Param { slot, axis } => vec![(*slot, *axis)],
+                    r => weight_axis(node, r).into_iter().collect(),
+                };
+                if matches!(m.role, Role::Producer | Role::Depthwise) && node.op_type() != "MatMul"
+                {
+                    let bias_axis = if node.op_type() == "Gemm" {
+                        node.input
+                            .get(2)
+                            .and_then(|b| model.initializer(b))
+                            .map(|t| t.dims.len().saturating_sub(1))
+                    } else {
+                        Some(0)
+                    };
+                    if let Some(a) = bias_axis {
+                        slots.push((2, a));
+                    }
+                }
+                for (slot, axis) in slots {
+                    if let Some(name) = node
+                        .input
+                        .get(slot)
+                        .filter(|x| !x.is_empty() && model.initializer(x).is_some())
+                    {
+                        index
+                            .entry((name.clone(), axis))
+                            .or_default()
+                            .push((grp.id, m.block));
+                    }
+                }
+            }
+        }
+        let mut per_init: BTreeMap<String, InitCost> = BTreeMap::new();
+        for ((name, axis), gs) in index {
+            let t = model.initializer(&name).ok_or_else(|| Error::Pass {
+                pass: "prune".into(),
+                reason: format!("no initializer {name}"),
+            })?;
+            let e = per_init.entry(name.clone()).or_insert_with(|| InitCost {
+                elements: element_count(t).unwrap_or(0) as f64,
+                macs_per_element: 0.0,
+                axes: vec![],
+            });
+            e.axes
+                .push((t.dims.get(axis).copied().unwrap_or(1) as usize, gs));
+        }
+        for (node, nc) in g.node.iter().zip(&costs.nodes) {
+            if nc.macs > 0
+                && let Some(w) = node.input.get(1)
+                && let Some(ic) = per_init.get_mut(w)
+                && ic.elements > 0.0
+            {
+                ic.macs_per_element = nc.macs as f64 / ic.elements;
+            }
+        }
+        let inits: Vec<InitCost> = per_init.into_values().collect();
+        let mut by_group = vec![vec![]; groups.groups.len()];
+        for (i, ic) in inits.iter().enumerate() {
+            for (_, gs) in &ic.axes {
+                for (g, _) in gs {
+                    if !by_group[*g].contains(&i) {
+                        by_group[*g].push(i);
+                    }
+                }
+            }
+        }
+        Ok(CostModel { inits, by_group })
+    }
+
+    /// (params, MACs) of one initializer given kept counts per group.
+    fn init_cost(&self, i: usize, kept: &[usize], size: &[usize]) -> (f64, f64) {
+        let ic = &self.inits[i];
+        let mut f = 1.0;
+        for (len, gs) in &ic.axes {
+            let removed: usize = gs.iter().map(|(g, b)| (size[*g] - kept[*g]) * b).sum();
+            f *= (*len as f64 - removed as f64).max(0.0) / (*len).max(1) as f64;
+        }
+        (ic.elements * f, ic.elements * f * ic.macs_per_element)
+    }
+
+    fn total(&self, kept: &[usize], size: &[usize]) -> (f64, f64) {
+        (0..self.inits.len())
+            .map(|i| self.init_cost(i, kept, size))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    fn group_cost(&self, g: usize, kept: &[usize], size: &[usize]) -> (f64, f64) {
+        self.by_group[g]
+            .iter()
+            .map(|&i| self.init_cost(i, kept, size))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+}
+
+fn floor_kept(size: usize, opts: &PruneOptions) -> usize {
+    let by_frac = (size as f64 * opts.min_fraction).ceil() as usize;
+    let mut k = opts.min_channels.max(by_frac).min(size).max(1);
+    let r = opts.round_to.max(1);
+    if r > 1 && size >= r {
+        k = k.div_ceil(r) * r;
+    }
+    k.min(size)
+}
+
+fn step_down(k: usize, floor: usize, r: usize) -> Option<usize> {
+    if k <= floor {
+        return None;
+    }
+    let next = if r > 1 && k >= r {
+        if k % r == 0 { k - r } else { k - k % r }
+    } else {
+        k - 1
+    };
+    (next >= floor).then_some(next)
+}
+
+/// Decide how many and which channels each prunable group keeps so the budget is met.
+pub fn plan(
+    model: &Model,
+    groups: &Groups,
+    scores: &[Vec<f64>],
+    opts: &PruneOptions,
+) -> Result<Plan, Error> {
+    let prunable: Vec<usize> = groups.prunable().map(|g| g.id).collect();
+    if prunable.is_empty() {
+        let reasons: Vec<String> = groups
+            .groups
+            .iter()
+            .filter_map(|g| g.frozen.clone())
+            .take(3)
+            .collect();
+        return Err(Error::NothingToPrune(if groups.groups.is_empty() {
+            "the model has no Conv / Gemm output channels".into()
+        } else {
+            format!(
+                "every channel group is frozen ({}{})",
+                reasons.join("; "),
+                if groups.groups.len() > 3 { "; ..." } else { "" }
+            )
+        }));
+    }
+    let shapes = shape::infer(model, &[])?;
+    let base = cost::count(model, &shapes);
+    let cm = CostModel::new(model, groups)?;
+    let size: Vec<usize> = groups.groups.iter().map(|g| g.size).collect();
+    let full = size.clone();
+    let (p_full, m_full) = cm.total(&full, &size);
+    // the part of the model no group touches
+    let (p_fixed, m_fixed) = (base.params as f64 - p_full, base.macs as f64 - m_full);
+    let measure = |kept: &[usize]| -> f64 {
+        let (p, m) = cm.total(kept, &size);
+        match opts.budget {
+            Budget::Macs(_) => (m + m_fixed) / base.macs.max(1) as f64,
+            Budget::Params(_) => (p + p_fixed) / base.params.max(1) as f64,
+        }
+    };
+    let target = match opts.budget {
+        Budget::Macs(f) | Budget::Params(f) => f,
+    };
+    let floors: Vec<usize> = size.iter().map(|&s| floor_kept(s, opts)).collect();
+    let mut smallest = full.clone();
+    for &g in &prunable {
+        smallest[g] = floors[g];
+    }
+    let reachable = measure(&smallest);
+    if reachable > target + 1e-9 {
+        let kind = match opts.budget {
+            Budget::Macs(_) => "macs",
+            Budget::Params(_) => "params",
+        };
+        return Err(Error::Budget(format!(
+            "{kind}={target} is unreachable: the smallest reachable is {kind}={reachable:.3} (every prunable group at its minimum: --min-channels {}, min fraction {}; {} of {} groups are frozen)",
+            opts.min_channels,
+            opts.min_fraction,
+            groups.groups.len() - prunable.len(),
+            groups.groups.len()
+        )));
+    }
+    // channel order per group: least important first
+    let order: Vec<Vec<usize>> = scores
+        .iter()
+        .map(|s| {
+            let mut idx: Vec<usize> = (0..s.len()).collect();
+            idx.sort_by(|&a, &b| {
+                s[a].partial_cmp(&s[b])
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b))
+            });
+            idx
+        })
+        .collect();
+    let norm: Vec<f64> = scores
+        .iter()
+        .map(|s| (s.iter().sum::<f64>() / s.len().max(1) as f64).max(1e-12))
+        .collect();
+    let mut kept = full.clone();
+    let r = opts.round_to.max(1);
+    if opts.global {
+        while measure(&kept) > target + 1e-9 {
+            let mut best: Option<(f64, usize, usize)> = None;
+            for &g in &prunable {
+                let Some(next) = step_down(kept[g], floors[g], r) else {
+                    continue;
+                };
+                let removed: f64 = order[g][size[g] - kept[g]..size[g] - next]
+                    .iter()
+                    .map(|&c| scores[g][c] / norm[g])
+                    .sum();
+                let before = cm.group_cost(g, &kept, &size);
+                let mut trial = kept.clone();
+                trial[g] = next;
+                let after = cm.group_cost(g, &trial, &size);
+                let saved = match opts.budget {
+                    Budget::Macs(_) => before.1 - after.1,
+                    Budget::Params(_) => before.0 - after.0,
+                };
+                let score = removed / saved.max(1e-9);
+                if best.is_none_or(|b| score < b.0) {
+                    best = Some((score, g, next));
+                }
+            }
+            let Some((_, g, next)) = best else { break };
+            kept[g] = next;
+        }
+    } else {
+        // one ratio for every group, by bisection on the fraction removed
+        let at = |ratio: f64| -> Vec<usize> {
+            let mut k = full.clone();
+            for &g in &prunable {
+                let want = ((size[g] as f64) * (1.0 - ratio)).round() as usize;
+                let want = if r > 1 && size[g] >= r {
+                    (want / r).max(1) * r
+                } else {
+                    want
+                };
+                k[g] = want.clamp(floors[g], size[g]);
+            }
+            k
+        };
+        let (mut lo, mut hi) = (0.0f64, 1.0f64);
+        for _ in 0..40 {
+            let mid = (lo + hi) / 2.0;
+            if measure(&at(mid)) > target {
+                lo = mid
+            } else {
+                hi = mid
+            }
+        }
+        kept = at(hi);
+    }
+    let groups_out: Vec<GroupPlan> = prunable
+        .iter()
+        .filter(|&&g| kept[g] < size[g])
+        .map(|&g| {
+            let mut keep: Vec<usize> = order[g][size[g] - kept[g]..].to_vec();
+            keep.sort();
+            GroupPlan {
+                id: g,
+                size: size[g],
+                keep,
+            }
+        })
+        .collect();
+    let (p_after, m_after) = cm.total(&kept, &size);
+    Ok(Plan {
+        groups: groups_out,
+        macs: (base.macs, (m_after + m_fixed).round() as u64),
+        params: (base.params, (p_after + p_fixed).round() as u64),
+    })
+}
+
+/// A layer whose input channels changed, for least-squares reconstruction.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerChange {
+    /// Node name.
+    pub node: String,
+    /// Indices along its input channel / feature axis (original numbering) it still reads.
+    pub kept_in: Vec<usize>,
+    /// Indices of its output channels / features it still produces.
+    pub kept_out: Vec<usize>,
+}
+
+/// Apply a plan. Returns the layers whose inputs lost channels.
+pub fn apply(
+    model: &mut Model,
+    groups: &Groups,
+    plan: &Plan,
+) -> Result<Vec<ConsumerChange>, Error> {
+    // (initializer, axis) -> indices to remove
+    let mut cuts: BTreeMap<(String, usize), Vec<usize>> = BTreeMap::new();
+    let mut group_attr: HashMap<usize, usize> = HashMap::new();
+    let mut consumers: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut producers: HashMap<usize, Vec<usize>> = HashMap::new();
+    let g = model.graph().clone();
+    for gp in &plan.groups {
+        let grp = groups.groups.get(gp.id).ok_or_else(|| Error::Pass {
+            pass: "prune".into(),
+            reason: format!("plan names group {} that does not exist", gp.id),
+        })?;
+        if grp.frozen.is_some()
+            || grp.size != gp.size
+            || gp.keep.iter().any(|&k| k >= gp.size)
+            || gp.keep.is_empty()
+        {
+            return Err(Error::Pass {
+                pass: "prune".into(),
+                reason: format!(
+                    "plan does not fit group {} ({} channels{})",
+                    gp.id,
+                    grp.size,
+                    if grp.frozen.is_some() { ", frozen" } else { "" }
+                ),
+            });
+        }
+        let removed: Vec<usize> = (0..gp.size)
+            .filter(|c| gp.keep.binary_search(c).is_err())
+            .collect();
+        for m in &grp.members {
+            let node = &g.node[m.node];
+            let mut slots: Vec<(usize, usize)> = match &m.role {
+                Role::Param { slot, axis } => vec![(*slot, *axis)],
+                r => weight_axis(node, r).into_iter().collect(),
+            };
+            if matches!(m.role, Role::Producer | Role::Depthwise) && node.op_type() != "MatMul" {
+                if let Some(t) = node
+                    .input
+                    .get(2)
+                    .filter(|b| !b.is_empty())
+                    .and_then(|b| model.initializer(b))
+                {
+                    slots.push((2, t.dims.len().saturating_sub(1)));
+                }
+            }
+            for (slot, axis) in slots {
+                let Some(name) = node.input.get(slot).filter(|x| !x.is_empty()) else {
+                    continue;
+                };
+                let e = cuts.entry((name.clone(), axis)).or_default();
+                for &c in &removed {
+                    e.extend((m.offset + c) * m.block..(m.offset + c + 1) * m.block);
+                }
+            }
+            match m.role {
+                Role::Depthwise => *group_attr.entry(m.node).or_insert(0) += removed.len(),
+                Role::Consumer => consumers.entry(m.node).or_default().extend(
+                    removed
+                        .iter()
+                        .flat_map(|&c| (m.offset + c) * m.block..(m.offset + c + 1) * m.block),
+                ),
+                Role::Producer => {
+                    producers.insert(m.node, gp.keep.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+    let gm = model.graph_mut();
+    for ((name, axis), mut remove) in cuts {
+        remove.sort();
+        remove.dedup();
+        let t = gm
+            .initializer
+            .iter_mut()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| Error::Pass {
+                pass: "prune".into(),
+                reason: format!("no initializer {name}"),
+            })?;
+        slice_out(t, axis, &remove)?;
+    }
+    for (node, removed) in group_attr {
+        let n = &mut gm.node[node];
+        let old = n.attr_int("group").unwrap_or(1) as usize;
+        set_int_attr(&mut n.attribute, "group", (old - removed) as i64);
+    }
+    gm.value_info.clear();
+    check::check_graph(model.graph()).map_err(|e| Error::Pass {
+        pass: "prune".into(),
+        reason: e.to_string(),
+    })?;
+    let shapes = shape::infer(model, &[]).map_err(|e| Error::Pass {
+        pass: "prune".into(),
+        reason: format!("the pruned graph is inconsistent: {e}"),
+    })?;
+    for o in &model.graph().output {
+        if shapes.shape(o.name()).is_none() {
+            return Err(Error::Pass {
+                pass: "prune".into(),
+                reason: format!("output '{}' lost its shape", o.name()),
+            });
+        }
+    }
+    // layers to refit: consumers, with what they still read and produce
+    let mut changes = Vec::new();
+    for (node, mut removed) in consumers {
+        removed.sort();
+        removed.dedup();
+        let n = &g.node[node];
+        let Some(w) = n
+            .input
+            .get(1)
+            .and_then(|x| g.initializer.iter().find(|t| t.name() == x.as_str()))
+        else {
+            continue;
+        };
+        let trans_b = n.attr_int("transB").unwrap_or(0) != 0;
+        let (in_axis, out_axis) = match n.op_type() {
+            "Gemm" if trans_b => (1, 0),
+            "Gemm" | "MatMul" => (0, 1),
+            _ => (1, 0),
+        };
+        let in_len = w.dims[in_axis] as usize;
+        let out_len = w.dims[out_axis] as usize;
+        changes.push(ConsumerChange {
+            node: n.name().to_string(),
+            kept_in: (0..in_len)
+                .filter(|i| removed.binary_search(i).is_err())
+                .collect(),
+            kept_out: producers
+                .get(&node)
+                .cloned()
+                .unwrap_or_else(|| (0..out_len).collect()),
+        });
+    }
+    Ok(changes)
+}
+
+fn set_int_attr(attrs: &mut Vec<AttributeProto>, name: &str, v: i64) {
+    match attrs.iter_mut().find(|a| a.name() == name) {
+        Some(a) => a.i = Some(v),
+        None => attrs.push(AttributeProto {
+            name: Some(name.into()),
+            i: Some(v),
+            r#type: Some(whittle_core::onnx::attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Remove `remove` (sorted) along `axis` of a tensor, keeping its element type.
+fn slice_out(
+    t: &mut whittle_core::onnx::TensorProto,
+    axis: usize,
+    remove: &[usize],
+) -> Result<(), Error> {
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    if axis >= dims.len() || remove.last().is_some_and(|&r| r >= dims[axis]) {
+        return Err(Error::Pass {
+            pass: "prune".into(),
+            reason: format!(
+                "cannot cut {:?} from axis {axis} of '{}' {:?}",
+                remove.len(),
+                t.name(),
+                dims
+            ),
+        });
+    }
+    let v = to_f32(t)?;
+    let outer: usize = dims[..axis].iter().product();
+    let len = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let mut out = Vec::with_capacity(v.len());
+    let keep: Vec<usize> = (0..len)
+        .filter(|i| remove.binary_search(i).is_err())
+        .collect();
+    for o in 0..outer {
+        for &a in &keep {
+            let b = (o * len + a) * inner;
+            out.extend_from_slice(&v[b..b + inner]);
+        }
+    }
+    let mut nd = t.dims.clone();
+    nd[axis] = keep.len() as i64;
+    let name = t.name().to_string();
+    *t = whittle_core::tensor::from_f32(&name, &nd, &out);
+    Ok(())
+}
