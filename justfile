@@ -30,3 +30,11 @@ lint:
 # Measure on a target and write reports/<target>/<time>/ (default: this machine, bundled ResNet-8).
 deploy target="host" *args="": setup build
     {{whittle}} deploy --target {{target}} {{args}}
+
+# Create the bench venv (onnxruntime==1.31.1 and numpy from PyPI) and check its onnxruntime version.
+setup-bench:
+    bash bench/setup_venv.sh
+
+# whittle (ort-cpu, tract) against ONNX Runtime's Python API, interleaved rounds (--quick, --json, --threads N).
+bench *args: setup build setup-bench
+    "${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv/bin/python" bench/bench.py --whittle "{{whittle}}" {{args}}

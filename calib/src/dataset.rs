@@ -230,6 +230,21 @@ impl Dataset {
         })
     }
 
+    /// For tensor datasets: the shape of one item (no batch axis) of the array that feeds
+    /// `input` (the array of that name, or the only array). `None` for images.
+    pub fn item_shape(&self, input: &str) -> Option<Vec<usize>> {
+        match &self.source {
+            Source::Tensors { arrays, .. } => {
+                let v = arrays
+                    .iter()
+                    .find(|(n, _)| n == input)
+                    .or_else(|| (arrays.len() == 1).then(|| &arrays[0]))?;
+                Some(v.1.shape().get(1..)?.to_vec())
+            }
+            _ => None,
+        }
+    }
+
     /// The path the dataset was opened from.
     pub fn path(&self) -> &Path {
         &self.path

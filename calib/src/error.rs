@@ -281,6 +281,15 @@ pub enum Error {
         /// The fraction as given.
         fraction: f64,
     },
+
+    /// The runtime failed to load or run a model during activation capture (its message).
+    #[error("runtime: {0}")]
+    Runtime(String),
+
+    /// Activation capture cannot be done as asked: an unknown or non-float tensor, a model input
+    /// a dataset cannot fill, no items.
+    #[error("capture: {0}")]
+    Capture(String),
 }
 
 /// Formats a shape compactly, as `[3,224,224]`.

@@ -1,5 +1,7 @@
 //! whittle's datasets and preprocessing profiles: image folders, flat image folders and raw
-//! tensor files (`.npy`, `.npz`, `.bin`) turned into batches of model inputs.
+//! tensor files (`.npy`, `.npz`, `.bin`) turned into batches of model inputs; and activation
+//! capture ([`capture()`]), which runs a model over such batches and hands intermediate tensors to
+//! a visitor.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -14,10 +16,12 @@
 
 #![warn(missing_docs)]
 
+pub mod capture;
 pub mod dataset;
 pub mod error;
 pub mod profile;
 
+pub use capture::{CaptureSpec, capture, input_specs};
 pub use dataset::{Batch, Dataset, DatasetKind, Dtype, InputSpec};
 pub use error::Error;
 pub use profile::{BUILTIN_PROFILES, Color, Layout, Preprocess, Resize};

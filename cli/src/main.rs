@@ -3,6 +3,17 @@
 //! stdout carries results only (a table, or one JSON object with `--json`); logs and progress
 //! bars go to stderr. Exit codes: 0 success, 1 a check not met, 2 an error.
 
+/// Print to stdout; a closed pipe (`whittle ... | head`) ends the program quietly.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::emit(&format!($($t)*)) };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    () => { $crate::emit("\n") };
+    ($($t:tt)*) => { $crate::emit(&format!("{}\n", format!($($t)*))) };
+}
+
 mod cmd;
 mod progress;
 mod table;
@@ -31,6 +42,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Compare a candidate model with a reference on real data.
     Verify(cmd::verify::Args),
+    /// Compress a model (channel pruning with least-squares repair) and write it.
+    Compress(Box<cmd::compress::Args>),
     /// Read a model into the IR and write it back (optionally with external data).
     Convert(cmd::convert::Args),
     /// Measure a model on a target: inspect, bench each runtime, verify, one table.
@@ -45,6 +58,20 @@ pub enum Outcome {
     CheckFailed(String),
 }
 
+/// Write results to stdout. When the reader has gone (broken pipe), exit with success: the
+/// output was not wanted any more.
+pub fn emit(s: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -53,6 +80,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(a),
         Command::Deploy(a) => cmd::deploy::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Compress(a) => cmd::compress::run(*a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

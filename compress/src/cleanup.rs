@@ -95,7 +95,7 @@ fn drop_identities(model: &mut Model) -> Result<usize, Error> {
                 || (n.op_type() == "Dropout"
                     && (n.output.len() == 1 || n.output[1..].iter().all(|o| o.is_empty()))
                     && n.input.len() == 1));
-        if passthrough && n.output.len() >= 1 && !outputs.contains(&n.output[0]) {
+        if passthrough && !n.output.is_empty() && !outputs.contains(&n.output[0]) {
             let (from, to) = (n.output[0].clone(), n.input[0].clone());
             g.node.remove(i);
             rewire(&mut g.node, &from, &to);

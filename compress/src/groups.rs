@@ -349,6 +349,8 @@ impl<'a> Cx<'a> {
                         &out_name,
                         Some(why(&format!("grouped conv (group {g})"))),
                     );
+                    // listed (frozen) so that --explain shows these channels and why they stay
+                    self.member(out.segs[0].space, i, Role::Producer, 0, 1);
                     self.set_out(i, out);
                 }
             }

@@ -12,6 +12,7 @@ pub mod cleanup;
 pub mod groups;
 pub mod index;
 pub mod prune;
+pub mod refit;
 
 /// Errors of the compression passes.
 #[derive(Debug, thiserror::Error)]

@@ -145,6 +145,29 @@ pub fn weight_scores(
     Ok(out)
 }
 
+/// Every (input slot, axis) a member slices: its weight, and the bias of a producer.
+fn member_slots(
+    model: &Model,
+    node: &whittle_core::onnx::NodeProto,
+    role: &Role,
+) -> Vec<(usize, usize)> {
+    let mut slots: Vec<(usize, usize)> = match role {
+        Role::Param { slot, axis } => vec![(*slot, *axis)],
+        r => weight_axis(node, r).into_iter().collect(),
+    };
+    if matches!(role, Role::Producer | Role::Depthwise)
+        && node.op_type() != "MatMul"
+        && let Some(t) = node
+            .input
+            .get(2)
+            .filter(|b| !b.is_empty())
+            .and_then(|b| model.initializer(b))
+    {
+        slots.push((2, t.dims.len().saturating_sub(1)));
+    }
+    slots
+}
+
 /// The (input slot, axis) of a member's main weight.
 fn weight_axis(node: &whittle_core::onnx::NodeProto, role: &Role) -> Option<(usize, usize)> {
     let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
@@ -214,7 +237,12 @@ pub fn activation_scores(
         .map(
             |(g, w)| match g.tensors.iter().find_map(|t| mean_abs.get(t)) {
                 Some(a) if a.len() == g.size => {
-                    a.iter().zip(w).map(|(x, y)| x * y.max(1e-12)).collect()
+                    // activation relative to the tensor's mean, so groups stay comparable
+                    let mean = (a.iter().sum::<f64>() / a.len().max(1) as f64).max(1e-12);
+                    a.iter()
+                        .zip(w)
+                        .map(|(x, y)| x / mean * y.max(1e-12))
+                        .collect()
                 }
                 _ => w.clone(),
             },
@@ -243,25 +271,7 @@ impl CostModel {
         for grp in groups.prunable() {
             for m in &grp.members {
                 let node = &g.node[m.node];
-                let mut slots: Vec<(usize, usize)> = match &m.role {
-                    Role::Param { slot, axis } => vec![(*slot, *axis)],
-                    r => weight_axis(node, r).into_iter().collect(),
-                };
-                if matches!(m.role, Role::Producer | Role::Depthwise) && node.op_type() != "MatMul"
-                {
-                    let bias_axis = if node.op_type() == "Gemm" {
-                        node.input
-                            .get(2)
-                            .and_then(|b| model.initializer(b))
-                            .map(|t| t.dims.len().saturating_sub(1))
-                    } else {
-                        Some(0)
-                    };
-                    if let Some(a) = bias_axis {
-                        slots.push((2, a));
-                    }
-                }
-                for (slot, axis) in slots {
+                for (slot, axis) in member_slots(model, node, &m.role) {
                     if let Some(name) = node
                         .input
                         .get(slot)
@@ -352,7 +362,11 @@ fn step_down(k: usize, floor: usize, r: usize) -> Option<usize> {
         return None;
     }
     let next = if r > 1 && k >= r {
-        if k % r == 0 { k - r } else { k - k % r }
+        if k.is_multiple_of(r) {
+            k - r
+        } else {
+            k - k % r
+        }
     } else {
         k - 1
     };
@@ -434,10 +448,9 @@ pub fn plan(
             idx
         })
         .collect();
-    let norm: Vec<f64> = scores
-        .iter()
-        .map(|s| (s.iter().sum::<f64>() / s.len().max(1) as f64).max(1e-12))
-        .collect();
+    // scores are comparable across groups: each member's norms are relative to that member's
+    // mean, so a channel read by many layers (a residual stream) weighs more than an inner one
+    let norm: Vec<f64> = vec![1.0; scores.len()];
     let mut kept = full.clone();
     let r = opts.round_to.max(1);
     if opts.global {
@@ -562,21 +575,7 @@ pub fn apply(
             .collect();
         for m in &grp.members {
             let node = &g.node[m.node];
-            let mut slots: Vec<(usize, usize)> = match &m.role {
-                Role::Param { slot, axis } => vec![(*slot, *axis)],
-                r => weight_axis(node, r).into_iter().collect(),
-            };
-            if matches!(m.role, Role::Producer | Role::Depthwise) && node.op_type() != "MatMul" {
-                if let Some(t) = node
-                    .input
-                    .get(2)
-                    .filter(|b| !b.is_empty())
-                    .and_then(|b| model.initializer(b))
-                {
-                    slots.push((2, t.dims.len().saturating_sub(1)));
-                }
-            }
-            for (slot, axis) in slots {
+            for (slot, axis) in member_slots(model, node, &m.role) {
                 let Some(name) = node.input.get(slot).filter(|x| !x.is_empty()) else {
                     continue;
                 };

@@ -56,9 +56,9 @@ impl Model {
 
     /// Load a model file with explicit limits.
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
-        let bytes = fs::read(path).map_err(|source| Error::Read {
+        let bytes = fs::read(path).map_err(|cause| Error::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let dir = path.parent().map(|p| {
             if p.as_os_str().is_empty() {

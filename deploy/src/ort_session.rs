@@ -97,7 +97,7 @@ fn base_builder(rt: &OrtRuntime, opts: &RuntimeOptions) -> Result<SessionBuilder
     let mut builder =
         OrtInner::builder(&rt.env).map_err(|e| Error::ort("creating session options", e))?;
     builder = builder
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| Error::ort("setting the graph optimisation level", e))?;
     if let Some(threads) = opts.threads {
         builder = builder

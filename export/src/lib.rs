@@ -11,12 +11,12 @@ pub use write::{save_model, write_atomic};
 #[non_exhaustive]
 pub enum Error {
     /// Writing a file failed; nothing was left at the destination.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         /// The destination.
         path: std::path::PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (its text only: temporary file names are not the user's business).
+        cause: String,
     },
     /// The output path is the input model.
     #[error("output {0} is the input model; whittle never overwrites its input")]

@@ -6,7 +6,7 @@
 //! dataset has labels.
 
 use serde::Serialize;
-use whittle_calib::{Dataset, InputSpec, Preprocess};
+use whittle_calib::{Dataset, Preprocess};
 use whittle_core::Value;
 use whittle_deploy::{Dim, IoInfo, RuntimeKind, RuntimeOptions, Session};
 
@@ -71,40 +71,6 @@ impl VerifyReport {
     }
 }
 
-/// The input specs a dataset must fill, from a session's inputs: every dim but the batch axis
-/// must be fixed. Returns the specs and the batch size to use.
-pub fn input_specs(inputs: &[IoInfo], batch: usize) -> Result<(Vec<InputSpec>, usize), Error> {
-    let mut specs = Vec::new();
-    let mut bs = batch.max(1);
-    for io in inputs {
-        if let Some(Dim::Fixed(b)) = io.dims.first() {
-            bs = *b;
-        }
-        let item: Option<Vec<usize>> = io
-            .dims
-            .iter()
-            .skip(1)
-            .map(|d| match d {
-                Dim::Fixed(v) => Some(*v),
-                Dim::Symbolic(_) => None,
-            })
-            .collect();
-        let item = item.ok_or_else(|| {
-            Error::Mismatch(format!(
-                "input '{}' is {}: only the batch axis may be symbolic for dataset inputs",
-                io.name,
-                io.signature()
-            ))
-        })?;
-        specs.push(InputSpec {
-            name: io.name.clone(),
-            dtype: io.dtype.clone(),
-            item_shape: item,
-        });
-    }
-    Ok((specs, bs))
-}
-
 fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -151,6 +117,23 @@ pub fn verify(
     opts: &VerifyOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<VerifyReport, Error> {
+    let indices = match opts.limit {
+        Some(n) => data.sample(n, 0),
+        None => (0..data.len()).collect(),
+    };
+    verify_items(reference, candidate, data, &indices, pre, opts, progress)
+}
+
+/// [`verify`] on the given dataset items (`opts.limit` is ignored).
+pub fn verify_items(
+    reference: &[u8],
+    candidate: &[u8],
+    data: &Dataset,
+    indices: &[usize],
+    pre: &Preprocess,
+    opts: &VerifyOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<VerifyReport, Error> {
     let ropts = RuntimeOptions {
         threads: opts.threads,
         ..Default::default()
@@ -158,11 +141,13 @@ pub fn verify(
     let mut r = whittle_deploy::load(opts.runtime, reference, &ropts)?;
     let mut c = whittle_deploy::load(opts.runtime, candidate, &ropts)?;
     check_same_interface(r.as_ref(), c.as_ref())?;
-    let (specs, bs) = input_specs(r.inputs(), opts.batch)?;
-    let indices = match opts.limit {
-        Some(n) => data.sample(n, 0),
-        None => (0..data.len()).collect(),
-    };
+    let (specs, bs) = whittle_calib::input_specs(r.inputs(), opts.batch, Some(data))?;
+    if indices.is_empty() {
+        return Err(Error::Mismatch(format!(
+            "no items to compare in {}",
+            data.path().display()
+        )));
+    }
     let total = indices.len();
     let mut accs: Vec<Acc> = r.outputs().iter().map(|_| Acc::default()).collect();
     let mut labelled = false;

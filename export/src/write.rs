@@ -7,10 +7,13 @@ use whittle_core::Model;
 
 use crate::Error;
 
-fn werr(path: &Path, source: std::io::Error) -> Error {
+fn werr(path: &Path, e: std::io::Error) -> Error {
+    let text = e.to_string();
+    // tempfile appends "at path <temp file>"; the user asked for `path`, not the temp file
+    let cause = text.split(" at path ").next().unwrap_or(&text).to_string();
     Error::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -83,6 +86,16 @@ pub fn save_model(
     );
     let (bytes, side) = model.to_bytes_external(&side_name, 1024)?;
     let side_path = out.with_file_name(&side_name);
+    if let Some(input) = input
+        && (same_file(&side_path, input) || side_path == input)
+    {
+        return Err(Error::SameAsInput(side_path));
+    }
+    if let Some(input) = input
+        && (same_file(&side_path, input) || side_path == input)
+    {
+        return Err(Error::SameAsInput(side_path));
+    }
     write_atomic(&side_path, &side)?;
     write_atomic(out, &bytes)?;
     Ok(vec![out.to_path_buf(), side_path])

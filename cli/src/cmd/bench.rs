@@ -127,13 +127,13 @@ pub fn run(a: Args) -> Result<Outcome> {
         &cfg,
     )?;
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
         let mut t = Table::new(&[
             "runtime", "EP", "p50 ms", "p90 ms", "p99 ms", "mean ms", "fps",
         ]);
         t.row(row(&r));
-        print!("{}", t.render());
+        out!("{}", t.render());
         if let Some(reason) = &r.provider.reason {
             eprintln!(
                 "note: {} fell back to {}: {reason}",

@@ -46,9 +46,9 @@ pub fn run(a: Args) -> Result<Outcome> {
         bytes,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
-        println!("wrote {} ({} bytes)", r.written.join(", "), r.bytes);
+        outln!("wrote {} ({} bytes)", r.written.join(", "), r.bytes);
     }
     Ok(Outcome::Ok)
 }

@@ -149,9 +149,9 @@ pub fn run(a: Args) -> Result<Outcome> {
     );
     whittle_export::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     if a.json {
-        println!("{}", serde_json::to_string(&results)?);
+        outln!("{}", serde_json::to_string(&results)?);
     } else {
-        print!("{table}");
+        out!("{table}");
         eprintln!("report: {}", dir.display());
     }
     Ok(Outcome::Ok)

@@ -99,7 +99,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         layers: c.nodes,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
         return Ok(Outcome::Ok);
     }
     let mut out = String::new();
@@ -144,7 +144,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             report.unknown_ops.join(", ")
         );
     }
-    print!("{out}");
+    out!("{out}");
     if !a.brief {
         let mut t = Table::new(&["#", "layer", "op", "output", "params", "MACs"]);
         for (i, l) in report.layers.iter().enumerate() {
@@ -160,8 +160,8 @@ pub fn run(a: Args) -> Result<Outcome> {
                 l.macs.to_string(),
             ]);
         }
-        println!();
-        print!("{}", t.render());
+        outln!();
+        out!("{}", t.render());
     }
     Ok(Outcome::Ok)
 }

@@ -76,6 +76,9 @@ pub fn run(a: Args) -> Result<Outcome> {
     {
         anyhow::bail!("--min-agreement {m} is not a fraction between 0 and 1");
     }
+    if a.limit == Some(0) || a.batch == 0 {
+        anyhow::bail!("--limit and --batch must be at least 1");
+    }
     let opts = VerifyOptions {
         runtime: a.runtime,
         batch: a.batch,
@@ -90,9 +93,9 @@ pub fn run(a: Args) -> Result<Outcome> {
         &opts,
     )?;
     if a.json {
-        println!("{}", serde_json::to_string(&rep)?);
+        outln!("{}", serde_json::to_string(&rep)?);
     } else {
-        println!("{} items, runtime {}", rep.items, rep.runtime);
+        outln!("{} items, runtime {}", rep.items, rep.runtime);
         let mut t = Table::new(&[
             "output",
             "max |diff|",
@@ -112,7 +115,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                 opt(o.candidate_accuracy),
             ]);
         }
-        print!("{}", t.render());
+        out!("{}", t.render());
     }
     if let Some(min) = a.min_agreement {
         match rep.agreement() {

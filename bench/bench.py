@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""whittle's latency against ONNX Runtime's own Python API (and tract), on the same models.
+
+For each model, three contestants are measured INTERLEAVED in rounds: each round runs each of them
+once (a fresh process: session load, warmup, timed runs) in an order that rotates from round to
+round, so that the shared machine's noise falls on all of them alike. Per model it reports the
+median over rounds of each contestant's p50, the ratio whittle-ort / python-ort and tract's p50 and
+ratio tract / python-ort. It asserts nothing about the ratios: it reports them. It exits non-zero
+when the shared assets are missing or any contestant fails.
+
+Contestants (same model, same input, same intra-op threads):
+  whittle-ort   `whittle bench MODEL --runtime ort-cpu --json` (libonnxruntime.so.1.31.1 via the ort crate)
+  python-ort    bench/ort_python.py, onnxruntime==1.31.1's Python API (the bench venv)
+  whittle-tract `whittle bench MODEL --runtime tract --json`
+
+Run it with the bench venv's python (`just bench`, which also builds whittle and the venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
+
+# (name, path, note). efficientnet_lite0_224 stands in for MobileNetV2, which could not be had.
+MODELS = [
+    ("efficientnet_lite0_224", ASSETS / "models" / "efficientnet_lite0_224.onnx",
+     "shared asset; stands in for MobileNetV2"),
+    ("resnet8_cifar10", REPO / "models" / "resnet8_cifar10.onnx", "bundled in the repo"),
+]
+CONTESTANTS = ["whittle-ort", "python-ort", "whittle-tract"]
+# Per run, beyond the expected time: loading, and a loaded machine.
+RUN_TIMEOUT_S = 900
+
+
+def default_whittle() -> Path:
+    target = os.environ.get("CARGO_TARGET_DIR") or str(REPO / "target")
+    return Path(target) / "release" / "whittle"
+
+
+def machine() -> dict:
+    load = os.getloadavg()
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg": [round(x, 2) for x in load],
+    }
+
+
+def command(contestant: str, model: Path, a: argparse.Namespace) -> list[str]:
+    common = ["--threads", str(a.threads), "--warmup", str(a.warmup), "--iters", str(a.iters), "--json"]
+    if contestant == "python-ort":
+        return [sys.executable, str(HERE / "ort_python.py"), str(model), *common]
+    runtime = {"whittle-ort": "ort-cpu", "whittle-tract": "tract"}[contestant]
+    return [str(a.whittle), "bench", str(model), "--runtime", runtime, *common]
+
+
+def run_one(contestant: str, model: Path, a: argparse.Namespace) -> dict:
+    """Runs one contestant once; returns its JSON report, or raises RuntimeError saying why not."""
+    cmd = command(contestant, model, a)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {RUN_TIMEOUT_S} s: {' '.join(cmd)}")
+    except OSError as e:
+        raise RuntimeError(f"could not start {cmd[0]}: {e}")
+    if p.returncode != 0:
+        tail = (p.stderr.strip() or p.stdout.strip())[-2000:]
+        raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)}\n{tail}")
+    try:
+        report = json.loads(p.stdout.strip().splitlines()[-1])
+        stats = report["stats"]
+        float(stats["p50_ms"])
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise RuntimeError(f"unreadable output ({e}): {' '.join(cmd)}\n{p.stdout[-2000:]}")
+    prov = report.get("provider") or {}
+    if contestant != "whittle-tract" and (prov.get("actual") != "CPUExecutionProvider" or prov.get("fallback")):
+        raise RuntimeError(f"ran on {prov.get('actual')!r} (fallback {prov.get('fallback')}), "
+                           f"not CPUExecutionProvider: {' '.join(cmd)}")
+    return report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def bench_model(name: str, path: Path, note: str, a: argparse.Namespace, log) -> dict:
+    p50s: dict[str, list[float]] = {c: [] for c in CONTESTANTS}
+    runs: list[dict] = []
+    failed: dict[str, str] = {}
+    for r in range(a.rounds):
+        k = r % len(CONTESTANTS)
+        order = CONTESTANTS[k:] + CONTESTANTS[:k]
+        for c in order:
+            if c in failed:
+                continue
+            t0 = time.monotonic()
+            try:
+                rep = run_one(c, path, a)
+            except RuntimeError as e:
+                failed[c] = str(e)
+                log(f"  round {r + 1}/{a.rounds} {c:<13} FAILED: {str(e).splitlines()[0]}")
+                continue
+            st = rep["stats"]
+            p50s[c].append(st["p50_ms"])
+            runs.append({"round": r + 1, "contestant": c, "wall_s": round(time.monotonic() - t0, 2),
+                         "loadavg_1m": round(os.getloadavg()[0], 2), "stats": st,
+                         "input_shapes": rep.get("input_shapes")})
+            log(f"  round {r + 1}/{a.rounds} {c:<13} p50 {st['p50_ms']:9.3f} ms  "
+                f"(min {st['min_ms']:.3f}, p90 {st['p90_ms']:.3f}, load {os.getloadavg()[0]:.2f})")
+    med = {c: (statistics.median(v) if v and c not in failed else None) for c, v in p50s.items()}
+    spread = {c: ([min(v), max(v)] if v and c not in failed else None) for c, v in p50s.items()}
+    return {
+        "model": name,
+        "path": str(path),
+        "note": note,
+        "median_p50_ms": med,
+        "round_p50_ms": p50s,
+        "p50_range_ms": spread,
+        "ratio_whittle_ort_over_python_ort": ratio(med["whittle-ort"], med["python-ort"]),
+        "ratio_tract_over_python_ort": ratio(med["whittle-tract"], med["python-ort"]),
+        "failed": failed,
+        "runs": runs,
+    }
+
+
+def fmt(x: float | None, spec: str, missing: str = "FAILED") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def table(results: list[dict]) -> str:
+    head = ["model", "whittle-ort p50", "python-ort p50", "whittle/python", "tract p50", "tract/python"]
+    rows = [head]
+    for res in results:
+        m = res["median_p50_ms"]
+        rows.append([
+            res["model"],
+            fmt(m["whittle-ort"], ".3f") + " ms" * (m["whittle-ort"] is not None),
+            fmt(m["python-ort"], ".3f") + " ms" * (m["python-ort"] is not None),
+            fmt(res["ratio_whittle_ort_over_python_ort"], ".3f", "n/a"),
+            fmt(m["whittle-tract"], ".3f") + " ms" * (m["whittle-tract"] is not None),
+            fmt(res["ratio_tract_over_python_ort"], ".2f", "n/a"),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="whittle's ONNX Runtime and tract latency against ONNX Runtime's "
+                                             "Python API, interleaved in rounds (reports; asserts nothing)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every contestant (default 2)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5; --quick 3)")
+    ap.add_argument("--warmup", type=int, help="untimed runs per contestant run (default 10; --quick 3)")
+    ap.add_argument("--iters", type=int, help="timed runs per contestant run (default 100; --quick 20)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and iterations (a smoke run)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--whittle", type=Path, default=default_whittle(),
+                    help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
+    a = ap.parse_args(argv)
+    quick = {"rounds": 3, "warmup": 3, "iters": 20}
+    full = {"rounds": 5, "warmup": 10, "iters": 100}
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.rounds < 1 or a.iters < 1 or a.warmup < 0 or a.threads < 1:
+        ap.error("--rounds, --iters and --threads must be >= 1, --warmup >= 0")
+
+    def log(msg: str) -> None:
+        # Progress goes to stderr with --json (stdout is the one JSON object), to stdout otherwise.
+        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
+
+    if not ASSETS.is_dir():
+        print(f"bench: the shared assets are missing: expected them at {ASSETS.resolve()} "
+              "(../shared/assets beside the repo)", file=sys.stderr)
+        return 2
+    missing = [str(p) for _, p, _ in MODELS if not p.is_file()]
+    if missing:
+        print("bench: model(s) missing: " + ", ".join(missing), file=sys.stderr)
+        return 2
+    if not (a.whittle.is_file() and os.access(a.whittle, os.X_OK)):
+        print(f"bench: no whittle binary at {a.whittle} (`just build`, or pass --whittle)", file=sys.stderr)
+        return 2
+    try:
+        import onnxruntime  # noqa: F401  (the venv must have it; ort_python.py runs with this python)
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        print(f"bench: {sys.executable} has no onnxruntime: run it with the bench venv (`just setup-bench`)",
+              file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    mach = machine()
+    log(f"machine: {mach['cores']} cores ({mach['cores_usable']} usable), load average "
+        f"{' '.join(f'{x:.2f}' for x in mach['loadavg'])} (1/5/15 min)")
+    log("note: this box is shared and noisy; contestants are interleaved in rotating order and the "
+        "median over rounds is reported, but other jobs can move single figures by tens of % between runs")
+    if mach["cores"] and mach["loadavg"][0] >= 0.5 * mach["cores"]:
+        log(f"warning: the 1-min load average ({mach['loadavg'][0]:.2f}) is already high for "
+            f"{mach['cores']} cores: other work is running, so latencies will be inflated and noisy")
+    log(f"settings: {a.threads} intra-op threads, {a.rounds} rounds x (warmup {a.warmup} + {a.iters} timed runs) "
+        f"per contestant; onnxruntime {ort_version} (python), whittle {a.whittle}")
+    results = []
+    for name, path, note in MODELS:
+        log(f"{name} ({note}):")
+        results.append(bench_model(name, path, note, a, log))
+    elapsed = time.monotonic() - started
+    mach_end = machine()
+    failed = any(r["failed"] for r in results)
+
+    if a.json:
+        print(json.dumps({
+            "machine": mach, "loadavg_end": mach_end["loadavg"],
+            "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
+                         "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version},
+            "results": results, "elapsed_s": round(elapsed, 1), "ok": not failed,
+        }))
+    else:
+        print()
+        print(f"median over {a.rounds} rounds of p50 latency ({a.threads} threads; "
+              "ratios < 1 mean faster than ONNX Runtime's Python API):")
+        print(table(results))
+        for r in results:
+            rng = r["p50_range_ms"]
+            spread = ", ".join(f"{c} {v[0]:.3f}-{v[1]:.3f}" for c, v in rng.items() if v)
+            print(f"  {r['model']}: per-round p50 range (ms): {spread}")
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in mach_end['loadavg'])}; "
+              f"took {elapsed:.0f} s")
+    for r in results:
+        for c, why in r["failed"].items():
+            print(f"bench: {r['model']}: {c} failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

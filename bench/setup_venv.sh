@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (idempotently) the bench venv at ${WHITTLE_CACHE:-~/.cache/whittle}/bench-venv with the
+# pinned onnxruntime and numpy wheels from PyPI, and check that its onnxruntime is 1.31.1, the
+# version of the library whittle loads.
+set -euo pipefail
+ORT_VERSION=1.31.1
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv"
+py="$venv/bin/python"
+req="$here/requirements.txt"
+stamp="$venv/.whittle-requirements"
+
+if [ ! -x "$py" ]; then
+  echo "setup-bench: creating $venv" >&2
+  python3 -m venv "$venv"
+fi
+# Reinstall only when requirements.txt changed since the last successful install.
+if ! cmp -s "$req" "$stamp"; then
+  echo "setup-bench: installing $(grep -v '^#' "$req" | xargs) (wheels only)" >&2
+  "$py" -m pip install --quiet --disable-pip-version-check --only-binary=:all: -r "$req" >&2
+  cp "$req" "$stamp"
+fi
+have="$("$py" -c 'import onnxruntime; print(onnxruntime.__version__)')" || {
+  echo "setup-bench: onnxruntime does not import in $venv (remove it and rerun)" >&2
+  exit 2
+}
+if [ "$have" != "$ORT_VERSION" ]; then
+  echo "setup-bench: $venv has onnxruntime $have, want $ORT_VERSION (remove it and rerun)" >&2
+  exit 2
+fi
+echo "setup-bench: onnxruntime $have in $venv" >&2

@@ -1,0 +1,512 @@
+//! `whittle compress`: prune channels (more methods to come) and repair by least squares.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use whittle_calib::capture::{CaptureSpec, capture};
+use whittle_calib::{Dataset, Preprocess};
+use whittle_compress::cleanup::{self, CleanupReport};
+use whittle_compress::groups::{self, Groups};
+use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
+use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
+use whittle_core::{Model, cost, shape};
+use whittle_deploy::RuntimeKind;
+use whittle_export::{VerifyOptions, VerifyReport};
+
+use crate::Outcome;
+use crate::table::{Table, pct, si};
+
+/// Arguments of `whittle compress`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model (never written).
+    model: PathBuf,
+    /// Where to write the compressed model (atomically).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Calibration data (image folder, .npy, .npz): importance, reconstruction and the fidelity check.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Preprocessing: a built-in profile or a TOML file (default: `<model>.profile.toml`).
+    #[arg(long)]
+    profile: Option<String>,
+    /// Calibration items used for importance and reconstruction.
+    #[arg(long, default_value_t = 128)]
+    calib_items: usize,
+    /// Held-apart calibration items for the fidelity report.
+    #[arg(long, default_value_t = 128)]
+    holdout_items: usize,
+    /// Prune channels (the only method so far; on by default).
+    #[arg(long, default_value_t = true)]
+    prune_channels: bool,
+    /// Budget: `macs=0.75` or `params=0.5` (the fraction kept).
+    #[arg(long, default_value = "macs=0.75")]
+    target: String,
+    /// How channels are scored.
+    #[arg(long, value_enum, default_value = "activation")]
+    importance: ImportanceArg,
+    /// Prune every group by the same ratio instead of ranking channels globally.
+    #[arg(long)]
+    uniform: bool,
+    /// Every group keeps at least this many channels.
+    #[arg(long, default_value_t = 4)]
+    min_channels: usize,
+    /// Every group keeps at least this fraction of its channels.
+    #[arg(long, default_value_t = 0.1)]
+    min_fraction: f64,
+    /// Kept channel counts are multiples of this (4, 8, 16 suit SIMD and tensor cores).
+    #[arg(long, default_value_t = 1)]
+    round_to: usize,
+    /// Skip the least-squares reconstruction of the layers after each cut (for comparison).
+    #[arg(long)]
+    no_reconstruct: bool,
+    /// Ridge strength of the reconstruction, relative to the mean diagonal.
+    #[arg(long, default_value_t = 1e-3)]
+    ridge: f64,
+    /// Print the channel groups (sizes, members, why a group is frozen); without -o, stop there.
+    #[arg(long)]
+    explain: bool,
+    /// Also write the plan as JSON here.
+    #[arg(long)]
+    plan_out: Option<PathBuf>,
+    /// Runtime for calibration runs and checks.
+    #[arg(long, default_value = "ort-cpu")]
+    runtime: RuntimeKind,
+    /// Threads for ONNX Runtime.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportanceArg {
+    L1,
+    L2,
+    Activation,
+}
+
+#[derive(Serialize)]
+struct Layer {
+    name: String,
+    op: String,
+    channels_before: usize,
+    channels_after: usize,
+    params_before: u64,
+    params_after: u64,
+    macs_before: u64,
+    macs_after: u64,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    input: String,
+    output: Option<String>,
+    cleanup: CleanupReport,
+    groups: usize,
+    prunable_groups: usize,
+    params: (u64, u64),
+    macs: (u64, u64),
+    macs_kept: f64,
+    importance: String,
+    reconstructed: bool,
+    refit: Vec<RefitReport>,
+    fidelity: Option<VerifyReport>,
+    layers: Vec<Layer>,
+    plan: Plan,
+    seconds: f64,
+}
+
+fn parse_opts(a: &Args) -> Result<PruneOptions> {
+    let budget: Budget = a
+        .target
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--target: {e}"))?;
+    if !(0.0..=1.0).contains(&a.min_fraction) {
+        bail!("--min-fraction {} is not between 0 and 1", a.min_fraction);
+    }
+    if a.round_to == 0 {
+        bail!("--round-to must be at least 1");
+    }
+    Ok(PruneOptions {
+        budget,
+        global: !a.uniform,
+        min_channels: a.min_channels,
+        min_fraction: a.min_fraction,
+        round_to: a.round_to,
+    })
+}
+
+/// Run the command.
+pub fn run(a: Args) -> Result<Outcome> {
+    let started = std::time::Instant::now();
+    // everything that can be refused is refused before any work
+    let opts = parse_opts(&a)?;
+    if let Some(out) = &a.output {
+        let same = out == &a.model
+            || matches!((out.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        if same {
+            bail!(
+                "output {} is the input model; whittle never overwrites its input",
+                out.display()
+            );
+        }
+    } else if !a.explain {
+        bail!("give -o OUTPUT (or --explain to only list the channel groups)");
+    }
+    let needs_data = !a.no_reconstruct || matches!(a.importance, ImportanceArg::Activation);
+    if needs_data && a.calib.is_none() && a.output.is_some() {
+        bail!(
+            "--calib DATA is needed for reconstruction and activation importance (or use --no-reconstruct --importance l2)"
+        );
+    }
+    let pre = match &a.calib {
+        Some(_) => super::resolve_profile(a.profile.as_deref(), &a.model)?,
+        None => Preprocess::default(),
+    };
+    let data = a.calib.as_ref().map(|p| Dataset::open(p)).transpose()?;
+
+    let original = super::load_model(&a.model)?;
+    let mut model = original.clone();
+    let clean = cleanup::cleanup(&mut model).context("cleanup")?;
+    let gs = groups::analyse(&model).context("channel groups")?;
+    if a.explain {
+        print_groups(&model, &gs, a.json && a.output.is_none());
+        if a.output.is_none() {
+            return Ok(Outcome::Ok);
+        }
+    }
+    let (calib_idx, hold_idx) = match &data {
+        Some(d) => {
+            let calib_n = a.calib_items.min(d.len());
+            let frac = calib_n as f64 / d.len() as f64;
+            let (c, h) = d.split(frac, 0)?;
+            (c, h.into_iter().take(a.holdout_items).collect::<Vec<_>>())
+        }
+        None => (vec![], vec![]),
+    };
+    let spec = data.as_ref().map(|d| CaptureSpec {
+        dataset: d,
+        indices: &calib_idx,
+        pre: &pre,
+        batch: 16,
+        runtime: a.runtime,
+        threads: a.threads,
+    });
+
+    let weight = prune::weight_scores(
+        &model,
+        &gs,
+        if matches!(a.importance, ImportanceArg::L1) {
+            Importance::L1
+        } else {
+            Importance::L2
+        },
+    )?;
+    let scores = match (a.importance, &spec) {
+        (ImportanceArg::Activation, Some(spec)) => {
+            let means = channel_means(&model, &gs, spec)?;
+            prune::activation_scores(&gs, &means, &weight)
+        }
+        _ => weight,
+    };
+    let plan = prune::plan(&model, &gs, &scores, &opts)?;
+    let mut pruned = model.clone();
+    let changes = prune::apply(&mut pruned, &gs, &plan)?;
+    let mut refits = Vec::new();
+    if !a.no_reconstruct
+        && let Some(spec) = &spec
+    {
+        let jobs: Vec<RefitJob> = changes
+            .iter()
+            .filter_map(|c| {
+                let n = model.graph().node.iter().find(|n| n.name() == c.node)?;
+                Some(RefitJob {
+                    node: c.node.clone(),
+                    input: n.input[0].clone(),
+                    output: n.output[0].clone(),
+                    kept_in: c.kept_in.clone(),
+                    kept_out: c.kept_out.clone(),
+                })
+            })
+            .collect();
+        refits = refit::refit(
+            &model,
+            &mut pruned,
+            &jobs,
+            spec,
+            &RefitOptions {
+                ridge: a.ridge,
+                ..Default::default()
+            },
+        )?;
+    }
+    // the result must be a valid graph that runs with the original's input and output shapes
+    let bytes = pruned.to_bytes();
+    check_runs(&original, &bytes, a.runtime)?;
+    let fidelity = match &data {
+        Some(d) if !hold_idx.is_empty() => Some(fidelity(
+            &original, &bytes, d, &hold_idx, &pre, a.runtime, a.threads,
+        )?),
+        _ => None,
+    };
+    if let Some(out) = &a.output {
+        whittle_export::save_model(&pruned, out, Some(&a.model), false)?;
+    }
+    if let Some(p) = &a.plan_out {
+        whittle_export::write_atomic(p, serde_json::to_string_pretty(&plan)?.as_bytes())?;
+    }
+    let layers = layer_table(&model, &pruned)?;
+    let after = cost::count(&pruned, &shape::infer(&pruned, &[])?);
+    let before = cost::count(&original, &shape::infer(&original, &[])?);
+    let s = Summary {
+        input: a.model.display().to_string(),
+        output: a.output.as_ref().map(|p| p.display().to_string()),
+        cleanup: clean,
+        groups: gs.groups.len(),
+        prunable_groups: gs.prunable().count(),
+        params: (before.params, after.params),
+        macs: (before.macs, after.macs),
+        macs_kept: after.macs as f64 / before.macs.max(1) as f64,
+        importance: format!("{:?}", scores_name(a.importance)),
+        reconstructed: !refits.is_empty(),
+        refit: refits,
+        fidelity,
+        layers,
+        plan,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if a.json {
+        outln!("{}", serde_json::to_string(&s)?);
+    } else {
+        print_summary(&s);
+    }
+    Ok(Outcome::Ok)
+}
+
+fn scores_name(i: ImportanceArg) -> &'static str {
+    match i {
+        ImportanceArg::L1 => "l1",
+        ImportanceArg::L2 => "l2",
+        ImportanceArg::Activation => "activation",
+    }
+}
+
+/// Mean |x| per channel of one tensor of each prunable group, over the calibration items.
+fn channel_means(
+    model: &Model,
+    gs: &Groups,
+    spec: &CaptureSpec,
+) -> Result<HashMap<String, Vec<f64>>> {
+    let tensors: Vec<String> = gs
+        .prunable()
+        .filter_map(|g| g.tensors.first().cloned())
+        .collect();
+    let mut sums: Vec<Vec<f64>> = vec![vec![]; tensors.len()];
+    let mut counts = vec![0f64; tensors.len()];
+    capture(model, &tensors, spec, &mut |vals, items| {
+        for (k, v) in vals.iter().enumerate() {
+            let sh = v.shape();
+            if sh.len() < 2 {
+                continue;
+            }
+            let c = sh[1];
+            let inner: usize = sh[2..].iter().product();
+            if sums[k].is_empty() {
+                sums[k] = vec![0.0; c];
+            }
+            let data = v.as_slice_memory_order();
+            if let Some(data) = data {
+                for n in 0..items.min(sh[0]) {
+                    for (ch, sum) in sums[k].iter_mut().enumerate() {
+                        let base = (n * c + ch) * inner;
+                        *sum += data[base..base + inner]
+                            .iter()
+                            .map(|x| x.abs() as f64)
+                            .sum::<f64>()
+                            / inner as f64;
+                    }
+                }
+            }
+            counts[k] += items as f64;
+        }
+        Ok(())
+    })?;
+    Ok(tensors
+        .into_iter()
+        .zip(sums.into_iter().zip(counts))
+        .map(|(t, (s, n))| (t, s.into_iter().map(|v| v / n.max(1.0)).collect()))
+        .collect())
+}
+
+fn check_runs(original: &Model, candidate: &[u8], runtime: RuntimeKind) -> Result<()> {
+    let opts = whittle_deploy::RuntimeOptions::default();
+    let mut r = whittle_deploy::load(runtime, &original.to_bytes(), &opts)?;
+    let mut c = whittle_deploy::load(runtime, candidate, &opts)
+        .context("the compressed model does not load; nothing was written")?;
+    let inputs = whittle_deploy::synthetic_inputs(r.inputs(), &[])?;
+    let ro = r.run(&inputs)?;
+    let co = c
+        .run(&inputs)
+        .context("the compressed model does not run; nothing was written")?;
+    for ((a, b), io) in ro.iter().zip(&co).zip(r.outputs()) {
+        if a.shape() != b.shape() {
+            bail!(
+                "the compressed model's output '{}' has shape {:?}, the original's {:?}; nothing was written",
+                io.name,
+                b.shape(),
+                a.shape()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn fidelity(
+    original: &Model,
+    candidate: &[u8],
+    d: &Dataset,
+    idx: &[usize],
+    pre: &Preprocess,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+) -> Result<VerifyReport> {
+    let opts = VerifyOptions {
+        runtime,
+        threads,
+        batch: 32,
+        limit: None,
+    };
+    Ok(whittle_export::verify::verify_items(
+        &original.to_bytes(),
+        candidate,
+        d,
+        idx,
+        pre,
+        &opts,
+        &mut |_, _| {},
+    )?)
+}
+
+fn out_channels(m: &Model, n: &whittle_core::onnx::NodeProto) -> usize {
+    let Some(w) = n.input.get(1).and_then(|w| m.initializer(w)) else {
+        return 0;
+    };
+    let trans_b = n
+        .attribute
+        .iter()
+        .any(|a| a.name() == "transB" && a.i == Some(1));
+    match n.op_type() {
+        "Gemm" if !trans_b => w.dims.get(1).copied().unwrap_or(0) as usize,
+        "MatMul" => w.dims.get(1).copied().unwrap_or(0) as usize,
+        _ => w.dims.first().copied().unwrap_or(0) as usize,
+    }
+}
+
+fn layer_table(before: &Model, after: &Model) -> Result<Vec<Layer>> {
+    let cb = cost::count(before, &shape::infer(before, &[])?);
+    let ca = cost::count(after, &shape::infer(after, &[])?);
+    let mut rows = Vec::new();
+    for ((nb, na), (b, a)) in before
+        .graph()
+        .node
+        .iter()
+        .zip(&after.graph().node)
+        .zip(cb.nodes.iter().zip(&ca.nodes))
+    {
+        if !matches!(nb.op_type(), "Conv" | "Gemm" | "MatMul" | "ConvTranspose") {
+            continue;
+        }
+        rows.push(Layer {
+            name: b.name.clone(),
+            op: b.op.clone(),
+            channels_before: out_channels(before, nb),
+            channels_after: out_channels(after, na),
+            params_before: b.params,
+            params_after: a.params,
+            macs_before: b.macs,
+            macs_after: a.macs,
+        });
+    }
+    Ok(rows)
+}
+
+fn print_groups(model: &Model, gs: &Groups, json: bool) {
+    if json {
+        outln!("{}", serde_json::to_string(gs).unwrap_or_default());
+        return;
+    }
+    let _ = model;
+    let mut t = Table::new(&["group", "channels", "members", "producers", "status"]);
+    for g in &gs.groups {
+        let prods = g.producers();
+        let shown = if prods.len() > 3 {
+            format!("{}, ... ({} in all)", prods[..3].join(", "), prods.len())
+        } else {
+            prods.join(", ")
+        };
+        t.row(vec![
+            g.id.to_string(),
+            g.size.to_string(),
+            g.members.len().to_string(),
+            shown,
+            g.frozen
+                .as_ref()
+                .map(|r| format!("frozen: {r}"))
+                .unwrap_or_else(|| "prunable".into()),
+        ]);
+    }
+    out!("{}", t.render());
+    outln!();
+}
+
+fn print_summary(s: &Summary) {
+    let mut t = Table::new(&["layer", "op", "channels", "params", "MACs"]);
+    for l in &s.layers {
+        t.row(vec![
+            l.name.clone(),
+            l.op.clone(),
+            format!("{} -> {}", l.channels_before, l.channels_after),
+            format!("{} -> {}", si(l.params_before), si(l.params_after)),
+            format!("{} -> {}", si(l.macs_before), si(l.macs_after)),
+        ]);
+    }
+    out!("{}", t.render());
+    outln!(
+        "\nparams {} -> {} ({}), MACs {} -> {} ({} kept); {} of {} channel groups prunable; importance {}; reconstruction {}; {:.1} s",
+        si(s.params.0),
+        si(s.params.1),
+        pct(s.params.1 as f64 / s.params.0.max(1) as f64),
+        si(s.macs.0),
+        si(s.macs.1),
+        pct(s.macs_kept),
+        s.prunable_groups,
+        s.groups,
+        s.importance.trim_matches('"'),
+        if s.reconstructed { "on" } else { "off" },
+        s.seconds
+    );
+    if let Some(f) = &s.fidelity {
+        for o in &f.outputs {
+            outln!(
+                "fidelity on {} held-apart items: output '{}' mean cosine {:.4}{}{}",
+                f.items,
+                o.name,
+                o.mean_cosine,
+                o.top1_agreement
+                    .map(|v| format!(", top-1 agreement {}", pct(v)))
+                    .unwrap_or_default(),
+                match (o.reference_accuracy, o.candidate_accuracy) {
+                    (Some(r), Some(c)) => format!(", accuracy {} -> {}", pct(r), pct(c)),
+                    _ => String::new(),
+                }
+            );
+        }
+    }
+    if let Some(o) = &s.output {
+        outln!("wrote {o}");
+    }
+}

@@ -1,0 +1,1362 @@
+//! Least-squares reconstruction of pruned layers, without training ("refit").
+//!
+//! After channel pruning has removed input channels of a Conv, or input features of a Gemm or
+//! MatMul, that layer's output drifts from the original model's. [`refit`] solves again for the
+//! layer's weights and bias so that, on calibration data, its output from the inputs it still
+//! reads matches the ORIGINAL model's output of that layer as well as possible in the
+//! least-squares sense (the reconstruction step of channel pruning by He et al. 2017 and of
+//! ThiNet, Luo et al. 2017).
+//!
+//! One capture pass over the original model collects, per job, the normal equations
+//! `G = AᵀA`, `R = AᵀY` in f64: the rows of `A` are the layer's input restricted to the kept
+//! inputs (for a Conv, im2col patches at sampled output positions) plus a constant 1 for the bias,
+//! and `Y` is the original output restricted to the kept outputs. `(G + λI) W = R` is solved with
+//! a Cholesky factorisation, `λ = ridge · trace(G) / d`.
+//!
+//! **Accepts:** Conv with 1-D or 2-D kernels and `group` 1 (any strides, pads, dilations,
+//! `auto_pad`); Gemm with `transA` 0, `alpha` = `beta` = 1, `transB` 0 or 1 and a bias of shape
+//! `[N]`, `[1,N]` or none; MatMul whose second input is a 2-D initializer `[K,N]` (its first input
+//! 2-D or more, rows are the flattened leading dims; fitted without a bias, as MatMul has none).
+//! Weights and bias must be float initializers.
+//!
+//! **Declines** (the report says `skipped` and why, the node is left alone): grouped or
+//! depthwise Convs, 3-D Convs, other ops, computed weights or biases, non-float weights, Gemm
+//! attributes other than the above, normal equations that stay singular, and a refit that does
+//! not lower the error on the calibration rows.
+//!
+//! **Guarantees:** weight and bias keep their shapes (a Conv or Gemm without a bias gets one,
+//! `[N]`); an initializer that another node (or a graph output) also reads is never changed in
+//! place: the refitted node gets a copy under a new unique name; everything else is untouched.
+//! Results are deterministic for a given seed, item list and runtime.
+
+use std::collections::HashSet;
+
+use faer::linalg::matmul::matmul;
+use faer::linalg::solvers::Solve;
+use faer::{Accum, Mat, Side};
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+use whittle_calib::{CaptureSpec, capture};
+use whittle_core::Model;
+use whittle_core::attr::Attrs;
+use whittle_core::onnx::tensor_proto::DataType;
+use whittle_core::onnx::{GraphProto, NodeProto, TensorProto};
+use whittle_core::tensor;
+
+/// One layer to refit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefitJob {
+    /// The name of the Conv, Gemm or MatMul node in the PRUNED model (its weights are
+    /// initializers there).
+    pub node: String,
+    /// That layer's input tensor name in the ORIGINAL model.
+    pub input: String,
+    /// That layer's output tensor name in the ORIGINAL model (the target, bias included).
+    pub output: String,
+    /// Conv: the input channels of the original that the pruned node still reads; Gemm / MatMul:
+    /// the input features kept. Strictly ascending.
+    pub kept_in: Vec<usize>,
+    /// The output channels / features of the original that the pruned node still produces.
+    /// Strictly ascending.
+    pub kept_out: Vec<usize>,
+}
+
+/// How to refit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefitOptions {
+    /// Relative ridge: `λ = ridge · trace(G) / d` is added to the diagonal of the normal
+    /// equations (default 1e-3). When the Cholesky factorisation still fails, λ grows.
+    pub ridge: f64,
+    /// Conv only: output positions sampled per calibration item (default 64; all positions when
+    /// the output has fewer).
+    pub rows_per_item: usize,
+    /// Seed of the position sampling.
+    pub seed: u64,
+}
+
+impl Default for RefitOptions {
+    fn default() -> Self {
+        Self {
+            ridge: 1e-3,
+            rows_per_item: 64,
+            seed: 0,
+        }
+    }
+}
+
+/// What a refit did to one layer.
+///
+/// The relative error is `‖Y − Ŷ‖² / ‖Y − mean(Y)‖²` over the calibration rows (the mean taken
+/// per output column), with `Y` the original output on the kept outputs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefitReport {
+    /// The node, as named in the job.
+    pub node: String,
+    /// Calibration rows the fit used (0 when skipped before the capture).
+    pub rows: usize,
+    /// The relative error of the node's weights before the refit (NaN when not measured).
+    pub rel_error_before: f64,
+    /// The relative error of the refitted weights (NaN when not measured).
+    pub rel_error_after: f64,
+    /// Why the node was left unchanged, when it was.
+    pub skipped: Option<String>,
+}
+
+/// Everything that stops a refit (unsupported layers are not errors: they are reported as
+/// skipped).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefitError {
+    /// A job does not fit the models: an unknown node, bad kept lists, shapes that disagree.
+    #[error("refit of node '{node}': {reason}")]
+    Job {
+        /// The node named in the job.
+        node: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The options are out of range.
+    #[error("refit options: {0}")]
+    Options(String),
+    /// Capturing the original model's activations failed.
+    #[error("refit: {0}")]
+    Capture(#[source] Box<whittle_calib::Error>),
+    /// An initializer could not be read.
+    #[error("refit: {0}")]
+    Model(#[from] whittle_core::Error),
+}
+
+/// Refits the pruned layers named in `jobs` so that their outputs on the calibration items match
+/// the original model's, and writes the new weights into `pruned`. Returns one report per job,
+/// in job order. See the module documentation for what is accepted and guaranteed.
+// The capture visitor returns whittle_calib::Error, which is 128 bytes.
+#[allow(clippy::result_large_err)]
+pub fn refit(
+    original: &Model,
+    pruned: &mut Model,
+    jobs: &[RefitJob],
+    calib: &CaptureSpec,
+    opts: &RefitOptions,
+) -> Result<Vec<RefitReport>, RefitError> {
+    if !(opts.ridge.is_finite() && opts.ridge >= 0.0) {
+        return Err(RefitError::Options(format!(
+            "ridge {} is not a finite number >= 0",
+            opts.ridge
+        )));
+    }
+    if opts.rows_per_item == 0 {
+        return Err(RefitError::Options(
+            "rows_per_item must be at least 1".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for job in jobs {
+        if !seen.insert(job.node.as_str()) {
+            return Err(job_error(job, "the node appears in two jobs".into()));
+        }
+    }
+
+    let mut tensors: Vec<String> = Vec::new();
+    let mut slot = |name: &str| match tensors.iter().position(|t| t == name) {
+        Some(i) => i,
+        None => {
+            tensors.push(name.to_string());
+            tensors.len() - 1
+        }
+    };
+    let mut planned = Vec::with_capacity(jobs.len());
+    for (index, job) in jobs.iter().enumerate() {
+        let p = match plan_job(pruned, job)? {
+            Ok(layer) => Ok(Plan {
+                x_slot: slot(&job.input),
+                y_slot: slot(&job.output),
+                acc: Acc::new(layer.d, job.kept_out.len(), opts.seed, index),
+                layer,
+            }),
+            Err(reason) => Err(reason),
+        };
+        planned.push(p);
+    }
+
+    if !tensors.is_empty() {
+        let mut failure: Option<RefitError> = None;
+        let result = capture(original, &tensors, calib, &mut |values, count| {
+            for (job, plan) in jobs.iter().zip(planned.iter_mut()) {
+                let Ok(plan) = plan else { continue };
+                let (x, y) = (&values[plan.x_slot], &values[plan.y_slot]);
+                if let Err(reason) = plan.accumulate(job, x, y, count, opts.rows_per_item) {
+                    failure = Some(job_error(job, reason));
+                    return Err(whittle_calib::Error::Capture("stopped by refit".into()));
+                }
+            }
+            Ok(())
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        result?;
+    }
+
+    let mut reports = Vec::with_capacity(jobs.len());
+    for (job, plan) in jobs.iter().zip(planned) {
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(reason) => {
+                reports.push(RefitReport {
+                    node: job.node.clone(),
+                    rows: 0,
+                    rel_error_before: f64::NAN,
+                    rel_error_after: f64::NAN,
+                    skipped: Some(reason),
+                });
+                continue;
+            }
+        };
+        reports.push(solve_and_write(pruned, job, plan, opts.ridge)?);
+    }
+    Ok(reports)
+}
+
+impl From<whittle_calib::Error> for RefitError {
+    fn from(e: whittle_calib::Error) -> Self {
+        RefitError::Capture(Box::new(e))
+    }
+}
+
+fn job_error(job: &RefitJob, reason: String) -> RefitError {
+    RefitError::Job {
+        node: job.node.clone(),
+        reason,
+    }
+}
+
+/// The kind of layer and its geometry.
+#[derive(Debug, Clone, PartialEq)]
+enum Kind {
+    Conv(ConvGeom),
+    /// Gemm or MatMul; `trans_b`: the weight is `[N,K]` (Gemm `transB` 1), else `[K,N]`.
+    Dense {
+        trans_b: bool,
+    },
+}
+
+/// A job checked against the pruned model.
+#[derive(Debug)]
+struct Layer {
+    kind: Kind,
+    /// Kernel elements per input channel (1 for dense layers).
+    kk: usize,
+    /// Columns of A: kept inputs × kk, plus 1 for the bias when fitted.
+    d: usize,
+    bias_col: bool,
+    weight: String,
+    weight_dims: Vec<i64>,
+    /// An existing bias initializer and its dims.
+    bias: Option<(String, Vec<i64>)>,
+    /// The node's current weights as a d × m matrix (the "before" solution).
+    w_before: Mat<f64>,
+}
+
+/// A planned job and its accumulated normal equations.
+struct Plan {
+    layer: Layer,
+    x_slot: usize,
+    y_slot: usize,
+    acc: Acc,
+}
+
+/// Normal equations and target statistics, in f64.
+struct Acc {
+    g: Mat<f64>,
+    r: Mat<f64>,
+    yty: Vec<f64>,
+    ysum: Vec<f64>,
+    rows: usize,
+    rng: u64,
+    positions: Vec<usize>,
+}
+
+impl Acc {
+    fn new(d: usize, m: usize, seed: u64, index: usize) -> Acc {
+        Acc {
+            g: Mat::zeros(d, d),
+            r: Mat::zeros(d, m),
+            yty: vec![0.0; m],
+            ysum: vec![0.0; m],
+            rows: 0,
+            rng: seed ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            positions: Vec::new(),
+        }
+    }
+
+    /// Adds the rows held column-wise in `at` (d × rows) and `yt` (m × rows).
+    fn add(&mut self, at: &Mat<f64>, yt: &Mat<f64>) {
+        let par = faer::get_global_parallelism();
+        matmul(&mut self.g, Accum::Add, at, at.transpose(), 1.0, par);
+        matmul(&mut self.r, Accum::Add, at, yt.transpose(), 1.0, par);
+        for j in 0..yt.ncols() {
+            for o in 0..yt.nrows() {
+                let v = yt[(o, j)];
+                self.yty[o] += v * v;
+                self.ysum[o] += v;
+            }
+        }
+        self.rows += at.ncols();
+    }
+}
+
+/// Checks a job against the pruned model. `Ok(Err(reason))`: the job is skipped.
+fn plan_job(pruned: &Model, job: &RefitJob) -> Result<Result<Layer, String>, RefitError> {
+    let fail = |reason: String| Err(job_error(job, reason));
+    for (what, list) in [("kept_in", &job.kept_in), ("kept_out", &job.kept_out)] {
+        if list.is_empty() {
+            return fail(format!("{what} is empty"));
+        }
+        if list.windows(2).any(|w| w[0] >= w[1]) {
+            return fail(format!("{what} is not strictly ascending"));
+        }
+    }
+    let graph = pruned.graph();
+    let mut matches = graph.node.iter().filter(|n| n.name() == job.node);
+    let Some(node) = matches.next() else {
+        return fail("the pruned model has no node of that name".into());
+    };
+    if matches.next().is_some() {
+        return fail("the pruned model has several nodes of that name".into());
+    }
+    let (n_in, m) = (job.kept_in.len(), job.kept_out.len());
+    let op = node.op_type();
+    let weight_name = node.input.get(1).cloned().unwrap_or_default();
+    let Some(weight) = pruned.initializer(&weight_name) else {
+        return Ok(Err(format!(
+            "its weight '{weight_name}' is not an initializer"
+        )));
+    };
+    if weight.data_type() != DataType::Float as i32 {
+        return Ok(Err(format!(
+            "its weight is {}, refit writes float weights only",
+            tensor::dtype_name(weight.data_type())
+        )));
+    }
+    let wdims: Vec<usize> = weight.dims.iter().map(|&v| v.max(0) as usize).collect();
+    let values = tensor::to_f32(weight)?;
+    let bias_name = node.input.get(2).filter(|s| !s.is_empty());
+    let bias = match bias_name {
+        None => None,
+        Some(name) => match pruned.initializer(name) {
+            None => return Ok(Err(format!("its bias '{name}' is not an initializer"))),
+            Some(t) if t.data_type() != DataType::Float as i32 => {
+                return Ok(Err(format!(
+                    "its bias is {}, refit writes float biases only",
+                    tensor::dtype_name(t.data_type())
+                )));
+            }
+            Some(t) => Some(t),
+        },
+    };
+
+    let (kind, kk) = match op {
+        "Conv" => {
+            let group = node.attr_int("group").unwrap_or(1);
+            if group != 1 {
+                return Ok(Err(format!(
+                    "it is a grouped Conv (group {group}); refit needs group 1"
+                )));
+            }
+            if !(3..=4).contains(&wdims.len()) {
+                return Ok(Err(format!(
+                    "its weight has rank {}; refit handles 1-D and 2-D Convs",
+                    wdims.len()
+                )));
+            }
+            if wdims[0] != m || wdims[1] != n_in {
+                return fail(format!(
+                    "its weight is {:?}, the job keeps {m} outputs and {n_in} inputs",
+                    wdims
+                ));
+            }
+            let geom = match ConvGeom::from_node(node, &wdims[2..]) {
+                Ok(g) => g,
+                Err(reason) => return Ok(Err(reason)),
+            };
+            (Kind::Conv(geom), wdims[2..].iter().product::<usize>())
+        }
+        "Gemm" => {
+            let trans_a = node.attr_int("transA").unwrap_or(0);
+            let alpha = node.attr_float("alpha").unwrap_or(1.0);
+            let beta = node.attr_float("beta").unwrap_or(1.0);
+            if trans_a != 0 || alpha != 1.0 || beta != 1.0 {
+                return Ok(Err(format!(
+                    "Gemm with transA {trans_a}, alpha {alpha}, beta {beta}; refit needs transA 0, alpha = beta = 1"
+                )));
+            }
+            let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
+            let want = if trans_b { [m, n_in] } else { [n_in, m] };
+            if wdims != want {
+                return fail(format!(
+                    "its weight is {wdims:?}, the job keeps {m} outputs and {n_in} inputs (transB {})",
+                    trans_b as u8
+                ));
+            }
+            (Kind::Dense { trans_b }, 1)
+        }
+        "MatMul" => {
+            if wdims.len() != 2 {
+                return Ok(Err(format!(
+                    "its weight has rank {}; refit handles a 2-D MatMul weight [K,N]",
+                    wdims.len()
+                )));
+            }
+            if wdims != [n_in, m] {
+                return fail(format!(
+                    "its weight is {wdims:?}, the job keeps {n_in} inputs and {m} outputs"
+                ));
+            }
+            (Kind::Dense { trans_b: false }, 1)
+        }
+        other => {
+            return Ok(Err(format!(
+                "op {other} is not refitted (Conv, Gemm and MatMul are)"
+            )));
+        }
+    };
+    let bias_col = op != "MatMul";
+    let bias_values = match bias {
+        Some(t) => {
+            let dims: Vec<i64> = t.dims.clone();
+            let ok = match dims.as_slice() {
+                [n] => *n as usize == m,
+                [1, n] => op == "Gemm" && *n as usize == m,
+                _ => false,
+            };
+            if !ok {
+                return Ok(Err(format!(
+                    "its bias has shape {dims:?}; refit handles [{m}]{}",
+                    if op == "Gemm" {
+                        format!(" or [1,{m}]")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            Some((t.name().to_string(), dims, tensor::to_f32(t)?))
+        }
+        None => None,
+    };
+
+    let d = n_in * kk + bias_col as usize;
+    let mut w_before = Mat::<f64>::zeros(d, m);
+    for o in 0..m {
+        for i in 0..n_in * kk {
+            w_before[(i, o)] = match kind {
+                Kind::Conv(_) => values[o * n_in * kk + i],
+                Kind::Dense { trans_b: true } => values[o * n_in + i],
+                Kind::Dense { trans_b: false } => values[i * m + o],
+            } as f64;
+        }
+        if let Some((_, _, b)) = &bias_values {
+            w_before[(d - 1, o)] = b[o] as f64;
+        }
+    }
+    Ok(Ok(Layer {
+        kind,
+        kk,
+        d,
+        bias_col,
+        weight: weight_name,
+        weight_dims: weight.dims.clone(),
+        bias: bias_values.map(|(name, dims, _)| (name, dims)),
+        w_before,
+    }))
+}
+
+impl Plan {
+    /// Adds one batch of captured input `x` and target `y` (`count` real items) to the normal
+    /// equations. An error is a job that does not fit the captured shapes.
+    fn accumulate(
+        &mut self,
+        job: &RefitJob,
+        x: &ArrayD<f32>,
+        y: &ArrayD<f32>,
+        count: usize,
+        rows_per_item: usize,
+    ) -> Result<(), String> {
+        let (d, m, kk) = (self.layer.d, job.kept_out.len(), self.layer.kk);
+        let xs = x.as_standard_layout();
+        let ys = y.as_standard_layout();
+        let xv = xs.as_slice().expect("standard layout is contiguous");
+        let yv = ys.as_slice().expect("standard layout is contiguous");
+        let (xd, yd) = (x.shape(), y.shape());
+        let check_range = |what: &str, list: &[usize], len: usize| match list.last() {
+            Some(&last) if last >= len => Err(format!(
+                "{what} reaches index {last}, the original tensor has {len}"
+            )),
+            _ => Ok(()),
+        };
+        match &self.layer.kind {
+            Kind::Conv(geom) => {
+                let spatial = geom.kernel[0] == 1 && xd.len() == 3;
+                if !(xd.len() == 4 || spatial) || yd.len() != xd.len() {
+                    return Err(format!(
+                        "captured input '{}' is {xd:?} and output '{}' is {yd:?}, not a Conv's",
+                        job.input, job.output
+                    ));
+                }
+                let (c, h, w) = if xd.len() == 4 {
+                    (xd[1], xd[2], xd[3])
+                } else {
+                    (xd[1], 1, xd[2])
+                };
+                let (mo, ho, wo) = if yd.len() == 4 {
+                    (yd[1], yd[2], yd[3])
+                } else {
+                    (yd[1], 1, yd[2])
+                };
+                check_range("kept_in", &job.kept_in, c)?;
+                check_range("kept_out", &job.kept_out, mo)?;
+                let (begin, out) = geom.resolve(h, w).ok_or_else(|| {
+                    format!("the kernel does not fit the {h}x{w} input '{}'", job.input)
+                })?;
+                if out != [ho, wo] || xd[0] != yd[0] || count > xd[0] {
+                    return Err(format!(
+                        "input '{}' {xd:?} gives a {}x{} output, but '{}' is {yd:?}",
+                        job.input, out[0], out[1], job.output
+                    ));
+                }
+                let positions = ho * wo;
+                let k = rows_per_item.min(positions);
+                let rows = count * k;
+                let mut at = Mat::<f64>::zeros(d, rows);
+                let mut yt = Mat::<f64>::zeros(m, rows);
+                let mut patch = vec![0.0f64; job.kept_in.len() * kk];
+                let acc = &mut self.acc;
+                let mut r = 0;
+                for item in 0..count {
+                    let xi = &xv[item * c * h * w..(item + 1) * c * h * w];
+                    sample_positions(&mut acc.positions, positions, k, &mut acc.rng);
+                    for &p in &acc.positions[..k] {
+                        let (oy, ox) = (p / wo, p % wo);
+                        conv_patch(xi, h, w, &job.kept_in, geom, begin, oy, ox, &mut patch);
+                        for (i, &v) in patch.iter().enumerate() {
+                            at[(i, r)] = v;
+                        }
+                        at[(d - 1, r)] = 1.0;
+                        for (j, &o) in job.kept_out.iter().enumerate() {
+                            yt[(j, r)] = yv[((item * mo + o) * ho + oy) * wo + ox] as f64;
+                        }
+                        r += 1;
+                    }
+                }
+                acc.add(&at, &yt);
+            }
+            Kind::Dense { .. } => {
+                let (Some(&kin), Some(&nout)) = (xd.last(), yd.last()) else {
+                    return Err("a captured tensor is a scalar".into());
+                };
+                if xd.len() < 2 || xd[..xd.len() - 1] != yd[..yd.len() - 1] || count > xd[0] {
+                    return Err(format!(
+                        "captured input '{}' is {xd:?} and output '{}' is {yd:?}: their leading dims differ",
+                        job.input, job.output
+                    ));
+                }
+                check_range("kept_in", &job.kept_in, kin)?;
+                check_range("kept_out", &job.kept_out, nout)?;
+                let inner: usize = xd[1..xd.len() - 1].iter().product();
+                let rows = count * inner;
+                let mut at = Mat::<f64>::zeros(d, rows);
+                let mut yt = Mat::<f64>::zeros(m, rows);
+                for r in 0..rows {
+                    for (i, &f) in job.kept_in.iter().enumerate() {
+                        at[(i, r)] = xv[r * kin + f] as f64;
+                    }
+                    if self.layer.bias_col {
+                        at[(d - 1, r)] = 1.0;
+                    }
+                    for (j, &o) in job.kept_out.iter().enumerate() {
+                        yt[(j, r)] = yv[r * nout + o] as f64;
+                    }
+                }
+                self.acc.add(&at, &yt);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Puts `k` distinct positions out of `0..n` at the front of `buf` (a partial Fisher–Yates
+/// shuffle driven by splitmix64).
+fn sample_positions(buf: &mut Vec<usize>, n: usize, k: usize, rng: &mut u64) {
+    buf.clear();
+    buf.extend(0..n);
+    if k >= n {
+        return;
+    }
+    for i in 0..k {
+        let j = i + (splitmix64(rng) % (n - i) as u64) as usize;
+        buf.swap(i, j);
+    }
+}
+
+/// The splitmix64 generator: advances `state` and returns the next value.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Solves the normal equations of a plan, measures both errors and writes the new weights when
+/// they lower the error.
+fn solve_and_write(
+    pruned: &mut Model,
+    job: &RefitJob,
+    plan: Plan,
+    ridge: f64,
+) -> Result<RefitReport, RefitError> {
+    let Plan { layer, acc, .. } = plan;
+    let d = layer.d;
+    let n = acc.rows;
+    let mut report = RefitReport {
+        node: job.node.clone(),
+        rows: n,
+        rel_error_before: f64::NAN,
+        rel_error_after: f64::NAN,
+        skipped: None,
+    };
+    if n == 0 {
+        report.skipped = Some("no calibration rows".into());
+        return Ok(report);
+    }
+    let yty: f64 = acc.yty.iter().sum();
+    let var: f64 = acc
+        .yty
+        .iter()
+        .zip(&acc.ysum)
+        .map(|(q, s)| q - s * s / n as f64)
+        .sum();
+    let denom = if var > 0.0 {
+        var
+    } else {
+        yty.max(f64::MIN_POSITIVE)
+    };
+    let rel = |w: &Mat<f64>| -> f64 {
+        let gw = &acc.g * w;
+        let (mut wr, mut wgw) = (0.0, 0.0);
+        for o in 0..w.ncols() {
+            for i in 0..d {
+                wr += w[(i, o)] * acc.r[(i, o)];
+                wgw += w[(i, o)] * gw[(i, o)];
+            }
+        }
+        (yty - 2.0 * wr + wgw).max(0.0) / denom
+    };
+    report.rel_error_before = rel(&layer.w_before);
+
+    let trace: f64 = (0..d).map(|i| acc.g[(i, i)]).sum();
+    let scale = (trace / d as f64).max(f64::MIN_POSITIVE);
+    let mut lambda = ridge * scale;
+    let mut solution = None;
+    for _ in 0..8 {
+        let mut a = acc.g.clone();
+        for i in 0..d {
+            a[(i, i)] += lambda;
+        }
+        if let Ok(llt) = a.llt(Side::Lower) {
+            let w = llt.solve(&acc.r);
+            if (0..w.ncols()).all(|o| (0..d).all(|i| w[(i, o)].is_finite())) {
+                solution = Some(w);
+                break;
+            }
+        }
+        lambda = if lambda > 0.0 {
+            lambda * 100.0
+        } else {
+            1e-12 * scale
+        };
+    }
+    let Some(w) = solution else {
+        report.skipped = Some("the normal equations stay singular with a larger ridge".into());
+        return Ok(report);
+    };
+    report.rel_error_after = rel(&w);
+    if report.rel_error_after.partial_cmp(&report.rel_error_before)
+        != Some(std::cmp::Ordering::Less)
+    {
+        report.skipped = Some(format!(
+            "kept the current weights: the refit did not lower the error ({:.3e} -> {:.3e})",
+            report.rel_error_before, report.rel_error_after
+        ));
+        return Ok(report);
+    }
+    write_back(pruned, job, &layer, &w);
+    Ok(report)
+}
+
+/// Writes the solution `w` (d × m) into the node's weight and bias initializers.
+fn write_back(pruned: &mut Model, job: &RefitJob, layer: &Layer, w: &Mat<f64>) {
+    let (n_in, m, kk) = (job.kept_in.len(), job.kept_out.len(), layer.kk);
+    let mut weight = vec![0f32; n_in * kk * m];
+    for o in 0..m {
+        for i in 0..n_in * kk {
+            let at = match layer.kind {
+                Kind::Conv(_) => o * n_in * kk + i,
+                Kind::Dense { trans_b: true } => o * n_in + i,
+                Kind::Dense { trans_b: false } => i * m + o,
+            };
+            weight[at] = w[(i, o)] as f32;
+        }
+    }
+    let node_index = pruned
+        .graph()
+        .node
+        .iter()
+        .position(|n| n.name() == job.node)
+        .expect("the node was found when the job was planned");
+    put_initializer(
+        pruned,
+        node_index,
+        1,
+        &layer.weight,
+        &layer.weight_dims,
+        &weight,
+    );
+    if layer.bias_col {
+        let bias: Vec<f32> = (0..m).map(|o| w[(layer.d - 1, o)] as f32).collect();
+        match &layer.bias {
+            Some((name, dims)) => put_initializer(pruned, node_index, 2, name, dims, &bias),
+            None => {
+                let name = unique_name(pruned.graph(), &format!("{}.bias", job.node));
+                let graph = pruned.graph_mut();
+                graph
+                    .initializer
+                    .push(tensor::from_f32(&name, &[m as i64], &bias));
+                let inputs = &mut graph.node[node_index].input;
+                if inputs.len() > 2 {
+                    inputs[2] = name;
+                } else {
+                    inputs.push(name);
+                }
+            }
+        }
+    }
+}
+
+/// Replaces the initializer `name` read by input `slot` of node `node_index` with `values`:
+/// in place when that is its only reader, else as a copy under a new name that only this node
+/// reads.
+fn put_initializer(
+    pruned: &mut Model,
+    node_index: usize,
+    slot: usize,
+    name: &str,
+    dims: &[i64],
+    values: &[f32],
+) {
+    let shared = references(pruned.graph(), name) > 1;
+    let target = if shared {
+        unique_name(pruned.graph(), &format!("{name}.refit"))
+    } else {
+        name.to_string()
+    };
+    let fresh = tensor::from_f32(&target, dims, values);
+    let graph = pruned.graph_mut();
+    if shared {
+        graph.initializer.push(fresh);
+        graph.node[node_index].input[slot] = target;
+    } else if let Some(t) = graph.initializer.iter_mut().find(|t| t.name() == name) {
+        let doc = t.doc_string.take();
+        *t = TensorProto {
+            doc_string: doc,
+            ..fresh
+        };
+    }
+}
+
+/// How many times `name` is read: node inputs (in subgraphs too) and graph outputs.
+fn references(graph: &GraphProto, name: &str) -> usize {
+    let mut count = graph.output.iter().filter(|v| v.name() == name).count();
+    for node in &graph.node {
+        count += node.input.iter().filter(|i| *i == name).count();
+        count += subgraphs(node).map(|g| references(g, name)).sum::<usize>();
+    }
+    count
+}
+
+fn subgraphs(node: &NodeProto) -> impl Iterator<Item = &GraphProto> {
+    node.attribute
+        .iter()
+        .flat_map(|a| a.g.iter().chain(a.graphs.iter()))
+}
+
+/// `base`, or `base_1`, `base_2`, ... : the first that names no tensor of the graph.
+fn unique_name(graph: &GraphProto, base: &str) -> String {
+    let mut taken: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    taken.extend(graph.input.iter().map(|v| v.name()));
+    taken.extend(graph.output.iter().map(|v| v.name()));
+    for node in &graph.node {
+        taken.extend(node.output.iter().map(String::as_str));
+        taken.extend(node.input.iter().map(String::as_str));
+    }
+    if !taken.contains(base) {
+        return base.to_string();
+    }
+    (1..)
+        .map(|i| format!("{base}_{i}"))
+        .find(|n| !taken.contains(n.as_str()))
+        .expect("an unbounded range yields a free name")
+}
+
+/// How a Conv pads its input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PadMode {
+    /// Explicit pads, (rows, cols) at the beginning and at the end.
+    Explicit {
+        begin: [usize; 2],
+        end: [usize; 2],
+    },
+    SameUpper,
+    SameLower,
+    Valid,
+}
+
+/// The geometry of a 1-D or 2-D Conv, with a 1-D one seen as 2-D of height 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ConvGeom {
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    pads: PadMode,
+}
+
+impl ConvGeom {
+    /// Reads the attributes; `kernel` is the weight's spatial dims. `Err`: a reason to skip.
+    fn from_node(node: &NodeProto, kernel: &[usize]) -> Result<ConvGeom, String> {
+        let rank = kernel.len();
+        let two = |v: &[usize]| -> [usize; 2] { if rank == 1 { [1, v[0]] } else { [v[0], v[1]] } };
+        let ints = |name: &str, default: usize, len: usize| -> Result<Vec<usize>, String> {
+            match node.attr_ints(name) {
+                None => Ok(vec![default; len]),
+                Some(v) if v.len() == len && v.iter().all(|&x| x >= 0) => {
+                    Ok(v.iter().map(|&x| x as usize).collect())
+                }
+                Some(v) => Err(format!("its {name} {v:?} do not fit a {rank}-D kernel")),
+            }
+        };
+        if let Some(k) = node.attr_ints("kernel_shape")
+            && k.iter()
+                .map(|&x| x.max(0) as usize)
+                .ne(kernel.iter().copied())
+        {
+            return Err(format!(
+                "its kernel_shape {k:?} disagrees with its weight's {kernel:?}"
+            ));
+        }
+        let strides = ints("strides", 1, rank)?;
+        let dilations = ints("dilations", 1, rank)?;
+        if strides.contains(&0) || dilations.contains(&0) {
+            return Err("it has a zero stride or dilation".into());
+        }
+        let pads = match node.attr_str("auto_pad").as_deref() {
+            None | Some("NOTSET") | Some("") => {
+                let p = ints("pads", 0, 2 * rank)?;
+                let (b, e) = p.split_at(rank);
+                PadMode::Explicit {
+                    begin: two(b),
+                    end: two(e),
+                }
+            }
+            Some("SAME_UPPER") => PadMode::SameUpper,
+            Some("SAME_LOWER") => PadMode::SameLower,
+            Some("VALID") => PadMode::Valid,
+            Some(other) => return Err(format!("its auto_pad '{other}' is unknown")),
+        };
+        let pads = match pads {
+            PadMode::Explicit { begin, end } if rank == 1 => PadMode::Explicit {
+                begin: [0, begin[1]],
+                end: [0, end[1]],
+            },
+            other => other,
+        };
+        Ok(ConvGeom {
+            kernel: two(kernel),
+            strides: two(&strides),
+            dilations: two(&dilations),
+            pads,
+        })
+    }
+
+    /// The padding before the first row and column, and the output size, for an `h` × `w`
+    /// input; `None` when the kernel does not fit.
+    fn resolve(&self, h: usize, w: usize) -> Option<([usize; 2], [usize; 2])> {
+        let size = [h, w];
+        let mut begin = [0; 2];
+        let mut out = [0; 2];
+        for a in 0..2 {
+            let (s, eff) = (
+                self.strides[a],
+                self.dilations[a] * (self.kernel[a] - 1) + 1,
+            );
+            match self.pads {
+                PadMode::Explicit { begin: b, end: e } => {
+                    let total = size[a] + b[a] + e[a];
+                    out[a] = total.checked_sub(eff)? / s + 1;
+                    begin[a] = b[a];
+                }
+                PadMode::Valid => {
+                    out[a] = size[a].checked_sub(eff)? / s + 1;
+                }
+                PadMode::SameUpper | PadMode::SameLower => {
+                    out[a] = size[a].div_ceil(s);
+                    let pad = ((out[a].max(1) - 1) * s + eff).saturating_sub(size[a]);
+                    begin[a] = if self.pads == PadMode::SameUpper {
+                        pad / 2
+                    } else {
+                        pad - pad / 2
+                    };
+                }
+            }
+        }
+        Some((begin, out))
+    }
+}
+
+/// The im2col patch of output position (`oy`, `ox`): for each kept input channel (in `kept`
+/// order), its kernel window in row-major kernel order, zero where the window lies in the
+/// padding. `x` is one item, `[C, h, w]`; `out` has `kept.len() · kh · kw` entries, laid out like
+/// a row of the weight `[M, C', kh, kw]`.
+#[allow(clippy::too_many_arguments)]
+fn conv_patch(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    kept: &[usize],
+    geom: &ConvGeom,
+    begin: [usize; 2],
+    oy: usize,
+    ox: usize,
+    out: &mut [f64],
+) {
+    let [kh, kw] = geom.kernel;
+    let mut i = 0;
+    for &c in kept {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for ki in 0..kh {
+            let iy = (oy * geom.strides[0] + ki * geom.dilations[0]) as isize - begin[0] as isize;
+            for kj in 0..kw {
+                let ix =
+                    (ox * geom.strides[1] + kj * geom.dilations[1]) as isize - begin[1] as isize;
+                out[i] = if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                    plane[iy as usize * w + ix as usize] as f64
+                } else {
+                    0.0
+                };
+                i += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+    use whittle_calib::{Dataset, Preprocess};
+    use whittle_core::onnx::{
+        AttributeProto, ModelProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
+        ValueInfoProto, attribute_proto, tensor_shape_proto, type_proto,
+    };
+    use whittle_deploy::RuntimeKind;
+
+    /// Deterministic values in [-1, 1).
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| (splitmix64(&mut s) >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
+            .collect()
+    }
+
+    fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
+        AttributeProto {
+            name: Some(name.into()),
+            ints: v.to_vec(),
+            r#type: Some(attribute_proto::AttributeType::Ints as i32),
+            ..Default::default()
+        }
+    }
+
+    fn conv_node(name: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            name: Some(name.into()),
+            op_type: Some("Conv".into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![name.into()],
+            attribute: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
+        use tensor_shape_proto::dimension::Value as D;
+        let dim = dims
+            .iter()
+            .map(|d| tensor_shape_proto::Dimension {
+                value: Some(match d.parse::<i64>() {
+                    Ok(v) => D::DimValue(v),
+                    Err(_) => D::DimParam(d.to_string()),
+                }),
+                denotation: None,
+            })
+            .collect();
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: Some(TensorShapeProto { dim }),
+                })),
+                denotation: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn im2col_patches_reproduce_a_direct_convolution() {
+        // 3 channels of 7x6, a 3x2 kernel, stride 2, dilation (2,1), pads top 1 left 2 bottom 0
+        // right 1; channels 0 and 2 kept.
+        let (c, h, w, m) = (3usize, 7usize, 6usize, 2usize);
+        let (kh, kw) = (3usize, 2usize);
+        let x = noise(c * h * w, 1);
+        let weights = noise(m * c * kh * kw, 2);
+        let bias = [0.25f32, -0.5];
+        let node = conv_node(
+            "c",
+            &["x", "w", "b"],
+            vec![
+                ints_attr("strides", &[2, 2]),
+                ints_attr("dilations", &[2, 1]),
+                ints_attr("pads", &[1, 2, 0, 1]),
+            ],
+        );
+        let geom = ConvGeom::from_node(&node, &[kh, kw]).expect("a plain Conv");
+        let (begin, out) = geom.resolve(h, w).expect("kernel fits");
+        // rows: (7 + 1 + 0 - 5) / 2 + 1 = 2; cols: (6 + 2 + 1 - 2) / 2 + 1 = 4.
+        assert_eq!(out, [2, 4]);
+        let kept = [0usize, 2];
+        let mut patch = vec![0.0; kept.len() * kh * kw];
+        for oy in 0..out[0] {
+            for ox in 0..out[1] {
+                conv_patch(&x, h, w, &kept, &geom, begin, oy, ox, &mut patch);
+                for o in 0..m {
+                    let mut direct = bias[o] as f64;
+                    for &ch in &kept {
+                        for ki in 0..kh {
+                            for kj in 0..kw {
+                                let iy = (oy * 2 + ki * 2) as isize - 1;
+                                let ix = (ox * 2 + kj) as isize - 2;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[(ch * h + iy as usize) * w + ix as usize];
+                                let wv = weights[((o * c + ch) * kh + ki) * kw + kj];
+                                direct += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    let mut via_patch = bias[o] as f64;
+                    for (ci, &ch) in kept.iter().enumerate() {
+                        for k in 0..kh * kw {
+                            via_patch += patch[ci * kh * kw + k]
+                                * weights[(o * c + ch) * kh * kw + k] as f64;
+                        }
+                    }
+                    assert!(
+                        (direct - via_patch).abs() < 1e-9,
+                        "({oy},{ox}) out {o}: {direct} vs {via_patch}"
+                    );
+                }
+            }
+        }
+        // A window that starts in the padding reads zeros there.
+        conv_patch(&x, h, w, &[1], &geom, begin, 0, 1, &mut patch[..kh * kw]);
+        assert_eq!(patch[0], 0.0);
+        assert_eq!(patch[1], 0.0);
+        assert_eq!(patch[2], x[(h + 1) * w] as f64);
+    }
+
+    #[test]
+    fn same_padding_resolves_like_onnx() {
+        let mut node = conv_node("c", &["x", "w"], vec![ints_attr("strides", &[2, 2])]);
+        node.attribute.push(AttributeProto {
+            name: Some("auto_pad".into()),
+            s: Some(b"SAME_UPPER".to_vec()),
+            r#type: Some(attribute_proto::AttributeType::String as i32),
+            ..Default::default()
+        });
+        let geom = ConvGeom::from_node(&node, &[3, 3]).expect("a plain Conv");
+        // 8 -> 4 outputs, total pad (4-1)*2 + 3 - 8 = 1, all of it at the end.
+        assert_eq!(geom.resolve(8, 8), Some(([0, 0], [4, 4])));
+        let lower = ConvGeom {
+            pads: PadMode::SameLower,
+            ..geom
+        };
+        assert_eq!(lower.resolve(8, 8), Some(([1, 1], [4, 4])));
+    }
+
+    /// x [N,2,5,5] -> Conv "pre" (1x1, 2 -> 3, channel 2 = 0.5·ch0 − 2·ch1) -> h -> Conv "c"
+    /// (3x3, 3 -> 4, pads 1) -> y. The pruned copy drops h's channel 2 from both convs.
+    fn linear_combination_models() -> (Model, Model) {
+        let (a, b) = (0.5f32, -2.0f32);
+        let pre_w0 = noise(2, 10);
+        let pre_w1 = noise(2, 11);
+        let pre_w2: Vec<f32> = (0..2).map(|i| a * pre_w0[i] + b * pre_w1[i]).collect();
+        let pre_b = [0.3f32, -0.1, a * 0.3 + b * -0.1];
+        let pre_w: Vec<f32> = [pre_w0, pre_w1, pre_w2].concat();
+        let c_w = noise(4 * 3 * 9, 12);
+        let c_b = noise(4, 13);
+        let attrs = || {
+            vec![
+                ints_attr("kernel_shape", &[3, 3]),
+                ints_attr("pads", &[1, 1, 1, 1]),
+            ]
+        };
+        let model = |kept: usize, c_w: &[f32]| {
+            let graph = GraphProto {
+                name: Some("g".into()),
+                node: vec![
+                    NodeProto {
+                        output: vec!["h".into()],
+                        ..conv_node("pre", &["x", "pre.w", "pre.b"], vec![])
+                    },
+                    conv_node("c", &["h", "c.w", "c.b"], attrs()),
+                ],
+                input: vec![value_info("x", &["N", "2", "5", "5"])],
+                output: vec![value_info("c", &["N", "4", "5", "5"])],
+                initializer: vec![
+                    tensor::from_f32("pre.w", &[kept as i64, 2, 1, 1], &pre_w[..kept * 2]),
+                    tensor::from_f32("pre.b", &[kept as i64], &pre_b[..kept]),
+                    tensor::from_f32("c.w", &[4, kept as i64, 3, 3], c_w),
+                    tensor::from_f32("c.b", &[4], &c_b),
+                ],
+                ..Default::default()
+            };
+            Model {
+                proto: ModelProto {
+                    ir_version: Some(8),
+                    opset_import: vec![OperatorSetIdProto {
+                        domain: Some(String::new()),
+                        version: Some(13),
+                    }],
+                    graph: Some(graph),
+                    ..Default::default()
+                },
+            }
+        };
+        let sliced: Vec<f32> = (0..4)
+            .flat_map(|o| c_w[(o * 3) * 9..(o * 3 + 2) * 9].to_vec())
+            .collect();
+        (model(3, &c_w), model(2, &sliced))
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn a_dropped_channel_that_is_a_linear_combination_is_recovered_exactly() {
+        let (original, mut pruned) = linear_combination_models();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.npy");
+        let items = 24;
+        let data = ArrayD::from_shape_vec(IxDyn(&[items, 2, 5, 5]), noise(items * 50, 20))
+            .expect("shape fits");
+        ndarray_npy::write_npy(&path, &data).expect("writes npy");
+        let dataset = Dataset::open(&path).expect("opens npy");
+        let indices: Vec<usize> = (0..items).collect();
+        let pre = Preprocess::default();
+        let spec = CaptureSpec {
+            dataset: &dataset,
+            indices: &indices,
+            pre: &pre,
+            batch: 5,
+            runtime: RuntimeKind::OrtCpu,
+            threads: Some(1),
+        };
+        let job = RefitJob {
+            node: "c".into(),
+            input: "h".into(),
+            output: "c".into(),
+            kept_in: vec![0, 1],
+            kept_out: vec![0, 1, 2, 3],
+        };
+        let opts = RefitOptions {
+            ridge: 1e-10,
+            rows_per_item: 16,
+            seed: 7,
+        };
+        let before = pruned.clone();
+        let reports = refit(
+            &original,
+            &mut pruned,
+            std::slice::from_ref(&job),
+            &spec,
+            &opts,
+        )
+        .expect("refits");
+        let r = &reports[0];
+        eprintln!("{r:?}");
+        assert_eq!(r.skipped, None);
+        assert_eq!(r.rows, items * 16);
+        assert!(r.rel_error_before > 1e-2, "{r:?}");
+        assert!(r.rel_error_after < 1e-6, "{r:?}");
+        assert!(r.rel_error_after < r.rel_error_before);
+        // The bias and the weights changed in place, with their shapes.
+        let w = pruned.initializer("c.w").expect("weight kept its name");
+        assert_eq!(w.dims, vec![4, 2, 3, 3]);
+        assert_ne!(w, before.initializer("c.w").expect("weight"));
+        assert_eq!(pruned.initializer("c.b").expect("bias").dims, vec![4]);
+
+        // The written weights reproduce the original layer when run: compare both models'
+        // outputs of "c" over every position of every item.
+        let (mut sse, mut sum, mut sq, mut n) = (0f64, 0f64, 0f64, 0usize);
+        let outputs = |model: &Model| {
+            let mut all = Vec::new();
+            capture(model, &["c".to_string()], &spec, &mut |v, _| {
+                all.extend(v[0].iter().map(|&x| x as f64));
+                Ok(())
+            })
+            .expect("runs");
+            all
+        };
+        for (y, yhat) in outputs(&original).iter().zip(outputs(&pruned)) {
+            sse += (y - yhat).powi(2);
+            sum += y;
+            sq += y * y;
+            n += 1;
+        }
+        let run_rel = sse / (sq - sum * sum / n as f64);
+        eprintln!("rel error of the refitted model, run end to end: {run_rel:e}");
+        assert!(run_rel < 1e-6, "{run_rel}");
+
+        // The same job again is deterministic.
+        let mut again = before.clone();
+        let reports2 = refit(&original, &mut again, &[job], &spec, &opts).expect("refits");
+        assert_eq!(reports2[0].rel_error_after, r.rel_error_after);
+        assert_eq!(again, pruned);
+    }
+
+    #[test]
+    fn grouped_convs_are_skipped_and_bad_jobs_refused() {
+        let (original, mut pruned) = linear_combination_models();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.npy");
+        let data = ArrayD::from_shape_vec(IxDyn(&[2, 2, 5, 5]), noise(100, 3)).expect("shape");
+        ndarray_npy::write_npy(&path, &data).expect("writes npy");
+        let dataset = Dataset::open(&path).expect("opens npy");
+        let pre = Preprocess::default();
+        let spec = CaptureSpec {
+            dataset: &dataset,
+            indices: &[0, 1],
+            pre: &pre,
+            batch: 2,
+            runtime: RuntimeKind::OrtCpu,
+            threads: Some(1),
+        };
+        let job = |kept_in: Vec<usize>| RefitJob {
+            node: "c".into(),
+            input: "h".into(),
+            output: "c".into(),
+            kept_in,
+            kept_out: vec![0, 1, 2, 3],
+        };
+        let opts = RefitOptions::default();
+        let err = refit(&original, &mut pruned, &[job(vec![0, 1, 2])], &spec, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refit of node 'c'") && err.contains("[4, 2, 3, 3]"),
+            "{err}"
+        );
+        let err = refit(&original, &mut pruned, &[job(vec![1, 0])], &spec, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not strictly ascending"), "{err}");
+
+        let node = pruned
+            .graph_mut()
+            .node
+            .iter_mut()
+            .find(|n| n.name() == "c")
+            .expect("node c");
+        node.attribute.push(AttributeProto {
+            name: Some("group".into()),
+            i: Some(2),
+            r#type: Some(attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        });
+        let grouped = pruned.clone();
+        let reports = refit(&original, &mut pruned, &[job(vec![0, 1])], &spec, &opts)
+            .expect("a skip is not an error");
+        assert!(
+            reports[0]
+                .skipped
+                .as_deref()
+                .unwrap_or("")
+                .contains("group 2"),
+            "{reports:?}"
+        );
+        assert_eq!(pruned, grouped);
+    }
+
+    #[test]
+    fn a_shared_weight_is_copied_not_changed_in_place() {
+        let (original, mut pruned) = linear_combination_models();
+        // A second reader of c.w (a graph output) makes it shared.
+        pruned
+            .graph_mut()
+            .output
+            .push(value_info("c.w", &["4", "2", "3", "3"]));
+        let old = pruned.initializer("c.w").expect("weight").clone();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.npy");
+        let data = ArrayD::from_shape_vec(IxDyn(&[8, 2, 5, 5]), noise(400, 4)).expect("shape");
+        ndarray_npy::write_npy(&path, &data).expect("writes npy");
+        let dataset = Dataset::open(&path).expect("opens npy");
+        let pre = Preprocess::default();
+        let indices: Vec<usize> = (0..8).collect();
+        let spec = CaptureSpec {
+            dataset: &dataset,
+            indices: &indices,
+            pre: &pre,
+            batch: 4,
+            runtime: RuntimeKind::OrtCpu,
+            threads: Some(1),
+        };
+        let job = RefitJob {
+            node: "c".into(),
+            input: "h".into(),
+            output: "c".into(),
+            kept_in: vec![0, 1],
+            kept_out: vec![0, 1, 2, 3],
+        };
+        let reports = refit(
+            &original,
+            &mut pruned,
+            &[job],
+            &spec,
+            &RefitOptions::default(),
+        )
+        .expect("refits");
+        assert_eq!(reports[0].skipped, None, "{reports:?}");
+        assert_eq!(pruned.initializer("c.w"), Some(&old));
+        let node = pruned
+            .graph()
+            .node
+            .iter()
+            .find(|n| n.name() == "c")
+            .expect("c");
+        assert_eq!(node.input[1], "c.w.refit");
+        assert_eq!(
+            pruned.initializer("c.w.refit").expect("the copy").dims,
+            vec![4, 2, 3, 3]
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! `whittle deploy --target host` from the repository root: one table with a row per runtime,
+//! and `<reports>/host/<stamp>/results.json` + `report.md`.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn deploy_host_measures_resnet8_on_both_runtimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&[
+        "deploy",
+        "--target",
+        "host",
+        "--iters",
+        "5",
+        "--warmup",
+        "1",
+        "--reports",
+        &s(dir.path()),
+    ])
+    .ok();
+    let rows: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("resnet8_cifar10.onnx"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", r.dump());
+    assert!(
+        rows.iter()
+            .any(|l| l.split_whitespace().any(|w| w == "ort-cpu")),
+        "{}",
+        r.dump()
+    );
+    assert!(
+        rows.iter()
+            .any(|l| l.split_whitespace().any(|w| w == "tract")),
+        "{}",
+        r.dump()
+    );
+
+    // Exactly one <stamp> folder, named YYYYMMDD-HHMMSS.
+    let host = dir.path().join("host");
+    let stamps: Vec<_> = std::fs::read_dir(&host)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", host.display(), r.dump()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(stamps.len(), 1, "{stamps:?}");
+    let stamp = stamps[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let b = stamp.as_bytes();
+    assert!(
+        b.len() == 15
+            && b[8] == b'-'
+            && b.iter()
+                .enumerate()
+                .all(|(i, c)| i == 8 || c.is_ascii_digit()),
+        "stamp {stamp:?} is not YYYYMMDD-HHMMSS"
+    );
+    assert!(
+        r.stderr.contains(&s(&stamps[0])),
+        "stderr should name the report folder\n{}",
+        r.dump()
+    );
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stamps[0].join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["target"].as_str(), Some("host"));
+    assert_eq!(results["started"].as_str(), Some(stamp.as_str()));
+    let jrows = results["rows"].as_array().unwrap();
+    assert_eq!(jrows.len(), 2, "{results:#}");
+    let mut runtimes: Vec<&str> = jrows
+        .iter()
+        .map(|row| row["bench"]["runtime"].as_str().unwrap())
+        .collect();
+    runtimes.sort();
+    assert_eq!(runtimes, vec!["ort-cpu", "tract"]);
+    for row in jrows {
+        assert_eq!(row["model"].as_str(), Some("resnet8_cifar10.onnx"));
+        assert_eq!(row["params"].as_u64(), Some(78_666));
+        assert_eq!(row["items"].as_u64(), Some(300), "the bundled 300 images");
+        let acc = row["accuracy"].as_f64().expect("accuracy present");
+        // ResNet-8 scores 68-71% on the shared CIFAR-10 subsets; well above chance here.
+        assert!((0.5..0.9).contains(&acc), "accuracy {acc}");
+        assert_eq!(row["bench"]["stats"]["iters"].as_u64(), Some(5));
+        assert!(row["bench"]["stats"]["p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    let md = std::fs::read_to_string(stamps[0].join("report.md")).unwrap();
+    assert!(md.contains("host"), "{md}");
+    assert!(md.contains("ort-cpu") && md.contains("tract"), "{md}");
+    // Nothing but the two files.
+    assert_eq!(
+        listing(dir.path()),
+        vec![
+            "host".to_string(),
+            format!("host/{stamp}"),
+            format!("host/{stamp}/report.md"),
+            format!("host/{stamp}/results.json"),
+        ]
+    );
+}
+
+#[test]
+fn deploy_unknown_target_lists_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&[
+        "deploy",
+        "--target",
+        "no-such-board",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--reports",
+        &s(dir.path()),
+    ]);
+    r.error(&["no-such-board", "known", "host"]);
+    assert!(listing(dir.path()).is_empty(), "a report was written");
+}
