@@ -57,7 +57,7 @@ pub enum Importance {
     L1,
     /// L2 norm of each channel's weights over the group's members.
     L2,
-    /// Mean |activation| on calibration data times the consumers' weight norm.
+    /// Energy each channel delivers to its consumers on calibration data (E[x^2] ||W||^2).
     Activation,
 }
 
@@ -87,6 +87,109 @@ impl Default for PruneOptions {
             round_to: 1,
         }
     }
+}
+
+/// How much the model's output suffers when a group alone loses a fraction of its channels
+/// (least important first), measured on calibration data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Sensitivity {
+    /// (fraction of channels removed, damage), ascending in the fraction.
+    pub points: Vec<(f64, f64)>,
+}
+
+impl Sensitivity {
+    /// Damage at a fraction removed: piecewise linear through (0, 0) and the points, continued
+    /// past the last point with twice the last slope (damage grows faster as a group empties).
+    pub fn damage(&self, f: f64) -> f64 {
+        let mut prev = (0.0, 0.0);
+        for &(x, y) in &self.points {
+            if f <= x {
+                let t = if x > prev.0 {
+                    (f - prev.0) / (x - prev.0)
+                } else {
+                    1.0
+                };
+                return prev.1 + t * (y - prev.1);
+            }
+            prev = (x, y.max(prev.1));
+        }
+        let slope = match self.points.len() {
+            0 => 0.0,
+            1 => prev.1 / prev.0.max(1e-9),
+            n => {
+                let (a, b) = (self.points[n - 2], self.points[n - 1]);
+                ((b.1 - a.1) / (b.0 - a.0).max(1e-9)).max(prev.1 / prev.0.max(1e-9))
+            }
+        };
+        prev.1 + 2.0 * slope * (f - prev.0)
+    }
+}
+
+/// The plan that removes the `fraction` least important channels of one group only.
+pub fn single_group_plan(
+    groups: &Groups,
+    scores: &[Vec<f64>],
+    group: usize,
+    fraction: f64,
+) -> Option<Plan> {
+    let g = groups.groups.get(group).filter(|g| g.frozen.is_none())?;
+    let remove = ((g.size as f64) * fraction).round() as usize;
+    if remove == 0 || remove >= g.size {
+        return None;
+    }
+    let s = scores.get(group)?;
+    let mut idx: Vec<usize> = (0..g.size).collect();
+    idx.sort_by(|&a, &b| {
+        s[a].partial_cmp(&s[b])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    let mut keep = idx[remove..].to_vec();
+    keep.sort();
+    Some(Plan {
+        groups: vec![GroupPlan {
+            id: group,
+            size: g.size,
+            keep,
+        }],
+        macs: (0, 0),
+        params: (0, 0),
+    })
+}
+
+/// Repairs a candidate (the given layers lost inputs) and measures how far its output is from
+/// the original's (0: identical).
+pub type DamageFn<'a> = dyn FnMut(&mut Model, &[ConsumerChange]) -> Result<f64, Error> + 'a;
+
+/// Measure each prunable group's [`Sensitivity`] at the given fractions: `damage(model, changes)`
+/// may repair the candidate (the layers in `changes` lost inputs), then runs it on calibration
+/// data and says how far its output is from the original's.
+pub fn measure_sensitivity(
+    model: &Model,
+    groups: &Groups,
+    scores: &[Vec<f64>],
+    fractions: &[f64],
+    damage: &mut DamageFn,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Sensitivity>, Error> {
+    let prunable: Vec<usize> = groups.prunable().map(|g| g.id).collect();
+    let total = prunable.len() * fractions.len();
+    let mut out = vec![Sensitivity::default(); groups.groups.len()];
+    let mut done = 0;
+    for &g in &prunable {
+        for &f in fractions {
+            done += 1;
+            let Some(p) = single_group_plan(groups, scores, g, f) else {
+                continue;
+            };
+            let mut m = model.clone();
+            let changes = apply(&mut m, groups, &p)?;
+            let d = damage(&mut m, &changes)?;
+            out[g].points.push((f, d));
+            progress(done, total);
+        }
+    }
+    Ok(out)
 }
 
 /// How many and which channels one group keeps.
@@ -222,32 +325,67 @@ fn channel_norms(
     acc
 }
 
-/// Scores from activation statistics: `mean_abs[t]` holds mean |x| per channel of an activation
-/// tensor carrying the group (its first tensor is used), multiplied by the weight scores of the
-/// consumers (how much each channel feeds forward).
-pub fn activation_scores(
+/// Scores from the energy each channel delivers to the layers that read it: for every consumer,
+/// E[x_f^2] * ||W[:, f]||^2 summed over the channel's features f (`second_moment[t]` holds
+/// E[x^2] per channel / feature of the consumer's input tensor `t`), relative to the consumer's
+/// mean, summed over consumers. Groups without a measured consumer keep their `fallback` scores.
+pub fn energy_scores(
+    model: &Model,
     groups: &Groups,
-    mean_abs: &HashMap<String, Vec<f64>>,
-    weight: &[Vec<f64>],
-) -> Vec<Vec<f64>> {
-    groups
-        .groups
-        .iter()
-        .zip(weight)
-        .map(
-            |(g, w)| match g.tensors.iter().find_map(|t| mean_abs.get(t)) {
-                Some(a) if a.len() == g.size => {
-                    // activation relative to the tensor's mean, so groups stay comparable
-                    let mean = (a.iter().sum::<f64>() / a.len().max(1) as f64).max(1e-12);
-                    a.iter()
-                        .zip(w)
-                        .map(|(x, y)| x / mean * y.max(1e-12))
-                        .collect()
+    second_moment: &HashMap<String, Vec<f64>>,
+    fallback: &[Vec<f64>],
+) -> Result<Vec<Vec<f64>>, Error> {
+    let g = model.graph();
+    let mut out = Vec::new();
+    for (grp, fb) in groups.groups.iter().zip(fallback) {
+        let mut score = vec![0f64; grp.size];
+        let mut used = false;
+        for m in grp.members.iter().filter(|m| m.role == Role::Consumer) {
+            let node = &g.node[m.node];
+            let (Some((slot, axis)), Some(m2)) = (
+                weight_axis(node, &m.role),
+                node.input.first().and_then(|x| second_moment.get(x)),
+            ) else {
+                continue;
+            };
+            let Some(t) = node.input.get(slot).and_then(|x| model.initializer(x)) else {
+                continue;
+            };
+            let w = to_f32(t)?;
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            // squared norm per feature along the input axis
+            let per_feature = channel_norms(&w, &dims, axis, 0, 1, dims[axis], Importance::L2);
+            let mut e = vec![0f64; grp.size];
+            for (c, ec) in e.iter_mut().enumerate() {
+                for f in (m.offset + c) * m.block..(m.offset + c + 1) * m.block {
+                    if let (Some(n), Some(x2)) = (per_feature.get(f), m2.get(f)) {
+                        *ec += n * n * x2;
+                    }
                 }
-                _ => w.clone(),
-            },
-        )
-        .collect()
+            }
+            let mean = e.iter().sum::<f64>() / e.len().max(1) as f64;
+            if mean > 0.0 {
+                used = true;
+                for (s, v) in score.iter_mut().zip(&e) {
+                    *s += v / mean;
+                }
+            }
+        }
+        out.push(if used { score } else { fb.clone() });
+    }
+    Ok(out)
+}
+
+/// The input tensors of the consumers of prunable groups (what [`energy_scores`] needs measured).
+pub fn consumer_inputs(model: &Model, groups: &Groups) -> Vec<String> {
+    let mut v: Vec<String> = groups
+        .prunable()
+        .flat_map(|g| g.members.iter().filter(|m| m.role == Role::Consumer))
+        .filter_map(|m| model.graph().node[m.node].input.first().cloned())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// One initializer's cost: elements now, and per sliced axis the groups that slice it.
@@ -378,6 +516,7 @@ pub fn plan(
     model: &Model,
     groups: &Groups,
     scores: &[Vec<f64>],
+    sensitivity: Option<&[Sensitivity]>,
     opts: &PruneOptions,
 ) -> Result<Plan, Error> {
     let prunable: Vec<usize> = groups.prunable().map(|g| g.id).collect();
@@ -460,10 +599,19 @@ pub fn plan(
                 let Some(next) = step_down(kept[g], floors[g], r) else {
                     continue;
                 };
-                let removed: f64 = order[g][size[g] - kept[g]..size[g] - next]
+                let by_score: f64 = order[g][size[g] - kept[g]..size[g] - next]
                     .iter()
                     .map(|&c| scores[g][c] / norm[g])
                     .sum();
+                // measured damage when the group has it, the channels' scores otherwise
+                let removed = match sensitivity.and_then(|s| s.get(g)) {
+                    Some(sens) if !sens.points.is_empty() => {
+                        let frac = |k: usize| 1.0 - k as f64 / size[g] as f64;
+                        (sens.damage(frac(next)) - sens.damage(frac(kept[g]))).max(0.0)
+                            + 1e-9 * by_score
+                    }
+                    _ => by_score,
+                };
                 let before = cm.group_cost(g, &kept, &size);
                 let mut trial = kept.clone();
                 trial[g] = next;

@@ -329,7 +329,7 @@ fn plan_to(model: Model, reduced: &Model) -> Planned {
         "the reduced architecture has fewer MACs ({m1} vs {m0})"
     );
     let target = m1 as f64 / m0 as f64;
-    let plan = prune::plan(&cleaned, &groups, &scores, &opts(target))
+    let plan = prune::plan(&cleaned, &groups, &scores, None, &opts(target))
         .unwrap_or_else(|e| panic!("plan to macs={target}: {e}\ngroups: {groups:#?}"));
     assert_eq!(plan.macs.0, m0, "plan.macs.0 is the model's MACs");
     assert_eq!(
@@ -838,7 +838,7 @@ fn channels_into_a_custom_op_are_frozen_and_nothing_is_pruned() {
     );
     assert_eq!(gs.prunable().count(), 0);
     let scores = prune::weight_scores(&m, &gs, Importance::L1).expect("scores");
-    match prune::plan(&m, &gs, &scores, &opts(0.5)) {
+    match prune::plan(&m, &gs, &scores, None, &opts(0.5)) {
         Err(e @ Error::NothingToPrune(_)) => {
             let msg = e.to_string();
             assert!(msg.contains("nothing to prune"), "{msg}");
@@ -855,7 +855,7 @@ fn unreachable_mac_budget_says_the_smallest_reachable() {
     cleanup::cleanup(&mut m).expect("cleanup");
     let gs = groups::analyse(&m).expect("analyse");
     let scores = prune::weight_scores(&m, &gs, Importance::L1).expect("scores");
-    match prune::plan(&m, &gs, &scores, &opts(0.01)) {
+    match prune::plan(&m, &gs, &scores, None, &opts(0.01)) {
         Err(e @ Error::Budget(_)) => {
             let msg = e.to_string();
             assert!(msg.contains("smallest reachable"), "{msg}");

@@ -50,7 +50,8 @@ fn every_conv_model_prunes_to_70_percent_macs() {
             budget: prune::Budget::Macs(0.7),
             ..Default::default()
         };
-        let plan = prune::plan(&m, &gs, &scores, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let plan =
+            prune::plan(&m, &gs, &scores, None, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut pruned = m.clone();
         let changes =
             prune::apply(&mut pruned, &gs, &plan).unwrap_or_else(|e| panic!("{name}: {e}"));

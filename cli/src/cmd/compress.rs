@@ -16,6 +16,7 @@ use whittle_deploy::RuntimeKind;
 use whittle_export::{VerifyOptions, VerifyReport};
 
 use crate::Outcome;
+use crate::progress::bar;
 use crate::table::{Table, pct, si};
 
 /// Arguments of `whittle compress`.
@@ -59,6 +60,13 @@ pub struct Args {
     /// Kept channel counts are multiples of this (4, 8, 16 suit SIMD and tensor cores).
     #[arg(long, default_value_t = 1)]
     round_to: usize,
+    /// Rank groups by their channel scores only, without measuring how much the output suffers
+    /// when each group alone is pruned.
+    #[arg(long)]
+    no_sensitivity: bool,
+    /// Calibration items used to measure each group's sensitivity.
+    #[arg(long, default_value_t = 32)]
+    sensitivity_items: usize,
     /// Skip the least-squares reconstruction of the layers after each cut (for comparison).
     #[arg(long)]
     no_reconstruct: bool,
@@ -208,40 +216,71 @@ pub fn run(a: Args) -> Result<Outcome> {
     )?;
     let scores = match (a.importance, &spec) {
         (ImportanceArg::Activation, Some(spec)) => {
-            let means = channel_means(&model, &gs, spec)?;
-            prune::activation_scores(&gs, &means, &weight)
+            let tensors = prune::consumer_inputs(&model, &gs);
+            let m2 = channel_moments(&model, &tensors, spec)?;
+            prune::energy_scores(&model, &gs, &m2, &weight)?
         }
         _ => weight,
     };
-    let plan = prune::plan(&model, &gs, &scores, &opts)?;
+    let refit_opts = RefitOptions {
+        ridge: a.ridge,
+        ..Default::default()
+    };
+    let sens = match &data {
+        Some(d) if !a.no_sensitivity => {
+            // damage is measured on items the trial refits never see (a refit fits its own
+            // items too well to judge it there)
+            let n_eval = a.sensitivity_items.min(calib_idx.len() / 2).max(1);
+            let idx: Vec<usize> = calib_idx[..n_eval].to_vec();
+            let fit_idx: Vec<usize> = calib_idx[n_eval..].to_vec();
+            let reference = Reference::new(&model, d, &idx, &pre, a.runtime, a.threads)?;
+            let sens_spec = CaptureSpec {
+                dataset: d,
+                indices: &fit_idx,
+                pre: &pre,
+                batch: 16,
+                runtime: a.runtime,
+                threads: a.threads,
+            };
+            let fractions = [0.25, 0.5];
+            let pb = bar("sensitivity", gs.prunable().count() * fractions.len());
+            let s = prune::measure_sensitivity(
+                &model,
+                &gs,
+                &scores,
+                &fractions,
+                &mut |m, changes| {
+                    let fail = |e: String| whittle_compress::Error::Pass {
+                        pass: "sensitivity".into(),
+                        reason: e,
+                    };
+                    if !a.no_reconstruct {
+                        let jobs = refit_jobs(&model, changes);
+                        refit::refit(&model, m, &jobs, &sens_spec, &refit_opts)
+                            .map_err(|e| fail(e.to_string()))?;
+                    }
+                    reference.damage(m).map_err(|e| fail(format!("{e:#}")))
+                },
+                &mut |d, _| pb.set_position(d as u64),
+            )?;
+            pb.finish_and_clear();
+            Some(s)
+        }
+        _ => None,
+    };
+    let plan = prune::plan(&model, &gs, &scores, sens.as_deref(), &opts)?;
     let mut pruned = model.clone();
     let changes = prune::apply(&mut pruned, &gs, &plan)?;
     let mut refits = Vec::new();
     if !a.no_reconstruct
         && let Some(spec) = &spec
     {
-        let jobs: Vec<RefitJob> = changes
-            .iter()
-            .filter_map(|c| {
-                let n = model.graph().node.iter().find(|n| n.name() == c.node)?;
-                Some(RefitJob {
-                    node: c.node.clone(),
-                    input: n.input[0].clone(),
-                    output: n.output[0].clone(),
-                    kept_in: c.kept_in.clone(),
-                    kept_out: c.kept_out.clone(),
-                })
-            })
-            .collect();
         refits = refit::refit(
             &model,
             &mut pruned,
-            &jobs,
+            &refit_jobs(&model, &changes),
             spec,
-            &RefitOptions {
-                ridge: a.ridge,
-                ..Default::default()
-            },
+            &refit_opts,
         )?;
     }
     // the result must be a valid graph that runs with the original's input and output shapes
@@ -295,19 +334,15 @@ fn scores_name(i: ImportanceArg) -> &'static str {
     }
 }
 
-/// Mean |x| per channel of one tensor of each prunable group, over the calibration items.
-fn channel_means(
+/// E[x^2] per channel (axis 1) of each tensor over the calibration items.
+fn channel_moments(
     model: &Model,
-    gs: &Groups,
+    tensors: &[String],
     spec: &CaptureSpec,
 ) -> Result<HashMap<String, Vec<f64>>> {
-    let tensors: Vec<String> = gs
-        .prunable()
-        .filter_map(|g| g.tensors.first().cloned())
-        .collect();
     let mut sums: Vec<Vec<f64>> = vec![vec![]; tensors.len()];
     let mut counts = vec![0f64; tensors.len()];
-    capture(model, &tensors, spec, &mut |vals, items| {
+    capture(model, tensors, spec, &mut |vals, items| {
         for (k, v) in vals.iter().enumerate() {
             let sh = v.shape();
             if sh.len() < 2 {
@@ -318,14 +353,13 @@ fn channel_means(
             if sums[k].is_empty() {
                 sums[k] = vec![0.0; c];
             }
-            let data = v.as_slice_memory_order();
-            if let Some(data) = data {
+            if let Some(data) = v.as_slice_memory_order() {
                 for n in 0..items.min(sh[0]) {
                     for (ch, sum) in sums[k].iter_mut().enumerate() {
                         let base = (n * c + ch) * inner;
                         *sum += data[base..base + inner]
                             .iter()
-                            .map(|x| x.abs() as f64)
+                            .map(|x| (*x as f64).powi(2))
                             .sum::<f64>()
                             / inner as f64;
                     }
@@ -336,7 +370,8 @@ fn channel_means(
         Ok(())
     })?;
     Ok(tensors
-        .into_iter()
+        .iter()
+        .cloned()
         .zip(sums.into_iter().zip(counts))
         .map(|(t, (s, n))| (t, s.into_iter().map(|v| v / n.max(1.0)).collect()))
         .collect())
@@ -509,4 +544,103 @@ fn print_summary(s: &Summary) {
     if let Some(o) = &s.output {
         outln!("wrote {o}");
     }
+}
+
+/// The original model's outputs on a few calibration items, to measure how far a candidate
+/// drifts from them.
+struct Reference {
+    inputs: Vec<Vec<whittle_core::Value>>,
+    outputs: Vec<Vec<Vec<f32>>>,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+}
+
+impl Reference {
+    fn new(
+        model: &Model,
+        d: &Dataset,
+        idx: &[usize],
+        pre: &Preprocess,
+        runtime: RuntimeKind,
+        threads: Option<usize>,
+    ) -> Result<Reference> {
+        let ropts = whittle_deploy::RuntimeOptions {
+            threads,
+            ..Default::default()
+        };
+        let mut s = whittle_deploy::load(runtime, &model.to_bytes(), &ropts)?;
+        let (specs, bs) = whittle_calib::input_specs(s.inputs(), 16, Some(d))?;
+        let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
+        for chunk in idx.chunks(bs) {
+            if chunk.len() < bs
+                && matches!(
+                    s.inputs().first().and_then(|i| i.dims.first()),
+                    Some(whittle_deploy::Dim::Fixed(_))
+                )
+            {
+                break;
+            }
+            let b = d.load_batch(chunk, &specs, pre)?;
+            let o = s.run(&b.inputs)?;
+            outputs.push(o.iter().map(|v| v.to_f32_vec()).collect());
+            inputs.push(b.inputs);
+        }
+        Ok(Reference {
+            inputs,
+            outputs,
+            runtime,
+            threads,
+        })
+    }
+
+    /// Sum over outputs of ||y - y'||^2 / ||y - mean(y)||^2 (0: identical outputs).
+    fn damage(&self, candidate: &Model) -> Result<f64> {
+        let ropts = whittle_deploy::RuntimeOptions {
+            threads: self.threads,
+            ..Default::default()
+        };
+        let mut s = whittle_deploy::load(self.runtime, &candidate.to_bytes(), &ropts)?;
+        let n_out = self.outputs.first().map_or(0, |o| o.len());
+        let (mut err, mut var, mut sum, mut count) = (
+            vec![0f64; n_out],
+            vec![0f64; n_out],
+            vec![0f64; n_out],
+            vec![0f64; n_out],
+        );
+        for (inp, refo) in self.inputs.iter().zip(&self.outputs) {
+            let o = s.run(inp)?;
+            for (k, (y, yc)) in refo.iter().zip(&o).enumerate() {
+                for (a, b) in y.iter().zip(yc.to_f32_vec()) {
+                    err[k] += (*a as f64 - b as f64).powi(2);
+                    sum[k] += *a as f64;
+                    var[k] += (*a as f64).powi(2);
+                    count[k] += 1.0;
+                }
+            }
+        }
+        Ok((0..n_out)
+            .map(|k| {
+                let mean = sum[k] / count[k].max(1.0);
+                err[k] / (var[k] - count[k] * mean * mean).max(1e-12)
+            })
+            .sum())
+    }
+}
+
+/// Refit jobs for the layers that lost input channels (names as in `model`).
+fn refit_jobs(model: &Model, changes: &[prune::ConsumerChange]) -> Vec<RefitJob> {
+    changes
+        .iter()
+        .filter_map(|c| {
+            let n = model.graph().node.iter().find(|n| n.name() == c.node)?;
+            Some(RefitJob {
+                node: c.node.clone(),
+                input: n.input[0].clone(),
+                output: n.output[0].clone(),
+                kept_in: c.kept_in.clone(),
+                kept_out: c.kept_out.clone(),
+            })
+        })
+        .collect()
 }
