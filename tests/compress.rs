@@ -1,0 +1,284 @@
+//! `whittle compress` end to end: every shared CNN prunes and still runs in ONNX Runtime and
+//! tract; ResNet-8 keeps its predictions; bad budgets, bad data and bad paths are refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ndarray::ArrayD;
+
+/// A .npy of `n` items with the model's item shape, values uniform in [lo, hi).
+fn npy(dir: &Path, name: &str, n: usize, item: &[usize], lo: f32, hi: f32) -> PathBuf {
+    let mut shape = vec![n];
+    shape.extend_from_slice(item);
+    let len: usize = shape.iter().product();
+    let bytes = noise(len * 4, 7);
+    let vals: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| {
+            lo + (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32) * (hi - lo)
+        })
+        .collect();
+    let a = ArrayD::from_shape_vec(shape, vals).unwrap();
+    let p = dir.join(name);
+    ndarray_npy::write_npy(&p, &a).unwrap();
+    p
+}
+
+fn macs(model: &Path) -> f64 {
+    run(&["inspect", &s(model), "--json", "--brief"])
+        .ok()
+        .json()["macs"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn every_shared_cnn_prunes_at_30_percent_and_runs_in_both_runtimes() {
+    let cases: [(&str, &[usize], f32, f32); 6] = [
+        ("resnet8_cifar10", &[3, 32, 32], -1.0, 1.0),
+        ("resnet_large_cifar10", &[3, 32, 32], -2.0, 2.0),
+        ("mobilenetv1_025_vww96", &[3, 96, 96], 0.0, 255.0),
+        ("dscnn_kws", &[1, 50, 10], -1.0, 1.0),
+        ("efficientnet_lite0_224", &[3, 224, 224], -1.0, 1.0),
+        ("mnist-8", &[1, 28, 28], 0.0, 1.0),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, item, lo, hi) in cases {
+        let Some(m) = asset(&format!("models/{name}.onnx")) else {
+            return;
+        };
+        let data = npy(dir.path(), &format!("{name}.npy"), 8, item, lo, hi);
+        let out = dir.path().join(format!("{name}.pruned.onnx"));
+        // fast settings: weight norms, no data needed
+        let j = run(&[
+            "compress",
+            &s(&m),
+            "-o",
+            &s(&out),
+            "--target",
+            "macs=0.7",
+            "--importance",
+            "l2",
+            "--no-reconstruct",
+            "--json",
+        ])
+        .ok()
+        .json();
+        let kept = j["macs_kept"].as_f64().unwrap();
+        assert!(kept <= 0.7 + 1e-6 && kept > 0.3, "{name}: {kept}");
+        assert!(
+            (macs(&out) / macs(&m) - kept).abs() < 1e-6,
+            "{name}: inspect agrees with compress"
+        );
+        for rt in ["ort-cpu", "tract"] {
+            // verify loads both, checks the interfaces and output shapes match, and runs them
+            let v = run(&[
+                "verify",
+                &s(&m),
+                &s(&out),
+                "--data",
+                &s(&data),
+                "--runtime",
+                rt,
+                "--json",
+            ])
+            .ok()
+            .json();
+            assert_eq!(v["items"], 8, "{name} {rt}");
+        }
+    }
+}
+
+#[test]
+fn resnet8_at_25_percent_keeps_80_percent_agreement_on_unseen_images() {
+    let (Some(calib), Some(eval)) = (asset("data/cifar10/test-b"), asset("data/cifar10/test-a"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r8.onnx");
+    let j = run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out),
+        "--calib",
+        &s(&calib),
+        "--target",
+        "macs=0.75",
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert!(j["macs_kept"].as_f64().unwrap() <= 0.75 + 1e-6);
+    assert_eq!(j["reconstructed"], true);
+    let v = run(&[
+        "verify",
+        &s(&resnet8()),
+        &s(&out),
+        "--data",
+        &s(&eval),
+        "--json",
+    ])
+    .ok()
+    .json();
+    let agreement = v["outputs"][0]["top1_agreement"].as_f64().unwrap();
+    assert!(agreement >= 0.80, "top-1 agreement {agreement} on test-a");
+    // and reconstruction is what gets it there
+    let raw = dir.path().join("r8_raw.onnx");
+    run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&raw),
+        "--calib",
+        &s(&calib),
+        "--target",
+        "macs=0.75",
+        "--no-reconstruct",
+    ])
+    .ok();
+    let v2 = run(&[
+        "verify",
+        &s(&resnet8()),
+        &s(&raw),
+        "--data",
+        &s(&eval),
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert!(v2["outputs"][0]["top1_agreement"].as_f64().unwrap() < agreement);
+}
+
+#[test]
+fn explain_lists_groups_and_why_some_are_frozen() {
+    let r = run(&["compress", &s(&resnet8()), "--explain"]).ok();
+    assert!(r.stdout.contains("prunable"), "{}", r.dump());
+    assert!(
+        r.stdout.contains("frozen: a softmax over the channels"),
+        "{}",
+        r.dump()
+    );
+    let Some(m) = asset("models/resnet_large_cifar10.onnx") else {
+        return;
+    };
+    let r = run(&["compress", &s(&m), "--explain"]).ok();
+    assert!(
+        r.stdout
+            .contains("frozen: padding or slicing on the channel axis"),
+        "{}",
+        r.dump()
+    );
+}
+
+#[test]
+fn unreachable_budget_names_the_smallest_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.onnx");
+    let r = run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out),
+        "--target",
+        "macs=0.01",
+        "--importance",
+        "l2",
+        "--no-reconstruct",
+    ]);
+    r.error(&["macs=0.01", "unreachable", "smallest reachable is macs=0."]);
+    assert!(listing(dir.path()).is_empty(), "nothing written");
+}
+
+#[test]
+fn a_model_with_nothing_prunable_says_so_and_writes_nothing() {
+    // input -> Conv -> output: the conv's channels are the graph output's
+    let dir = tempfile::tempdir().unwrap();
+    let w = tensor_f32("w", &[4, 3, 1, 1], &[0.5; 12]);
+    let g = graph(
+        "g",
+        vec![node("conv", "Conv", &["x", "w"], &["y"])],
+        vec![value_info("x", &["N", "3", "4", "4"])],
+        vec![value_info("y", &["N", "4", "4", "4"])],
+        vec![w],
+    );
+    let m = dir.path().join("m.onnx");
+    write_model(&m, &model(g, &[]));
+    let out = dir.path().join("out.onnx");
+    run(&[
+        "compress",
+        &s(&m),
+        "-o",
+        &s(&out),
+        "--importance",
+        "l2",
+        "--no-reconstruct",
+    ])
+    .error(&["nothing to prune", "graph output 'y'"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn calibration_items_of_the_wrong_shape_name_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = npy(dir.path(), "bad.npy", 4, &[3, 16, 16], -1.0, 1.0);
+    let out = dir.path().join("out.onnx");
+    run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out),
+        "--calib",
+        &s(&data),
+    ])
+    .error(&["[3,32,32]", "[3,16,16]"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn output_equal_to_input_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.onnx");
+    std::fs::copy(resnet8(), &m).unwrap();
+    let before = std::fs::read(&m).unwrap();
+    run(&[
+        "compress",
+        &s(&m),
+        "-o",
+        &s(&m),
+        "--importance",
+        "l2",
+        "--no-reconstruct",
+    ])
+    .error(&["is the input model"]);
+    assert_eq!(std::fs::read(&m).unwrap(), before);
+}
+
+#[test]
+fn bad_flags_fail_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.onnx");
+    run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out),
+        "--target",
+        "macs=1.5",
+    ])
+    .error(&["fraction"]);
+    run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out),
+        "--target",
+        "latency=0.5",
+    ])
+    .error(&["latency"]);
+    run(&["compress", &s(&resnet8()), "-o", &s(&out)]).error(&["--calib"]);
+    assert!(listing(dir.path()).is_empty());
+}
