@@ -1,7 +1,7 @@
 //! `whittle compress`: prune channels (more methods to come) and repair by least squares.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -97,8 +97,9 @@ enum ImportanceArg {
     Activation,
 }
 
+/// One layer before and after.
 #[derive(Serialize)]
-struct Layer {
+pub struct Layer {
     name: String,
     op: String,
     channels_before: usize,
@@ -109,23 +110,39 @@ struct Layer {
     macs_after: u64,
 }
 
+/// What a compression did.
 #[derive(Serialize)]
-struct Summary {
-    input: String,
-    output: Option<String>,
-    cleanup: CleanupReport,
-    groups: usize,
-    prunable_groups: usize,
-    params: (u64, u64),
-    macs: (u64, u64),
-    macs_kept: f64,
-    importance: String,
-    reconstructed: bool,
-    refit: Vec<RefitReport>,
-    fidelity: Option<VerifyReport>,
-    layers: Vec<Layer>,
-    plan: Plan,
-    seconds: f64,
+pub struct Summary {
+    /// The input model.
+    pub input: String,
+    /// The written model.
+    pub output: Option<String>,
+    /// What cleanup changed.
+    pub cleanup: CleanupReport,
+    /// Channel groups found.
+    pub groups: usize,
+    /// Groups that could be pruned.
+    pub prunable_groups: usize,
+    /// Params before / after.
+    pub params: (u64, u64),
+    /// MACs before / after.
+    pub macs: (u64, u64),
+    /// Fraction of MACs kept.
+    pub macs_kept: f64,
+    /// How channels were scored.
+    pub importance: String,
+    /// Whether least-squares reconstruction ran.
+    pub reconstructed: bool,
+    /// Per refitted layer.
+    pub refit: Vec<RefitReport>,
+    /// The result against the original on held-apart calibration items.
+    pub fidelity: Option<VerifyReport>,
+    /// Per layer before / after.
+    pub layers: Vec<Layer>,
+    /// The plan that was applied.
+    pub plan: Plan,
+    /// Wall time of the whole compression.
+    pub seconds: f64,
 }
 
 fn parse_opts(a: &Args) -> Result<PruneOptions> {
@@ -150,9 +167,59 @@ fn parse_opts(a: &Args) -> Result<PruneOptions> {
 
 /// Run the command.
 pub fn run(a: Args) -> Result<Outcome> {
+    if let Some(s) = execute(&a)? {
+        if a.json {
+            outln!("{}", serde_json::to_string(&s)?);
+        } else {
+            print_summary(&s);
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// Arguments for compressing with the default recipe (deploy's main job): channel pruning to
+/// `target` with calibration on `calib_items` items of `calib`, fidelity on `holdout` others.
+pub fn default_recipe(
+    model: &Path,
+    out: &Path,
+    calib: &Path,
+    calib_items: usize,
+    holdout: usize,
+    target: &str,
+) -> Result<Args> {
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        a: Args,
+    }
+    let (m, o, c) = (
+        model.display().to_string(),
+        out.display().to_string(),
+        calib.display().to_string(),
+    );
+    let (ci, ho) = (calib_items.to_string(), holdout.to_string());
+    let argv = [
+        "compress",
+        &m,
+        "-o",
+        &o,
+        "--calib",
+        &c,
+        "--calib-items",
+        &ci,
+        "--holdout-items",
+        &ho,
+        "--target",
+        target,
+    ];
+    Ok(<Wrap as clap::Parser>::try_parse_from(argv)?.a)
+}
+
+/// Compress as the arguments say and return the summary (`None` for `--explain` alone).
+pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let started = std::time::Instant::now();
     // everything that can be refused is refused before any work
-    let opts = parse_opts(&a)?;
+    let opts = parse_opts(a)?;
     if let Some(out) = &a.output {
         let same = out == &a.model
             || matches!((out.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
@@ -184,7 +251,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     if a.explain {
         print_groups(&model, &gs, a.json && a.output.is_none());
         if a.output.is_none() {
-            return Ok(Outcome::Ok);
+            return Ok(None);
         }
     }
     let (calib_idx, hold_idx) = match &data {
@@ -318,12 +385,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         plan,
         seconds: started.elapsed().as_secs_f64(),
     };
-    if a.json {
-        outln!("{}", serde_json::to_string(&s)?);
-    } else {
-        print_summary(&s);
-    }
-    Ok(Outcome::Ok)
+    Ok(Some(s))
 }
 
 fn scores_name(i: ImportanceArg) -> &'static str {

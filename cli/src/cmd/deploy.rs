@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
 use whittle_deploy::target::{Target, Transport};
 use whittle_deploy::{BenchConfig, RuntimeOptions};
@@ -47,9 +48,14 @@ pub struct Args {
 #[derive(Serialize)]
 struct Row {
     model: String,
+    variant: String,
     params: u64,
     macs: u64,
     bench: BenchReport,
+    /// p50 of the original on the same runtime divided by this row's p50.
+    speedup: Option<f64>,
+    /// Top-1 agreement with the original on the held-apart items (compressed variants).
+    agreement: Option<f64>,
     accuracy: Option<f64>,
     items: usize,
 }
@@ -60,6 +66,8 @@ struct Results {
     triple: String,
     transport: String,
     started: String,
+    /// The compression of the main job, when it ran.
+    compression: Option<super::compress::Summary>,
     rows: Vec<Row>,
 }
 
@@ -82,20 +90,56 @@ pub fn run(a: Args) -> Result<Outcome> {
             target.transport
         );
     }
-    let models = if a.models.is_empty() {
-        vec![root.join("models/resnet8_cifar10.onnx")]
-    } else {
-        a.models.clone()
-    };
-    let data = a.data.clone().unwrap_or_else(|| root.join("data/cifar10"));
     let started = now_stamp();
+    let dir = a.reports.join(&target.name).join(&started);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let data = a.data.clone().unwrap_or_else(|| root.join("data/cifar10"));
+    let ds = Dataset::open(&data)?;
+    // the main job: compress the bundled model with the default recipe, calibrating on one half
+    // of the data and judging on the other
+    let (variants, compression, eval_idx) = if a.models.is_empty() {
+        let original = root.join("models/resnet8_cifar10.onnx");
+        let out = dir.join("resnet8_cifar10.pruned.onnx");
+        let half = ds.len() / 2;
+        eprintln!(
+            "compressing {} (channel pruning to macs=0.75, {half} calibration images)",
+            original.display()
+        );
+        let args = super::compress::default_recipe(
+            &original,
+            &out,
+            &data,
+            half,
+            ds.len() - half,
+            "macs=0.75",
+        )?;
+        let summary = super::compress::execute(&args)?.context("compression wrote nothing")?;
+        let (_, hold) = ds.split(half as f64 / ds.len() as f64, 0)?;
+        (
+            vec![
+                ("original".to_string(), original.clone()),
+                ("pruned (macs=0.75)".to_string(), out),
+            ],
+            Some(summary),
+            hold,
+        )
+    } else {
+        let v = a
+            .models
+            .iter()
+            .map(|m| ("given".to_string(), m.clone()))
+            .collect();
+        (v, None, (0..ds.len()).collect())
+    };
+    let reference = variants[0].1.clone();
+    let pre = super::resolve_profile(a.profile.as_deref(), &reference)?;
     let cfg = BenchConfig {
         warmup: a.warmup,
         iters: a.iters,
         max_seconds: None,
     };
-    let mut rows = Vec::new();
-    for path in &models {
+    let mut rows: Vec<Row> = Vec::new();
+    for (variant, path) in &variants {
         let m = super::load_model(path)?;
         let c = cost::count(&m, &shape::infer(&m, &[])?);
         let name = path
@@ -103,6 +147,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let bytes = m.to_bytes();
+        let reference_bytes = super::load_model(&reference)?.to_bytes();
         for &rt in &target.runtimes {
             let opts = RuntimeOptions {
                 threads: target.threads,
@@ -117,13 +162,29 @@ pub fn run(a: Args) -> Result<Outcome> {
                 threads: target.threads,
                 ..Default::default()
             };
-            let v = super::verify::compare(path, path, &data, a.profile.as_deref(), &vopts)
-                .with_context(|| format!("checking {name} on {rt} with {}", data.display()))?;
+            let v = whittle_export::verify::verify_items(
+                &reference_bytes,
+                &bytes,
+                &ds,
+                &eval_idx,
+                &pre,
+                &vopts,
+                &mut |_, _| {},
+            )
+            .with_context(|| format!("checking {name} on {rt} with {}", data.display()))?;
+            let out = v.outputs.first();
+            let speedup = rows
+                .iter()
+                .find(|r| r.bench.runtime == rt && r.variant == variants[0].0)
+                .map(|r| r.bench.stats.p50_ms / bench.stats.p50_ms);
             rows.push(Row {
                 model: name.clone(),
+                variant: variant.clone(),
                 params: c.params,
                 macs: c.macs,
-                accuracy: v.outputs.iter().find_map(|o| o.reference_accuracy),
+                speedup: speedup.or((path == &reference).then_some(1.0)),
+                agreement: out.and_then(|o| o.top1_agreement),
+                accuracy: out.and_then(|o| o.candidate_accuracy),
                 items: v.items,
                 bench,
             });
@@ -134,18 +195,21 @@ pub fn run(a: Args) -> Result<Outcome> {
         triple: target.triple.clone(),
         transport: format!("{:?}", target.transport).to_lowercase(),
         started: started.clone(),
+        compression,
         rows,
     };
-    let dir = a.reports.join(&target.name).join(&started);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let table = render(&results);
     whittle_export::write_atomic(
         &dir.join("results.json"),
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
     let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\n```\n{}```\n",
-        results.target, results.triple, results.started, table
+        "# whittle deploy: {} ({})\n\nstarted {}\n\nAccuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n",
+        results.target,
+        results.triple,
+        results.started,
+        eval_idx.len(),
+        table
     );
     whittle_export::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     if a.json {
@@ -159,12 +223,25 @@ pub fn run(a: Args) -> Result<Outcome> {
 
 fn render(r: &Results) -> String {
     let mut t = Table::new(&[
-        "model", "params", "MACs", "runtime", "EP", "p50 ms", "p90 ms", "fps", "accuracy", "items",
+        "model",
+        "variant",
+        "params",
+        "MACs",
+        "runtime",
+        "EP",
+        "p50 ms",
+        "p90 ms",
+        "fps",
+        "speedup",
+        "agreement",
+        "accuracy",
     ]);
+    let opt = |v: Option<f64>| v.map(pct).unwrap_or_else(|| "-".into());
     for row in &r.rows {
         let b = &row.bench;
         t.row(vec![
             row.model.clone(),
+            row.variant.clone(),
             si(row.params),
             si(row.macs),
             b.runtime.to_string(),
@@ -172,8 +249,11 @@ fn render(r: &Results) -> String {
             format!("{:.3}", b.stats.p50_ms),
             format!("{:.3}", b.stats.p90_ms),
             format!("{:.1}", b.stats.fps),
-            row.accuracy.map(pct).unwrap_or_else(|| "-".into()),
-            row.items.to_string(),
+            row.speedup
+                .map(|v| format!("{v:.2}x"))
+                .unwrap_or_else(|| "-".into()),
+            opt(row.agreement),
+            opt(row.accuracy),
         ]);
     }
     t.render()
