@@ -102,8 +102,8 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         }
         assert_eq!(
             row["items"].as_u64(),
-            Some(150),
-            "the held-apart half of the bundled 300 images"
+            Some(172),
+            "the 300 bundled images less the recipe's 128 calibration images"
         );
         let acc = row["accuracy"].as_f64().expect("accuracy present");
         assert!((0.4..0.9).contains(&acc), "accuracy {acc}");

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use whittle_calib::capture::{CaptureSpec, capture};
 use whittle_calib::{Dataset, Preprocess};
 use whittle_compress::cleanup::{self, CleanupReport};
@@ -88,9 +88,88 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// A recipe TOML holding the same settings (`[calibration]`, `[prune_channels]`); its values
+    /// replace the flags' (see recipes/README.md).
+    #[arg(long)]
+    recipe: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+/// `[calibration]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CalibrationSection {
+    data: Option<PathBuf>,
+    profile: Option<String>,
+    items: Option<usize>,
+    holdout: Option<usize>,
+}
+
+/// `[prune_channels]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneSection {
+    target: Option<String>,
+    importance: Option<String>,
+    uniform: Option<bool>,
+    min_channels: Option<usize>,
+    min_fraction: Option<f64>,
+    round_to: Option<usize>,
+    sensitivity: Option<bool>,
+    sensitivity_items: Option<usize>,
+    reconstruct: Option<bool>,
+    ridge: Option<f64>,
+}
+
+/// A compression recipe: the flags of `whittle compress`, in a file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Recipe {
+    calibration: Option<CalibrationSection>,
+    prune_channels: Option<PruneSection>,
+}
+
+/// Read a recipe and apply it to the arguments (paths are relative to the recipe's folder).
+fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("recipe {}", path.display()))?;
+    let r: Recipe = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("recipe {}: {}", path.display(), e.message()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    if let Some(c) = r.calibration {
+        if let Some(d) = c.data {
+            a.calib = Some(if d.is_absolute() { d } else { base.join(d) });
+        }
+        a.profile = c.profile.or(a.profile.take());
+        a.calib_items = c.items.unwrap_or(a.calib_items);
+        a.holdout_items = c.holdout.unwrap_or(a.holdout_items);
+    }
+    let Some(p) = r.prune_channels else {
+        bail!(
+            "recipe {}: no [prune_channels] section (channel pruning is the only method so far)",
+            path.display()
+        );
+    };
+    a.target = p.target.unwrap_or(a.target.clone());
+    if let Some(i) = p.importance {
+        a.importance = <ImportanceArg as clap::ValueEnum>::from_str(&i, true).map_err(|_| {
+            anyhow::anyhow!(
+                "recipe {}: importance '{i}' is not l1, l2 or activation",
+                path.display()
+            )
+        })?;
+    }
+    a.uniform = p.uniform.unwrap_or(a.uniform);
+    a.min_channels = p.min_channels.unwrap_or(a.min_channels);
+    a.min_fraction = p.min_fraction.unwrap_or(a.min_fraction);
+    a.round_to = p.round_to.unwrap_or(a.round_to);
+    a.no_sensitivity = p.sensitivity.map(|v| !v).unwrap_or(a.no_sensitivity);
+    a.sensitivity_items = p.sensitivity_items.unwrap_or(a.sensitivity_items);
+    a.no_reconstruct = p.reconstruct.map(|v| !v).unwrap_or(a.no_reconstruct);
+    a.ridge = p.ridge.unwrap_or(a.ridge);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum ImportanceArg {
     L1,
     L2,
@@ -166,7 +245,10 @@ fn parse_opts(a: &Args) -> Result<PruneOptions> {
 }
 
 /// Run the command.
-pub fn run(a: Args) -> Result<Outcome> {
+pub fn run(mut a: Args) -> Result<Outcome> {
+    if let Some(r) = a.recipe.clone() {
+        apply_recipe(&mut a, &r)?;
+    }
     if let Some(s) = execute(&a)? {
         if a.json {
             outln!("{}", serde_json::to_string(&s)?);
@@ -177,16 +259,8 @@ pub fn run(a: Args) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-/// Arguments for compressing with the default recipe (deploy's main job): channel pruning to
-/// `target` with calibration on `calib_items` items of `calib`, fidelity on `holdout` others.
-pub fn default_recipe(
-    model: &Path,
-    out: &Path,
-    calib: &Path,
-    calib_items: usize,
-    holdout: usize,
-    target: &str,
-) -> Result<Args> {
+/// Arguments for compressing `model` into `out` with a recipe file, calibrating on `calib`.
+pub fn with_recipe(model: &Path, out: &Path, calib: &Path, recipe: &Path) -> Result<Args> {
     #[derive(clap::Parser)]
     struct Wrap {
         #[command(flatten)]
@@ -197,22 +271,22 @@ pub fn default_recipe(
         out.display().to_string(),
         calib.display().to_string(),
     );
-    let (ci, ho) = (calib_items.to_string(), holdout.to_string());
-    let argv = [
-        "compress",
-        &m,
-        "-o",
-        &o,
-        "--calib",
-        &c,
-        "--calib-items",
-        &ci,
-        "--holdout-items",
-        &ho,
-        "--target",
-        target,
-    ];
-    Ok(<Wrap as clap::Parser>::try_parse_from(argv)?.a)
+    let mut a =
+        <Wrap as clap::Parser>::try_parse_from(["compress", &m, "-o", &o, "--calib", &c])?.a;
+    apply_recipe(&mut a, recipe)?;
+    Ok(a)
+}
+
+impl Args {
+    /// Calibration items the compression uses (the rest of the data is held apart).
+    pub fn calib_items(&self) -> usize {
+        self.calib_items
+    }
+
+    /// The budget, as given.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
 }
 
 /// Compress as the arguments say and return the summary (`None` for `--explain` alone).

@@ -100,26 +100,20 @@ pub fn run(a: Args) -> Result<Outcome> {
     let (variants, compression, eval_idx) = if a.models.is_empty() {
         let original = root.join("models/resnet8_cifar10.onnx");
         let out = dir.join("resnet8_cifar10.pruned.onnx");
-        let half = ds.len() / 2;
+        let recipe = root.join("recipes/default.toml");
+        let args = super::compress::with_recipe(&original, &out, &data, &recipe)?;
+        let n = args.calib_items().min(ds.len());
         eprintln!(
-            "compressing {} (channel pruning to macs=0.75, {half} calibration images)",
-            original.display()
+            "compressing {} with {} ({n} calibration images)",
+            original.display(),
+            recipe.display()
         );
-        let args = super::compress::default_recipe(
-            &original,
-            &out,
-            &data,
-            half,
-            ds.len() - half,
-            "macs=0.75",
-        )?;
         let summary = super::compress::execute(&args)?.context("compression wrote nothing")?;
-        let (_, hold) = ds.split(half as f64 / ds.len() as f64, 0)?;
+        // the same split compress made: judge on the images it did not calibrate on
+        let (_, hold) = ds.split(n as f64 / ds.len() as f64, 0)?;
+        let label = format!("pruned ({})", args.target());
         (
-            vec![
-                ("original".to_string(), original.clone()),
-                ("pruned (macs=0.75)".to_string(), out),
-            ],
+            vec![("original".to_string(), original.clone()), (label, out)],
             Some(summary),
             hold,
         )
