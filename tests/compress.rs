@@ -282,3 +282,43 @@ fn bad_flags_fail_before_any_work() {
     run(&["compress", &s(&resnet8()), "-o", &s(&out)]).error(&["--calib"]);
     assert!(listing(dir.path()).is_empty());
 }
+
+#[test]
+fn a_recipe_holds_the_flags_and_unknown_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, "[prune_channels]\ntarget = \"params=0.9\"\nimportance = \"l1\"\nreconstruct = false\nsensitivity = false\n").unwrap();
+    let out = dir.path().join("o.onnx");
+    let j = run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out),
+        "--recipe",
+        &s(&recipe),
+        "--json",
+    ])
+    .ok()
+    .json();
+    let (before, after) = (
+        j["params"][0].as_f64().unwrap(),
+        j["params"][1].as_f64().unwrap(),
+    );
+    assert!(
+        after <= 0.9 * before + 1.0,
+        "params budget from the recipe: {before} -> {after}"
+    );
+    assert_eq!(j["reconstructed"], false);
+    std::fs::write(&recipe, "[prune_channels]\ncolour = 1\n").unwrap();
+    let out2 = dir.path().join("o2.onnx");
+    run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out2),
+        "--recipe",
+        &s(&recipe),
+    ])
+    .error(&["colour", "r.toml"]);
+    assert!(!out2.exists());
+}
