@@ -1,0 +1,185 @@
+//! Resource limits on untrusted models (issue 8, point 2): each a clear error, no panic,
+//! bounded memory.
+
+use prost::Message;
+use whittle_core::onnx::tensor_proto::DataType;
+use whittle_core::onnx::{
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
+};
+use whittle_core::{LoadOptions, Model, shape};
+
+fn vi(name: &str, dims: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                            denotation: None,
+                        })
+                        .collect(),
+                }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn relu(name: &str, x: &str, y: &str) -> NodeProto {
+    NodeProto {
+        name: Some(name.into()),
+        op_type: Some("Relu".into()),
+        input: vec![x.into()],
+        output: vec![y.into()],
+        ..Default::default()
+    }
+}
+
+fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, out: &str) -> Vec<u8> {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: nodes,
+            initializer: inits,
+            input: vec![vi("x", &[1, 4])],
+            output: vec![vi(out, &[1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn load(bytes: &[u8]) -> Result<Model, whittle_core::Error> {
+    Model::from_bytes(bytes, None, "test model", &LoadOptions::default())
+}
+
+#[test]
+fn r8_a_10000_node_chain_loads_and_infers_quickly() {
+    let n = 10_000;
+    let nodes: Vec<NodeProto> = (0..n)
+        .map(|i| {
+            relu(
+                &format!("r{i}"),
+                &if i == 0 {
+                    "x".to_string()
+                } else {
+                    format!("t{}", i - 1)
+                },
+                &format!("t{i}"),
+            )
+        })
+        .collect();
+    let bytes = model(nodes.clone(), vec![], &format!("t{}", n - 1));
+    let t = std::time::Instant::now();
+    let m = load(&bytes).unwrap();
+    let s = shape::infer(&m, &[]).unwrap();
+    assert_eq!(s.shape(&format!("t{}", n - 1)).map(|d| d.len()), Some(2));
+    // the same chain stored backwards is sorted, not refused, and not quadratic
+    let mut rev = nodes;
+    rev.reverse();
+    let m2 = load(&model(rev, vec![], &format!("t{}", n - 1))).unwrap();
+    assert_eq!(m2.graph().node[0].name(), "r0");
+    assert!(t.elapsed().as_secs_f64() < 20.0, "took {:?}", t.elapsed());
+}
+
+#[test]
+fn r8_a_cycle_is_an_error_naming_a_node() {
+    let nodes = vec![
+        relu("a", "x", "p"),
+        NodeProto {
+            input: vec!["p".into(), "q".into()],
+            ..relu("b", "p", "q")
+        },
+    ];
+    let mut nodes = nodes;
+    nodes[0].input.push("q".into());
+    let e = load(&model(nodes, vec![], "q")).unwrap_err().to_string();
+    assert!(e.contains("cycle"), "{e}");
+}
+
+#[test]
+fn r8_an_input_nothing_produces_is_an_error() {
+    let e = load(&model(vec![relu("a", "ghost", "y")], vec![], "y"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'ghost'") && e.contains("nothing produces"),
+        "{e}"
+    );
+}
+
+#[test]
+fn r8_dims_that_overflow_are_an_error() {
+    let t = TensorProto {
+        name: Some("w".into()),
+        dims: vec![i64::MAX / 2, 4, 4],
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(vec![0; 16]),
+        ..Default::default()
+    };
+    let e = load(&model(vec![relu("a", "x", "y")], vec![t], "y"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overflow"), "{e}");
+}
+
+#[test]
+fn r8_a_tensor_larger_than_its_data_or_the_cap_is_an_error() {
+    // declares 1M floats, holds 16 bytes: refused before anything is allocated for it
+    let t = TensorProto {
+        name: Some("w".into()),
+        dims: vec![1024, 1024],
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(vec![0; 16]),
+        ..Default::default()
+    };
+    let e = load(&model(vec![relu("a", "x", "y")], vec![t.clone()], "y"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'w'") && e.contains("4194304 bytes"), "{e}");
+    // a configurable cap
+    let small = LoadOptions {
+        max_tensor_bytes: 1024,
+    };
+    let e = Model::from_bytes(
+        &model(vec![relu("a", "x", "y")], vec![t], "y"),
+        None,
+        "m",
+        &small,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("over the limit of 1024 bytes"), "{e}");
+}
+
+#[test]
+fn r8_truncated_and_random_bytes_are_errors() {
+    let bytes = model(vec![relu("a", "x", "y")], vec![], "y");
+    for cut in [1, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
+        assert!(load(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for _ in 0..200 {
+        let junk: Vec<u8> = (0..256)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let _ = load(&junk); // must not panic
+    }
+}
