@@ -35,6 +35,6 @@ deploy target="host" *args="": setup build
 setup-bench:
     bash bench/setup_venv.sh
 
-# whittle (ort-cpu, tract) against ONNX Runtime's Python API, interleaved rounds (--quick, --json, --threads N).
+# whittle (ort-cpu, tract) vs ONNX Runtime's Python API, then channel pruning rows (--quick, --json, --threads N, --skip-prune).
 bench *args: setup build setup-bench
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv/bin/python" bench/bench.py --whittle "{{whittle}}" {{args}}

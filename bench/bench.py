@@ -13,6 +13,11 @@ Contestants (same model, same input, same intra-op threads):
   python-ort    bench/ort_python.py, onnxruntime==1.31.1's Python API (the bench venv)
   whittle-tract `whittle bench MODEL --runtime tract --json`
 
+Then, unless --skip-prune, it runs bench/prune_bench.py (the channel pruning rows: `whittle compress`
+at several MAC budgets with and without reconstruction, measured for size, interleaved latency of
+original and pruned in ort-cpu and tract, and top-1 agreement and accuracy on evaluation images),
+passing --quick, --threads and --whittle through; with --json its object is the "prune" field.
+
 Run it with the bench venv's python (`just bench`, which also builds whittle and the venv).
 """
 
@@ -26,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import prune_bench
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, help="timed runs per contestant run (default 100; --quick 20)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and iterations (a smoke run)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--skip-prune", action="store_true",
+                    help="skip the channel pruning rows (bench/prune_bench.py; they take minutes, 15+ without --quick)")
     ap.add_argument("--whittle", type=Path, default=default_whittle(),
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
     a = ap.parse_args(argv)
@@ -223,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = any(r["failed"] for r in results)
 
     if a.json:
+        prune, prune_status = run_prune(a, log)
         print(json.dumps({
             "machine": mach, "loadavg_end": mach_end["loadavg"],
             "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                          "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version},
-            "results": results, "elapsed_s": round(elapsed, 1), "ok": not failed,
+            "results": results, "elapsed_s": round(elapsed, 1), "ok": not failed and prune_status == 0,
+            "prune": prune,
         }))
     else:
         print()
@@ -240,10 +251,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['model']}: per-round p50 range (ms): {spread}")
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in mach_end['loadavg'])}; "
               f"took {elapsed:.0f} s")
+        prune, prune_status = run_prune(a, log)
+        if prune is not None and "error" not in prune:
+            print()
+            print(prune_bench.render(prune))
     for r in results:
         for c, why in r["failed"].items():
             print(f"bench: {r['model']}: {c} failed: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    if prune is not None and "error" in prune:
+        print(f"bench: channel pruning rows: {prune['error']}", file=sys.stderr)
+    return 1 if failed or prune_status else 0
+
+
+def run_prune(a: argparse.Namespace, log) -> tuple[dict | None, int]:
+    """The channel pruning rows (bench/prune_bench.py), unless --skip-prune: (result or None, status)."""
+    if a.skip_prune:
+        return None, 0
+    ap = argparse.ArgumentParser()
+    prune_bench.add_args(ap)
+    pa = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
+    prune_bench.settle(pa)
+    log("")
+    return prune_bench.run(pa, log)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ pub fn emit(s: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    whittle_export::remove_partial_files_on_interrupt();
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Bench(a) => cmd::bench::run(a),

@@ -1,17 +1,20 @@
 //! Least-squares reconstruction of pruned layers, without training ("refit").
 //!
 //! After channel pruning has removed input channels of a Conv, or input features of a Gemm or
-//! MatMul, that layer's output drifts from the original model's. [`refit`] solves again for the
+//! MatMul, that layer's output drifts from the original model's. A refit solves again for the
 //! layer's weights and bias so that, on calibration data, its output from the inputs it still
 //! reads matches the ORIGINAL model's output of that layer as well as possible in the
 //! least-squares sense (the reconstruction step of channel pruning by He et al. 2017 and of
 //! ThiNet, Luo et al. 2017).
 //!
-//! One capture pass over the original model collects, per job, the normal equations
-//! `G = AᵀA`, `R = AᵀY` in f64: the rows of `A` are the layer's input restricted to the kept
-//! inputs (for a Conv, im2col patches at sampled output positions) plus a constant 1 for the bias,
-//! and `Y` is the original output restricted to the kept outputs. `(G + λI) W = R` is solved with
-//! a Cholesky factorisation, `λ = ridge · trace(G) / d`.
+//! [`collect`] runs the original model once over the calibration items and keeps, per layer, the
+//! normal equations over ALL of the layer's inputs and outputs, in f64: `G = AᵀA`, `R = AᵀY` and
+//! per output `ΣY²` and `ΣY`. The rows of `A` are the layer's input (for a Conv, im2col patches at
+//! sampled output positions) plus a constant 1 for the bias, and `Y` is the original output.
+//! [`RefitStats::apply`] then refits any kept subset of inputs and outputs without running
+//! anything: it takes the sub-blocks of `G` and `R` for the kept inputs (× kernel positions, +
+//! bias) and kept outputs, and solves `(G_s + λI) W = R_s` with a Cholesky factorisation,
+//! `λ = ridge · trace(G_s) / d`. [`refit`] does both for one set of jobs.
 //!
 //! **Accepts:** Conv with 1-D or 2-D kernels and `group` 1 (any strides, pads, dilations,
 //! `auto_pad`); Gemm with `transA` 0, `alpha` = `beta` = 1, `transB` 0 or 1 and a bias of shape
@@ -27,9 +30,11 @@
 //! **Guarantees:** weight and bias keep their shapes (a Conv or Gemm without a bias gets one,
 //! `[N]`); an initializer that another node (or a graph output) also reads is never changed in
 //! place: the refitted node gets a copy under a new unique name; everything else is untouched.
-//! Results are deterministic for a given seed, item list and runtime.
+//! A failing `apply` or `refit` leaves the pruned model unchanged. Results are deterministic for
+//! a given seed, layer list, item list and runtime.
 
 use std::collections::HashSet;
+use std::fmt;
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
@@ -47,7 +52,8 @@ use whittle_core::tensor;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefitJob {
     /// The name of the Conv, Gemm or MatMul node in the PRUNED model (its weights are
-    /// initializers there).
+    /// initializers there). With [`RefitStats::apply`], also the name statistics were collected
+    /// under.
     pub node: String,
     /// That layer's input tensor name in the ORIGINAL model.
     pub input: String,
@@ -61,6 +67,28 @@ pub struct RefitJob {
     pub kept_out: Vec<usize>,
 }
 
+/// A layer to collect refit statistics for ([`collect`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LayerRef {
+    /// The Conv, Gemm or MatMul node's name in the ORIGINAL model (the pruned model's node has
+    /// the same name).
+    pub node: String,
+    /// The layer's input tensor name in the original model.
+    pub input: String,
+    /// The layer's output tensor name in the original model (the target, bias included).
+    pub output: String,
+}
+
+impl From<&RefitJob> for LayerRef {
+    fn from(job: &RefitJob) -> Self {
+        LayerRef {
+            node: job.node.clone(),
+            input: job.input.clone(),
+            output: job.output.clone(),
+        }
+    }
+}
+
 /// How to refit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefitOptions {
@@ -68,9 +96,9 @@ pub struct RefitOptions {
     /// equations (default 1e-3). When the Cholesky factorisation still fails, λ grows.
     pub ridge: f64,
     /// Conv only: output positions sampled per calibration item (default 64; all positions when
-    /// the output has fewer).
+    /// the output has fewer). Used when statistics are collected.
     pub rows_per_item: usize,
-    /// Seed of the position sampling.
+    /// Seed of the position sampling. Used when statistics are collected.
     pub seed: u64,
 }
 
@@ -107,10 +135,11 @@ pub struct RefitReport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RefitError {
-    /// A job does not fit the models: an unknown node, bad kept lists, shapes that disagree.
+    /// A job or layer does not fit the models: an unknown node, bad kept lists, shapes that
+    /// disagree, no statistics for the node.
     #[error("refit of node '{node}': {reason}")]
     Job {
-        /// The node named in the job.
+        /// The node named in the job or layer.
         node: String,
         /// What is wrong.
         reason: String,
@@ -129,8 +158,11 @@ pub enum RefitError {
 /// Refits the pruned layers named in `jobs` so that their outputs on the calibration items match
 /// the original model's, and writes the new weights into `pruned`. Returns one report per job,
 /// in job order. See the module documentation for what is accepted and guaranteed.
-// The capture visitor returns whittle_calib::Error, which is 128 bytes.
-#[allow(clippy::result_large_err)]
+///
+/// The same as [`collect`] for the jobs' layers followed by [`RefitStats::apply`], except that
+/// every job is checked against the pruned model before anything runs, and a layer the pruned
+/// model cannot refit is not captured. To refit many job sets over the same layers, collect once
+/// and apply each set instead: the model then runs once.
 pub fn refit(
     original: &Model,
     pruned: &mut Model,
@@ -138,83 +170,170 @@ pub fn refit(
     calib: &CaptureSpec,
     opts: &RefitOptions,
 ) -> Result<Vec<RefitReport>, RefitError> {
-    if !(opts.ridge.is_finite() && opts.ridge >= 0.0) {
-        return Err(RefitError::Options(format!(
-            "ridge {} is not a finite number >= 0",
-            opts.ridge
-        )));
-    }
-    if opts.rows_per_item == 0 {
-        return Err(RefitError::Options(
-            "rows_per_item must be at least 1".into(),
-        ));
-    }
-    let mut seen = HashSet::new();
-    for job in jobs {
-        if !seen.insert(job.node.as_str()) {
-            return Err(job_error(job, "the node appears in two jobs".into()));
-        }
-    }
-
-    let mut tensors: Vec<String> = Vec::new();
-    let mut slot = |name: &str| match tensors.iter().position(|t| t == name) {
-        Some(i) => i,
-        None => {
-            tensors.push(name.to_string());
-            tensors.len() - 1
-        }
-    };
-    let mut planned = Vec::with_capacity(jobs.len());
-    for (index, job) in jobs.iter().enumerate() {
-        let p = match plan_job(pruned, job)? {
-            Ok(layer) => Ok(Plan {
-                x_slot: slot(&job.input),
-                y_slot: slot(&job.output),
-                acc: Acc::new(layer.d, job.kept_out.len(), opts.seed, index),
-                layer,
+    check_options(opts)?;
+    check_unique(jobs)?;
+    let mut wanted = Vec::with_capacity(jobs.len());
+    for (stream, job) in jobs.iter().enumerate() {
+        // The pruned node's geometry is the one fitted, as the original need not name the node.
+        let plan = match plan_job(pruned, job)? {
+            Ok(layer) => Ok(match layer.kind {
+                Kind::Conv(geom) => Geometry::Conv(geom),
+                Kind::Dense { .. } => Geometry::Dense,
             }),
             Err(reason) => Err(reason),
         };
-        planned.push(p);
-    }
-
-    if !tensors.is_empty() {
-        let mut failure: Option<RefitError> = None;
-        let result = capture(original, &tensors, calib, &mut |values, count| {
-            for (job, plan) in jobs.iter().zip(planned.iter_mut()) {
-                let Ok(plan) = plan else { continue };
-                let (x, y) = (&values[plan.x_slot], &values[plan.y_slot]);
-                if let Err(reason) = plan.accumulate(job, x, y, count, opts.rows_per_item) {
-                    failure = Some(job_error(job, reason));
-                    return Err(whittle_calib::Error::Capture("stopped by refit".into()));
-                }
-            }
-            Ok(())
+        wanted.push(Wanted {
+            layer: LayerRef::from(job),
+            stream,
+            plan: Some(plan),
         });
-        if let Some(e) = failure {
-            return Err(e);
+    }
+    collect_wanted(original, wanted, calib, opts)?.apply(pruned, jobs, opts)
+}
+
+/// Runs `original` once over the calibration items and keeps the normal equations of every layer
+/// in `layers`, over all of its inputs and outputs, for [`RefitStats::apply`].
+///
+/// A layer the original cannot refit (a grouped Conv, another op, ...) is recorded with the
+/// reason and reported as skipped by `apply`. A node listed twice with the same tensors is
+/// collected once; with different tensors it is an error. Errors: a node the original lacks, a
+/// capture failure, captured shapes that do not fit the layer. Conv positions are sampled per
+/// layer with `opts.seed` and the layer's index in `layers`.
+pub fn collect(
+    original: &Model,
+    layers: &[LayerRef],
+    calib: &CaptureSpec,
+    opts: &RefitOptions,
+) -> Result<RefitStats, RefitError> {
+    check_options(opts)?;
+    let mut wanted: Vec<Wanted> = Vec::with_capacity(layers.len());
+    for (stream, layer) in layers.iter().enumerate() {
+        match wanted.iter().find(|w| w.layer.node == layer.node) {
+            Some(w) if w.layer == *layer => continue,
+            Some(w) => {
+                return Err(layer_error(
+                    layer,
+                    format!(
+                        "listed twice, reading '{}' -> '{}' and '{}' -> '{}'",
+                        w.layer.input, w.layer.output, layer.input, layer.output
+                    ),
+                ));
+            }
+            None => wanted.push(Wanted {
+                layer: layer.clone(),
+                stream,
+                plan: None,
+            }),
         }
-        result?;
+    }
+    collect_wanted(original, wanted, calib, opts)
+}
+
+/// The normal equations of layers of the ORIGINAL model over all their inputs and outputs, from
+/// one capture pass ([`collect`]); [`RefitStats::apply`] refits any kept subset from sub-blocks
+/// without running the model again.
+///
+/// Plain data: share it by reference across any number of `apply` calls (it is `Send` and
+/// `Sync`). Per layer it holds `G = AᵀA` (d × d with d = inputs · kernel elements + 1),
+/// `R = AᵀY` (d × outputs), and per output `ΣY²` and `ΣY`, in f64.
+#[derive(Clone)]
+pub struct RefitStats {
+    layers: Vec<LayerStats>,
+}
+
+impl RefitStats {
+    /// Refits the layers named in `jobs` in `pruned` from the stored statistics (nothing runs),
+    /// exactly as [`refit`] does with a capture: the sub-blocks of the normal equations for the
+    /// kept inputs and outputs are solved with the ridge of `opts`, the new weights are written
+    /// when they lower the error, and one report per job comes back, in job order. The
+    /// errors before are those of the pruned node's current weights.
+    ///
+    /// Errors, before anything is written: a job whose node has no statistics or whose tensors
+    /// differ from the collected layer's, a job that does not fit the pruned model (see
+    /// [`refit`]), kept lists reaching past the original's inputs or outputs, and a pruned node
+    /// whose kind or Conv attributes differ from the original's. A node the pruned model or the
+    /// original cannot refit is reported as skipped.
+    pub fn apply(
+        &self,
+        pruned: &mut Model,
+        jobs: &[RefitJob],
+        opts: &RefitOptions,
+    ) -> Result<Vec<RefitReport>, RefitError> {
+        check_options(opts)?;
+        check_unique(jobs)?;
+        let mut steps = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let plan = plan_job(pruned, job)?;
+            let Some(stats) = self.layers.iter().find(|l| l.layer.node == job.node) else {
+                return Err(job_error(
+                    job,
+                    "no refit statistics were collected for this node".into(),
+                ));
+            };
+            if stats.layer.input != job.input || stats.layer.output != job.output {
+                return Err(job_error(
+                    job,
+                    format!(
+                        "the job reads '{}' -> '{}', the statistics were collected from '{}' -> '{}'",
+                        job.input, job.output, stats.layer.input, stats.layer.output
+                    ),
+                ));
+            }
+            steps.push(match (plan, &stats.normal) {
+                (Err(reason), _) => Err(reason),
+                (Ok(_), Err(reason)) => Err(reason.clone()),
+                (Ok(layer), Ok(normal)) => {
+                    normal.check(job, &layer).map_err(|r| job_error(job, r))?;
+                    Ok((layer, normal))
+                }
+            });
+        }
+        let mut reports = Vec::with_capacity(jobs.len());
+        for (job, step) in jobs.iter().zip(steps) {
+            let (layer, normal) = match step {
+                Ok(fit) => fit,
+                Err(reason) => {
+                    reports.push(skipped(job, reason));
+                    continue;
+                }
+            };
+            let system = normal.select(job, &layer);
+            let (report, w) = solve_system(&job.node, &system, &layer.w_before, opts.ridge);
+            if let Some(w) = w {
+                write_back(pruned, job, &layer, &w);
+            }
+            reports.push(report);
+        }
+        Ok(reports)
     }
 
-    let mut reports = Vec::with_capacity(jobs.len());
-    for (job, plan) in jobs.iter().zip(planned) {
-        let plan = match plan {
-            Ok(plan) => plan,
-            Err(reason) => {
-                reports.push(RefitReport {
-                    node: job.node.clone(),
-                    rows: 0,
-                    rel_error_before: f64::NAN,
-                    rel_error_after: f64::NAN,
-                    skipped: Some(reason),
-                });
-                continue;
-            }
-        };
-        reports.push(solve_and_write(pruned, job, plan, opts.ridge)?);
+    /// The nodes whose statistics are held (skipped layers included), in collection order.
+    pub fn layers(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.layer.node.as_str()).collect()
     }
-    Ok(reports)
+}
+
+impl fmt::Debug for RefitStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for l in &self.layers {
+            let LayerRef {
+                node,
+                input,
+                output,
+            } = &l.layer;
+            match &l.normal {
+                Ok(n) => list.entry(&format_args!(
+                    "{node} ({input} -> {output}): {} rows, {} inputs x {} kernel elements, {} outputs",
+                    n.rows, n.inputs, n.kk, n.outputs
+                )),
+                Err(reason) => list.entry(&format_args!(
+                    "{node} ({input} -> {output}): skipped, {reason}"
+                )),
+            };
+        }
+        list.finish()
+    }
 }
 
 impl From<whittle_calib::Error> for RefitError {
@@ -230,6 +349,48 @@ fn job_error(job: &RefitJob, reason: String) -> RefitError {
     }
 }
 
+fn layer_error(layer: &LayerRef, reason: String) -> RefitError {
+    RefitError::Job {
+        node: layer.node.clone(),
+        reason,
+    }
+}
+
+fn skipped(job: &RefitJob, reason: String) -> RefitReport {
+    RefitReport {
+        node: job.node.clone(),
+        rows: 0,
+        rel_error_before: f64::NAN,
+        rel_error_after: f64::NAN,
+        skipped: Some(reason),
+    }
+}
+
+fn check_options(opts: &RefitOptions) -> Result<(), RefitError> {
+    if !(opts.ridge.is_finite() && opts.ridge >= 0.0) {
+        return Err(RefitError::Options(format!(
+            "ridge {} is not a finite number >= 0",
+            opts.ridge
+        )));
+    }
+    if opts.rows_per_item == 0 {
+        return Err(RefitError::Options(
+            "rows_per_item must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_unique(jobs: &[RefitJob]) -> Result<(), RefitError> {
+    let mut seen = HashSet::new();
+    for job in jobs {
+        if !seen.insert(job.node.as_str()) {
+            return Err(job_error(job, "the node appears in two jobs".into()));
+        }
+    }
+    Ok(())
+}
+
 /// The kind of layer and its geometry.
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {
@@ -238,6 +399,25 @@ enum Kind {
     Dense {
         trans_b: bool,
     },
+}
+
+/// How a layer turns its input into rows of `A`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Geometry {
+    /// im2col patches of a 1-D or 2-D Conv at sampled output positions.
+    Conv(ConvGeom),
+    /// The last axis holds the features; every other axis gives rows.
+    Dense,
+}
+
+impl Geometry {
+    /// Kernel elements per input channel.
+    fn kk(&self) -> usize {
+        match self {
+            Geometry::Conv(g) => g.kernel[0] * g.kernel[1],
+            Geometry::Dense => 1,
+        }
+    }
 }
 
 /// A job checked against the pruned model.
@@ -257,52 +437,218 @@ struct Layer {
     w_before: Mat<f64>,
 }
 
-/// A planned job and its accumulated normal equations.
-struct Plan {
-    layer: Layer,
-    x_slot: usize,
-    y_slot: usize,
-    acc: Acc,
+/// A layer to collect: `plan` is its geometry when already known (`None`: read it from the
+/// original), or why it is skipped.
+struct Wanted {
+    layer: LayerRef,
+    /// Index of its sampling stream.
+    stream: usize,
+    plan: Option<Result<Geometry, String>>,
 }
 
-/// Normal equations and target statistics, in f64.
-struct Acc {
+/// The statistics of one layer, or why it cannot be refitted.
+#[derive(Clone)]
+struct LayerStats {
+    layer: LayerRef,
+    normal: Result<Normal, String>,
+}
+
+/// Normal equations over all inputs and outputs of a layer, in f64.
+#[derive(Clone)]
+struct Normal {
+    geometry: Geometry,
+    /// Kernel elements per input channel (1 for dense layers).
+    kk: usize,
+    /// Input channels / features of the original.
+    inputs: usize,
+    /// Output channels / features of the original.
+    outputs: usize,
+    /// `AᵀA`, d × d with d = inputs · kk + 1; the last column of `A` is the constant 1.
+    g: Mat<f64>,
+    /// `AᵀY`, d × outputs.
+    r: Mat<f64>,
+    /// `ΣY²` per output.
+    yty: Vec<f64>,
+    /// `ΣY` per output.
+    ysum: Vec<f64>,
+    rows: usize,
+}
+
+/// The normal equations of one job: the sub-blocks for its kept inputs and outputs.
+struct System {
     g: Mat<f64>,
     r: Mat<f64>,
     yty: Vec<f64>,
     ysum: Vec<f64>,
     rows: usize,
-    rng: u64,
-    positions: Vec<usize>,
 }
 
-impl Acc {
-    fn new(d: usize, m: usize, seed: u64, index: usize) -> Acc {
-        Acc {
-            g: Mat::zeros(d, d),
-            r: Mat::zeros(d, m),
-            yty: vec![0.0; m],
-            ysum: vec![0.0; m],
-            rows: 0,
-            rng: seed ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+/// The sampling state of one layer.
+struct Sampler {
+    rng: u64,
+    positions: Vec<usize>,
+    rows_per_item: usize,
+}
+
+impl Sampler {
+    fn new(seed: u64, stream: usize, rows_per_item: usize) -> Sampler {
+        Sampler {
+            rng: seed ^ (stream as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
             positions: Vec::new(),
+            rows_per_item,
         }
+    }
+}
+
+/// A layer being collected.
+struct Collector {
+    geometry: Geometry,
+    x_slot: usize,
+    y_slot: usize,
+    sampler: Sampler,
+    /// Allocated at the first batch, when the channel counts are known.
+    normal: Option<Normal>,
+}
+
+/// Which rows and columns of a captured batch to take; `None`: all.
+struct Select<'a> {
+    kept_in: Option<&'a [usize]>,
+    kept_out: Option<&'a [usize]>,
+    /// Whether `A` gets the constant-1 column, last.
+    ones: bool,
+}
+
+/// The rows of one captured batch, held column-wise: `at` is d × rows, `yt` m × rows.
+struct Batch {
+    at: Mat<f64>,
+    yt: Mat<f64>,
+    /// Input channels / features of the captured input.
+    inputs: usize,
+    /// Output channels / features of the captured output.
+    outputs: usize,
+}
+
+fn collect_wanted(
+    original: &Model,
+    wanted: Vec<Wanted>,
+    calib: &CaptureSpec,
+    opts: &RefitOptions,
+) -> Result<RefitStats, RefitError> {
+    let mut tensors: Vec<String> = Vec::new();
+    let mut slot = |name: &str| match tensors.iter().position(|t| t == name) {
+        Some(i) => i,
+        None => {
+            tensors.push(name.to_string());
+            tensors.len() - 1
+        }
+    };
+    let mut collectors = Vec::with_capacity(wanted.len());
+    for w in &wanted {
+        let plan = match &w.plan {
+            Some(plan) => plan.clone(),
+            None => plan_original(original, &w.layer)?,
+        };
+        collectors.push(plan.map(|geometry| Collector {
+            geometry,
+            x_slot: slot(&w.layer.input),
+            y_slot: slot(&w.layer.output),
+            sampler: Sampler::new(opts.seed, w.stream, opts.rows_per_item),
+            normal: None,
+        }));
     }
 
-    /// Adds the rows held column-wise in `at` (d × rows) and `yt` (m × rows).
-    fn add(&mut self, at: &Mat<f64>, yt: &Mat<f64>) {
-        let par = faer::get_global_parallelism();
-        matmul(&mut self.g, Accum::Add, at, at.transpose(), 1.0, par);
-        matmul(&mut self.r, Accum::Add, at, yt.transpose(), 1.0, par);
-        for j in 0..yt.ncols() {
-            for o in 0..yt.nrows() {
-                let v = yt[(o, j)];
-                self.yty[o] += v * v;
-                self.ysum[o] += v;
+    if !tensors.is_empty() {
+        let mut failure: Option<RefitError> = None;
+        let result = capture(original, &tensors, calib, &mut |values, count| {
+            for (w, c) in wanted.iter().zip(collectors.iter_mut()) {
+                let Ok(c) = c else { continue };
+                let (x, y) = (&values[c.x_slot], &values[c.y_slot]);
+                if let Err(reason) = c.add(&w.layer, x, y, count) {
+                    failure = Some(layer_error(&w.layer, reason));
+                    return Err(whittle_calib::Error::Capture("stopped by refit".into()));
+                }
+            }
+            Ok(())
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        result?;
+    }
+
+    let layers = wanted
+        .into_iter()
+        .zip(collectors)
+        .map(|(w, c)| LayerStats {
+            layer: w.layer,
+            normal: c.and_then(Collector::finish),
+        })
+        .collect();
+    Ok(RefitStats { layers })
+}
+
+/// Reads a layer's geometry from the original model. `Ok(Err(reason))`: it is skipped.
+fn plan_original(
+    original: &Model,
+    layer: &LayerRef,
+) -> Result<Result<Geometry, String>, RefitError> {
+    let graph = original.graph();
+    let mut matches = graph.node.iter().filter(|n| n.name() == layer.node);
+    let Some(node) = matches.next() else {
+        return Err(layer_error(
+            layer,
+            "the original model has no node of that name".into(),
+        ));
+    };
+    if matches.next().is_some() {
+        return Err(layer_error(
+            layer,
+            "the original model has several nodes of that name".into(),
+        ));
+    }
+    Ok(match node.op_type() {
+        "Conv" => {
+            let group = node.attr_int("group").unwrap_or(1);
+            if group != 1 {
+                return Ok(Err(format!(
+                    "it is a grouped Conv (group {group}); refit needs group 1"
+                )));
+            }
+            let weight = node.input.get(1).and_then(|w| original.initializer(w));
+            let kernel: Vec<usize> = match (weight, node.attr_ints("kernel_shape")) {
+                (Some(w), _) => w.dims.iter().skip(2).map(|&v| v.max(0) as usize).collect(),
+                (None, Some(k)) => k.iter().map(|&v| v.max(0) as usize).collect(),
+                (None, None) => {
+                    return Ok(Err(
+                        "its weight is not an initializer and it has no kernel_shape".into(),
+                    ));
+                }
+            };
+            if !(1..=2).contains(&kernel.len()) {
+                return Ok(Err(format!(
+                    "its weight has rank {}; refit handles 1-D and 2-D Convs",
+                    kernel.len() + 2
+                )));
+            }
+            ConvGeom::from_node(node, &kernel).map(Geometry::Conv)
+        }
+        "Gemm" => {
+            let trans_a = node.attr_int("transA").unwrap_or(0);
+            let alpha = node.attr_float("alpha").unwrap_or(1.0);
+            let beta = node.attr_float("beta").unwrap_or(1.0);
+            if trans_a != 0 || alpha != 1.0 || beta != 1.0 {
+                Err(format!(
+                    "Gemm with transA {trans_a}, alpha {alpha}, beta {beta}; refit needs transA 0, alpha = beta = 1"
+                ))
+            } else {
+                Ok(Geometry::Dense)
             }
         }
-        self.rows += at.ncols();
-    }
+        "MatMul" => Ok(Geometry::Dense),
+        other => Err(format!(
+            "op {other} is not refitted (Conv, Gemm and MatMul are)"
+        )),
+    })
 }
 
 /// Checks a job against the pruned model. `Ok(Err(reason))`: the job is skipped.
@@ -470,116 +816,260 @@ fn plan_job(pruned: &Model, job: &RefitJob) -> Result<Result<Layer, String>, Ref
     }))
 }
 
-impl Plan {
-    /// Adds one batch of captured input `x` and target `y` (`count` real items) to the normal
-    /// equations. An error is a job that does not fit the captured shapes.
-    fn accumulate(
+impl Collector {
+    /// Adds one captured batch (`count` real items) to the layer's normal equations.
+    fn add(
         &mut self,
-        job: &RefitJob,
+        layer: &LayerRef,
         x: &ArrayD<f32>,
         y: &ArrayD<f32>,
         count: usize,
-        rows_per_item: usize,
     ) -> Result<(), String> {
-        let (d, m, kk) = (self.layer.d, job.kept_out.len(), self.layer.kk);
-        let xs = x.as_standard_layout();
-        let ys = y.as_standard_layout();
-        let xv = xs.as_slice().expect("standard layout is contiguous");
-        let yv = ys.as_slice().expect("standard layout is contiguous");
-        let (xd, yd) = (x.shape(), y.shape());
-        let check_range = |what: &str, list: &[usize], len: usize| match list.last() {
-            Some(&last) if last >= len => Err(format!(
-                "{what} reaches index {last}, the original tensor has {len}"
-            )),
-            _ => Ok(()),
+        let all = Select {
+            kept_in: None,
+            kept_out: None,
+            ones: true,
         };
-        match &self.layer.kind {
-            Kind::Conv(geom) => {
-                let spatial = geom.kernel[0] == 1 && xd.len() == 3;
-                if !(xd.len() == 4 || spatial) || yd.len() != xd.len() {
-                    return Err(format!(
-                        "captured input '{}' is {xd:?} and output '{}' is {yd:?}, not a Conv's",
-                        job.input, job.output
-                    ));
-                }
-                let (c, h, w) = if xd.len() == 4 {
-                    (xd[1], xd[2], xd[3])
-                } else {
-                    (xd[1], 1, xd[2])
-                };
-                let (mo, ho, wo) = if yd.len() == 4 {
-                    (yd[1], yd[2], yd[3])
-                } else {
-                    (yd[1], 1, yd[2])
-                };
-                check_range("kept_in", &job.kept_in, c)?;
-                check_range("kept_out", &job.kept_out, mo)?;
-                let (begin, out) = geom.resolve(h, w).ok_or_else(|| {
-                    format!("the kernel does not fit the {h}x{w} input '{}'", job.input)
-                })?;
-                if out != [ho, wo] || xd[0] != yd[0] || count > xd[0] {
-                    return Err(format!(
-                        "input '{}' {xd:?} gives a {}x{} output, but '{}' is {yd:?}",
-                        job.input, out[0], out[1], job.output
-                    ));
-                }
-                let positions = ho * wo;
-                let k = rows_per_item.min(positions);
-                let rows = count * k;
-                let mut at = Mat::<f64>::zeros(d, rows);
-                let mut yt = Mat::<f64>::zeros(m, rows);
-                let mut patch = vec![0.0f64; job.kept_in.len() * kk];
-                let acc = &mut self.acc;
-                let mut r = 0;
-                for item in 0..count {
-                    let xi = &xv[item * c * h * w..(item + 1) * c * h * w];
-                    sample_positions(&mut acc.positions, positions, k, &mut acc.rng);
-                    for &p in &acc.positions[..k] {
-                        let (oy, ox) = (p / wo, p % wo);
-                        conv_patch(xi, h, w, &job.kept_in, geom, begin, oy, ox, &mut patch);
-                        for (i, &v) in patch.iter().enumerate() {
-                            at[(i, r)] = v;
-                        }
-                        at[(d - 1, r)] = 1.0;
-                        for (j, &o) in job.kept_out.iter().enumerate() {
-                            yt[(j, r)] = yv[((item * mo + o) * ho + oy) * wo + ox] as f64;
-                        }
-                        r += 1;
-                    }
-                }
-                acc.add(&at, &yt);
+        let batch = batch_rows(&self.geometry, layer, x, y, count, &all, &mut self.sampler)?;
+        let geometry = self.geometry;
+        let normal = self.normal.get_or_insert_with(|| {
+            let d = batch.at.nrows();
+            Normal {
+                geometry,
+                kk: geometry.kk(),
+                inputs: batch.inputs,
+                outputs: batch.outputs,
+                g: Mat::zeros(d, d),
+                r: Mat::zeros(d, batch.outputs),
+                yty: vec![0.0; batch.outputs],
+                ysum: vec![0.0; batch.outputs],
+                rows: 0,
             }
-            Kind::Dense { .. } => {
-                let (Some(&kin), Some(&nout)) = (xd.last(), yd.last()) else {
-                    return Err("a captured tensor is a scalar".into());
-                };
-                if xd.len() < 2 || xd[..xd.len() - 1] != yd[..yd.len() - 1] || count > xd[0] {
-                    return Err(format!(
-                        "captured input '{}' is {xd:?} and output '{}' is {yd:?}: their leading dims differ",
-                        job.input, job.output
-                    ));
-                }
-                check_range("kept_in", &job.kept_in, kin)?;
-                check_range("kept_out", &job.kept_out, nout)?;
-                let inner: usize = xd[1..xd.len() - 1].iter().product();
-                let rows = count * inner;
-                let mut at = Mat::<f64>::zeros(d, rows);
-                let mut yt = Mat::<f64>::zeros(m, rows);
-                for r in 0..rows {
-                    for (i, &f) in job.kept_in.iter().enumerate() {
-                        at[(i, r)] = xv[r * kin + f] as f64;
-                    }
-                    if self.layer.bias_col {
-                        at[(d - 1, r)] = 1.0;
-                    }
-                    for (j, &o) in job.kept_out.iter().enumerate() {
-                        yt[(j, r)] = yv[r * nout + o] as f64;
-                    }
-                }
-                self.acc.add(&at, &yt);
+        });
+        if (normal.inputs, normal.outputs) != (batch.inputs, batch.outputs) {
+            return Err(format!(
+                "the captured '{}' and '{}' have {} and {} channels in one batch, {} and {} in another",
+                layer.input,
+                layer.output,
+                normal.inputs,
+                normal.outputs,
+                batch.inputs,
+                batch.outputs
+            ));
+        }
+        normal.add(&batch.at, &batch.yt);
+        Ok(())
+    }
+
+    /// The finished normal equations, or why there are none.
+    fn finish(self) -> Result<Normal, String> {
+        self.normal.ok_or_else(|| "no calibration rows".into())
+    }
+}
+
+impl Normal {
+    /// Adds the rows held column-wise in `at` (d × rows) and `yt` (outputs × rows).
+    fn add(&mut self, at: &Mat<f64>, yt: &Mat<f64>) {
+        // A full product: faer's triangular one (half the flops) runs slower at these sizes.
+        let par = faer::get_global_parallelism();
+        matmul(&mut self.g, Accum::Add, at, at.transpose(), 1.0, par);
+        matmul(&mut self.r, Accum::Add, at, yt.transpose(), 1.0, par);
+        for j in 0..yt.ncols() {
+            for (o, &v) in yt.col_as_slice(j).iter().enumerate() {
+                self.yty[o] += v * v;
+                self.ysum[o] += v;
+            }
+        }
+        self.rows += at.ncols();
+    }
+
+    /// Checks a job, planned against the pruned model, against these statistics.
+    fn check(&self, job: &RefitJob, layer: &Layer) -> Result<(), String> {
+        match (&self.geometry, &layer.kind) {
+            (Geometry::Conv(a), Kind::Conv(b)) if a != b => {
+                return Err(format!(
+                    "its Conv attributes or kernel ({b:?}) differ from the original's ({a:?})"
+                ));
+            }
+            (Geometry::Conv(_), Kind::Dense { .. }) => {
+                return Err("it is a Gemm or MatMul, the original is a Conv".into());
+            }
+            (Geometry::Dense, Kind::Conv(_)) => {
+                return Err("it is a Conv, the original is a Gemm or MatMul".into());
+            }
+            _ => {}
+        }
+        for (what, list, len) in [
+            ("kept_in", &job.kept_in, self.inputs),
+            ("kept_out", &job.kept_out, self.outputs),
+        ] {
+            if let Some(&last) = list.last()
+                && last >= len
+            {
+                return Err(format!(
+                    "{what} reaches index {last}, the original tensor has {len}"
+                ));
             }
         }
         Ok(())
+    }
+
+    /// The sub-blocks for a job's kept inputs (× kernel elements, + the bias when fitted) and
+    /// kept outputs.
+    fn select(&self, job: &RefitJob, layer: &Layer) -> System {
+        let kk = self.kk;
+        let mut cols: Vec<usize> = job
+            .kept_in
+            .iter()
+            .flat_map(|&c| c * kk..(c + 1) * kk)
+            .collect();
+        if layer.bias_col {
+            cols.push(self.g.nrows() - 1);
+        }
+        debug_assert_eq!(cols.len(), layer.d);
+        let d = cols.len();
+        System {
+            g: Mat::from_fn(d, d, |i, j| self.g[(cols[i], cols[j])]),
+            r: Mat::from_fn(d, job.kept_out.len(), |i, j| {
+                self.r[(cols[i], job.kept_out[j])]
+            }),
+            yty: job.kept_out.iter().map(|&o| self.yty[o]).collect(),
+            ysum: job.kept_out.iter().map(|&o| self.ysum[o]).collect(),
+            rows: self.rows,
+        }
+    }
+}
+
+/// Turns one captured batch of input `x` and target `y` (`count` real items) into rows of `A`
+/// and `Y`, for the selected inputs and outputs. An error is a layer that does not fit the
+/// captured shapes.
+fn batch_rows(
+    geometry: &Geometry,
+    layer: &LayerRef,
+    x: &ArrayD<f32>,
+    y: &ArrayD<f32>,
+    count: usize,
+    select: &Select,
+    sampler: &mut Sampler,
+) -> Result<Batch, String> {
+    let xs = x.as_standard_layout();
+    let ys = y.as_standard_layout();
+    let xv = xs.as_slice().expect("standard layout is contiguous");
+    let yv = ys.as_slice().expect("standard layout is contiguous");
+    let (xd, yd) = (x.shape(), y.shape());
+    let pick = |what: &str, list: Option<&[usize]>, len: usize| -> Result<Vec<usize>, String> {
+        match list {
+            None => Ok((0..len).collect()),
+            Some(list) => match list.last() {
+                Some(&last) if last >= len => Err(format!(
+                    "{what} reaches index {last}, the original tensor has {len}"
+                )),
+                _ => Ok(list.to_vec()),
+            },
+        }
+    };
+    let ones = select.ones as usize;
+    match geometry {
+        Geometry::Conv(geom) => {
+            let spatial = geom.kernel[0] == 1 && xd.len() == 3;
+            if !(xd.len() == 4 || spatial) || yd.len() != xd.len() {
+                return Err(format!(
+                    "captured input '{}' is {xd:?} and output '{}' is {yd:?}, not a Conv's",
+                    layer.input, layer.output
+                ));
+            }
+            let (c, h, w) = if xd.len() == 4 {
+                (xd[1], xd[2], xd[3])
+            } else {
+                (xd[1], 1, xd[2])
+            };
+            let (mo, ho, wo) = if yd.len() == 4 {
+                (yd[1], yd[2], yd[3])
+            } else {
+                (yd[1], 1, yd[2])
+            };
+            let kept_in = pick("kept_in", select.kept_in, c)?;
+            let kept_out = pick("kept_out", select.kept_out, mo)?;
+            let (begin, out) = geom.resolve(h, w).ok_or_else(|| {
+                format!(
+                    "the kernel does not fit the {h}x{w} input '{}'",
+                    layer.input
+                )
+            })?;
+            if out != [ho, wo] || xd[0] != yd[0] || count > xd[0] {
+                return Err(format!(
+                    "input '{}' {xd:?} gives a {}x{} output, but '{}' is {yd:?}",
+                    layer.input, out[0], out[1], layer.output
+                ));
+            }
+            let width = kept_in.len() * geom.kernel[0] * geom.kernel[1];
+            let positions = ho * wo;
+            let k = sampler.rows_per_item.min(positions);
+            let rows = count * k;
+            let mut at = Mat::<f64>::zeros(width + ones, rows);
+            let mut yt = Mat::<f64>::zeros(kept_out.len(), rows);
+            let mut r = 0;
+            for item in 0..count {
+                let xi = &xv[item * c * h * w..(item + 1) * c * h * w];
+                sample_positions(&mut sampler.positions, positions, k, &mut sampler.rng);
+                for &p in &sampler.positions[..k] {
+                    let (oy, ox) = (p / wo, p % wo);
+                    let col = at.col_as_slice_mut(r);
+                    conv_patch(xi, h, w, &kept_in, geom, begin, oy, ox, &mut col[..width]);
+                    if select.ones {
+                        col[width] = 1.0;
+                    }
+                    for (v, &o) in yt.col_as_slice_mut(r).iter_mut().zip(&kept_out) {
+                        *v = yv[((item * mo + o) * ho + oy) * wo + ox] as f64;
+                    }
+                    r += 1;
+                }
+            }
+            Ok(Batch {
+                at,
+                yt,
+                inputs: c,
+                outputs: mo,
+            })
+        }
+        Geometry::Dense => {
+            let (Some(&kin), Some(&nout)) = (xd.last(), yd.last()) else {
+                return Err("a captured tensor is a scalar".into());
+            };
+            if xd.len() < 2 || xd[..xd.len() - 1] != yd[..yd.len() - 1] || count > xd[0] {
+                return Err(format!(
+                    "captured input '{}' is {xd:?} and output '{}' is {yd:?}: their leading dims differ",
+                    layer.input, layer.output
+                ));
+            }
+            let kept_in = pick("kept_in", select.kept_in, kin)?;
+            let kept_out = pick("kept_out", select.kept_out, nout)?;
+            let inner: usize = xd[1..xd.len() - 1].iter().product();
+            let rows = count * inner;
+            let width = kept_in.len();
+            let mut at = Mat::<f64>::zeros(width + ones, rows);
+            let mut yt = Mat::<f64>::zeros(kept_out.len(), rows);
+            for r in 0..rows {
+                let xr = &xv[r * kin..(r + 1) * kin];
+                let col = at.col_as_slice_mut(r);
+                for (v, &f) in col.iter_mut().zip(&kept_in) {
+                    *v = xr[f] as f64;
+                }
+                if select.ones {
+                    col[width] = 1.0;
+                }
+                let yr = &yv[r * nout..(r + 1) * nout];
+                for (v, &o) in yt.col_as_slice_mut(r).iter_mut().zip(&kept_out) {
+                    *v = yr[o] as f64;
+                }
+            }
+            Ok(Batch {
+                at,
+                yt,
+                inputs: kin,
+                outputs: nout,
+            })
+        }
     }
 }
 
@@ -606,19 +1096,18 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Solves the normal equations of a plan, measures both errors and writes the new weights when
-/// they lower the error.
-fn solve_and_write(
-    pruned: &mut Model,
-    job: &RefitJob,
-    plan: Plan,
+/// Solves a job's normal equations and measures the error of `w_before` and of the solution.
+/// Returns the report and, when the solution lowers the error, the weights to write (d × m).
+fn solve_system(
+    node: &str,
+    acc: &System,
+    w_before: &Mat<f64>,
     ridge: f64,
-) -> Result<RefitReport, RefitError> {
-    let Plan { layer, acc, .. } = plan;
-    let d = layer.d;
+) -> (RefitReport, Option<Mat<f64>>) {
+    let d = acc.g.nrows();
     let n = acc.rows;
     let mut report = RefitReport {
-        node: job.node.clone(),
+        node: node.to_string(),
         rows: n,
         rel_error_before: f64::NAN,
         rel_error_after: f64::NAN,
@@ -626,7 +1115,7 @@ fn solve_and_write(
     };
     if n == 0 {
         report.skipped = Some("no calibration rows".into());
-        return Ok(report);
+        return (report, None);
     }
     let yty: f64 = acc.yty.iter().sum();
     let var: f64 = acc
@@ -651,7 +1140,7 @@ fn solve_and_write(
         }
         (yty - 2.0 * wr + wgw).max(0.0) / denom
     };
-    report.rel_error_before = rel(&layer.w_before);
+    report.rel_error_before = rel(w_before);
 
     let trace: f64 = (0..d).map(|i| acc.g[(i, i)]).sum();
     let scale = (trace / d as f64).max(f64::MIN_POSITIVE);
@@ -677,7 +1166,7 @@ fn solve_and_write(
     }
     let Some(w) = solution else {
         report.skipped = Some("the normal equations stay singular with a larger ridge".into());
-        return Ok(report);
+        return (report, None);
     };
     report.rel_error_after = rel(&w);
     if report.rel_error_after.partial_cmp(&report.rel_error_before)
@@ -687,10 +1176,9 @@ fn solve_and_write(
             "kept the current weights: the refit did not lower the error ({:.3e} -> {:.3e})",
             report.rel_error_before, report.rel_error_after
         ));
-        return Ok(report);
+        return (report, None);
     }
-    write_back(pruned, job, &layer, &w);
-    Ok(report)
+    (report, Some(w))
 }
 
 /// Writes the solution `w` (d × m) into the node's weight and bias initializers.
@@ -1358,5 +1846,593 @@ mod tests {
             pruned.initializer("c.w.refit").expect("the copy").dims,
             vec![4, 2, 3, 3]
         );
+    }
+
+    fn int_attr(name: &str, v: i64) -> AttributeProto {
+        AttributeProto {
+            name: Some(name.into()),
+            i: Some(v),
+            r#type: Some(attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        }
+    }
+
+    fn opset13(graph: GraphProto) -> Model {
+        Model {
+            proto: ModelProto {
+                ir_version: Some(8),
+                opset_import: vec![OperatorSetIdProto {
+                    domain: Some(String::new()),
+                    version: Some(13),
+                }],
+                graph: Some(graph),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// x [N,3,6] -> MatMul "mm" ([6,5]) -> [N,3,5] -> Flatten "flat" -> [N,15] -> Gemm "g"
+    /// (transB 1, [4,15], bias [4]) -> g [N,4].
+    fn dense_model() -> Model {
+        let node =
+            |name: &str, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>| NodeProto {
+                name: Some(name.into()),
+                op_type: Some(op.into()),
+                input: inputs.iter().map(|s| s.to_string()).collect(),
+                output: vec![name.into()],
+                attribute,
+                ..Default::default()
+            };
+        opset13(GraphProto {
+            name: Some("g".into()),
+            node: vec![
+                node("mm", "MatMul", &["x", "mm.w"], vec![]),
+                node("flat", "Flatten", &["mm"], vec![int_attr("axis", 1)]),
+                node(
+                    "g",
+                    "Gemm",
+                    &["flat", "g.w", "g.b"],
+                    vec![int_attr("transB", 1)],
+                ),
+            ],
+            input: vec![value_info("x", &["N", "3", "6"])],
+            output: vec![value_info("g", &["N", "4"])],
+            initializer: vec![
+                tensor::from_f32("mm.w", &[6, 5], &noise(30, 30)),
+                tensor::from_f32("g.w", &[4, 15], &noise(60, 31)),
+                tensor::from_f32("g.b", &[4], &noise(4, 32)),
+            ],
+            ..Default::default()
+        })
+    }
+
+    /// Random calibration items in an .npy file.
+    struct Calib {
+        _dir: tempfile::TempDir,
+        dataset: Dataset,
+        indices: Vec<usize>,
+        pre: Preprocess,
+    }
+
+    impl Calib {
+        fn new(shape: &[usize], seed: u64) -> Calib {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("x.npy");
+            let n = shape.iter().product();
+            let data = ArrayD::from_shape_vec(IxDyn(shape), noise(n, seed)).expect("shape fits");
+            ndarray_npy::write_npy(&path, &data).expect("writes npy");
+            Calib {
+                dataset: Dataset::open(&path).expect("opens npy"),
+                _dir: dir,
+                indices: (0..shape[0]).collect(),
+                pre: Preprocess::default(),
+            }
+        }
+
+        fn spec(&self, batch: usize) -> CaptureSpec<'_> {
+            CaptureSpec {
+                dataset: &self.dataset,
+                indices: &self.indices,
+                pre: &self.pre,
+                batch,
+                runtime: RuntimeKind::OrtCpu,
+                threads: Some(1),
+            }
+        }
+    }
+
+    /// A job for `layer` keeping `kept_in` and `kept_out`.
+    fn job_for(layer: &LayerRef, kept_in: Vec<usize>, kept_out: Vec<usize>) -> RefitJob {
+        RefitJob {
+            node: layer.node.clone(),
+            input: layer.input.clone(),
+            output: layer.output.clone(),
+            kept_in,
+            kept_out,
+        }
+    }
+
+    fn put(model: &mut Model, name: &str, dims: &[i64], values: &[f32]) {
+        let t = model
+            .graph_mut()
+            .initializer
+            .iter_mut()
+            .find(|t| t.name() == name)
+            .expect("initializer exists");
+        *t = tensor::from_f32(name, dims, values);
+    }
+
+    /// Slices the weight and bias of the job's layer in `model` (a copy of `original`) down to
+    /// the job's inputs and outputs. The rest of the graph is left alone: refit never runs the
+    /// pruned model.
+    fn slice_layer(model: &mut Model, original: &Model, job: &RefitJob) {
+        let node = original
+            .graph()
+            .node
+            .iter()
+            .find(|n| n.name() == job.node)
+            .expect("node")
+            .clone();
+        let w = original.initializer(&node.input[1]).expect("weight");
+        let dims: Vec<usize> = w.dims.iter().map(|&d| d as usize).collect();
+        let values = tensor::to_f32(w).expect("floats");
+        let inner: usize = dims[2..].iter().product();
+        // Conv [M,C,...] and Gemm transB [N,K] keep outputs along rows, MatMul [K,N] inputs.
+        let (rows, cols) = if node.op_type() == "MatMul" {
+            (&job.kept_in, &job.kept_out)
+        } else {
+            (&job.kept_out, &job.kept_in)
+        };
+        let mut sliced = Vec::new();
+        for &r in rows {
+            for &c in cols {
+                let at = (r * dims[1] + c) * inner;
+                sliced.extend_from_slice(&values[at..at + inner]);
+            }
+        }
+        let mut new_dims = w.dims.clone();
+        new_dims[0] = rows.len() as i64;
+        new_dims[1] = cols.len() as i64;
+        put(model, &node.input[1], &new_dims, &sliced);
+        if let Some(b) = node.input.get(2).and_then(|b| original.initializer(b)) {
+            let bias = tensor::to_f32(b).expect("floats");
+            let kept: Vec<f32> = job.kept_out.iter().map(|&o| bias[o]).collect();
+            put(model, b.name(), &[kept.len() as i64], &kept);
+        }
+    }
+
+    /// `original` with the layers of `jobs` sliced.
+    fn pruned_for(original: &Model, jobs: &[RefitJob]) -> Model {
+        let mut pruned = original.clone();
+        for job in jobs {
+            slice_layer(&mut pruned, original, job);
+        }
+        pruned
+    }
+
+    /// The per-job path `refit` took before statistics were shared: a capture, and normal
+    /// equations over the job's kept inputs and outputs only, solved like `apply` solves.
+    /// `layers` are those the statistics were collected for (the job's is in there): the
+    /// capture asks for all their tensors, as the runtime's rounding depends on which tensors
+    /// are graph outputs, and the job's layer samples with its stream there. Returns the report
+    /// and the weights to write.
+    fn one_shot(
+        original: &Model,
+        pruned: &Model,
+        job: &RefitJob,
+        layers: &[LayerRef],
+        spec: &CaptureSpec,
+        opts: &RefitOptions,
+    ) -> (RefitReport, Option<Mat<f64>>) {
+        let stream = layers
+            .iter()
+            .position(|l| l.node == job.node)
+            .expect("the job's layer is listed");
+        let mut tensors: Vec<String> = Vec::new();
+        for l in layers {
+            for t in [&l.input, &l.output] {
+                if !tensors.contains(t) {
+                    tensors.push(t.clone());
+                }
+            }
+        }
+        let slot = |name: &str| tensors.iter().position(|t| t == name).expect("listed");
+        let (x_slot, y_slot) = (slot(&job.input), slot(&job.output));
+        let layer = plan_job(pruned, job)
+            .expect("the job fits")
+            .expect("the layer is refitted");
+        let geometry = match layer.kind {
+            Kind::Conv(g) => Geometry::Conv(g),
+            Kind::Dense { .. } => Geometry::Dense,
+        };
+        let names = LayerRef::from(job);
+        let select = Select {
+            kept_in: Some(&job.kept_in),
+            kept_out: Some(&job.kept_out),
+            ones: layer.bias_col,
+        };
+        let mut sampler = Sampler::new(opts.seed, stream, opts.rows_per_item);
+        let (d, m) = (layer.d, job.kept_out.len());
+        let mut sys = System {
+            g: Mat::zeros(d, d),
+            r: Mat::zeros(d, m),
+            yty: vec![0.0; m],
+            ysum: vec![0.0; m],
+            rows: 0,
+        };
+        capture(original, &tensors, spec, &mut |v, count| {
+            let (x, y) = (&v[x_slot], &v[y_slot]);
+            let b = batch_rows(&geometry, &names, x, y, count, &select, &mut sampler)
+                .expect("the captured shapes fit");
+            let par = faer::get_global_parallelism();
+            matmul(&mut sys.g, Accum::Add, &b.at, b.at.transpose(), 1.0, par);
+            matmul(&mut sys.r, Accum::Add, &b.at, b.yt.transpose(), 1.0, par);
+            for j in 0..b.yt.ncols() {
+                for o in 0..m {
+                    sys.yty[o] += b.yt[(o, j)] * b.yt[(o, j)];
+                    sys.ysum[o] += b.yt[(o, j)];
+                }
+            }
+            sys.rows += b.at.ncols();
+            Ok(())
+        })
+        .expect("captures");
+        solve_system(&job.node, &sys, &layer.w_before, opts.ridge)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-13
+    }
+
+    /// Applies `jobs` from `stats` (collected for `layers`) to a copy of `pruned` and checks every
+    /// job's solution, report and written weights against the per-job path. Returns how many
+    /// jobs wrote weights.
+    fn check_against_one_shot(
+        original: &Model,
+        pruned: &Model,
+        stats: &RefitStats,
+        layers: &[LayerRef],
+        jobs: &[RefitJob],
+        spec: &CaptureSpec,
+        opts: &RefitOptions,
+    ) -> usize {
+        let mut applied = pruned.clone();
+        let reports = stats.apply(&mut applied, jobs, opts).expect("applies");
+        assert_eq!(reports.len(), jobs.len());
+        let mut expected = pruned.clone();
+        let mut written = 0;
+        for (job, report) in jobs.iter().zip(&reports) {
+            let (want, w_want) = one_shot(original, pruned, job, layers, spec, opts);
+            let layer = plan_job(pruned, job).expect("fits").expect("refitted");
+            let normal = stats
+                .layers
+                .iter()
+                .find(|l| l.layer.node == job.node)
+                .and_then(|l| l.normal.as_ref().ok())
+                .expect("statistics");
+            let system = normal.select(job, &layer);
+            let (_, w_got) = solve_system(&job.node, &system, &layer.w_before, opts.ridge);
+            eprintln!(
+                "{} in {:?} out {:?}: {report:?}",
+                job.node, job.kept_in, job.kept_out
+            );
+            assert_eq!(report.node, want.node);
+            assert_eq!(report.rows, want.rows, "{report:?} vs {want:?}");
+            assert_eq!(
+                report.skipped.is_some(),
+                want.skipped.is_some(),
+                "{report:?} vs {want:?}"
+            );
+            assert!(
+                close(report.rel_error_before, want.rel_error_before)
+                    && close(report.rel_error_after, want.rel_error_after),
+                "{report:?} vs {want:?}"
+            );
+            match (w_got, w_want) {
+                (Some(got), Some(want)) => {
+                    let rel = (&got - &want).norm_l2() / want.norm_l2();
+                    assert!(rel <= 1e-9, "{}: solutions differ by {rel:e}", job.node);
+                    write_back(&mut expected, job, &layer, &want);
+                    written += 1;
+                }
+                (None, None) => {}
+                (got, want) => panic!(
+                    "{}: written {} by apply, {} by the per-job path",
+                    job.node,
+                    got.is_some(),
+                    want.is_some()
+                ),
+            }
+        }
+        // What apply wrote is what the per-job path writes, up to f32 rounding.
+        assert_eq!(applied.graph().node, expected.graph().node);
+        let (got, want) = (&applied.graph().initializer, &expected.graph().initializer);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((g.name(), &g.dims), (w.name(), &w.dims));
+            let (g, w) = (tensor::to_f32(g).expect("f"), tensor::to_f32(w).expect("f"));
+            let scale = w
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                .max(f32::MIN_POSITIVE);
+            for (a, b) in g.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-6 * scale, "{a} vs {b}");
+            }
+        }
+        written
+    }
+
+    #[test]
+    fn collected_statistics_refit_conv_subsets_like_the_per_job_path() {
+        let (original, _) = linear_combination_models();
+        let calib = Calib::new(&[24, 2, 5, 5], 20);
+        let spec = calib.spec(5);
+        let opts = RefitOptions {
+            ridge: 1e-4,
+            rows_per_item: 16,
+            seed: 7,
+        };
+        let layer = |node: &str, input: &str, output: &str| LayerRef {
+            node: node.into(),
+            input: input.into(),
+            output: output.into(),
+        };
+        let layers = [layer("pre", "x", "h"), layer("c", "h", "c")];
+        let stats = collect(&original, &layers, &spec, &opts).expect("collects");
+        assert_eq!(stats.layers(), ["pre", "c"]);
+        eprintln!("{stats:?}");
+        let (pre, c) = (&layers[0], &layers[1]);
+        let sets = [
+            // The dropped channel of the linear-combination model: kept inputs only.
+            vec![job_for(c, vec![0, 1], vec![0, 1, 2, 3])],
+            // Subsets of inputs and of outputs, on both layers.
+            vec![
+                job_for(pre, vec![1], vec![0, 2]),
+                job_for(c, vec![0, 2], vec![1, 3]),
+            ],
+            // Kept outputs only.
+            vec![job_for(c, vec![0, 1, 2], vec![1, 2])],
+        ];
+        let mut written = 0;
+        // Each set from the ONE collection, on its own copy.
+        for jobs in &sets {
+            let pruned = pruned_for(&original, jobs);
+            written +=
+                check_against_one_shot(&original, &pruned, &stats, &layers, jobs, &spec, &opts);
+        }
+        assert!(written >= 3, "{written}");
+
+        // refit is one collection plus apply: with the layers in the same order it writes the
+        // same weights.
+        let mut applied = pruned_for(&original, &sets[1]);
+        let mut refitted = applied.clone();
+        let r1 = stats.apply(&mut applied, &sets[1], &opts).expect("applies");
+        let r2 = refit(&original, &mut refitted, &sets[1], &spec, &opts).expect("refits");
+        assert_eq!(format!("{r1:?}"), format!("{r2:?}"));
+        assert_eq!(applied, refitted);
+    }
+
+    #[test]
+    fn collected_statistics_refit_dense_subsets_like_the_per_job_path() {
+        let original = dense_model();
+        let calib = Calib::new(&[20, 3, 6], 40);
+        let spec = calib.spec(8);
+        let opts = RefitOptions::default();
+        let layer = |node: &str, input: &str| LayerRef {
+            node: node.into(),
+            input: input.into(),
+            output: node.into(),
+        };
+        let layers = [layer("mm", "x"), layer("flat", "mm"), layer("g", "flat")];
+        let stats = collect(&original, &layers, &spec, &opts).expect("collects");
+        assert_eq!(stats.layers(), ["mm", "flat", "g"]);
+        let shown = format!("{stats:?}");
+        assert!(shown.contains("60 rows"), "{shown}");
+        assert!(shown.contains("op Flatten is not refitted"), "{shown}");
+        let (mm, g) = (&layers[0], &layers[2]);
+        let sets = [
+            vec![
+                job_for(mm, vec![0, 2, 3, 5], vec![0, 1, 2, 3, 4]),
+                job_for(g, vec![0, 1, 4, 7, 8, 11, 14], vec![1, 3]),
+            ],
+            vec![
+                job_for(g, (0..15).step_by(2).collect(), vec![0, 1, 2, 3]),
+                job_for(mm, vec![1, 2, 3, 4, 5], vec![0, 4]),
+            ],
+        ];
+        let mut written = 0;
+        for jobs in &sets {
+            let pruned = pruned_for(&original, jobs);
+            written +=
+                check_against_one_shot(&original, &pruned, &stats, &layers, jobs, &spec, &opts);
+        }
+        assert!(written >= 3, "{written}");
+    }
+
+    #[test]
+    fn apply_refuses_what_the_statistics_do_not_cover() {
+        fn is_plain_shared_data<T: Send + Sync + Clone + 'static>() {}
+        is_plain_shared_data::<RefitStats>();
+
+        let (original, pruned) = linear_combination_models();
+        let calib = Calib::new(&[4, 2, 5, 5], 5);
+        let spec = calib.spec(4);
+        let opts = RefitOptions::default();
+        let c = LayerRef {
+            node: "c".into(),
+            input: "h".into(),
+            output: "c".into(),
+        };
+        // An identical duplicate is collected once; a conflicting one and an unknown node are
+        // errors.
+        let stats = collect(&original, &[c.clone(), c.clone()], &spec, &opts).expect("collects");
+        assert_eq!(stats.layers(), ["c"]);
+        let other = LayerRef {
+            input: "x".into(),
+            ..c.clone()
+        };
+        let err = collect(&original, &[c.clone(), other], &spec, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refit of node 'c'") && err.contains("listed twice"),
+            "{err}"
+        );
+        let nope = LayerRef {
+            node: "nope".into(),
+            ..c.clone()
+        };
+        let err = collect(&original, &[nope], &spec, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'nope'") && err.contains("no node of that name"),
+            "{err}"
+        );
+
+        let good = job_for(&c, vec![0, 1], vec![0, 1, 2, 3]);
+        let mut model = pruned.clone();
+        // A node without statistics fails the whole call, before anything is written.
+        let pre = RefitJob {
+            node: "pre".into(),
+            input: "x".into(),
+            output: "h".into(),
+            kept_in: vec![0, 1],
+            kept_out: vec![0, 1],
+        };
+        let err = stats
+            .apply(&mut model, &[good.clone(), pre], &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refit of node 'pre'") && err.contains("no refit statistics"),
+            "{err}"
+        );
+        assert_eq!(model, pruned);
+        let moved = RefitJob {
+            input: "x".into(),
+            ..good.clone()
+        };
+        let err = stats
+            .apply(&mut model, &[moved], &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("collected from 'h' -> 'c'"), "{err}");
+        let beyond = job_for(&c, vec![1, 3], vec![0, 1, 2, 3]);
+        let err = stats
+            .apply(&mut model, &[beyond], &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("kept_in reaches index 3, the original tensor has 3"),
+            "{err}"
+        );
+        assert_eq!(model, pruned);
+        let reports = stats.apply(&mut model, &[good], &opts).expect("applies");
+        assert_eq!(reports[0].skipped, None, "{reports:?}");
+        assert_ne!(model, pruned);
+    }
+
+    #[test]
+    fn matches_the_per_job_path_on_resnet8_and_collects_once() {
+        let test = "matches_the_per_job_path_on_resnet8_and_collects_once";
+        let dir =
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/assets"));
+        if !dir.is_dir() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: test assets not found at {} (CI=true)",
+                dir.display()
+            );
+            eprintln!(
+                "{test}: skipped, test assets not found at {}",
+                dir.display()
+            );
+            return;
+        }
+        let original =
+            Model::load(&dir.join("models/resnet8_cifar10.onnx")).expect("loads resnet8");
+        let data = Dataset::open(&dir.join("data/cifar10/test-b")).expect("opens test-b");
+        let pre = Preprocess::from_name_or_path("resnet8").expect("built-in profile");
+        let (calib, _) = data.split(0.6, 0).expect("splits");
+        let spec = CaptureSpec {
+            dataset: &data,
+            indices: &calib[..100],
+            pre: &pre,
+            batch: 50,
+            runtime: RuntimeKind::OrtCpu,
+            threads: Some(2),
+        };
+        let opts = RefitOptions::default();
+        let layer = |node: &str, input: &str, output: &str| LayerRef {
+            node: node.into(),
+            input: input.into(),
+            output: output.into(),
+        };
+        let layers = [
+            layer("conv2d_1", "activation", "conv2d_1"),
+            layer("conv2d_4", "activation_3", "conv2d_4"),
+            layer("conv2d_7", "activation_5", "conv2d_7"),
+            layer("conv2d_8", "activation_4", "conv2d_8"),
+            layer("dense", "flatten", "dense_logits"),
+        ];
+        let r = |a: usize, b: usize, step: usize| (a..b).step_by(step).collect::<Vec<usize>>();
+        let kept = [
+            [
+                (r(0, 16, 2), r(0, 16, 1)),
+                (r(0, 32, 1), r(0, 32, 3)),
+                (r(0, 40, 1), r(0, 64, 1)),
+                (r(0, 24, 1), r(0, 64, 2)),
+                (r(0, 64, 2), r(0, 10, 1)),
+            ],
+            [
+                (r(0, 12, 1), r(4, 16, 1)),
+                (r(0, 32, 2), r(0, 32, 1)),
+                (r(20, 64, 1), r(0, 64, 4)),
+                (r(8, 32, 1), r(0, 64, 1)),
+                (r(0, 48, 1), vec![0, 1, 2, 4, 5, 6, 7, 8, 9]),
+            ],
+        ];
+        let sets: Vec<Vec<RefitJob>> = kept
+            .iter()
+            .map(|set| {
+                set.iter()
+                    .zip(&layers)
+                    .map(|((i, o), l)| job_for(l, i.clone(), o.clone()))
+                    .collect()
+            })
+            .collect();
+        let pruned: Vec<Model> = sets.iter().map(|s| pruned_for(&original, s)).collect();
+
+        // Timing: the per-job path captures once per job (the sensitivity trials called refit
+        // once per trial); the statistics are collected once for every job.
+        let t = std::time::Instant::now();
+        for (jobs, model) in sets.iter().zip(&pruned) {
+            for job in jobs {
+                let alone = [LayerRef::from(job)];
+                one_shot(&original, model, job, &alone, &spec, &opts);
+            }
+        }
+        let per_job = t.elapsed();
+        let t = std::time::Instant::now();
+        let stats = collect(&original, &layers, &spec, &opts).expect("collects");
+        let collected = t.elapsed();
+        let t = std::time::Instant::now();
+        for (jobs, model) in sets.iter().zip(&pruned) {
+            stats
+                .apply(&mut model.clone(), jobs, &opts)
+                .expect("applies");
+        }
+        let applied = t.elapsed();
+        eprintln!(
+            "resnet8, 100 items, 5 layers x 2 kept subsets: per-job path (10 captures) {per_job:?}; collect once {collected:?} + 10 applies {applied:?}"
+        );
+
+        let mut written = 0;
+        for (jobs, model) in sets.iter().zip(&pruned) {
+            written +=
+                check_against_one_shot(&original, model, &stats, &layers, jobs, &spec, &opts);
+        }
+        assert!(written >= 8, "{written}");
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use whittle_calib::{CaptureSpec, Dataset, Preprocess, input_specs};
-use whittle_compress::refit::{RefitJob, RefitOptions, refit};
+use whittle_compress::refit::{LayerRef, RefitJob, RefitOptions, collect, refit};
 use whittle_core::Model;
 use whittle_core::onnx::{AttributeProto, NodeProto, attribute_proto};
 use whittle_core::tensor;
@@ -143,14 +143,11 @@ fn refit_recovers_a_corrupted_conv_of_resnet8() {
         kept_in: (0..16).collect(),
         kept_out: (0..16).collect(),
     };
-    let reports = refit(
-        &s.original,
-        &mut pruned,
-        &[job],
-        &spec,
-        &RefitOptions::default(),
-    )
-    .expect("refits");
+    // One collection, then the refit from its statistics.
+    let opts = RefitOptions::default();
+    let stats = collect(&s.original, &[LayerRef::from(&job)], &spec, &opts).expect("collects");
+    assert_eq!(stats.layers(), ["conv2d_1"]);
+    let reports = stats.apply(&mut pruned, &[job], &opts).expect("applies");
     let r = &reports[0];
     let refitted =
         tensor::to_f32(pruned.initializer("conv2d_1.weight").expect("weight")).expect("floats");
@@ -283,4 +280,122 @@ fn refit_of_a_pruned_dense_layer_restores_agreement() {
         "top-1 agreement with the original on 200 held-out images: unrefitted {before:.3}, refitted {after:.3}"
     );
     assert!(after >= before, "refitted {after} < unrefitted {before}");
+}
+
+/// `model` with the weight and bias of the Conv or Gemm (`transB` 1) `job.node` sliced to the
+/// job's inputs and outputs (refit never runs the pruned model, so nothing else changes).
+fn slice_layer(model: &mut Model, original: &Model, job: &RefitJob) {
+    let w = original
+        .initializer(&format!("{}.weight", job.node))
+        .expect("weight");
+    let b = original
+        .initializer(&format!("{}.bias", job.node))
+        .expect("bias");
+    let dims: Vec<usize> = w.dims.iter().map(|&d| d as usize).collect();
+    let full = tensor::to_f32(w).expect("floats");
+    let bias = tensor::to_f32(b).expect("floats");
+    let inner: usize = dims[2..].iter().product();
+    let mut sliced = Vec::new();
+    for &o in &job.kept_out {
+        for &i in &job.kept_in {
+            let at = (o * dims[1] + i) * inner;
+            sliced.extend_from_slice(&full[at..at + inner]);
+        }
+    }
+    let mut new_dims = w.dims.clone();
+    new_dims[0] = job.kept_out.len() as i64;
+    new_dims[1] = job.kept_in.len() as i64;
+    replace_initializer(model, w.name(), &new_dims, &sliced);
+    let kept: Vec<f32> = job.kept_out.iter().map(|&o| bias[o]).collect();
+    replace_initializer(model, b.name(), &[kept.len() as i64], &kept);
+}
+
+#[test]
+fn one_collection_refits_two_subsets_like_refit_does() {
+    let Some(s) = setup("one_collection_refits_two_subsets_like_refit_does") else {
+        return;
+    };
+    let spec = CaptureSpec {
+        dataset: &s.data,
+        indices: &s.calib[..100],
+        pre: &s.pre,
+        batch: 50,
+        runtime: RuntimeKind::OrtCpu,
+        threads: Some(2),
+    };
+    let opts = RefitOptions::default();
+    let layer = |node: &str, input: &str, output: &str| LayerRef {
+        node: node.into(),
+        input: input.into(),
+        output: output.into(),
+    };
+    let layers = [
+        layer("conv2d_1", "activation", "conv2d_1"),
+        layer("conv2d_7", "activation_5", "conv2d_7"),
+        layer("conv2d_8", "activation_4", "conv2d_8"),
+        layer("dense", "flatten", "dense_logits"),
+    ];
+    let range = |a: usize, b: usize, step: usize| (a..b).step_by(step).collect::<Vec<usize>>();
+    let kept = [
+        [
+            (range(0, 16, 2), range(0, 16, 1)),
+            (range(0, 40, 1), range(0, 64, 1)),
+            (range(0, 24, 1), range(0, 64, 2)),
+            (range(0, 64, 2), range(0, 10, 1)),
+        ],
+        [
+            (range(0, 12, 1), range(4, 16, 1)),
+            (range(20, 64, 1), range(0, 64, 4)),
+            (range(8, 32, 1), range(0, 64, 1)),
+            (range(0, 48, 1), vec![0, 1, 2, 4, 5, 6, 7, 8, 9]),
+        ],
+    ];
+    let t = std::time::Instant::now();
+    let stats = collect(&s.original, &layers, &spec, &opts).expect("collects");
+    let collected = t.elapsed();
+    let (mut per_call, mut applied) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    for set in &kept {
+        // The jobs come in the layers' order, so that refit samples the same positions.
+        let jobs: Vec<RefitJob> = set
+            .iter()
+            .zip(&layers)
+            .map(|((i, o), l)| RefitJob {
+                node: l.node.clone(),
+                input: l.input.clone(),
+                output: l.output.clone(),
+                kept_in: i.clone(),
+                kept_out: o.clone(),
+            })
+            .collect();
+        let mut pruned = s.original.clone();
+        for job in &jobs {
+            slice_layer(&mut pruned, &s.original, job);
+        }
+        let mut via_refit = pruned.clone();
+        let t = std::time::Instant::now();
+        let want = refit(&s.original, &mut via_refit, &jobs, &spec, &opts).expect("refits");
+        per_call += t.elapsed();
+        let t = std::time::Instant::now();
+        let got = stats.apply(&mut pruned, &jobs, &opts).expect("applies");
+        applied += t.elapsed();
+        for r in &got {
+            eprintln!(
+                "{}: rows {} rel error before {:.4e} after {:.4e} {:?}",
+                r.node, r.rows, r.rel_error_before, r.rel_error_after, r.skipped
+            );
+            assert!(
+                r.skipped.is_some() || r.rel_error_after < r.rel_error_before,
+                "{r:?}"
+            );
+        }
+        assert!(
+            got.iter().filter(|r| r.skipped.is_none()).count() >= 3,
+            "{got:?}"
+        );
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        assert_eq!(pruned, via_refit);
+    }
+    eprintln!(
+        "resnet8, 100 items, 4 layers: refit per job set (2 captures) {per_call:?}; collect once {collected:?} + 2 applies {applied:?}"
+    );
 }

@@ -4,7 +4,7 @@ pub mod verify;
 pub mod write;
 
 pub use verify::{OutputReport, VerifyOptions, VerifyReport, verify};
-pub use write::{save_model, write_atomic};
+pub use write::{remove_partial_files_on_interrupt, save_model, write_atomic};
 
 /// Errors of writing and verification.
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use whittle_core::Model;
 
@@ -17,8 +18,26 @@ fn werr(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// Temporary files being written now; removed by the interrupt handler.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// On SIGINT / SIGTERM, remove the temporary files being written and exit with 130, so an
+/// interrupted run leaves neither a partial output nor a stray temporary file. Call once, early.
+pub fn remove_partial_files_on_interrupt() {
+    let _ = ctrlc::set_handler(|| {
+        if let Ok(list) = PENDING.lock() {
+            for p in list.iter() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        eprintln!("interrupted: nothing half-written was left behind");
+        std::process::exit(130);
+    });
+}
+
 /// Write `bytes` to `path` atomically: readers see the old file or the whole new one, and an
-/// interrupted write leaves no partial file (the temporary file is removed when dropped).
+/// interrupted write leaves no partial file (the temporary file is removed when dropped, or by
+/// the interrupt handler of [`remove_partial_files_on_interrupt`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -28,11 +47,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| werr(path, e))?;
+    let tmp_path = tmp.path().to_path_buf();
+    if let Ok(mut l) = PENDING.lock() {
+        l.push(tmp_path.clone());
+    }
+    let result = finish(tmp, path, bytes);
+    if let Ok(mut l) = PENDING.lock() {
+        l.retain(|p| p != &tmp_path);
+    }
+    result
+}
+
+fn finish(mut tmp: tempfile::NamedTempFile, path: &Path, bytes: &[u8]) -> Result<(), Error> {
     tmp.write_all(bytes).map_err(|e| werr(path, e))?;
     #[cfg(unix)]
     {

@@ -383,6 +383,17 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 runtime: a.runtime,
                 threads: a.threads,
             };
+            // one capture for all trials: each trial solves its kept subset from these
+            let stats = if a.no_reconstruct {
+                None
+            } else {
+                Some(refit::collect(
+                    &model,
+                    &consumer_layers(&model, &gs),
+                    &sens_spec,
+                    &refit_opts,
+                )?)
+            };
             let fractions = [0.25, 0.5];
             let pb = bar("sensitivity", gs.prunable().count() * fractions.len());
             let s = prune::measure_sensitivity(
@@ -395,9 +406,9 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                         pass: "sensitivity".into(),
                         reason: e,
                     };
-                    if !a.no_reconstruct {
-                        let jobs = refit_jobs(&model, changes);
-                        refit::refit(&model, m, &jobs, &sens_spec, &refit_opts)
+                    if let Some(stats) = &stats {
+                        stats
+                            .apply(m, &refit_jobs(&model, changes), &refit_opts)
                             .map_err(|e| fail(e.to_string()))?;
                     }
                     reference.damage(m).map_err(|e| fail(format!("{e:#}")))
@@ -451,7 +462,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         params: (before.params, after.params),
         macs: (before.macs, after.macs),
         macs_kept: after.macs as f64 / before.macs.max(1) as f64,
-        importance: format!("{:?}", scores_name(a.importance)),
+        importance: scores_name(a.importance).to_string(),
         reconstructed: !refits.is_empty(),
         refit: refits,
         fidelity,
@@ -656,7 +667,7 @@ fn print_summary(s: &Summary) {
         pct(s.macs_kept),
         s.prunable_groups,
         s.groups,
-        s.importance.trim_matches('"'),
+        s.importance,
         if s.reconstructed { "on" } else { "off" },
         s.seconds
     );
@@ -779,4 +790,24 @@ fn refit_jobs(model: &Model, changes: &[prune::ConsumerChange]) -> Vec<RefitJob>
             })
         })
         .collect()
+}
+
+/// The layers that read the channels of prunable groups (the ones a cut may refit).
+fn consumer_layers(model: &Model, gs: &Groups) -> Vec<refit::LayerRef> {
+    let mut v: Vec<refit::LayerRef> = gs
+        .prunable()
+        .flat_map(|g| g.members.iter())
+        .filter(|m| m.role == whittle_compress::groups::Role::Consumer)
+        .map(|m| {
+            let n = &model.graph().node[m.node];
+            refit::LayerRef {
+                node: n.name().to_string(),
+                input: n.input[0].clone(),
+                output: n.output[0].clone(),
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| a.node.cmp(&b.node));
+    v.dedup();
+    v
 }
