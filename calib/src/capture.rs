@@ -213,7 +213,7 @@ pub fn capture(
 }
 
 /// For inputs with a fixed batch larger than the last chunk, repeats the last item to fill it.
-fn pad_batch(inputs: &[Value], have: usize, bs: usize, infos: &[IoInfo]) -> Vec<Value> {
+pub fn pad_batch(inputs: &[Value], have: usize, bs: usize, infos: &[IoInfo]) -> Vec<Value> {
     let fixed = infos
         .iter()
         .any(|io| matches!(io.dims.first(), Some(Dim::Fixed(_))));

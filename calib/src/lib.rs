@@ -21,7 +21,7 @@ pub mod dataset;
 pub mod error;
 pub mod profile;
 
-pub use capture::{CaptureSpec, capture, input_specs};
+pub use capture::{CaptureSpec, capture, input_specs, pad_batch};
 pub use dataset::{Batch, Dataset, DatasetKind, Dtype, InputSpec};
 pub use error::Error;
 pub use profile::{BUILTIN_PROFILES, Color, Layout, Preprocess, Resize};

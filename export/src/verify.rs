@@ -8,7 +8,7 @@
 use serde::Serialize;
 use whittle_calib::{Dataset, Preprocess};
 use whittle_core::Value;
-use whittle_deploy::{Dim, IoInfo, RuntimeKind, RuntimeOptions, Session};
+use whittle_deploy::{IoInfo, RuntimeKind, RuntimeOptions, Session};
 
 use crate::Error;
 
@@ -154,7 +154,7 @@ pub fn verify_items(
     let mut done = 0;
     for chunk in indices.chunks(bs) {
         let batch = data.load_batch(chunk, &specs, pre)?;
-        let inputs = pad_batch(&batch.inputs, chunk.len(), bs, r.inputs())?;
+        let inputs = whittle_calib::pad_batch(&batch.inputs, chunk.len(), bs, r.inputs());
         let ro = r.run(&inputs)?;
         let co = c.run(&inputs)?;
         for (k, (a, b)) in ro.iter().zip(&co).enumerate() {
@@ -238,33 +238,4 @@ fn check_same_interface(r: &dyn Session, c: &dyn Session) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-/// For inputs with a fixed batch larger than the last chunk, repeat the last item to fill it.
-fn pad_batch(
-    inputs: &[Value],
-    have: usize,
-    bs: usize,
-    infos: &[IoInfo],
-) -> Result<Vec<Value>, Error> {
-    let fixed = infos
-        .iter()
-        .any(|io| matches!(io.dims.first(), Some(Dim::Fixed(_))));
-    if !fixed || have == bs {
-        return Ok(inputs.to_vec());
-    }
-    fn pad<T: Clone>(a: &ndarray::ArrayD<T>, bs: usize) -> ndarray::ArrayD<T> {
-        let n = a.shape()[0];
-        let idx: Vec<usize> = (0..bs).map(|i| i.min(n - 1)).collect();
-        a.select(ndarray::Axis(0), &idx)
-    }
-    Ok(inputs
-        .iter()
-        .map(|v| match v {
-            Value::F32(a) => Value::F32(pad(a, bs)),
-            Value::I64(a) => Value::I64(pad(a, bs)),
-            Value::I32(a) => Value::I32(pad(a, bs)),
-            Value::Bool(a) => Value::Bool(pad(a, bs)),
-        })
-        .collect())
 }
