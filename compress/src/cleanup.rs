@@ -95,7 +95,11 @@ fn drop_identities(model: &mut Model) -> Result<usize, Error> {
                 || (n.op_type() == "Dropout"
                     && (n.output.len() == 1 || n.output[1..].iter().all(|o| o.is_empty()))
                     && n.input.len() == 1));
-        if passthrough && !n.output.is_empty() && !outputs.contains(&n.output[0]) {
+        if passthrough
+            && !n.output.is_empty()
+            && !n.input.is_empty()
+            && !outputs.contains(&n.output[0])
+        {
             let (from, to) = (n.output[0].clone(), n.input[0].clone());
             g.node.remove(i);
             rewire(&mut g.node, &from, &to);
@@ -122,6 +126,8 @@ fn drop_noop_reshapes(model: &mut Model) -> Result<usize, Error> {
         let n = &g.node[i];
         let same = n.op_type() == "Reshape"
             && n.domain().is_empty()
+            && !n.input.is_empty()
+            && !n.output.is_empty()
             && !outputs.contains(&n.output[0])
             && match (shapes.shape(&n.input[0]), shapes.shape(&n.output[0])) {
                 (Some(a), Some(b)) => {

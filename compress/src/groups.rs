@@ -292,7 +292,7 @@ impl<'a> Cx<'a> {
         let op = n.op_type();
         let l0 = n.input.first().and_then(|x| self.layouts.get(x)).cloned();
         let why = |s: &str| format!("{s} at node '{}' ({op})", n.name());
-        if !n.domain().is_empty() {
+        if !n.domain().is_empty() || n.input.is_empty() || n.output.is_empty() {
             self.freeze_inputs(i, &why("unknown op"));
             return;
         }
@@ -597,9 +597,12 @@ impl<'a> Cx<'a> {
                 // the initializer axis aligned with the output's channel axis
                 let shift = rank as i64 - d.len() as i64;
                 let ax = 1 - shift;
-                if ax < 0 || d[ax as usize] == 1 {
+                let along = usize::try_from(ax).ok().and_then(|a| d.get(a).copied());
+                if rank < 2 {
+                    // no channel axis: nothing to slice, nothing tied
+                } else if ax < 0 || along == Some(1) {
                     params.push((slot, None));
-                } else if d[ax as usize] == c && self.own_init(x) {
+                } else if along == Some(c) && self.own_init(x) {
                     params.push((slot, Some(ax as usize)));
                 } else {
                     blocked = Some(why(

@@ -528,7 +528,7 @@ pub fn plan(
             .take(3)
             .collect();
         return Err(Error::NothingToPrune(if groups.groups.is_empty() {
-            "the model has no Conv / Gemm output channels".into()
+            "no Conv, Gemm or 2-D MatMul produces channels whittle can prune (MatMuls over token sequences belong to transformer block / head pruning)".into()
         } else {
             format!(
                 "every channel group is frozen ({}{})",

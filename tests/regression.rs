@@ -1,0 +1,137 @@
+//! The regression suite (issue 8, point 5): every model in ../shared/assets/models through
+//! inspect, a load / save round trip, every compression method that has landed at a moderate
+//! budget, and verify. Any panic, invalid graph or runtime error fails; a model a method does not
+//! apply to is listed as skipped with the reason.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ndarray::{Array2, ArrayD};
+
+/// Synthetic but valid inputs for each model: (data file, item count).
+fn data_for(name: &str, dir: &Path) -> PathBuf {
+    let n = 4;
+    if name.starts_with("minilm") {
+        let mut ids = Array2::<i64>::zeros((n, 12));
+        let mut mask = Array2::<i64>::zeros((n, 12));
+        for i in 0..n {
+            for j in 0..12 {
+                ids[[i, j]] = if j == 0 {
+                    101
+                } else if j == 11 {
+                    102
+                } else {
+                    2000 + (i * 37 + j * 11) as i64 % 3000
+                };
+                mask[[i, j]] = 1;
+            }
+        }
+        let p = dir.join(format!("{name}.npz"));
+        let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&p).unwrap());
+        w.add_array("input_ids", &ids).unwrap();
+        w.add_array("attention_mask", &mask).unwrap();
+        w.add_array("token_type_ids", &Array2::<i64>::zeros((n, 12)))
+            .unwrap();
+        w.finish().unwrap();
+        return p;
+    }
+    let item: &[usize] = match name {
+        "mobilenetv1_025_vww96" => &[3, 96, 96],
+        "dscnn_kws" => &[1, 50, 10],
+        "efficientnet_lite0_224" => &[3, 224, 224],
+        "mnist-8" => &[1, 28, 28],
+        _ => &[3, 32, 32],
+    };
+    let mut shape = vec![n];
+    shape.extend_from_slice(item);
+    let len: usize = shape.iter().product();
+    let vals: Vec<f32> = noise(len, 3)
+        .iter()
+        .map(|&b| b as f32 / 128.0 - 1.0)
+        .collect();
+    let p = dir.join(format!("{name}.npy"));
+    ndarray_npy::write_npy(&p, &ArrayD::from_shape_vec(shape, vals).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn r8_every_shared_model_through_every_landed_method() {
+    let Some(assets) = shared_assets() else {
+        return;
+    };
+    let mut models: Vec<PathBuf> = std::fs::read_dir(assets.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "onnx") && !p.to_string_lossy().contains("noweights")
+        })
+        .collect();
+    models.extend(minilm());
+    models.sort();
+    assert!(models.len() >= 7, "{models:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    for m in &models {
+        let name = m
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".opset17", "");
+        let data = data_for(&name, dir.path());
+        // inspect
+        let j = run(&["inspect", &s(m), "--json", "--brief"]).ok().json();
+        assert!(j["params"].as_u64().unwrap() > 0, "{name}");
+        // round trip: identical outputs
+        let rt = dir.path().join(format!("{name}.rt.onnx"));
+        run(&["convert", &s(m), "-o", &s(&rt)]).ok();
+        let v = run(&["verify", &s(m), &s(&rt), "--data", &s(&data), "--json"])
+            .ok()
+            .json();
+        for o in v["outputs"].as_array().unwrap() {
+            assert_eq!(o["max_abs_diff"].as_f64(), Some(0.0), "{name} round trip");
+        }
+        // channel pruning at a moderate budget (fast settings: weight norms, no data)
+        let out = dir.path().join(format!("{name}.pruned.onnx"));
+        let r = run(&[
+            "compress",
+            &s(m),
+            "-o",
+            &s(&out),
+            "--target",
+            "macs=0.8",
+            "--importance",
+            "l2",
+            "--no-reconstruct",
+            "--json",
+        ]);
+        if r.code == 0 {
+            let kept = r.json()["macs_kept"].as_f64().unwrap();
+            assert!(kept <= 0.8 + 1e-6, "{name}: {kept}");
+            for rt in ["ort-cpu", "tract"] {
+                run(&[
+                    "verify",
+                    &s(m),
+                    &s(&out),
+                    "--data",
+                    &s(&data),
+                    "--runtime",
+                    rt,
+                    "--json",
+                ])
+                .ok();
+            }
+            report.push(format!(
+                "{name}: pruned to {:.1}% MACs, runs in ort-cpu and tract",
+                kept * 100.0
+            ));
+        } else {
+            // the only acceptable refusal: nothing prunable, said on one line
+            let line = r.error(&["nothing to prune"]);
+            assert!(!out.exists(), "{name}: nothing may be written");
+            report.push(format!("{name}: channel pruning skipped: {line}"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
