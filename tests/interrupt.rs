@@ -27,7 +27,10 @@ fn r8_sigint_while_writing_leaves_no_partial_file() {
     let Some(m) = asset("models/efficientnet_lite0_224.onnx") else {
         return;
     };
-    for (k, ms) in [0u64, 5, 20, 60, 150, 400].into_iter().enumerate() {
+    for (k, ms) in [0u64, 5, 10, 20, 40, 60, 90, 120, 150, 200, 300, 400]
+        .into_iter()
+        .enumerate()
+    {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.onnx");
         let args = vec![

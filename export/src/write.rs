@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use whittle_core::Model;
 
@@ -10,7 +11,7 @@ use crate::Error;
 
 fn werr(path: &Path, e: std::io::Error) -> Error {
     let text = e.to_string();
-    // tempfile appends "at path <temp file>"; the user asked for `path`, not the temp file
+    // some errors append "at path <temp file>"; the user asked for `path`, not the temp file
     let cause = text.split(" at path ").next().unwrap_or(&text).to_string();
     Error::Write {
         path: path.to_path_buf(),
@@ -19,26 +20,32 @@ fn werr(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Temporary files being written now; removed by the interrupt handler.
+/// Temporary files being written now; removed by the interrupt handler. A file is created and
+/// registered under this lock, and renamed into place under it, so the handler (which holds the
+/// lock until the process exits) never misses one.
 static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// On SIGINT / SIGTERM, remove the temporary files being written and exit with 130, so an
 /// interrupted run leaves neither a partial output nor a stray temporary file. Call once, early.
 pub fn remove_partial_files_on_interrupt() {
     let _ = ctrlc::set_handler(|| {
-        if let Ok(list) = PENDING.lock() {
-            for p in list.iter() {
-                let _ = std::fs::remove_file(p);
-            }
+        let list = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        for p in list.iter() {
+            let _ = std::fs::remove_file(p);
         }
         eprintln!("interrupted: nothing half-written was left behind");
         std::process::exit(130);
     });
 }
 
+fn lock() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Write `bytes` to `path` atomically: readers see the old file or the whole new one, and an
-/// interrupted write leaves no partial file (the temporary file is removed when dropped, or by
-/// the interrupt handler of [`remove_partial_files_on_interrupt`]).
+/// interrupted or failed write leaves no partial file (see [`remove_partial_files_on_interrupt`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -47,35 +54,47 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| werr(path, e))?;
-    let tmp_path = tmp.path().to_path_buf();
-    if let Ok(mut l) = PENDING.lock() {
-        l.push(tmp_path.clone());
+    let (file, tmp) = {
+        let mut pending = lock();
+        let mut attempt = 0;
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => {
+                    pending.push(tmp.clone());
+                    break (f, tmp);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(werr(path, e)),
+            }
+        }
+    };
+    let written = fill(file, bytes).map_err(|e| werr(path, e));
+    let mut pending = lock();
+    let result = written.and_then(|_| std::fs::rename(&tmp, path).map_err(|e| werr(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let result = finish(tmp, path, bytes);
-    if let Ok(mut l) = PENDING.lock() {
-        l.retain(|p| p != &tmp_path);
-    }
+    pending.retain(|p| p != &tmp);
     result
 }
 
-fn finish(mut tmp: tempfile::NamedTempFile, path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    tmp.write_all(bytes).map_err(|e| werr(path, e))?;
+fn fill(mut f: std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    f.write_all(bytes)?;
     #[cfg(unix)]
     {
-        // tempfile creates 0600; a model is an ordinary file (0644, as the umask usually gives).
+        // a model is an ordinary file (0644, as the umask usually gives)
         use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| werr(path, e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
     }
-    tmp.as_file().sync_all().map_err(|e| werr(path, e))?;
-    tmp.persist(path).map_err(|e| werr(path, e.error))?;
-    Ok(())
+    f.sync_all()
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
