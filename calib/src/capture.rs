@@ -240,33 +240,10 @@ pub fn pad_batch(inputs: &[Value], have: usize, bs: usize, infos: &[IoInfo]) -> 
 mod tests {
     use super::*;
     use ndarray::IxDyn;
-    use whittle_core::onnx::{
-        GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, tensor_shape_proto,
-    };
+    use whittle_core::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
     fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
-        use tensor_shape_proto::dimension::Value as D;
-        let dim = dims
-            .iter()
-            .map(|d| tensor_shape_proto::Dimension {
-                value: Some(match d.parse::<i64>() {
-                    Ok(v) => D::DimValue(v),
-                    Err(_) => D::DimParam(d.to_string()),
-                }),
-                denotation: None,
-            })
-            .collect();
-        ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: Some(DataType::Float as i32),
-                    shape: Some(TensorShapeProto { dim }),
-                })),
-                denotation: None,
-            }),
-            ..Default::default()
-        }
+        whittle_core::model::float_value_info(name, dims)
     }
 
     fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {

@@ -1451,8 +1451,7 @@ mod tests {
     use ndarray::IxDyn;
     use whittle_calib::{Dataset, Preprocess};
     use whittle_core::onnx::{
-        AttributeProto, ModelProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-        ValueInfoProto, attribute_proto, tensor_shape_proto, type_proto,
+        AttributeProto, ModelProto, OperatorSetIdProto, ValueInfoProto, attribute_proto,
     };
     use whittle_deploy::RuntimeKind;
 
@@ -1485,28 +1484,7 @@ mod tests {
     }
 
     fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
-        use tensor_shape_proto::dimension::Value as D;
-        let dim = dims
-            .iter()
-            .map(|d| tensor_shape_proto::Dimension {
-                value: Some(match d.parse::<i64>() {
-                    Ok(v) => D::DimValue(v),
-                    Err(_) => D::DimParam(d.to_string()),
-                }),
-                denotation: None,
-            })
-            .collect();
-        ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: Some(DataType::Float as i32),
-                    shape: Some(TensorShapeProto { dim }),
-                })),
-                denotation: None,
-            }),
-            ..Default::default()
-        }
+        whittle_core::model::float_value_info(name, dims)
     }
 
     #[test]

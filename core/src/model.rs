@@ -525,3 +525,30 @@ fn load_external(t: &mut TensorProto, base_dir: Option<&Path>, opts: &LoadOption
     t.external_data.clear();
     Ok(())
 }
+
+/// The `ValueInfoProto` of a float tensor whose dims are given as text: a number is a fixed size,
+/// anything else a symbol (`&["N", "3", "32", "32"]`). Tests and fixtures build graphs with it.
+pub fn float_value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
+    use tensor_shape_proto::dimension::Value as D;
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d.parse::<i64>() {
+                Ok(v) => D::DimValue(v),
+                Err(_) => D::DimParam(d.to_string()),
+            }),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}

@@ -10,8 +10,7 @@ use prost::Message;
 use whittle_core::onnx::tensor_proto::{DataLocation, DataType};
 use whittle_core::onnx::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto, tensor_shape_proto,
-    type_proto,
+    TensorProto, ValueInfoProto, attribute_proto,
 };
 
 /// The built binary.
@@ -287,28 +286,7 @@ pub fn tensor_external(name: &str, dims: &[i64], location: &str, length: usize) 
 
 /// A float value info; a dim is a number or a symbol.
 pub fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
-    use tensor_shape_proto::dimension::Value as D;
-    let dim = dims
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension {
-            value: Some(match d.parse::<i64>() {
-                Ok(v) => D::DimValue(v),
-                Err(_) => D::DimParam(d.to_string()),
-            }),
-            denotation: None,
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
+    whittle_core::model::float_value_info(name, dims)
 }
 
 /// A node in the default domain.
