@@ -76,9 +76,9 @@ fn rewire(nodes: &mut [NodeProto], from: &str, to: &str) {
     }
 }
 
-/// Remove single-input pass-through nodes (`Identity`, inference `Dropout`) unless their output
-/// is a graph output.
-fn drop_identities(model: &mut Model) -> Result<usize, Error> {
+/// Remove every node for which `pass_through` holds, reading its first input where its first
+/// output was read, unless that output is a graph output. Returns how many went.
+fn remove_pass_throughs(model: &mut Model, pass_through: impl Fn(&NodeProto) -> bool) -> usize {
     let outputs: HashSet<String> = model
         .graph()
         .output
@@ -90,16 +90,12 @@ fn drop_identities(model: &mut Model) -> Result<usize, Error> {
     let mut i = 0;
     while i < g.node.len() {
         let n = &g.node[i];
-        let passthrough = n.domain().is_empty()
-            && (n.op_type() == "Identity"
-                || (n.op_type() == "Dropout"
-                    && (n.output.len() == 1 || n.output[1..].iter().all(|o| o.is_empty()))
-                    && n.input.len() == 1));
-        if passthrough
-            && !n.output.is_empty()
+        let removable = n.domain().is_empty()
             && !n.input.is_empty()
+            && !n.output.is_empty()
             && !outputs.contains(&n.output[0])
-        {
+            && pass_through(n);
+        if removable {
             let (from, to) = (n.output[0].clone(), n.input[0].clone());
             g.node.remove(i);
             rewire(&mut g.node, &from, &to);
@@ -108,43 +104,32 @@ fn drop_identities(model: &mut Model) -> Result<usize, Error> {
             i += 1;
         }
     }
-    Ok(removed)
+    removed
 }
 
+/// Remove single-input pass-through nodes (`Identity`, inference `Dropout`) unless their output
+/// is a graph output.
+fn drop_identities(model: &mut Model) -> Result<usize, Error> {
+    Ok(remove_pass_throughs(model, |n| {
+        n.op_type() == "Identity"
+            || (n.op_type() == "Dropout"
+                && n.input.len() == 1
+                && n.output[1..].iter().all(|o| o.is_empty()))
+    }))
+}
+
+/// Remove Reshapes whose output shape equals their input shape (at most one unknown dim).
 fn drop_noop_reshapes(model: &mut Model) -> Result<usize, Error> {
     let shapes = shape::infer(model, &[])?;
-    let outputs: HashSet<String> = model
-        .graph()
-        .output
-        .iter()
-        .map(|o| o.name().to_string())
-        .collect();
-    let g = model.graph_mut();
-    let mut removed = 0;
-    let mut i = 0;
-    while i < g.node.len() {
-        let n = &g.node[i];
-        let same = n.op_type() == "Reshape"
-            && n.domain().is_empty()
-            && !n.input.is_empty()
-            && !n.output.is_empty()
-            && !outputs.contains(&n.output[0])
+    Ok(remove_pass_throughs(model, |n| {
+        n.op_type() == "Reshape"
             && match (shapes.shape(&n.input[0]), shapes.shape(&n.output[0])) {
                 (Some(a), Some(b)) => {
                     a == b && a.iter().filter(|d| d.known().is_none()).count() <= 1
                 }
                 _ => false,
-            };
-        if same {
-            let (from, to) = (n.output[0].clone(), n.input[0].clone());
-            g.node.remove(i);
-            rewire(&mut g.node, &from, &to);
-            removed += 1;
-        } else {
-            i += 1;
-        }
-    }
-    Ok(removed)
+            }
+    }))
 }
 
 /// Fold `BatchNormalization(Conv(x))` (and after Gemm with a [N, F] output) into the producer when
