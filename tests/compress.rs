@@ -277,8 +277,10 @@ fn bad_flags_fail_before_any_work() {
         &s(&out),
         "--target",
         "latency=0.5",
+        "--latency-table",
+        "no-such-table.json",
     ])
-    .error(&["latency"]);
+    .error(&["latency table no-such-table.json"]);
     run(&["compress", &s(&resnet8()), "-o", &s(&out)]).error(&["--calib"]);
     assert!(listing(dir.path()).is_empty());
 }

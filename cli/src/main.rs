@@ -42,6 +42,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Compare a candidate model with a reference on real data.
     Verify(cmd::verify::Args),
+    /// Measure each layer's latency at several widths on one runtime (for `--target latency=`).
+    Profile(cmd::profile::Args),
     /// Compress a model (channel pruning with least-squares repair) and write it.
     Compress(Box<cmd::compress::Args>),
     /// Read a model into the IR and write it back (optionally with external data).
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Profile(a) => cmd::profile::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Deploy(a) => cmd::deploy::run(a),
         Command::Convert(a) => cmd::convert::run(a),

@@ -7,10 +7,12 @@
 //! | channel dependency groups | `groups.rs` |
 //! | channel pruning: importance, budget, plan, apply | `prune.rs` |
 //! | least-squares reconstruction of pruned layers | `refit.rs` |
+//! | per-layer latency tables and the latency model of `latency=` budgets | `latency.rs` |
 
 pub mod cleanup;
 pub mod groups;
 pub mod index;
+pub mod latency;
 pub mod prune;
 pub mod refit;
 

@@ -7,6 +7,7 @@
 //! returning).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use whittle_core::Model;
@@ -17,6 +18,7 @@ use whittle_core::{check, cost, shape};
 
 use crate::Error;
 use crate::groups::{Groups, Role};
+use crate::latency::LatencyTable;
 
 /// What the budget limits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -26,6 +28,36 @@ pub enum Budget {
     Macs(f64),
     /// Fraction of the model's params to keep.
     Params(f64),
+    /// Fraction of the model's latency to keep, predicted from a per-layer latency table
+    /// ([`PruneOptions::latency`]).
+    Latency(f64),
+}
+
+impl Budget {
+    /// The fraction kept.
+    pub fn fraction(self) -> f64 {
+        match self {
+            Budget::Macs(f) | Budget::Params(f) | Budget::Latency(f) => f,
+        }
+    }
+
+    /// The name used in `--target KIND=FRACTION`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Budget::Macs(_) => "macs",
+            Budget::Params(_) => "params",
+            Budget::Latency(_) => "latency",
+        }
+    }
+
+    /// Index of this budget's metric in a [`Cost`] triple.
+    fn metric(self) -> usize {
+        match self {
+            Budget::Params(_) => 0,
+            Budget::Macs(_) => 1,
+            Budget::Latency(_) => 2,
+        }
+    }
 }
 
 impl std::str::FromStr for Budget {
@@ -43,8 +75,8 @@ impl std::str::FromStr for Budget {
         match k {
             "macs" | "flops" => Ok(Budget::Macs(f)),
             "params" => Ok(Budget::Params(f)),
-            "latency" => Err("latency budgets need a per-layer latency table (`whittle profile`), which is not built yet; use macs= or params=".into()),
-            _ => Err(format!("unknown budget kind '{k}' (macs, params)")),
+            "latency" => Ok(Budget::Latency(f)),
+            _ => Err(format!("unknown budget kind '{k}' (macs, params, latency)")),
         }
     }
 }
@@ -75,6 +107,9 @@ pub struct PruneOptions {
     pub min_fraction: f64,
     /// Kept channel counts are multiples of this (1: any count).
     pub round_to: usize,
+    /// The per-layer latency table a `latency=` budget is planned against.
+    #[serde(skip)]
+    pub latency: Option<Arc<LatencyTable>>,
 }
 
 impl Default for PruneOptions {
@@ -85,6 +120,7 @@ impl Default for PruneOptions {
             min_channels: 4,
             min_fraction: 0.1,
             round_to: 1,
+            latency: None,
         }
     }
 }
@@ -154,6 +190,7 @@ pub fn single_group_plan(
         }],
         macs: (0, 0),
         params: (0, 0),
+        latency_ms: None,
     })
 }
 
@@ -212,6 +249,9 @@ pub struct Plan {
     pub macs: (u64, u64),
     /// Predicted params before / after.
     pub params: (u64, u64),
+    /// Predicted latency before / after in ms, from the latency table (`latency=` budgets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<(f64, f64)>,
 }
 
 /// Per-channel scores from weight norms: for each member, the norm of the channel's slice,
@@ -388,23 +428,49 @@ pub fn consumer_inputs(model: &Model, groups: &Groups) -> Vec<String> {
     v
 }
 
+/// One sliced axis of an initializer: its index, its length, and the (group, block) pairs that
+/// slice it.
+struct SlicedAxis {
+    axis: usize,
+    len: usize,
+    groups: Vec<(usize, usize)>,
+}
+
 /// One initializer's cost: elements now, and per sliced axis the groups that slice it.
 struct InitCost {
     elements: f64,
     macs_per_element: f64,
-    axes: Vec<(usize, Vec<(usize, usize)>)>, // (axis length, [(group, block)])
+    axes: Vec<SlicedAxis>,
+    /// The latency table's layer whose weight this is.
+    layer: Option<usize>,
+}
+
+/// Params, MACs and predicted latency (ms), in this order ([`Budget::metric`]).
+type Cost = [f64; 3];
+
+fn add(a: Cost, b: Cost) -> Cost {
+    [a[0] + b[0], a[1] + b[1], a[2] + b[2]]
 }
 
 struct CostModel {
     inits: Vec<InitCost>,
     by_group: Vec<Vec<usize>>,
+    latency: Option<Arc<LatencyTable>>,
 }
 
 impl CostModel {
-    fn new(model: &Model, groups: &Groups) -> Result<CostModel, Error> {
+    fn new(
+        model: &Model,
+        groups: &Groups,
+        latency: Option<Arc<LatencyTable>>,
+    ) -> Result<CostModel, Error> {
         let g = model.graph();
         let shapes = shape::infer(model, &[])?;
         let costs = cost::count(model, &shapes);
+        let layer_of = match &latency {
+            Some(t) => t.check(model)?,
+            None => HashMap::new(),
+        };
         let mut index: BTreeMap<(String, usize), Vec<(usize, usize)>> = BTreeMap::new();
         for grp in groups.prunable() {
             for m in &grp.members {
@@ -433,9 +499,13 @@ impl CostModel {
                 elements: element_count(t).unwrap_or(0) as f64,
                 macs_per_element: 0.0,
                 axes: vec![],
+                layer: layer_of.get(&name).copied(),
             });
-            e.axes
-                .push((t.dims.get(axis).copied().unwrap_or(1) as usize, gs));
+            e.axes.push(SlicedAxis {
+                axis,
+                len: t.dims.get(axis).copied().unwrap_or(1) as usize,
+                groups: gs,
+            });
         }
         for (node, nc) in g.node.iter().zip(&costs.nodes) {
             if nc.macs > 0
@@ -449,39 +519,56 @@ impl CostModel {
         let inits: Vec<InitCost> = per_init.into_values().collect();
         let mut by_group = vec![vec![]; groups.groups.len()];
         for (i, ic) in inits.iter().enumerate() {
-            for (_, gs) in &ic.axes {
-                for (g, _) in gs {
+            for a in &ic.axes {
+                for (g, _) in &a.groups {
                     if !by_group[*g].contains(&i) {
                         by_group[*g].push(i);
                     }
                 }
             }
         }
-        Ok(CostModel { inits, by_group })
+        Ok(CostModel {
+            inits,
+            by_group,
+            latency,
+        })
     }
 
-    /// (params, MACs) of one initializer given kept counts per group.
-    fn init_cost(&self, i: usize, kept: &[usize], size: &[usize]) -> (f64, f64) {
+    /// Params, MACs and latency of one initializer's layer given kept counts per group.
+    fn init_cost(&self, i: usize, kept: &[usize], size: &[usize]) -> Cost {
         let ic = &self.inits[i];
         let mut f = 1.0;
-        for (len, gs) in &ic.axes {
-            let removed: usize = gs.iter().map(|(g, b)| (size[*g] - kept[*g]) * b).sum();
-            f *= (*len as f64 - removed as f64).max(0.0) / (*len).max(1) as f64;
+        let mut per_axis = [1.0, 1.0];
+        for a in &ic.axes {
+            let removed: usize = a
+                .groups
+                .iter()
+                .map(|(g, b)| (size[*g] - kept[*g]) * b)
+                .sum();
+            let fa = (a.len as f64 - removed as f64).max(0.0) / a.len.max(1) as f64;
+            f *= fa;
+            if let Some(p) = per_axis.get_mut(a.axis) {
+                *p *= fa;
+            }
         }
-        (ic.elements * f, ic.elements * f * ic.macs_per_element)
+        let ms = match (&self.latency, ic.layer) {
+            (Some(t), Some(l)) => t.layers[l].at(&t.fractions, per_axis[0], per_axis[1]),
+            _ => 0.0,
+        };
+        [ic.elements * f, ic.elements * f * ic.macs_per_element, ms]
     }
 
-    fn total(&self, kept: &[usize], size: &[usize]) -> (f64, f64) {
+    fn total(&self, kept: &[usize], size: &[usize]) -> Cost {
         (0..self.inits.len())
             .map(|i| self.init_cost(i, kept, size))
-            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+            .fold([0.0; 3], add)
     }
 
-    fn group_cost(&self, g: usize, kept: &[usize], size: &[usize]) -> (f64, f64) {
+    fn group_cost(&self, g: usize, kept: &[usize], size: &[usize]) -> Cost {
         self.by_group[g]
             .iter()
             .map(|&i| self.init_cost(i, kept, size))
-            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+            .fold([0.0; 3], add)
     }
 }
 
@@ -539,22 +626,34 @@ pub fn plan(
     }
     let shapes = shape::infer(model, &[])?;
     let base = cost::count(model, &shapes);
-    let cm = CostModel::new(model, groups)?;
+    let latency = match (opts.budget, &opts.latency) {
+        (Budget::Latency(_), None) => {
+            return Err(Error::Budget(
+                "a latency= budget needs a per-layer latency table (measure one with `whittle profile MODEL -o TABLE`)".into(),
+            ));
+        }
+        (Budget::Latency(_), Some(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let cm = CostModel::new(model, groups, latency.clone())?;
     let size: Vec<usize> = groups.groups.iter().map(|g| g.size).collect();
     let full = size.clone();
-    let (p_full, m_full) = cm.total(&full, &size);
+    let all = cm.total(&full, &size);
     // the part of the model no group touches
-    let (p_fixed, m_fixed) = (base.params as f64 - p_full, base.macs as f64 - m_full);
-    let measure = |kept: &[usize]| -> f64 {
-        let (p, m) = cm.total(kept, &size);
-        match opts.budget {
-            Budget::Macs(_) => (m + m_fixed) / base.macs.max(1) as f64,
-            Budget::Params(_) => (p + p_fixed) / base.params.max(1) as f64,
-        }
-    };
-    let target = match opts.budget {
-        Budget::Macs(f) | Budget::Params(f) => f,
-    };
+    let base_cost: Cost = [
+        base.params as f64,
+        base.macs as f64,
+        latency.as_ref().map_or(0.0, |t| t.total_ms()),
+    ];
+    let fixed: Cost = [
+        base_cost[0] - all[0],
+        base_cost[1] - all[1],
+        base_cost[2] - all[2],
+    ];
+    let k = opts.budget.metric();
+    let measure =
+        |kept: &[usize]| -> f64 { (cm.total(kept, &size)[k] + fixed[k]) / base_cost[k].max(1e-12) };
+    let target = opts.budget.fraction();
     let floors: Vec<usize> = size.iter().map(|&s| floor_kept(s, opts)).collect();
     let mut smallest = full.clone();
     for &g in &prunable {
@@ -562,10 +661,7 @@ pub fn plan(
     }
     let reachable = measure(&smallest);
     if reachable > target + 1e-9 {
-        let kind = match opts.budget {
-            Budget::Macs(_) => "macs",
-            Budget::Params(_) => "params",
-        };
+        let kind = opts.budget.kind();
         return Err(Error::Budget(format!(
             "{kind}={target} is unreachable: the smallest reachable is {kind}={reachable:.3} (every prunable group at its minimum: --min-channels {}, min fraction {}; {} of {} groups are frozen)",
             opts.min_channels,
@@ -616,10 +712,7 @@ pub fn plan(
                 let mut trial = kept.clone();
                 trial[g] = next;
                 let after = cm.group_cost(g, &trial, &size);
-                let saved = match opts.budget {
-                    Budget::Macs(_) => before.1 - after.1,
-                    Budget::Params(_) => before.0 - after.0,
-                };
+                let saved = before[k] - after[k];
                 let score = removed / saved.max(1e-9);
                 if best.is_none_or(|b| score < b.0) {
                     best = Some((score, g, next));
@@ -667,11 +760,12 @@ pub fn plan(
             }
         })
         .collect();
-    let (p_after, m_after) = cm.total(&kept, &size);
+    let after = cm.total(&kept, &size);
     Ok(Plan {
         groups: groups_out,
-        macs: (base.macs, (m_after + m_fixed).round() as u64),
-        params: (base.params, (p_after + p_fixed).round() as u64),
+        macs: (base.macs, (after[1] + fixed[1]).round() as u64),
+        params: (base.params, (after[0] + fixed[0]).round() as u64),
+        latency_ms: latency.map(|_| (base_cost[2], after[2] + fixed[2])),
     })
 }
 

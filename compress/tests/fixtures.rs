@@ -301,6 +301,7 @@ fn opts(f: f64) -> PruneOptions {
         min_channels: 1,
         min_fraction: 0.0,
         round_to: 1,
+        latency: None,
     }
 }
 

@@ -9,6 +9,7 @@ use whittle_calib::capture::{CaptureSpec, capture};
 use whittle_calib::{Dataset, Preprocess};
 use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_compress::groups::{self, Groups};
+use whittle_compress::latency::LatencyTable;
 use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
 use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
 use whittle_core::{Model, cost, shape};
@@ -42,9 +43,13 @@ pub struct Args {
     /// Prune channels (the only method so far; on by default).
     #[arg(long, default_value_t = true)]
     prune_channels: bool,
-    /// Budget: `macs=0.75` or `params=0.5` (the fraction kept).
+    /// Budget: `macs=0.75`, `params=0.5` or `latency=0.7` (the fraction kept).
     #[arg(long, default_value = "macs=0.75")]
     target: String,
+    /// Latency table for `latency=` budgets, from `whittle profile MODEL -o TABLE` (default:
+    /// measure one now on --runtime).
+    #[arg(long)]
+    latency_table: Option<PathBuf>,
     /// How channels are scored.
     #[arg(long, value_enum, default_value = "activation")]
     importance: ImportanceArg,
@@ -109,6 +114,7 @@ struct CalibrationSection {
 #[serde(deny_unknown_fields)]
 struct PruneSection {
     target: Option<String>,
+    latency_table: Option<PathBuf>,
     importance: Option<String>,
     uniform: Option<bool>,
     min_channels: Option<usize>,
@@ -150,6 +156,9 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
         );
     };
     a.target = p.target.unwrap_or(a.target.clone());
+    if let Some(t) = p.latency_table {
+        a.latency_table = Some(if t.is_absolute() { t } else { base.join(t) });
+    }
     if let Some(i) = p.importance {
         a.importance = <ImportanceArg as clap::ValueEnum>::from_str(&i, true).map_err(|_| {
             anyhow::anyhow!(
@@ -241,6 +250,7 @@ fn parse_opts(a: &Args) -> Result<PruneOptions> {
         min_channels: a.min_channels,
         min_fraction: a.min_fraction,
         round_to: a.round_to,
+        latency: None,
     })
 }
 
@@ -293,7 +303,21 @@ impl Args {
 pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let started = std::time::Instant::now();
     // everything that can be refused is refused before any work
-    let opts = parse_opts(a)?;
+    let mut opts = parse_opts(a)?;
+    let is_latency = matches!(opts.budget, Budget::Latency(_));
+    let table: Option<LatencyTable> = match &a.latency_table {
+        Some(p) if is_latency => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("latency table {}", p.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "latency table {}: not a table written by `whittle profile`",
+                    p.display()
+                )
+            })?)
+        }
+        _ => None,
+    };
     if let Some(out) = &a.output {
         let same = out == &a.model
             || matches!((out.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
@@ -322,6 +346,13 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let mut model = original.clone();
     let clean = cleanup::cleanup(&mut model).context("cleanup")?;
     let gs = groups::analyse(&model).context("channel groups")?;
+    if is_latency && !a.explain {
+        let t = match table {
+            Some(t) => t,
+            None => super::profile::measure_table(&model, a.runtime, a.threads, vec![])?,
+        };
+        opts.latency = Some(std::sync::Arc::new(t));
+    }
     if a.explain {
         print_groups(&model, &gs, a.json && a.output.is_none());
         if a.output.is_none() {
@@ -671,6 +702,12 @@ fn print_summary(s: &Summary) {
         if s.reconstructed { "on" } else { "off" },
         s.seconds
     );
+    if let Some((before, after)) = s.plan.latency_ms {
+        outln!(
+            "latency predicted from the table: {before:.3} ms -> {after:.3} ms ({} kept)",
+            pct(after / before.max(1e-12))
+        );
+    }
     if let Some(f) = &s.fidelity {
         for o in &f.outputs {
             outln!(

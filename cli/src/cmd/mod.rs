@@ -5,6 +5,7 @@ pub mod compress;
 pub mod convert;
 pub mod deploy;
 pub mod inspect;
+pub mod profile;
 pub mod verify;
 
 use anyhow::{Context, Result};

@@ -1,0 +1,116 @@
+//! `whittle profile`: per-layer latency table of a model on one runtime, for `--target latency=`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use whittle_compress::cleanup;
+use whittle_compress::latency::{self, LatencyTable};
+use whittle_core::Model;
+use whittle_deploy::{BenchConfig, RuntimeKind};
+
+use crate::Outcome;
+use crate::progress::bar;
+use crate::table::{Table, si};
+
+/// Arguments of `whittle profile`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model.
+    model: PathBuf,
+    /// ort-cpu, ort-cuda, ort-tensorrt or tract.
+    #[arg(long, default_value = "ort-cpu")]
+    runtime: RuntimeKind,
+    /// Intra-op threads (ONNX Runtime); its default is one per core.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Fix an input's shape, e.g. `input=1x3x224x224` (repeatable); other symbolic dims are 1.
+    #[arg(long = "input", value_name = "NAME=SHAPE")]
+    inputs: Vec<String>,
+    /// Write the table as JSON here (atomically), for `whittle compress --latency-table`.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Print the table as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Measure the latency table of a model as `whittle compress` sees it (after the lossless
+/// cleanup, so that layer names and weights match).
+pub fn measure_table(
+    model: &Model,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+) -> Result<LatencyTable> {
+    let cfg = BenchConfig {
+        warmup: 3,
+        iters: 40,
+        max_seconds: Some(0.15),
+    };
+    let mut measure = latency::local_measure(runtime, threads, input_shapes, cfg);
+    let pb = bar("profile", 1);
+    let t = latency::profile(model, runtime.name(), threads, &mut measure, &mut |d, n| {
+        pb.set_length(n as u64);
+        pb.set_position(d as u64);
+    });
+    pb.finish_and_clear();
+    Ok(t?)
+}
+
+/// Run the command.
+pub fn run(a: Args) -> Result<Outcome> {
+    let overrides = super::parse_overrides(&a.inputs)?;
+    let mut model = super::load_model(&a.model)?;
+    cleanup::cleanup(&mut model).context("cleanup")?;
+    let table = measure_table(
+        &model,
+        a.runtime,
+        a.threads,
+        super::runtime_shapes(&overrides),
+    )?;
+    if let Some(out) = &a.output {
+        whittle_export::write_atomic(out, serde_json::to_string_pretty(&table)?.as_bytes())?;
+    }
+    if a.json {
+        outln!("{}", serde_json::to_string(&table)?);
+        return Ok(Outcome::Ok);
+    }
+    let total = table.total_ms();
+    let mut t = Table::new(&[
+        "layer",
+        "op",
+        "weight",
+        "MACs",
+        "ms",
+        "share",
+        "ms at 0.4",
+        "ms at 0.1",
+    ]);
+    let at = |l: &latency::LayerLatency, f: f64| l.at(&table.fractions, f, f);
+    for l in &table.layers {
+        let dims: Vec<String> = l.weight_dims.iter().map(i64::to_string).collect();
+        t.row(vec![
+            l.node.clone(),
+            l.op.clone(),
+            dims.join("x"),
+            si(l.macs),
+            format!("{:.4}", l.full_ms()),
+            format!("{:.1}%", 100.0 * l.full_ms() / total.max(1e-12)),
+            format!("{:.4}", at(l, 0.4)),
+            format!("{:.4}", at(l, 0.1)),
+        ]);
+    }
+    out!("{}", t.render());
+    outln!(
+        "{}: model {:.3} ms; the {} layers alone {:.3} ms; other ops and overhead {:.3} ms (fastest runs)",
+        table.runtime,
+        table.model_ms,
+        table.layers.len(),
+        table.layers_ms(),
+        table.other_ms()
+    );
+    if let Some(out) = &a.output {
+        outln!("wrote {}", out.display());
+    }
+    Ok(Outcome::Ok)
+}
