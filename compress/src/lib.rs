@@ -3,16 +3,18 @@
 //!
 //! | pass | file |
 //! |---|---|
-//! | lossless cleanup (BatchNormalization folding, Identity / Dropout / no-op Reshape removal) | `cleanup.rs` |
+//! | lossless cleanup (BatchNormalization folding into the Conv / Gemm before or after it, constant folding, Identity / Dropout / no-op Reshape removal) | `cleanup.rs` |
 //! | channel dependency groups | `groups.rs` |
 //! | channel pruning: importance, budget, plan, apply | `prune.rs` |
 //! | least-squares reconstruction of pruned layers | `refit.rs` |
+//! | low-rank factorisation (channel / spatial SVD, data-aware) | `lowrank.rs` |
 //! | per-layer latency tables and the latency model of `latency=` budgets | `latency.rs` |
 
 pub mod cleanup;
 pub mod groups;
 pub mod index;
 pub mod latency;
+pub mod lowrank;
 pub mod prune;
 pub mod refit;
 

@@ -307,6 +307,17 @@ impl RefitStats {
         Ok(reports)
     }
 
+    /// The second moments `G = AᵀA` of one layer's inputs (the last column of `A` is the
+    /// constant 1; for a Conv, column `c · kk + k` is input channel `c` at kernel element `k`),
+    /// and the number of rows; `None` when the layer was not collected or was skipped.
+    pub fn gram(&self, node: &str) -> Option<(&Mat<f64>, usize)> {
+        self.layers
+            .iter()
+            .find(|l| l.layer.node == node)
+            .and_then(|l| l.normal.as_ref().ok())
+            .map(|n| (&n.g, n.rows))
+    }
+
     /// The nodes whose statistics are held (skipped layers included), in collection order.
     pub fn layers(&self) -> Vec<&str> {
         self.layers.iter().map(|l| l.layer.node.as_str()).collect()

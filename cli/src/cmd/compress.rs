@@ -10,6 +10,7 @@ use whittle_calib::{Dataset, Preprocess};
 use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_compress::groups::{self, Groups};
 use whittle_compress::latency::LatencyTable;
+use whittle_compress::lowrank::{self, LowRankOptions, LowRankReport, RankRule, Scheme};
 use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
 use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
 use whittle_core::{Model, cost, shape};
@@ -40,9 +41,28 @@ pub struct Args {
     /// Held-apart calibration items for the fidelity report.
     #[arg(long, default_value_t = 128)]
     holdout_items: usize,
-    /// Prune channels (the only method so far; on by default).
-    #[arg(long, default_value_t = true)]
+    /// Prune channels (the default method when no other is given).
+    #[arg(long)]
     prune_channels: bool,
+    /// Factorise layers into two thinner ones (truncated SVD) instead of pruning; combine both
+    /// with a recipe (each method gets its own target).
+    #[arg(long)]
+    low_rank: bool,
+    /// Low rank: channel (C→r same kernel, r→N 1×1), spatial (kh×1 then 1×kw) or auto (per layer).
+    #[arg(long, default_value = "auto")]
+    scheme: String,
+    /// Low rank: factorise against the calibration inputs' statistics (channel-wise).
+    #[arg(long)]
+    data_aware: bool,
+    /// Low rank: the same rank for every layer (instead of --target).
+    #[arg(long, conflicts_with_all = ["rank_fraction", "rank_energy"])]
+    rank: Option<usize>,
+    /// Low rank: this fraction of each layer's full rank (instead of --target).
+    #[arg(long, conflicts_with = "rank_energy")]
+    rank_fraction: Option<f64>,
+    /// Low rank: per layer, the smallest rank keeping this share of its energy (instead of --target).
+    #[arg(long)]
+    rank_energy: Option<f64>,
     /// Budget: `macs=0.75`, `params=0.5` or `latency=0.7` (the fraction kept).
     #[arg(long, default_value = "macs=0.75")]
     target: String,
@@ -97,6 +117,15 @@ pub struct Args {
     /// replace the flags' (see recipes/README.md).
     #[arg(long)]
     recipe: Option<PathBuf>,
+    /// Methods in order, from a recipe (empty: from the flags).
+    #[arg(skip)]
+    methods: Vec<Method>,
+    /// A recipe's `[low_rank] target` (the flags' --target otherwise).
+    #[arg(skip)]
+    low_rank_target: Option<String>,
+    /// A recipe's `[low_rank] round_to` (--round-to otherwise).
+    #[arg(skip)]
+    low_rank_round_to: Option<usize>,
 }
 
 /// `[calibration]` of a recipe.
@@ -126,12 +155,33 @@ struct PruneSection {
     ridge: Option<f64>,
 }
 
+/// `[low_rank]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LowRankSection {
+    target: Option<String>,
+    scheme: Option<String>,
+    data_aware: Option<bool>,
+    rank: Option<usize>,
+    rank_fraction: Option<f64>,
+    rank_energy: Option<f64>,
+    round_to: Option<usize>,
+}
+
 /// A compression recipe: the flags of `whittle compress`, in a file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Recipe {
     calibration: Option<CalibrationSection>,
     prune_channels: Option<PruneSection>,
+    low_rank: Option<LowRankSection>,
+}
+
+/// A compression method, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    PruneChannels,
+    LowRank,
 }
 
 /// Read a recipe and apply it to the arguments (paths are relative to the recipe's folder).
@@ -149,11 +199,38 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
         a.calib_items = c.items.unwrap_or(a.calib_items);
         a.holdout_items = c.holdout.unwrap_or(a.holdout_items);
     }
-    let Some(p) = r.prune_channels else {
+    // methods run in the order the recipe lists them
+    let mut methods: Vec<(usize, Method)> = [
+        (
+            "[prune_channels]",
+            Method::PruneChannels,
+            r.prune_channels.is_some(),
+        ),
+        ("[low_rank]", Method::LowRank, r.low_rank.is_some()),
+    ]
+    .into_iter()
+    .filter(|x| x.2)
+    .map(|(h, m, _)| (text.find(h).unwrap_or(usize::MAX), m))
+    .collect();
+    methods.sort_by_key(|x| x.0);
+    a.methods = methods.into_iter().map(|x| x.1).collect();
+    if a.methods.is_empty() {
         bail!(
-            "recipe {}: no [prune_channels] section (channel pruning is the only method so far)",
+            "recipe {}: no method section ([prune_channels], [low_rank])",
             path.display()
         );
+    }
+    if let Some(l) = r.low_rank {
+        a.low_rank_target = l.target;
+        a.scheme = l.scheme.unwrap_or(a.scheme.clone());
+        a.data_aware = l.data_aware.unwrap_or(a.data_aware);
+        a.rank = l.rank.or(a.rank);
+        a.rank_fraction = l.rank_fraction.or(a.rank_fraction);
+        a.rank_energy = l.rank_energy.or(a.rank_energy);
+        a.low_rank_round_to = l.round_to;
+    }
+    let Some(p) = r.prune_channels else {
+        return Ok(());
     };
     a.target = p.target.unwrap_or(a.target.clone());
     if let Some(t) = p.latency_table {
@@ -227,8 +304,10 @@ pub struct Summary {
     pub fidelity: Option<VerifyReport>,
     /// Per layer before / after.
     pub layers: Vec<Layer>,
-    /// The plan that was applied.
-    pub plan: Plan,
+    /// The channel-pruning plan that was applied.
+    pub plan: Option<Plan>,
+    /// What low-rank factorisation did.
+    pub low_rank: Option<LowRankReport>,
     /// Wall time of the whole compression.
     pub seconds: f64,
 }
@@ -299,12 +378,85 @@ impl Args {
     }
 }
 
+/// The methods to run, in order: a recipe's, else the flags' (channel pruning by default).
+fn methods(a: &Args) -> Result<Vec<Method>> {
+    if !a.methods.is_empty() {
+        return Ok(a.methods.clone());
+    }
+    Ok(match (a.prune_channels, a.low_rank) {
+        (true, true) => bail!(
+            "--prune-channels and --low-rank together need a recipe (each method gets its own target; see recipes/README.md)"
+        ),
+        (false, true) => vec![Method::LowRank],
+        _ => vec![Method::PruneChannels],
+    })
+}
+
+/// Low-rank options from the flags (or the recipe's `[low_rank]`).
+fn low_rank_opts(a: &Args) -> Result<LowRankOptions> {
+    let scheme: Scheme = a
+        .scheme
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--scheme: {e}"))?;
+    let rule = match (a.rank, a.rank_fraction, a.rank_energy) {
+        (Some(r), _, _) => RankRule::Rank(r),
+        (_, Some(f), _) => RankRule::Fraction(f),
+        (_, _, Some(e)) => RankRule::Energy(e),
+        _ => RankRule::Budget(
+            a.low_rank_target
+                .as_deref()
+                .unwrap_or(&a.target)
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--target: {e}"))?,
+        ),
+    };
+    if let RankRule::Rank(0) = rule {
+        bail!("--rank 0 would remove the layers; give a rank of at least 1");
+    }
+    if let RankRule::Fraction(f) | RankRule::Energy(f) = rule
+        && !(f > 0.0 && f <= 1.0)
+    {
+        bail!("--rank-fraction / --rank-energy {f} is not in (0, 1]");
+    }
+    if a.data_aware && scheme == Scheme::Spatial {
+        bail!(
+            "--data-aware factors are channel-wise: use --scheme channel or auto with --data-aware"
+        );
+    }
+    let round_to = a.low_rank_round_to.unwrap_or(a.round_to);
+    if round_to == 0 {
+        bail!("round_to must be at least 1");
+    }
+    Ok(LowRankOptions {
+        rule,
+        scheme,
+        data_aware: a.data_aware,
+        round_to,
+    })
+}
+
+/// What channel pruning did.
+struct Pruned {
+    model: Model,
+    plan: Plan,
+    refits: Vec<RefitReport>,
+    groups: usize,
+    prunable: usize,
+}
+
 /// Compress as the arguments say and return the summary (`None` for `--explain` alone).
 pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let started = std::time::Instant::now();
     // everything that can be refused is refused before any work
+    let methods = methods(a)?;
+    let prunes = methods.contains(&Method::PruneChannels);
+    let lr_opts = if methods.contains(&Method::LowRank) {
+        Some(low_rank_opts(a)?)
+    } else {
+        None
+    };
     let mut opts = parse_opts(a)?;
-    let is_latency = matches!(opts.budget, Budget::Latency(_));
+    let is_latency = prunes && matches!(opts.budget, Budget::Latency(_));
     let table: Option<LatencyTable> = match &a.latency_table {
         Some(p) if is_latency => {
             let text = std::fs::read_to_string(p)
@@ -330,11 +482,15 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     } else if !a.explain {
         bail!("give -o OUTPUT (or --explain to only list the channel groups)");
     }
-    let needs_data = !a.no_reconstruct || matches!(a.importance, ImportanceArg::Activation);
+    let needs_data = (prunes
+        && (!a.no_reconstruct || matches!(a.importance, ImportanceArg::Activation)))
+        || lr_opts.as_ref().is_some_and(|o| o.data_aware);
     if needs_data && a.calib.is_none() && a.output.is_some() {
-        bail!(
+        bail!(if prunes {
             "--calib DATA is needed for reconstruction and activation importance (or use --no-reconstruct --importance l2)"
-        );
+        } else {
+            "--calib DATA is needed for --data-aware"
+        });
     }
     let pre = match &a.calib {
         Some(_) => super::resolve_profile(a.profile.as_deref(), &a.model)?,
@@ -345,15 +501,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let original = super::load_model(&a.model)?;
     let mut model = original.clone();
     let clean = cleanup::cleanup(&mut model).context("cleanup")?;
-    let gs = groups::analyse(&model).context("channel groups")?;
-    if is_latency && !a.explain {
-        let t = match table {
-            Some(t) => t,
-            None => super::profile::measure_table(&model, a.runtime, a.threads, vec![])?,
-        };
-        opts.latency = Some(std::sync::Arc::new(t));
-    }
     if a.explain {
+        let gs = groups::analyse(&model).context("channel groups")?;
         print_groups(&model, &gs, a.json && a.output.is_none());
         if a.output.is_none() {
             return Ok(None);
@@ -376,9 +525,97 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         runtime: a.runtime,
         threads: a.threads,
     });
+    let mut current = model.clone();
+    let mut pruned: Option<Pruned> = None;
+    let mut low_rank: Option<LowRankReport> = None;
+    for m in &methods {
+        match m {
+            Method::PruneChannels => {
+                if is_latency {
+                    let t = match &table {
+                        Some(t) => t.clone(),
+                        None => {
+                            super::profile::measure_table(&current, a.runtime, a.threads, vec![])?
+                        }
+                    };
+                    opts.latency = Some(std::sync::Arc::new(t));
+                }
+                let p = prune_stage(a, &opts, &current, data.as_ref(), &calib_idx, &pre, &spec)?;
+                current = p.model.clone();
+                pruned = Some(p);
+            }
+            Method::LowRank => {
+                let o = lr_opts.as_ref().expect("low-rank options parsed above");
+                let stats = match (&spec, o.data_aware) {
+                    (Some(spec), true) => Some(refit::collect(
+                        &current,
+                        &lowrank::layers(&current)?,
+                        spec,
+                        &RefitOptions::default(),
+                    )?),
+                    _ => None,
+                };
+                let mut next = current.clone();
+                low_rank = Some(lowrank::factorise(&mut next, stats.as_ref(), o)?);
+                current = next;
+            }
+        }
+    }
+    // the result must be a valid graph that runs with the original's input and output shapes
+    let bytes = current.to_bytes();
+    check_runs(&original, &bytes, a.runtime)?;
+    let fidelity = match &data {
+        Some(d) if !hold_idx.is_empty() => Some(fidelity(
+            &original, &bytes, d, &hold_idx, &pre, a.runtime, a.threads,
+        )?),
+        _ => None,
+    };
+    if let Some(out) = &a.output {
+        whittle_export::save_model(&current, out, Some(&a.model), false)?;
+    }
+    if let (Some(p), Some(path)) = (&pruned, &a.plan_out) {
+        whittle_export::write_atomic(path, serde_json::to_string_pretty(&p.plan)?.as_bytes())?;
+    }
+    let layers = layer_table(&model, &current)?;
+    let after = cost::count(&current, &shape::infer(&current, &[])?);
+    let before = cost::count(&original, &shape::infer(&original, &[])?);
+    let s = Summary {
+        input: a.model.display().to_string(),
+        output: a.output.as_ref().map(|p| p.display().to_string()),
+        cleanup: clean,
+        groups: pruned.as_ref().map_or(0, |p| p.groups),
+        prunable_groups: pruned.as_ref().map_or(0, |p| p.prunable),
+        params: (before.params, after.params),
+        macs: (before.macs, after.macs),
+        macs_kept: after.macs as f64 / before.macs.max(1) as f64,
+        importance: scores_name(a.importance).to_string(),
+        reconstructed: pruned.as_ref().is_some_and(|p| !p.refits.is_empty()),
+        refit: pruned
+            .as_ref()
+            .map(|p| p.refits.clone())
+            .unwrap_or_default(),
+        fidelity,
+        layers,
+        plan: pruned.map(|p| p.plan),
+        low_rank,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok(Some(s))
+}
 
+/// Channel pruning of `model`: scores, sensitivity, plan, apply, least-squares repair.
+fn prune_stage(
+    a: &Args,
+    opts: &PruneOptions,
+    model: &Model,
+    data: Option<&Dataset>,
+    calib_idx: &[usize],
+    pre: &Preprocess,
+    spec: &Option<CaptureSpec>,
+) -> Result<Pruned> {
+    let gs = groups::analyse(model).context("channel groups")?;
     let weight = prune::weight_scores(
-        &model,
+        model,
         &gs,
         if matches!(a.importance, ImportanceArg::L1) {
             Importance::L1
@@ -386,11 +623,11 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
             Importance::L2
         },
     )?;
-    let scores = match (a.importance, &spec) {
+    let scores = match (a.importance, spec) {
         (ImportanceArg::Activation, Some(spec)) => {
-            let tensors = prune::consumer_inputs(&model, &gs);
-            let m2 = channel_moments(&model, &tensors, spec)?;
-            prune::energy_scores(&model, &gs, &m2, &weight)?
+            let tensors = prune::consumer_inputs(model, &gs);
+            let m2 = channel_moments(model, &tensors, spec)?;
+            prune::energy_scores(model, &gs, &m2, &weight)?
         }
         _ => weight,
     };
@@ -398,18 +635,18 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         ridge: a.ridge,
         ..Default::default()
     };
-    let sens = match &data {
+    let sens = match data {
         Some(d) if !a.no_sensitivity => {
             // damage is measured on items the trial refits never see (a refit fits its own
             // items too well to judge it there)
             let n_eval = a.sensitivity_items.min(calib_idx.len() / 2).max(1);
             let idx: Vec<usize> = calib_idx[..n_eval].to_vec();
             let fit_idx: Vec<usize> = calib_idx[n_eval..].to_vec();
-            let reference = Reference::new(&model, d, &idx, &pre, a.runtime, a.threads)?;
+            let reference = Reference::new(model, d, &idx, pre, a.runtime, a.threads)?;
             let sens_spec = CaptureSpec {
                 dataset: d,
                 indices: &fit_idx,
-                pre: &pre,
+                pre,
                 batch: 16,
                 runtime: a.runtime,
                 threads: a.threads,
@@ -419,8 +656,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 None
             } else {
                 Some(refit::collect(
-                    &model,
-                    &consumer_layers(&model, &gs),
+                    model,
+                    &consumer_layers(model, &gs),
                     &sens_spec,
                     &refit_opts,
                 )?)
@@ -428,7 +665,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
             let fractions = [0.25, 0.5];
             let pb = bar("sensitivity", gs.prunable().count() * fractions.len());
             let s = prune::measure_sensitivity(
-                &model,
+                model,
                 &gs,
                 &scores,
                 &fractions,
@@ -439,7 +676,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                     };
                     if let Some(stats) = &stats {
                         stats
-                            .apply(m, &refit_jobs(&model, changes), &refit_opts)
+                            .apply(m, &refit_jobs(model, changes), &refit_opts)
                             .map_err(|e| fail(e.to_string()))?;
                     }
                     reference.damage(m).map_err(|e| fail(format!("{e:#}")))
@@ -451,57 +688,28 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         }
         _ => None,
     };
-    let plan = prune::plan(&model, &gs, &scores, sens.as_deref(), &opts)?;
+    let plan = prune::plan(model, &gs, &scores, sens.as_deref(), opts)?;
     let mut pruned = model.clone();
     let changes = prune::apply(&mut pruned, &gs, &plan)?;
     let mut refits = Vec::new();
     if !a.no_reconstruct
-        && let Some(spec) = &spec
+        && let Some(spec) = spec
     {
         refits = refit::refit(
-            &model,
+            model,
             &mut pruned,
-            &refit_jobs(&model, &changes),
+            &refit_jobs(model, &changes),
             spec,
             &refit_opts,
         )?;
     }
-    // the result must be a valid graph that runs with the original's input and output shapes
-    let bytes = pruned.to_bytes();
-    check_runs(&original, &bytes, a.runtime)?;
-    let fidelity = match &data {
-        Some(d) if !hold_idx.is_empty() => Some(fidelity(
-            &original, &bytes, d, &hold_idx, &pre, a.runtime, a.threads,
-        )?),
-        _ => None,
-    };
-    if let Some(out) = &a.output {
-        whittle_export::save_model(&pruned, out, Some(&a.model), false)?;
-    }
-    if let Some(p) = &a.plan_out {
-        whittle_export::write_atomic(p, serde_json::to_string_pretty(&plan)?.as_bytes())?;
-    }
-    let layers = layer_table(&model, &pruned)?;
-    let after = cost::count(&pruned, &shape::infer(&pruned, &[])?);
-    let before = cost::count(&original, &shape::infer(&original, &[])?);
-    let s = Summary {
-        input: a.model.display().to_string(),
-        output: a.output.as_ref().map(|p| p.display().to_string()),
-        cleanup: clean,
-        groups: gs.groups.len(),
-        prunable_groups: gs.prunable().count(),
-        params: (before.params, after.params),
-        macs: (before.macs, after.macs),
-        macs_kept: after.macs as f64 / before.macs.max(1) as f64,
-        importance: scores_name(a.importance).to_string(),
-        reconstructed: !refits.is_empty(),
-        refit: refits,
-        fidelity,
-        layers,
+    Ok(Pruned {
+        model: pruned,
         plan,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    Ok(Some(s))
+        refits,
+        groups: gs.groups.len(),
+        prunable: gs.prunable().count(),
+    })
 }
 
 fn scores_name(i: ImportanceArg) -> &'static str {
@@ -622,26 +830,34 @@ fn out_channels(m: &Model, n: &whittle_core::onnx::NodeProto) -> usize {
 fn layer_table(before: &Model, after: &Model) -> Result<Vec<Layer>> {
     let cb = cost::count(before, &shape::infer(before, &[])?);
     let ca = cost::count(after, &shape::infer(after, &[])?);
-    let mut rows = Vec::new();
-    for ((nb, na), (b, a)) in before
+    // by name: a factorised layer keeps its name for the second factor, the first is
+    // `<name>/lowrank_a`
+    let after_by_name: HashMap<&str, (usize, &whittle_core::cost::NodeCost)> = after
         .graph()
         .node
         .iter()
-        .zip(&after.graph().node)
-        .zip(cb.nodes.iter().zip(&ca.nodes))
-    {
+        .zip(&ca.nodes)
+        .enumerate()
+        .map(|(i, (n, c))| (n.name(), (i, c)))
+        .collect();
+    let mut rows = Vec::new();
+    for (nb, b) in before.graph().node.iter().zip(&cb.nodes) {
         if !matches!(nb.op_type(), "Conv" | "Gemm" | "MatMul" | "ConvTranspose") {
             continue;
         }
+        let Some(&(ia, a)) = after_by_name.get(nb.name()) else {
+            continue;
+        };
+        let first = after_by_name.get(format!("{}/lowrank_a", nb.name()).as_str());
         rows.push(Layer {
             name: b.name.clone(),
             op: b.op.clone(),
             channels_before: out_channels(before, nb),
-            channels_after: out_channels(after, na),
+            channels_after: out_channels(after, &after.graph().node[ia]),
             params_before: b.params,
-            params_after: a.params,
+            params_after: a.params + first.map_or(0, |f| f.1.params),
             macs_before: b.macs,
-            macs_after: a.macs,
+            macs_after: a.macs + first.map_or(0, |f| f.1.macs),
         });
     }
     Ok(rows)
@@ -689,20 +905,50 @@ fn print_summary(s: &Summary) {
     }
     out!("{}", t.render());
     outln!(
-        "\nparams {} -> {} ({}), MACs {} -> {} ({} kept); {} of {} channel groups prunable; importance {}; reconstruction {}; {:.1} s",
+        "\nparams {} -> {} ({}), MACs {} -> {} ({} kept); {:.1} s",
         si(s.params.0),
         si(s.params.1),
         pct(s.params.1 as f64 / s.params.0.max(1) as f64),
         si(s.macs.0),
         si(s.macs.1),
         pct(s.macs_kept),
-        s.prunable_groups,
-        s.groups,
-        s.importance,
-        if s.reconstructed { "on" } else { "off" },
         s.seconds
     );
-    if let Some((before, after)) = s.plan.latency_ms {
+    if s.plan.is_some() {
+        outln!(
+            "channel pruning: {} of {} channel groups prunable; importance {}; reconstruction {}",
+            s.prunable_groups,
+            s.groups,
+            s.importance,
+            if s.reconstructed { "on" } else { "off" },
+        );
+    }
+    if let Some(lr) = &s.low_rank {
+        let f: Vec<String> = lr
+            .factored
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {:?} rank {}/{} (error {:.3})",
+                    f.node, f.scheme, f.rank, f.full_rank, f.rel_error
+                )
+            })
+            .collect();
+        outln!(
+            "low rank ({}): {} layers factorised: {}",
+            if lr.data_aware {
+                "data-aware"
+            } else {
+                "plain SVD"
+            },
+            f.len(),
+            f.join(", ")
+        );
+        for k in &lr.skipped {
+            outln!("low rank skipped {}: {}", k.node, k.reason);
+        }
+    }
+    if let Some((before, after)) = s.plan.as_ref().and_then(|p| p.latency_ms) {
         outln!(
             "latency predicted from the table: {before:.3} ms -> {after:.3} ms ({} kept)",
             pct(after / before.max(1e-12))
