@@ -35,6 +35,6 @@ deploy target="host" *args="": setup build
 setup-bench:
     bash bench/setup_venv.sh
 
-# whittle (ort-cpu, tract) vs ONNX Runtime's Python API, then channel pruning rows (--quick, --json, --threads N, --skip-prune).
+# whittle (ort-cpu, tract) vs ONNX Runtime's Python API, then channel pruning and low-rank rows (--quick, --json, --threads N, --skip-prune, --skip-lowrank).
 bench *args: setup build setup-bench
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv/bin/python" bench/bench.py --whittle "{{whittle}}" {{args}}

@@ -18,6 +18,9 @@ Then, unless --skip-prune, it runs bench/prune_bench.py (the channel pruning row
 at several MAC budgets with and without reconstruction, measured for size, interleaved latency of
 original and pruned in ort-cpu and tract, and top-1 agreement and accuracy on evaluation images),
 passing --quick, --threads and --whittle through; with --json its object is the "prune" field.
+Then, unless --skip-lowrank, it runs bench/lowrank_bench.py the same way (the low-rank rows:
+`whittle compress --low-rank` at several MAC budgets, plain and data-aware, measured likewise);
+with --json its object is the "lowrank" field.
 
 Run it with the bench venv's python (`just bench`, which also builds whittle and the venv).
 """
@@ -33,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import lowrank_bench
 import prune_bench
 
 HERE = Path(__file__).resolve().parent
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--skip-prune", action="store_true",
                     help="skip the channel pruning rows (bench/prune_bench.py; they take minutes, 15+ without --quick)")
+    ap.add_argument("--skip-lowrank", action="store_true",
+                    help="skip the low-rank rows (bench/lowrank_bench.py; they take minutes, ~10 without --quick)")
     ap.add_argument("--whittle", type=Path, default=default_whittle(),
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
     a = ap.parse_args(argv)
@@ -249,12 +255,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.json:
         prune, prune_status = run_prune(a, log)
+        lowrank, lowrank_status = run_lowrank(a, log)
         print(json.dumps({
             "machine": mach, "loadavg_end": mach_end["loadavg"],
             "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                          "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version},
-            "results": results, "elapsed_s": round(elapsed, 1), "ok": not failed and prune_status == 0,
-            "prune": prune,
+            "results": results, "elapsed_s": round(elapsed, 1),
+            "ok": not failed and prune_status == 0 and lowrank_status == 0,
+            "prune": prune, "lowrank": lowrank,
         }))
     else:
         print()
@@ -272,12 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         if prune is not None and "error" not in prune:
             print()
             print(prune_bench.render(prune))
+        lowrank, lowrank_status = run_lowrank(a, log)
+        if lowrank is not None and "error" not in lowrank:
+            print()
+            print(lowrank_bench.render(lowrank))
     for r in results:
         for c, why in r["failed"].items():
             print(f"bench: {r['model']}: {c} failed: {why}", file=sys.stderr)
     if prune is not None and "error" in prune:
         print(f"bench: channel pruning rows: {prune['error']}", file=sys.stderr)
-    return 1 if failed or prune_status else 0
+    if lowrank is not None and "error" in lowrank:
+        print(f"bench: low-rank rows: {lowrank['error']}", file=sys.stderr)
+    return 1 if failed or prune_status or lowrank_status else 0
 
 
 def run_prune(a: argparse.Namespace, log) -> tuple[dict | None, int]:
@@ -290,6 +304,18 @@ def run_prune(a: argparse.Namespace, log) -> tuple[dict | None, int]:
     prune_bench.settle(pa)
     log("")
     return prune_bench.run(pa, log)
+
+
+def run_lowrank(a: argparse.Namespace, log) -> tuple[dict | None, int]:
+    """The low-rank rows (bench/lowrank_bench.py), unless --skip-lowrank: (result or None, status)."""
+    if a.skip_lowrank:
+        return None, 0
+    ap = argparse.ArgumentParser()
+    lowrank_bench.add_args(ap)
+    la = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
+    prune_bench.settle(la)
+    log("")
+    return lowrank_bench.run(la, log)
 
 
 if __name__ == "__main__":
