@@ -60,7 +60,12 @@ fn resnet56_at_30_percent_keeps_85_percent_agreement_data_aware() {
         agree.push(agreement(&m, &out));
     }
     assert!(agree[0] >= 0.85, "data-aware agreement {}", agree[0]);
-    assert!(agree[0] > agree[1], "data-aware {} vs plain {}", agree[0], agree[1]);
+    assert!(
+        agree[0] > agree[1],
+        "data-aware {} vs plain {}",
+        agree[0],
+        agree[1]
+    );
 }
 
 #[test]
@@ -104,8 +109,14 @@ fn bad_low_rank_requests_are_refused_before_any_work() {
     with(&["--rank", "0"]).error(&["--rank 0"]);
     with(&["--rank-fraction", "1.5"]).error(&["not in (0, 1]"]);
     with(&["--scheme", "diagonal"]).error(&["unknown scheme 'diagonal'"]);
-    with(&["--scheme", "spatial", "--data-aware", "--calib", "data/cifar10"])
-        .error(&["channel-wise"]);
+    with(&[
+        "--scheme",
+        "spatial",
+        "--data-aware",
+        "--calib",
+        "data/cifar10",
+    ])
+    .error(&["channel-wise"]);
     with(&["--data-aware"]).error(&["--calib"]);
     with(&["--prune-channels"]).error(&["need a recipe"]);
     with(&["--target", "latency=0.5"]).error(&["macs= or params="]);
@@ -115,9 +126,10 @@ fn bad_low_rank_requests_are_refused_before_any_work() {
     let j = with(&["--rank", "12", "--json"]).ok().json();
     let skipped = j["low_rank"]["skipped"].as_array().unwrap();
     assert!(
-        skipped
-            .iter()
-            .any(|k| k["reason"].as_str().unwrap().contains("exceeds its full rank 10")),
+        skipped.iter().any(|k| k["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds its full rank 10")),
         "{j}"
     );
 }
