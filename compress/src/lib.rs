@@ -8,6 +8,7 @@
 //! | channel pruning: importance, budget, plan, apply | `prune.rs` |
 //! | least-squares reconstruction of pruned layers | `refit.rs` |
 //! | low-rank factorisation (channel / spatial SVD, data-aware) | `lowrank.rs` |
+//! | depth merging: exact Conv-Conv merges, residual folds, activation removal | `merge.rs` |
 //! | per-layer latency tables and the latency model of `latency=` budgets | `latency.rs` |
 
 pub mod cleanup;
@@ -15,6 +16,7 @@ pub mod groups;
 pub mod index;
 pub mod latency;
 pub mod lowrank;
+pub mod merge;
 pub mod prune;
 pub mod refit;
 

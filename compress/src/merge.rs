@@ -1,0 +1,440 @@
+//! Depth merging: two consecutive convolutions become one (LayerMerge, without training).
+//!
+//! `y = conv2(conv1(x))` with nothing between them is one convolution: kernel
+//! `k1 + (k2 − 1)·s1` per axis, stride `s1·s2`, conv1's pads, and bias
+//! `b2 + Σ W2·b1`. The composition is exact when conv2 has no padding (zero padding of the
+//! intermediate is not conv1 of anything) and both have dilation 1; depthwise and grouped
+//! convolutions are composed through their block-diagonal dense form, and two depthwise
+//! convolutions stay depthwise. A residual `Add(conv(x), x)` folds into the conv as an identity
+//! tap when the conv keeps the shape (stride 1, same channels, odd kernel, centred pads).
+//!
+//! An activation between the two (Relu, Clip, HardSwish, LeakyRelu) may be removed first
+//! ([`remove_activation`]); the merge is then not exact, and the merged conv should be refitted
+//! by least squares against the original segment's output (`crate::refit::refit` with the
+//! segment's input and output tensors).
+//!
+//! **Accepts** Conv pairs with 2-D kernels, float initializer weights (and biases), explicit
+//! pads (`auto_pad` NOTSET or VALID), dilation 1, where conv1's output is read by conv2 only and
+//! is not a graph output. **Declines** with the reason everything else; a padded conv2 is merged
+//! only when asked to accept an inexact result, and the report says it is not exact.
+//! **Guarantees** the merged node keeps conv2's name and output tensor; the graph stays valid.
+
+use serde::Serialize;
+use whittle_core::Model;
+use whittle_core::attr::Attrs;
+use whittle_core::onnx::attribute_proto::AttributeType;
+use whittle_core::onnx::{AttributeProto, NodeProto};
+use whittle_core::tensor::{from_f32, to_f32};
+
+use crate::Error;
+use crate::cleanup::unique_name;
+use crate::index::Index;
+
+/// What a merge did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    /// The nodes merged, in order (the result keeps the last one's name).
+    pub nodes: Vec<String>,
+    /// Whether the result computes exactly what the nodes did.
+    pub exact: bool,
+    /// Why it is not exact, when it is not.
+    pub note: Option<String>,
+    /// Kernel of the result.
+    pub kernel: [usize; 2],
+}
+
+/// A Conv read as numbers.
+struct ConvIr {
+    idx: usize,
+    w: Vec<f32>,
+    /// [out, in/group, kh, kw]
+    dims: [usize; 4],
+    bias: Option<Vec<f32>>,
+    group: usize,
+    strides: [usize; 2],
+    /// top, left, bottom, right
+    pads: [usize; 4],
+}
+
+fn fail(reason: String) -> Error {
+    Error::Pass {
+        pass: "merge".into(),
+        reason,
+    }
+}
+
+fn find(model: &Model, name: &str) -> Result<usize, Error> {
+    model
+        .graph()
+        .node
+        .iter()
+        .position(|n| n.name() == name)
+        .ok_or_else(|| fail(format!("no node named {name}")))
+}
+
+fn read_conv(model: &Model, idx: usize) -> Result<ConvIr, Error> {
+    let n = &model.graph().node[idx];
+    let name = n.name();
+    if n.op_type() != "Conv" {
+        return Err(fail(format!("{name} is a {}, not a Conv", n.op_type())));
+    }
+    let wt = n
+        .input
+        .get(1)
+        .and_then(|w| model.initializer(w))
+        .filter(|t| t.data_type() == 1 && t.dims.len() == 4)
+        .ok_or_else(|| {
+            fail(format!(
+                "{name}: weight is not a float 2-D-kernel initializer"
+            ))
+        })?;
+    let w = to_f32(wt)?;
+    let d: Vec<usize> = wt.dims.iter().map(|&v| v.max(0) as usize).collect();
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        Some(b) => Some(to_f32(
+            model
+                .initializer(b)
+                .filter(|t| t.data_type() == 1)
+                .ok_or_else(|| fail(format!("{name}: bias is not a float initializer")))?,
+        )?),
+        None => None,
+    };
+    let auto_pad = n.attr_str("auto_pad").unwrap_or_default();
+    if !(auto_pad.is_empty() || auto_pad == "NOTSET" || auto_pad == "VALID") {
+        return Err(fail(format!(
+            "{name}: auto_pad {auto_pad}; merging needs explicit pads"
+        )));
+    }
+    if n.attr_ints("dilations")
+        .is_some_and(|d| d.iter().any(|&v| v != 1))
+    {
+        return Err(fail(format!("{name}: dilation other than 1")));
+    }
+    let two = |k: &str, def: usize| -> [usize; 2] {
+        n.attr_ints(k)
+            .filter(|v| v.len() == 2)
+            .map_or([def, def], |v| [v[0].max(0) as usize, v[1].max(0) as usize])
+    };
+    let pads = n
+        .attr_ints("pads")
+        .filter(|v| v.len() == 4)
+        .map_or([0; 4], |v| {
+            [v[0], v[1], v[2], v[3]].map(|x| x.max(0) as usize)
+        });
+    Ok(ConvIr {
+        idx,
+        w,
+        dims: [d[0], d[1], d[2], d[3]],
+        bias,
+        group: n.attr_int("group").unwrap_or(1).max(1) as usize,
+        strides: two("strides", 1),
+        pads,
+    })
+}
+
+impl ConvIr {
+    /// Input channels.
+    fn cin(&self) -> usize {
+        self.dims[1] * self.group
+    }
+
+    /// Weight as dense [out, cin, kh, kw] (zeros outside each group's block).
+    fn dense(&self) -> Vec<f64> {
+        let [o, ig, kh, kw] = self.dims;
+        let cin = self.cin();
+        let per_group_out = o / self.group;
+        let mut d = vec![0.0; o * cin * kh * kw];
+        for oo in 0..o {
+            let g = oo / per_group_out.max(1);
+            for c in 0..ig {
+                for k in 0..kh * kw {
+                    d[(oo * cin + g * ig + c) * kh * kw + k] =
+                        f64::from(self.w[(oo * ig + c) * kh * kw + k]);
+                }
+            }
+        }
+        d
+    }
+
+    fn depthwise(&self) -> bool {
+        self.group > 1 && self.dims[1] == 1 && self.dims[0] == self.group
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+/// Merge the Conv named `first` into the Conv named `second` that reads it. With
+/// `allow_inexact`, a padded `second` is merged too and the report says it is not exact.
+pub fn merge_pair(
+    model: &mut Model,
+    first: &str,
+    second: &str,
+    allow_inexact: bool,
+) -> Result<MergeReport, Error> {
+    let (i1, i2) = (find(model, first)?, find(model, second)?);
+    let (c1, c2) = (read_conv(model, i1)?, read_conv(model, i2)?);
+    let g = model.graph();
+    let ix = Index::new(g);
+    let mid = &g.node[i1].output[0];
+    if g.node[i2].input.first() != Some(mid) {
+        return Err(fail(format!("{second} does not read {first}'s output")));
+    }
+    if ix.readers(mid).len() != 1 || ix.is_output(mid) {
+        return Err(fail(format!(
+            "{first}'s output is read elsewhere too; merging would lose it"
+        )));
+    }
+    if c2.cin() != c1.dims[0] {
+        return Err(fail(format!(
+            "{second} reads {} channels, {first} makes {}",
+            c2.cin(),
+            c1.dims[0]
+        )));
+    }
+    let padded = c2.pads.iter().any(|&p| p > 0);
+    if padded && !allow_inexact {
+        return Err(fail(format!(
+            "{second} pads its input: the merge would not be exact at the borders"
+        )));
+    }
+    let (m, cin, o) = (c1.dims[0], c1.cin(), c2.dims[0]);
+    let [_, _, k1h, k1w] = c1.dims;
+    let [_, _, k2h, k2w] = c2.dims;
+    let (s1, s2) = (c1.strides, c2.strides);
+    let kh = k1h + (k2h - 1) * s1[0];
+    let kw = k1w + (k2w - 1) * s1[1];
+    let (w1, w2) = (c1.dense(), c2.dense());
+    let both_dw = c1.depthwise() && c2.depthwise();
+    // merged dense weight [o, cin, kh, kw]
+    let mut w = vec![0.0f64; o * cin * kh * kw];
+    for oo in 0..o {
+        for mm in 0..m {
+            for i in 0..k2h {
+                for j in 0..k2w {
+                    let a = w2[((oo * m + mm) * k2h + i) * k2w + j];
+                    if a == 0.0 {
+                        continue;
+                    }
+                    for c in 0..cin {
+                        for u in 0..k1h {
+                            for v in 0..k1w {
+                                let b = w1[((mm * cin + c) * k1h + u) * k1w + v];
+                                let (uu, vv) = (u + i * s1[0], v + j * s1[1]);
+                                w[((oo * cin + c) * kh + uu) * kw + vv] += a * b;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut bias: Vec<f64> = (0..o)
+        .map(|oo| c2.bias.as_ref().map_or(0.0, |b| f64::from(b[oo])))
+        .collect();
+    if let Some(b1) = &c1.bias {
+        for (oo, bo) in bias.iter_mut().enumerate() {
+            for (mm, &b) in b1.iter().enumerate() {
+                let s: f64 = (0..k2h * k2w)
+                    .map(|k| w2[(oo * m + mm) * k2h * k2w + k])
+                    .sum();
+                *bo += s * f64::from(b);
+            }
+        }
+    }
+    let (wdims, wvals, group): (Vec<i64>, Vec<f32>, usize) = if both_dw {
+        // keep it depthwise: the diagonal of the dense result
+        let vals = (0..o)
+            .flat_map(|oo| {
+                let w = &w;
+                (0..kh * kw).map(move |k| w[(oo * cin + oo) * kh * kw + k] as f32)
+            })
+            .collect();
+        (vec![o as i64, 1, kh as i64, kw as i64], vals, o)
+    } else {
+        (
+            vec![o as i64, cin as i64, kh as i64, kw as i64],
+            w.iter().map(|&v| v as f32).collect(),
+            1,
+        )
+    };
+    let node2 = model.graph().node[i2].clone();
+    let node1 = model.graph().node[i1].clone();
+    let wn = unique_name(model, &format!("{second}.merged_weight"));
+    let bn = unique_name(model, &format!("{second}.merged_bias"));
+    let pads = c1.pads;
+    let merged = NodeProto {
+        name: node2.name.clone(),
+        op_type: Some("Conv".into()),
+        domain: node2.domain.clone(),
+        input: vec![node1.input[0].clone(), wn.clone(), bn.clone()],
+        output: node2.output.clone(),
+        attribute: vec![
+            ints("kernel_shape", &[kh as i64, kw as i64]),
+            ints("strides", &[(s1[0] * s2[0]) as i64, (s1[1] * s2[1]) as i64]),
+            ints(
+                "pads",
+                &[
+                    (pads[0] + c2.pads[0] * s1[0]) as i64,
+                    (pads[1] + c2.pads[1] * s1[1]) as i64,
+                    (pads[2] + c2.pads[2] * s1[0]) as i64,
+                    (pads[3] + c2.pads[3] * s1[1]) as i64,
+                ],
+            ),
+            int("group", group as i64),
+        ],
+        ..Default::default()
+    };
+    let old: Vec<String> = node1.input[1..]
+        .iter()
+        .chain(&node2.input[1..])
+        .cloned()
+        .collect();
+    let gm = model.graph_mut();
+    gm.node[c2.idx] = merged;
+    gm.node.remove(c1.idx);
+    gm.initializer.push(from_f32(&wn, &wdims, &wvals));
+    gm.initializer.push(from_f32(
+        &bn,
+        &[o as i64],
+        &bias.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+    ));
+    drop_unread(model, &old);
+    Ok(MergeReport {
+        nodes: vec![first.into(), second.into()],
+        exact: !padded,
+        note: padded.then(|| {
+            format!("{second} padded its input; the merged conv pads the input instead, which differs at the borders")
+        }),
+        kernel: [kh, kw],
+    })
+}
+
+/// Fold `Add(conv(x), x)` into the conv named `conv` as an identity tap. Returns the Add's name.
+pub fn fold_residual(model: &mut Model, conv: &str) -> Result<String, Error> {
+    let ic = find(model, conv)?;
+    let c = read_conv(model, ic)?;
+    let g = model.graph();
+    let ix = Index::new(g);
+    let node = &g.node[ic];
+    let (x, y) = (node.input[0].clone(), node.output[0].clone());
+    let readers = ix.readers(&y);
+    let Some(&(ia, _)) = readers
+        .first()
+        .filter(|_| readers.len() == 1 && !ix.is_output(&y))
+    else {
+        return Err(fail(format!("{conv}'s output is not read by one Add only")));
+    };
+    let add = &g.node[ia];
+    let other = match (add.op_type(), add.input.as_slice()) {
+        ("Add", [a, b]) if *a == y => b.clone(),
+        ("Add", [a, b]) if *b == y => a.clone(),
+        _ => return Err(fail(format!("{conv}'s output is not read by one Add only"))),
+    };
+    if other != x {
+        return Err(fail(format!(
+            "the Add after {conv} does not add the conv's input"
+        )));
+    }
+    let [o, _, kh, kw] = c.dims;
+    let same = c.strides == [1, 1]
+        && c.cin() == o
+        && kh % 2 == 1
+        && kw % 2 == 1
+        && c.pads == [kh / 2, kw / 2, kh / 2, kw / 2];
+    if !same {
+        return Err(fail(format!(
+            "{conv} does not keep its input's shape (stride 1, same channels, odd kernel, centred pads)"
+        )));
+    }
+    let per = c.dims[1];
+    if !(c.group == 1 || c.depthwise()) {
+        return Err(fail(format!(
+            "{conv} is a grouped (not depthwise) conv; the identity fold handles dense and depthwise"
+        )));
+    }
+    let mut w = c.w.clone();
+    for oo in 0..o {
+        // dense: input channel oo; depthwise: the one input of channel oo
+        let cin = if c.group == 1 { oo } else { 0 };
+        w[((oo * per + cin) * kh + kh / 2) * kw + kw / 2] += 1.0;
+    }
+    let add_name = add.name().to_string();
+    let add_out = add.output[0].clone();
+    let w_name = node.input[1].clone();
+    let wn = unique_name(model, &format!("{conv}.residual_weight"));
+    let gm = model.graph_mut();
+    gm.initializer.push(from_f32(
+        &wn,
+        &[o as i64, per as i64, kh as i64, kw as i64],
+        &w,
+    ));
+    gm.node[ic].input[1] = wn;
+    gm.node[ic].output[0] = add_out;
+    gm.node.remove(ia);
+    drop_unread(model, &[w_name]);
+    Ok(add_name)
+}
+
+/// Remove an elementwise activation node (its output is read as its input): the pair around it
+/// becomes mergeable, and the result is no longer exact.
+pub fn remove_activation(model: &mut Model, name: &str) -> Result<(), Error> {
+    let i = find(model, name)?;
+    let n = &model.graph().node[i];
+    if !matches!(n.op_type(), "Relu" | "Clip" | "HardSwish" | "LeakyRelu") {
+        return Err(fail(format!(
+            "{name} is a {}; only Relu, Clip, HardSwish and LeakyRelu are removed",
+            n.op_type()
+        )));
+    }
+    let (from, to) = (n.output[0].clone(), n.input[0].clone());
+    if Index::new(model.graph()).is_output(&from) {
+        return Err(fail(format!("{name}'s output is a graph output")));
+    }
+    let extra: Vec<String> = n.input[1..].to_vec();
+    let gm = model.graph_mut();
+    gm.node.remove(i);
+    for n in &mut gm.node {
+        for x in &mut n.input {
+            if *x == from {
+                *x = to.clone();
+            }
+        }
+    }
+    drop_unread(model, &extra);
+    Ok(())
+}
+
+/// Drop these initializers when nothing reads them any more.
+fn drop_unread(model: &mut Model, names: &[String]) {
+    let gm = model.graph_mut();
+    let read: std::collections::HashSet<&str> = gm
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .chain(gm.output.iter().map(|o| o.name()))
+        .collect();
+    let dead: Vec<String> = names
+        .iter()
+        .filter(|n| !read.contains(n.as_str()))
+        .cloned()
+        .collect();
+    gm.initializer
+        .retain(|t| !dead.iter().any(|d| d == t.name()));
+    gm.value_info.clear();
+}

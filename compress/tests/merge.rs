@@ -1,0 +1,336 @@
+//! Depth merging: every merge shape is exact on built fixtures and on real layers (the
+//! MobileNetV2 stand-in EfficientNet-Lite0 and the VWW MobileNetV1), in ONNX Runtime and tract;
+//! padded second convs and odd shapes are refused or reported as not exact.
+
+use whittle_compress::{cleanup, merge};
+use whittle_core::Model;
+use whittle_core::model::float_value_info;
+use whittle_core::onnx::attribute_proto::AttributeType;
+use whittle_core::onnx::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+};
+use whittle_core::tensor::from_f32;
+use whittle_deploy::{RuntimeKind, Value, probe_tensor};
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32) / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A conv layer spec: (out, in, k, stride, pad, group).
+type Spec = (usize, usize, usize, i64, i64, usize);
+
+fn conv(name: &str, x: &str, y: &str, s: Spec, seed: u64) -> (NodeProto, Vec<TensorProto>) {
+    let (o, c, k, stride, pad, g) = s;
+    let w = format!("{name}.w");
+    let b = format!("{name}.b");
+    let node = NodeProto {
+        name: Some(name.into()),
+        op_type: Some("Conv".into()),
+        input: vec![x.into(), w.clone(), b.clone()],
+        output: vec![y.into()],
+        attribute: vec![
+            ints("kernel_shape", &[k as i64, k as i64]),
+            ints("strides", &[stride, stride]),
+            ints("pads", &[pad, pad, pad, pad]),
+            int("group", g as i64),
+        ],
+        ..Default::default()
+    };
+    let n = o * (c / g) * k * k;
+    let inits = vec![
+        from_f32(
+            &w,
+            &[o as i64, (c / g) as i64, k as i64, k as i64],
+            &values(n, seed),
+        ),
+        from_f32(&b, &[o as i64], &values(o, seed + 100)),
+    ];
+    (node, inits)
+}
+
+fn graph(nodes: Vec<(NodeProto, Vec<TensorProto>)>, c: usize, extra: Vec<NodeProto>) -> Model {
+    let (mut node, mut init) = (vec![], vec![]);
+    for (n, i) in nodes {
+        node.push(n);
+        init.extend(i);
+    }
+    node.extend(extra);
+    Model {
+        proto: ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(13),
+            }],
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                node,
+                initializer: init,
+                input: vec![float_value_info("x", &["N", &c.to_string(), "11", "10"])],
+                output: vec![float_value_info("y", &["N", "?", "?", "?"])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+fn pair(a: Spec, b: Spec) -> Model {
+    graph(
+        vec![conv("c1", "x", "t", a, 1), conv("c2", "t", "y", b, 2)],
+        a.1,
+        vec![],
+    )
+}
+
+fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<Value> {
+    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
+        .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
+    s.run(std::slice::from_ref(x))
+        .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))
+}
+
+/// Max |a - b| / max |a| over every output, worst of both runtimes.
+fn rel_diff(a: &Model, b: &Model, input: &[usize]) -> f32 {
+    let x = Value::F32(probe_tensor(input, -1.0, 1.0));
+    let mut worst = 0f32;
+    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
+        for (ya, yb) in run(kind, a, &x).iter().zip(&run(kind, b, &x)) {
+            assert_eq!(ya.shape(), yb.shape(), "{}: shapes", kind.name());
+            let (ya, yb) = (ya.to_f32_vec(), yb.to_f32_vec());
+            let peak = ya.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(peak > 0.01, "degenerate output");
+            let d = ya
+                .iter()
+                .zip(&yb)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            worst = worst.max(d / peak);
+        }
+    }
+    worst
+}
+
+fn merged(m: &Model, a: &str, b: &str) -> (Model, merge::MergeReport) {
+    let mut out = m.clone();
+    let r = merge::merge_pair(&mut out, a, b, false).unwrap_or_else(|e| panic!("{a}+{b}: {e}"));
+    assert_eq!(out.graph().node.len(), m.graph().node.len() - 1);
+    (out, r)
+}
+
+#[test]
+fn every_merge_shape_is_exact() {
+    let cases: [(&str, Spec, Spec, [usize; 2]); 6] = [
+        (
+            "kxk then 1x1",
+            (6, 4, 3, 1, 1, 1),
+            (5, 6, 1, 1, 0, 1),
+            [3, 3],
+        ),
+        (
+            "1x1 then kxk",
+            (6, 4, 1, 1, 0, 1),
+            (5, 6, 3, 1, 0, 1),
+            [3, 3],
+        ),
+        (
+            "depthwise then pointwise",
+            (4, 4, 3, 1, 1, 4),
+            (7, 4, 1, 1, 0, 1),
+            [3, 3],
+        ),
+        (
+            "kxk stride 2 then kxk",
+            (6, 4, 3, 2, 1, 1),
+            (5, 6, 3, 1, 0, 1),
+            [7, 7],
+        ),
+        (
+            "kxk then kxk stride 2",
+            (6, 4, 3, 1, 1, 1),
+            (5, 6, 3, 2, 0, 1),
+            [5, 5],
+        ),
+        (
+            "depthwise then depthwise",
+            (4, 4, 3, 1, 1, 4),
+            (4, 4, 3, 1, 0, 4),
+            [5, 5],
+        ),
+    ];
+    for (what, a, b, kernel) in cases {
+        let m = pair(a, b);
+        let (out, r) = merged(&m, "c1", "c2");
+        assert!(r.exact, "{what}");
+        assert_eq!(r.kernel, kernel, "{what}");
+        let d = rel_diff(&m, &out, &[2, a.1, 11, 10]);
+        assert!(d < 1e-4, "{what}: differs by {d}");
+        let w = &out.graph().node[0].input[1];
+        let dims = &out.initializer(w).unwrap().dims;
+        if what == "depthwise then depthwise" {
+            assert_eq!(dims[1], 1, "two depthwise convs stay depthwise");
+        }
+    }
+}
+
+#[test]
+fn a_padded_second_conv_is_refused_or_marked_inexact() {
+    let m = pair((6, 4, 1, 1, 0, 1), (5, 6, 3, 1, 1, 1));
+    let e = merge::merge_pair(&mut m.clone(), "c1", "c2", false).unwrap_err();
+    assert!(e.to_string().contains("not be exact at the borders"), "{e}");
+    let mut out = m.clone();
+    let r = merge::merge_pair(&mut out, "c1", "c2", true).unwrap();
+    assert!(!r.exact && r.note.is_some());
+    // inside the borders it still agrees; at the borders c1's bias makes the difference
+    assert!(rel_diff(&m, &out, &[1, 4, 11, 10]) > 1e-4);
+}
+
+#[test]
+fn residual_identity_folds_into_the_conv() {
+    for (what, spec) in [
+        ("dense", (4, 4, 3, 1, 1, 1)),
+        ("depthwise", (4, 4, 3, 1, 1, 4)),
+    ] {
+        let add = NodeProto {
+            name: Some("add".into()),
+            op_type: Some("Add".into()),
+            input: vec!["t".into(), "x".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        };
+        let m = graph(vec![conv("c", "x", "t", spec, 3)], 4, vec![add]);
+        let mut out = m.clone();
+        assert_eq!(merge::fold_residual(&mut out, "c").unwrap(), "add");
+        assert_eq!(out.graph().node.len(), 1);
+        let d = rel_diff(&m, &out, &[1, 4, 11, 10]);
+        assert!(d < 1e-4, "{what}: {d}");
+    }
+    // a strided conv does not keep the shape
+    let add = NodeProto {
+        name: Some("add".into()),
+        op_type: Some("Add".into()),
+        input: vec!["t".into(), "x".into()],
+        output: vec!["y".into()],
+        ..Default::default()
+    };
+    let mut m = graph(
+        vec![conv("c", "x", "t", (4, 4, 3, 2, 1, 1), 3)],
+        4,
+        vec![add],
+    );
+    let e = merge::fold_residual(&mut m, "c").unwrap_err();
+    assert!(e.to_string().contains("keep its input's shape"), "{e}");
+}
+
+#[test]
+fn a_pair_whose_middle_is_read_twice_is_refused() {
+    let mut m = pair((6, 4, 3, 1, 1, 1), (5, 6, 1, 1, 0, 1));
+    m.graph_mut()
+        .output
+        .push(float_value_info("t", &["N", "6", "11", "10"]));
+    let e = merge::merge_pair(&mut m, "c1", "c2", false).unwrap_err();
+    assert!(e.to_string().contains("read elsewhere"), "{e}");
+    let e = merge::remove_activation(&mut m, "c1").unwrap_err();
+    assert!(e.to_string().contains("only Relu"), "{e}");
+}
+
+fn shared(name: &str) -> Option<Model> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/assets/models")
+        .join(name);
+    if !p.exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI: missing asset {}",
+            p.display()
+        );
+        return None;
+    }
+    let mut m = Model::load(&p).unwrap();
+    cleanup::cleanup(&mut m).unwrap();
+    Some(m)
+}
+
+/// Merge the first `count` conv → activation → conv chains (activation removed in both the
+/// reference and the merged model, so the merge itself must be exact on the real weights).
+fn real_chains(m: &Model, input: &[usize], count: usize, want_dw_first: bool) {
+    let g = m.graph();
+    let mut found = 0;
+    for (i, n) in g.node.iter().enumerate() {
+        if found == count || n.op_type() != "Conv" {
+            continue;
+        }
+        let dw = g.node[i]
+            .attribute
+            .iter()
+            .any(|a| a.name() == "group" && a.i.unwrap_or(1) > 1);
+        if dw != want_dw_first {
+            continue;
+        }
+        // conv -> act -> conv (unpadded second)
+        let Some(act) = g
+            .node
+            .iter()
+            .find(|a| a.input.first() == Some(&n.output[0]))
+        else {
+            continue;
+        };
+        if !matches!(act.op_type(), "Relu" | "Clip") {
+            continue;
+        }
+        let Some(next) = g.node.iter().find(|c| {
+            c.op_type() == "Conv"
+                && c.input.first() == Some(&act.output[0])
+                && c.attribute
+                    .iter()
+                    .all(|a| a.name() != "pads" || a.ints.iter().all(|&p| p == 0))
+        }) else {
+            continue;
+        };
+        let mut reference = m.clone();
+        merge::remove_activation(&mut reference, act.name()).unwrap();
+        let mut out = reference.clone();
+        let r = merge::merge_pair(&mut out, n.name(), next.name(), false)
+            .unwrap_or_else(|e| panic!("{} + {}: {e}", n.name(), next.name()));
+        assert!(r.exact);
+        let d = rel_diff(&reference, &out, input);
+        assert!(d < 1e-4, "{} + {}: {d}", n.name(), next.name());
+        found += 1;
+    }
+    assert_eq!(found, count, "real chains found");
+}
+
+#[test]
+fn real_depthwise_then_pointwise_layers_merge_exactly() {
+    if let Some(m) = shared("efficientnet_lite0_224.onnx") {
+        real_chains(&m, &[1, 3, 224, 224], 2, true);
+    }
+    if let Some(m) = shared("mobilenetv1_025_vww96.onnx") {
+        real_chains(&m, &[1, 3, 96, 96], 3, true);
+    }
+}
