@@ -110,6 +110,11 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         assert_eq!(row["bench"]["stats"]["iters"].as_u64(), Some(5));
         assert!(row["bench"]["stats"]["p50_ms"].as_f64().unwrap() > 0.0);
         assert!(row["speedup"].as_f64().unwrap() > 0.0);
+        // measured in whittle-runner, which reports its own peak memory
+        assert!(
+            row["peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+            "{row:#}"
+        );
     }
     let md = std::fs::read_to_string(stamps[0].join("report.md")).unwrap();
     assert!(md.contains("host"), "{md}");
@@ -143,4 +148,34 @@ fn deploy_unknown_target_lists_the_known_ones() {
     ]);
     r.error(&["no-such-board", "known", "host"]);
     assert!(listing(dir.path()).is_empty(), "a report was written");
+}
+
+#[test]
+fn deploy_host_without_the_runner_says_how_to_build_it() {
+    // The local transport measures in whittle-runner; a missing one fails before any work.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-runner");
+    let reports = dir.path().join("reports");
+    let out = std::process::Command::new(whittle())
+        .args(["deploy", "--target", "host", "--reports", &s(&reports)])
+        .current_dir(repo_root())
+        .env("WHITTLE_RUNNER", &missing)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run whittle");
+    let r = Run {
+        cmd: format!(
+            "WHITTLE_RUNNER={} whittle deploy --target host",
+            s(&missing)
+        ),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.error(&[
+        "runner not found",
+        "no-runner",
+        "cargo build --release -p whittle-runner",
+    ]);
+    assert!(!reports.exists(), "a report folder was made");
 }

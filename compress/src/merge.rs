@@ -438,3 +438,279 @@ fn drop_unread(model: &mut Model, names: &[String]) {
         .retain(|t| !dead.iter().any(|d| d == t.name()));
     gm.value_info.clear();
 }
+
+/// A run of convolutions that can become one: consecutive Convs with at most one activation
+/// between each pair, every intermediate read once, optionally closed by a residual Add of the
+/// run's input.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Segment {
+    /// The Convs, in order (the merged conv keeps the last one's name).
+    pub convs: Vec<String>,
+    /// The activations between them (removed by the merge).
+    pub acts: Vec<String>,
+    /// The residual Add that closes the run, folded in as an identity tap.
+    pub add: Option<String>,
+    /// The run's input tensor.
+    pub input: String,
+    /// The run's output tensor.
+    pub output: String,
+    /// Node index of the first and last node (topological order): runs that overlap conflict.
+    pub span: (usize, usize),
+}
+
+const ACTIVATIONS: [&str; 4] = ["Relu", "Clip", "HardSwish", "LeakyRelu"];
+
+/// Every run of 2 or 3 convolutions that [`apply_segment`] can merge (a residual block as a
+/// whole when its Add closes the run).
+pub fn segments(model: &Model) -> Vec<Segment> {
+    let g = model.graph();
+    let ix = Index::new(g);
+    let single = |t: &str| -> Option<usize> {
+        let r = ix.readers(t);
+        (r.len() == 1 && !ix.is_output(t)).then(|| r[0].0)
+    };
+    let mut out = vec![];
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type() != "Conv" || read_conv(model, i).is_err() {
+            continue;
+        }
+        let (mut convs, mut acts) = (vec![i], vec![]);
+        let mut cur = i;
+        while convs.len() < 3 {
+            let Some(mut next) = single(&g.node[cur].output[0]) else {
+                break;
+            };
+            let mut act = None;
+            if ACTIVATIONS.contains(&g.node[next].op_type()) {
+                act = Some(next);
+                match single(&g.node[next].output[0]) {
+                    Some(k) => next = k,
+                    None => break,
+                }
+            }
+            if g.node[next].op_type() != "Conv" || read_conv(model, next).is_err() {
+                break;
+            }
+            acts.extend(act);
+            convs.push(next);
+            cur = next;
+            let input = n.input[0].clone();
+            let last = &g.node[next];
+            let add = ix
+                .readers(&last.output[0])
+                .first()
+                .filter(|_| ix.readers(&last.output[0]).len() == 1)
+                .map(|r| &g.node[r.0])
+                .filter(|a| a.op_type() == "Add" && a.input.contains(&input));
+            let name = |k: &usize| g.node[*k].name().to_string();
+            out.push(Segment {
+                convs: convs.iter().map(name).collect(),
+                acts: acts.iter().map(name).collect(),
+                add: add.map(|a| a.name().to_string()),
+                input,
+                output: add.map_or(last.output[0].clone(), |a| a.output[0].clone()),
+                span: (
+                    i,
+                    add.and_then(|a| g.node.iter().position(|x| x.name() == a.name()))
+                        .unwrap_or(next),
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// Merge a segment into one conv: remove its activations, merge its convs in order, fold its
+/// residual. Not exact when an activation went or a padded conv was merged.
+pub fn apply_segment(model: &mut Model, seg: &Segment) -> Result<MergeReport, Error> {
+    for a in &seg.acts {
+        remove_activation(model, a)?;
+    }
+    let mut exact = seg.acts.is_empty();
+    let mut notes = vec![];
+    if !seg.acts.is_empty() {
+        notes.push(format!("activations removed: {}", seg.acts.join(", ")));
+    }
+    let mut kernel = [1, 1];
+    for w in seg.convs.windows(2) {
+        let r = merge_pair(model, &w[0], &w[1], true)?;
+        exact &= r.exact;
+        notes.extend(r.note);
+        kernel = r.kernel;
+    }
+    if seg.add.is_some() {
+        fold_residual(model, seg.convs.last().expect("two convs or more"))?;
+    }
+    Ok(MergeReport {
+        nodes: seg.convs.clone(),
+        exact,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
+        kernel,
+    })
+}
+
+/// The segment alone as a model (its input shape from shape inference, symbols as 1), merged or
+/// not: what a latency table measures.
+pub fn segment_model(model: &Model, seg: &Segment, merged: bool) -> Result<Model, Error> {
+    let shapes = whittle_core::shape::infer(model, &[])?;
+    let dims = |t: &str| -> Result<Vec<String>, Error> {
+        shapes
+            .shape(t)
+            .map(|s| s.iter().map(|d| d.value_or(1).to_string()).collect())
+            .ok_or_else(|| fail(format!("shape of {t} unknown")))
+    };
+    let g = model.graph();
+    let names: Vec<&String> = seg.convs.iter().chain(&seg.acts).chain(&seg.add).collect();
+    let nodes: Vec<NodeProto> = g
+        .node
+        .iter()
+        .filter(|n| names.iter().any(|x| *x == n.name()))
+        .cloned()
+        .collect();
+    let used: std::collections::HashSet<&str> = nodes
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    let init = g
+        .initializer
+        .iter()
+        .filter(|t| used.contains(t.name()))
+        .cloned()
+        .collect();
+    let (xi, yo) = (dims(&seg.input)?, dims(&seg.output)?);
+    let vi = |name: &str, d: &[String]| {
+        let d: Vec<&str> = d.iter().map(String::as_str).collect();
+        whittle_core::model::float_value_info(name, &d)
+    };
+    let mut m = Model {
+        proto: whittle_core::onnx::ModelProto {
+            ir_version: model.proto.ir_version,
+            opset_import: model.proto.opset_import.clone(),
+            graph: Some(whittle_core::onnx::GraphProto {
+                name: Some(format!("segment {}", seg.convs.join("+"))),
+                node: nodes,
+                initializer: init,
+                input: vec![vi(&seg.input, &xi)],
+                output: vec![vi(&seg.output, &yo)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    if merged {
+        apply_segment(&mut m, seg)?;
+    }
+    Ok(m)
+}
+
+/// One measured candidate for [`choose`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Measured {
+    /// Node span; overlapping spans conflict.
+    pub span: (usize, usize),
+    /// Latency saved by merging it, ms.
+    pub saved_ms: f64,
+    /// Output damage on calibration data after the merge and its refit.
+    pub damage: f64,
+}
+
+/// Dynamic programme over non-overlapping candidates: the set with the least total damage that
+/// saves at least `needed_ms` (latency savings discretised into 200 steps of the need). Returns
+/// the chosen indices, or the most that can be saved when `needed_ms` is out of reach.
+pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
+    let useful: Vec<usize> = (0..cands.len())
+        .filter(|&i| cands[i].saved_ms > 0.0)
+        .collect();
+    let mut order = useful.clone();
+    order.sort_by_key(|&i| (cands[i].span.1, cands[i].span.0));
+    let n = order.len();
+    // p[k]: how many of the first k (by end) end before order[k] starts
+    let p: Vec<usize> = (0..n)
+        .map(|k| {
+            let s = cands[order[k]].span.0;
+            order[..k]
+                .iter()
+                .rposition(|&j| cands[j].span.1 < s)
+                .map_or(0, |x| x + 1)
+        })
+        .collect();
+    // the most that can be saved, for the error
+    let mut best = vec![0.0f64; n + 1];
+    for k in 0..n {
+        best[k + 1] = best[k].max(best[p[k]] + cands[order[k]].saved_ms);
+    }
+    if needed_ms <= 0.0 {
+        return Ok(vec![]);
+    }
+    if best[n] < needed_ms {
+        return Err(best[n]);
+    }
+    const STEPS: usize = 200;
+    let unit = needed_ms / STEPS as f64;
+    let units = |ms: f64| ((ms / unit).floor() as usize).min(STEPS);
+    // dp[k][b]: least damage over the first k candidates saving at least b units
+    let inf = f64::INFINITY;
+    let mut dp = vec![vec![inf; STEPS + 1]; n + 1];
+    for row in &mut dp {
+        row[0] = 0.0;
+    }
+    for k in 0..n {
+        let c = cands[order[k]];
+        let u = units(c.saved_ms);
+        for b in 1..=STEPS {
+            let take = c.damage + dp[p[k]][b.saturating_sub(u)];
+            dp[k + 1][b] = dp[k][b].min(take);
+        }
+    }
+    if !dp[n][STEPS].is_finite() {
+        // rounding down lost what the exact sums reach
+        return Err(best[n].min(needed_ms - unit));
+    }
+    let mut chosen = vec![];
+    let (mut k, mut b) = (n, STEPS);
+    while k > 0 && b > 0 {
+        if dp[k][b] == dp[k - 1][b] {
+            k -= 1;
+        } else {
+            let c = cands[order[k - 1]];
+            chosen.push(order[k - 1]);
+            b = b.saturating_sub(units(c.saved_ms));
+            k = p[k - 1];
+        }
+    }
+    chosen.sort();
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(span: (usize, usize), saved_ms: f64, damage: f64) -> Measured {
+        Measured {
+            span,
+            saved_ms,
+            damage,
+        }
+    }
+
+    #[test]
+    fn the_plan_follows_the_latency_table() {
+        // a: cheap to merge, saves little; b overlaps c; c saves a lot but costs more damage
+        let damage = [0.01, 0.05, 0.2];
+        let spans = [(0, 2), (3, 5), (4, 7)];
+        let table1 = [0.5, 0.3, 2.0];
+        let table2 = [0.5, 1.6, 0.4];
+        let plan = |t: &[f64]| {
+            let c: Vec<Measured> = (0..3).map(|i| m(spans[i], t[i], damage[i])).collect();
+            choose(&c, 1.0)
+        };
+        assert_eq!(plan(&table1), Ok(vec![2]));
+        assert_eq!(plan(&table2), Ok(vec![1]));
+        // overlapping b and c never both; an unreachable need reports the best reachable
+        let c: Vec<Measured> = (0..3).map(|i| m(spans[i], table1[i], damage[i])).collect();
+        assert_eq!(choose(&c, 2.5), Ok(vec![0, 2]));
+        assert_eq!(choose(&c, 10.0), Err(2.5));
+        assert_eq!(choose(&c, 0.0), Ok(vec![]));
+    }
+}

@@ -20,14 +20,16 @@ pub mod bench;
 pub mod error;
 pub mod ort_lib;
 mod ort_session;
+pub mod protocol;
 pub mod rss;
 pub mod runtime;
 pub mod target;
 mod tract_session;
+pub mod transport;
 
 pub use bench::{BenchConfig, BenchStats, bench, probe_tensor, probe_value, synthetic_inputs};
 pub use error::Error;
-pub use ort_lib::{ORT_VERSION, init_ort, locate_ort_library};
+pub use ort_lib::{ORT_VERSION, init_ort, init_ort_from, locate_ort_library};
 pub use rss::peak_rss_bytes;
 pub use runtime::{Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, load};
 pub use whittle_core::Value;

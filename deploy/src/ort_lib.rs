@@ -72,8 +72,15 @@ static ORT: OnceLock<Result<OrtRuntime, Error>> = OnceLock::new();
 /// The first call decides: the library found then stays loaded, and a failure is remembered and
 /// returned again by every later call (a process cannot load a second copy of ONNX Runtime).
 pub(crate) fn ort_runtime() -> Result<&'static OrtRuntime, Error> {
+    ort_runtime_with(locate_ort_library)
+}
+
+/// [`ort_runtime`], with `locate` saying which library to load if none is loaded yet.
+fn ort_runtime_with(
+    locate: impl FnOnce() -> Result<PathBuf, Error>,
+) -> Result<&'static OrtRuntime, Error> {
     ORT.get_or_init(|| {
-        let library = locate_ort_library()?;
+        let library = locate()?;
         let env = ort::init_from(&library)
             .map_err(|e| Error::OrtInit {
                 path: library.clone(),
@@ -96,6 +103,34 @@ pub(crate) fn ort_runtime() -> Result<&'static OrtRuntime, Error> {
 /// Useful to report which library a measurement used, or to fail early with a clear message.
 pub fn init_ort() -> Result<&'static Path, Error> {
     ort_runtime().map(|rt| rt.library.as_path())
+}
+
+/// Loads ONNX Runtime from `library` (a board runner told where the library is) if it is not
+/// loaded yet, and returns the path of the library in use.
+///
+/// Fails when the file does not exist, cannot be loaded, or when this process already loaded
+/// ONNX Runtime from another file (a process cannot hold two copies).
+pub fn init_ort_from(library: &Path) -> Result<&'static Path, Error> {
+    let rt = ort_runtime_with(|| {
+        if library.is_file() {
+            Ok(library.to_path_buf())
+        } else {
+            Err(Error::OrtLibraryNotFound {
+                path: library.to_path_buf(),
+                origin: "given by the request".to_string(),
+            })
+        }
+    })?;
+    if rt.library != library {
+        return Err(Error::OrtInit {
+            path: library.to_path_buf(),
+            message: format!(
+                "this process already loaded ONNX Runtime from {}; start a new runner to use another library",
+                rt.library.display()
+            ),
+        });
+    }
+    Ok(rt.library.as_path())
 }
 
 #[cfg(test)]

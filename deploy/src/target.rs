@@ -10,7 +10,7 @@ use crate::runtime::RuntimeKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// This machine, in process.
+    /// This machine: the runner as a child process ([`crate::transport::Local`]).
     Local,
     /// An emulator (qemu-user) on this machine.
     Emulated,

@@ -56,7 +56,7 @@ pub struct BenchReport {
     pub stats: BenchStats,
 }
 
-/// Load and benchmark one model (shared with `deploy`).
+/// Load and benchmark one model in this process.
 pub fn measure(
     model_bytes: &[u8],
     model_name: &str,

@@ -11,6 +11,7 @@ use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_compress::groups::{self, Groups};
 use whittle_compress::latency::LatencyTable;
 use whittle_compress::lowrank::{self, LowRankOptions, LowRankReport, RankRule, Scheme};
+use whittle_compress::merge;
 use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
 use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
 use whittle_core::{Model, cost, shape};
@@ -51,6 +52,10 @@ pub struct Args {
     /// Low rank: channel (C→r same kernel, r→N 1×1), spatial (kh×1 then 1×kw) or auto (per layer).
     #[arg(long, default_value = "auto")]
     scheme: String,
+    /// Merge consecutive convolutions (removing activations between them where that pays), chosen
+    /// by a dynamic programme over measured segment latencies under `--target latency=F`.
+    #[arg(long)]
+    merge: bool,
     /// Low rank: factorise against the calibration inputs' statistics (channel-wise).
     #[arg(long)]
     data_aware: bool,
@@ -126,6 +131,9 @@ pub struct Args {
     /// A recipe's `[low_rank] round_to` (--round-to otherwise).
     #[arg(skip)]
     low_rank_round_to: Option<usize>,
+    /// A recipe's `[merge] target` (the flags' --target otherwise).
+    #[arg(skip)]
+    merge_target: Option<String>,
 }
 
 /// `[calibration]` of a recipe.
@@ -168,6 +176,13 @@ struct LowRankSection {
     round_to: Option<usize>,
 }
 
+/// `[merge]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeSection {
+    target: Option<String>,
+}
+
 /// A compression recipe: the flags of `whittle compress`, in a file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +190,7 @@ struct Recipe {
     calibration: Option<CalibrationSection>,
     prune_channels: Option<PruneSection>,
     low_rank: Option<LowRankSection>,
+    merge: Option<MergeSection>,
 }
 
 /// A compression method, in the order they run.
@@ -182,6 +198,7 @@ struct Recipe {
 enum Method {
     PruneChannels,
     LowRank,
+    Merge,
 }
 
 /// Read a recipe and apply it to the arguments (paths are relative to the recipe's folder).
@@ -207,6 +224,7 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
             r.prune_channels.is_some(),
         ),
         ("[low_rank]", Method::LowRank, r.low_rank.is_some()),
+        ("[merge]", Method::Merge, r.merge.is_some()),
     ]
     .into_iter()
     .filter(|x| x.2)
@@ -216,9 +234,12 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
     a.methods = methods.into_iter().map(|x| x.1).collect();
     if a.methods.is_empty() {
         bail!(
-            "recipe {}: no method section ([prune_channels], [low_rank])",
+            "recipe {}: no method section ([prune_channels], [low_rank], [merge])",
             path.display()
         );
+    }
+    if let Some(m) = r.merge {
+        a.merge_target = m.target;
     }
     if let Some(l) = r.low_rank {
         a.low_rank_target = l.target;
@@ -308,6 +329,8 @@ pub struct Summary {
     pub plan: Option<Plan>,
     /// What low-rank factorisation did.
     pub low_rank: Option<LowRankReport>,
+    /// What depth merging did.
+    pub merge: Option<MergeSummary>,
     /// Wall time of the whole compression.
     pub seconds: f64,
 }
@@ -383,12 +406,13 @@ fn methods(a: &Args) -> Result<Vec<Method>> {
     if !a.methods.is_empty() {
         return Ok(a.methods.clone());
     }
-    Ok(match (a.prune_channels, a.low_rank) {
-        (true, true) => bail!(
-            "--prune-channels and --low-rank together need a recipe (each method gets its own target; see recipes/README.md)"
+    Ok(match (a.prune_channels, a.low_rank, a.merge) {
+        (false, false, false) | (true, false, false) => vec![Method::PruneChannels],
+        (false, true, false) => vec![Method::LowRank],
+        (false, false, true) => vec![Method::Merge],
+        _ => bail!(
+            "--prune-channels, --low-rank and --merge together need a recipe (each method gets its own target; see recipes/README.md)"
         ),
-        (false, true) => vec![Method::LowRank],
-        _ => vec![Method::PruneChannels],
     })
 }
 
@@ -435,6 +459,184 @@ fn low_rank_opts(a: &Args) -> Result<LowRankOptions> {
     })
 }
 
+/// The latency fraction `--merge` aims at.
+fn merge_fraction(a: &Args) -> Result<f64> {
+    let t = a.merge_target.as_deref().unwrap_or(&a.target);
+    match t.parse::<Budget>() {
+        Ok(Budget::Latency(f)) => Ok(f),
+        Ok(_) => bail!(
+            "--merge takes --target latency=F (merges are chosen by measured latency), not '{t}'"
+        ),
+        Err(e) => bail!("--target: {e}"),
+    }
+}
+
+/// One merged segment.
+#[derive(Serialize)]
+pub struct MergedSegment {
+    /// The convolutions merged (the result keeps the last one's name).
+    pub convs: Vec<String>,
+    /// Activations removed.
+    pub acts: Vec<String>,
+    /// A residual Add folded in.
+    pub add: Option<String>,
+    /// Whether the merge is exact (no activation removed, no padding moved).
+    pub exact: bool,
+    /// Latency saved on the segment alone, ms.
+    pub saved_ms: f64,
+    /// Output damage on calibration items with only this merge (after its refit).
+    pub damage: f64,
+}
+
+/// What `--merge` did.
+#[derive(Serialize)]
+pub struct MergeSummary {
+    /// Candidate segments measured.
+    pub candidates: usize,
+    /// The model's latency before, ms (fastest runs).
+    pub model_ms: f64,
+    /// The segments merged.
+    pub merged: Vec<MergedSegment>,
+    /// Per merged layer refitted.
+    pub refit: Vec<RefitReport>,
+}
+
+/// Depth merging: measure each candidate segment's latency alone, merged and not, and the
+/// damage of merging it (refitted) on calibration items; a dynamic programme picks the set with
+/// the least damage that meets the latency budget; apply and refit them.
+fn merge_stage(
+    a: &Args,
+    model: &Model,
+    d: &Dataset,
+    calib_idx: &[usize],
+    pre: &Preprocess,
+) -> Result<(Model, MergeSummary)> {
+    let f = merge_fraction(a)?;
+    let segs = merge::segments(model);
+    if segs.is_empty() {
+        bail!(
+            "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
+        );
+    }
+    let cfg = whittle_deploy::BenchConfig {
+        warmup: 3,
+        iters: 40,
+        max_seconds: Some(0.3),
+    };
+    let mut measure = whittle_compress::latency::local_measure(a.runtime, a.threads, vec![], cfg);
+    let model_ms = measure(model)?;
+    let n_eval = 32.min(calib_idx.len() / 2).max(1);
+    let reference = Reference::new(model, d, &calib_idx[..n_eval], pre, a.runtime, a.threads)?;
+    let fit_spec = CaptureSpec {
+        dataset: d,
+        indices: &calib_idx[n_eval..],
+        pre,
+        batch: 16,
+        runtime: a.runtime,
+        threads: a.threads,
+    };
+    let refit_opts = RefitOptions {
+        ridge: a.ridge,
+        ..Default::default()
+    };
+    let pb = bar("merge", segs.len());
+    let mut measured = vec![];
+    let mut reports = vec![];
+    for seg in &segs {
+        let before = measure(&merge::segment_model(model, seg, false)?)?;
+        let after = measure(&merge::segment_model(model, seg, true)?)?;
+        let saved = before - after;
+        let mut cand = model.clone();
+        let rep = merge::apply_segment(&mut cand, seg)?;
+        let damage = if saved > 0.0 {
+            if !rep.exact && !a.no_reconstruct {
+                let job = merge_job(&cand, seg)?;
+                refit::refit(model, &mut cand, &[job], &fit_spec, &refit_opts)?;
+            }
+            reference.damage(&cand)?
+        } else {
+            f64::INFINITY
+        };
+        measured.push(merge::Measured {
+            span: seg.span,
+            saved_ms: saved,
+            damage,
+        });
+        reports.push(rep);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let needed = (1.0 - f) * model_ms;
+    let chosen = merge::choose(&measured, needed).map_err(|best| {
+        anyhow::anyhow!(
+            "latency={f} is unreachable by merging: the best reachable is latency={:.3} ({} candidate segments, {:.3} ms of {model_ms:.3} ms saved at most)",
+            (model_ms - best) / model_ms.max(1e-12),
+            segs.len(),
+            best
+        )
+    })?;
+    let mut out = model.clone();
+    let mut jobs = vec![];
+    for &i in &chosen {
+        merge::apply_segment(&mut out, &segs[i])?;
+        if !reports[i].exact {
+            jobs.push(merge_job(&out, &segs[i])?);
+        }
+    }
+    let refits = if jobs.is_empty() || a.no_reconstruct {
+        vec![]
+    } else {
+        refit::refit(model, &mut out, &jobs, &fit_spec, &refit_opts)?
+    };
+    let merged = chosen
+        .iter()
+        .map(|&i| MergedSegment {
+            convs: segs[i].convs.clone(),
+            acts: segs[i].acts.clone(),
+            add: segs[i].add.clone(),
+            exact: reports[i].exact,
+            saved_ms: measured[i].saved_ms,
+            damage: measured[i].damage,
+        })
+        .collect();
+    Ok((
+        out,
+        MergeSummary {
+            candidates: segs.len(),
+            model_ms,
+            merged,
+            refit: refits,
+        },
+    ))
+}
+
+/// The refit of a merged segment: the merged conv against the original segment's output.
+fn merge_job(merged: &Model, seg: &merge::Segment) -> Result<RefitJob> {
+    let last = seg.convs.last().expect("segments have two convs or more");
+    let n = merged
+        .graph()
+        .node
+        .iter()
+        .find(|n| n.name() == last)
+        .context("merged conv")?;
+    let w = merged.initializer(&n.input[1]).context("merged weight")?;
+    let group = n
+        .attribute
+        .iter()
+        .find(|x| x.name() == "group")
+        .and_then(|x| x.i)
+        .unwrap_or(1)
+        .max(1) as usize;
+    let (o, cin) = (w.dims[0] as usize, w.dims[1] as usize * group);
+    Ok(RefitJob {
+        node: last.clone(),
+        input: seg.input.clone(),
+        output: seg.output.clone(),
+        kept_in: (0..cin).collect(),
+        kept_out: (0..o).collect(),
+    })
+}
+
 /// What channel pruning did.
 struct Pruned {
     model: Model,
@@ -457,6 +659,9 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     };
     let mut opts = parse_opts(a)?;
     let is_latency = prunes && matches!(opts.budget, Budget::Latency(_));
+    if methods.contains(&Method::Merge) {
+        merge_fraction(a)?;
+    }
     let table: Option<LatencyTable> = match &a.latency_table {
         Some(p) if is_latency => {
             let text = std::fs::read_to_string(p)
@@ -484,10 +689,13 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     }
     let needs_data = (prunes
         && (!a.no_reconstruct || matches!(a.importance, ImportanceArg::Activation)))
-        || lr_opts.as_ref().is_some_and(|o| o.data_aware);
+        || lr_opts.as_ref().is_some_and(|o| o.data_aware)
+        || methods.contains(&Method::Merge);
     if needs_data && a.calib.is_none() && a.output.is_some() {
         bail!(if prunes {
             "--calib DATA is needed for reconstruction and activation importance (or use --no-reconstruct --importance l2)"
+        } else if methods.contains(&Method::Merge) {
+            "--calib DATA is needed for --merge (each merge is refitted and judged on it)"
         } else {
             "--calib DATA is needed for --data-aware"
         });
@@ -528,6 +736,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let mut current = model.clone();
     let mut pruned: Option<Pruned> = None;
     let mut low_rank: Option<LowRankReport> = None;
+    let mut merged: Option<MergeSummary> = None;
     for m in &methods {
         match m {
             Method::PruneChannels => {
@@ -543,6 +752,12 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 let p = prune_stage(a, &opts, &current, data.as_ref(), &calib_idx, &pre, &spec)?;
                 current = p.model.clone();
                 pruned = Some(p);
+            }
+            Method::Merge => {
+                let d = data.as_ref().expect("--merge needs --calib, checked above");
+                let r = merge_stage(a, &current, d, &calib_idx, &pre)?;
+                current = r.0;
+                merged = Some(r.1);
             }
             Method::LowRank => {
                 let o = lr_opts.as_ref().expect("low-rank options parsed above");
@@ -598,6 +813,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         layers,
         plan: pruned.map(|p| p.plan),
         low_rank,
+        merge: merged,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(Some(s))
@@ -922,6 +1138,31 @@ fn print_summary(s: &Summary) {
             s.importance,
             if s.reconstructed { "on" } else { "off" },
         );
+    }
+    if let Some(m) = &s.merge {
+        outln!(
+            "depth merging: {} of {} candidate segments merged (model {:.3} ms before, fastest runs)",
+            m.merged.len(),
+            m.candidates,
+            m.model_ms
+        );
+        for g in &m.merged {
+            outln!(
+                "  {}{}: saves {:.3} ms alone, damage {:.4}{}",
+                g.convs.join(" + "),
+                g.add
+                    .as_ref()
+                    .map(|a| format!(" + {a}"))
+                    .unwrap_or_default(),
+                g.saved_ms,
+                g.damage,
+                if g.exact {
+                    " (exact)".to_string()
+                } else {
+                    format!(" (removed {}; refitted)", g.acts.join(", "))
+                }
+            );
+        }
     }
     if let Some(lr) = &s.low_rank {
         let f: Vec<String> = lr

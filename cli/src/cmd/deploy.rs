@@ -1,7 +1,9 @@
 //! `whittle deploy`: measure models on a target and write one report.
 //!
-//! Today the local transport runs in this process (the `host` target); boards reached over ssh,
-//! serial or an emulator come with the deploy issue.
+//! Latency is measured in `whittle-runner`, the program that runs on a board, reached through the
+//! target's transport: for `local` targets (`host`) a child process of this one, talking frames on
+//! its stdin and stdout. Agreement and accuracy are checked in this process. Boards reached over
+//! ssh, serial or an emulator come with the deploy issue.
 
 use std::path::{Path, PathBuf};
 
@@ -9,12 +11,15 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
+use whittle_deploy::protocol::pb;
 use whittle_deploy::target::{Target, Transport};
-use whittle_deploy::{BenchConfig, RuntimeOptions};
+use whittle_deploy::transport::{Local, Transport as _};
+use whittle_deploy::{BenchConfig, RuntimeKind};
 use whittle_export::VerifyOptions;
 
-use super::bench::{BenchReport, measure};
+use super::bench::BenchReport;
 use crate::Outcome;
+use crate::progress::bar;
 use crate::table::{Table, pct, si};
 
 /// Arguments of `whittle deploy`.
@@ -58,6 +63,8 @@ struct Row {
     agreement: Option<f64>,
     accuracy: Option<f64>,
     items: usize,
+    /// Peak resident memory of the runner while it served this row's model (where known).
+    peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -90,6 +97,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             target.transport
         );
     }
+    let mut runner = Local::from_env()?;
     let started = now_stamp();
     let dir = a.reports.join(&target.name).join(&started);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -143,14 +151,10 @@ pub fn run(a: Args) -> Result<Outcome> {
         let bytes = m.to_bytes();
         let reference_bytes = super::load_model(&reference)?.to_bytes();
         for &rt in &target.runtimes {
-            let opts = RuntimeOptions {
-                threads: target.threads,
-                allow_fallback: target.allow_fallback,
-                ..Default::default()
-            };
             eprintln!("measuring {name} on {} ({rt})", target.name);
-            let bench = measure(&bytes, &name, rt, &opts, &cfg)
-                .with_context(|| format!("{name} on {rt}"))?;
+            let (bench, peak_rss_bytes) =
+                measure_in_runner(&mut runner, path, &name, rt, &target, &cfg)
+                    .with_context(|| format!("{name} on {rt}"))?;
             let vopts = VerifyOptions {
                 runtime: rt,
                 threads: target.threads,
@@ -180,10 +184,12 @@ pub fn run(a: Args) -> Result<Outcome> {
                 agreement: out.and_then(|o| o.top1_agreement),
                 accuracy: out.and_then(|o| o.candidate_accuracy),
                 items: v.items,
+                peak_rss_bytes,
                 bench,
             });
         }
     }
+    runner.close()?;
     let results = Results {
         target: target.name.clone(),
         triple: target.triple.clone(),
@@ -213,6 +219,51 @@ pub fn run(a: Args) -> Result<Outcome> {
         eprintln!("report: {}", dir.display());
     }
     Ok(Outcome::Ok)
+}
+
+/// Benchmarks the model at `path` in the target's runner (one request; the runner keeps running
+/// for the next). Returns the report and the runner's peak RSS for this request.
+fn measure_in_runner(
+    runner: &mut dyn whittle_deploy::transport::Transport,
+    path: &Path,
+    name: &str,
+    runtime: RuntimeKind,
+    target: &Target,
+    cfg: &BenchConfig,
+) -> Result<(BenchReport, Option<u64>)> {
+    let count = |what: &str, n: usize| {
+        u32::try_from(n).with_context(|| format!("{what} {n} is too large for the runner"))
+    };
+    let model = runner.send_file(path)?;
+    let req = pb::Request {
+        id: 1,
+        name: name.to_string(),
+        model: Some(pb::request::Model::ModelPath(model.display().to_string())),
+        runtime: runtime.name().to_string(),
+        threads: target.threads.map(|n| count("threads", n)).transpose()?,
+        warmup: count("warmup", cfg.warmup)?,
+        iters: count("iters", cfg.iters)?,
+        max_seconds: cfg.max_seconds,
+        input_shapes: Vec::new(),
+        allow_fallback: target.allow_fallback,
+        ort_library: target
+            .ort_library
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    };
+    let progress = bar(runtime.name(), cfg.warmup + cfg.iters);
+    let result = runner.request(req, &mut |done, _| progress.set_position(done));
+    progress.finish_and_clear();
+    let result = result?;
+    let report = BenchReport {
+        model: name.to_string(),
+        runtime,
+        provider: result.provider_info(),
+        input_shapes: result.shapes(),
+        stats: result.stats(),
+    };
+    Ok((report, result.peak_rss_bytes))
 }
 
 fn render(r: &Results) -> String {
