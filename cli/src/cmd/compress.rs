@@ -118,8 +118,9 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
-    /// A recipe TOML holding the same settings (`[calibration]`, `[prune_channels]`); its values
-    /// replace the flags' (see recipes/README.md).
+    /// A recipe TOML holding the same settings (`[calibration]`, `[prune_channels]`,
+    /// `[low_rank]`, `[merge]`, methods run in the file's order); its values replace the flags'
+    /// (see recipes/README.md).
     #[arg(long)]
     recipe: Option<PathBuf>,
     /// Methods in order, from a recipe (empty: from the flags).
