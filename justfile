@@ -38,3 +38,15 @@ setup-bench:
 # whittle (ort-cpu, tract) vs ONNX Runtime's Python API, then channel pruning and low-rank rows (--quick, --json, --threads N, --skip-prune, --skip-lowrank).
 bench *args: setup build setup-bench
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv/bin/python" bench/bench.py --whittle "{{whittle}}" {{args}}
+
+# Fuzz every target (libFuzzer, cargo-fuzz) for SECONDS each; a crash lands in fuzz/regressions/, which `just test` replays.
+fuzz seconds="60" *targets="":
+    bash scripts/fuzz.sh {{seconds}} {{targets}}
+
+# Create the peers venv (pinned onnxsim==0.8.1, onnxruntime, numpy from PyPI) and check its versions.
+setup-peers:
+    bash bench/peers/setup_venv.sh
+
+# whittle's channel pruning beside onnxsim 0.8.1's at the same MAC budgets and images (--quick, --json); writes reports/peers/<time>/.
+bench-peers *args: setup build setup-peers
+    "${WHITTLE_CACHE:-$HOME/.cache/whittle}/peers-venv/bin/python" bench/peers/peers_bench.py --whittle "{{whittle}}" {{args}}

@@ -76,6 +76,28 @@ pub enum Error {
         crop_h: u32,
     },
 
+    /// Resizing an image would make it larger than [`MAX_RESIZED_PIXELS`] pixels (an extreme
+    /// aspect ratio with a short-side resize, or a huge resize setting).
+    ///
+    /// [`MAX_RESIZED_PIXELS`]: crate::profile::MAX_RESIZED_PIXELS
+    #[error(
+        "image {path} is {width}x{height}; resizing it to {resize_w}x{resize_h} would exceed the limit of {max_pixels} pixels"
+    )]
+    ResizeTooLarge {
+        /// The image file.
+        path: PathBuf,
+        /// Width of the decoded image.
+        width: u32,
+        /// Height of the decoded image.
+        height: u32,
+        /// Width the resize asks for.
+        resize_w: u64,
+        /// Height the resize asks for.
+        resize_h: u64,
+        /// The limit, [`MAX_RESIZED_PIXELS`](crate::profile::MAX_RESIZED_PIXELS).
+        max_pixels: u64,
+    },
+
     /// A preprocessed image does not have the shape of the model input.
     #[error(
         "image {path} gives {} after preprocessing, model input '{input}' expects {}",

@@ -40,6 +40,11 @@ pub const BUILTIN_PROFILES: &[&str] = &[
     "imagenet",
 ];
 
+/// The most pixels an image may have after its resize (16 Mi, e.g. 4096x4096), checked before
+/// resizing: a short-side resize of a very thin image (a 1x100000 PNG is 476 bytes) would
+/// otherwise allocate gigabytes.
+pub const MAX_RESIZED_PIXELS: u64 = 1 << 24;
+
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -300,10 +305,9 @@ impl Preprocess {
     /// NCHW, `[H, W, C]` for NHWC (the crop, else the resize, deciding `H` and `W`).
     pub fn item_shape(&self, width: u32, height: u32) -> Vec<usize> {
         let (w, h) = match (self.center_crop, self.resize) {
-            (Some(crop), _) => crop,
-            (None, Some(Resize::Exact(w, h))) => (w, h),
+            (Some((w, h)), _) | (None, Some(Resize::Exact(w, h))) => (u64::from(w), u64::from(h)),
             (None, Some(Resize::ShortSide(s))) => short_side_size(width, height, s),
-            (None, None) => (width, height),
+            (None, None) => (u64::from(width), u64::from(height)),
         };
         let (c, w, h) = (self.channels(), w as usize, h as usize);
         match self.layout {
@@ -397,11 +401,24 @@ impl Preprocess {
         let (w, h) = image.dimensions();
         let target = match self.resize {
             None => None,
-            Some(Resize::Exact(tw, th)) => Some((tw, th)),
+            Some(Resize::Exact(tw, th)) => Some((u64::from(tw), u64::from(th))),
             Some(Resize::ShortSide(s)) => Some(short_side_size(w, h, s)),
         };
         let image = match target {
-            Some(t) if t != (w, h) => imageops::resize(&image, t.0, t.1, FilterType::Triangle),
+            Some((tw, th)) if (tw, th) != (u64::from(w), u64::from(h)) => {
+                if tw.saturating_mul(th) > MAX_RESIZED_PIXELS {
+                    return Err(Error::ResizeTooLarge {
+                        path: path.to_path_buf(),
+                        width: w,
+                        height: h,
+                        resize_w: tw,
+                        resize_h: th,
+                        max_pixels: MAX_RESIZED_PIXELS,
+                    });
+                }
+                // Both sides are at least 1, so each is at most MAX_RESIZED_PIXELS: no truncation.
+                imageops::resize(&image, tw as u32, th as u32, FilterType::Triangle)
+            }
             _ => image,
         };
         let Some((cw, ch)) = self.center_crop else {
@@ -479,15 +496,16 @@ pub(crate) fn decode_image(path: &Path) -> Result<DynamicImage, Error> {
         })
 }
 
-/// The size torchvision's `Resize(side)` gives a `w` x `h` image.
-fn short_side_size(w: u32, h: u32, side: u32) -> (u32, u32) {
+/// The size torchvision's `Resize(side)` gives a `w` x `h` image (the long side can exceed
+/// `u32::MAX`).
+fn short_side_size(w: u32, h: u32, side: u32) -> (u64, u64) {
     let scaled = |long: u32, short: u32| {
-        ((u64::from(long) * u64::from(side)) / u64::from(short.max(1))).max(1) as u32
+        ((u64::from(long) * u64::from(side)) / u64::from(short.max(1))).max(1)
     };
     if w <= h {
-        (side, scaled(h, w))
+        (u64::from(side), scaled(h, w))
     } else {
-        (scaled(w, h), side)
+        (scaled(w, h), u64::from(side))
     }
 }
 
@@ -728,6 +746,49 @@ mod tests {
             format!(
                 "image {} is 6x7 after resizing, smaller than the 8x8 center crop",
                 path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn resize_beyond_the_pixel_limit_is_an_error_not_an_allocation() {
+        // Found by fuzzing (fuzz/regressions/calib_image/): a 1x100000 PNG is a few hundred
+        // bytes, and a short-side resize to 256 would make it 256x25600000 (19.7 GB as RGB).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("thin.png");
+        RgbImage::from_pixel(1, 100_000, Rgb([10, 20, 30]))
+            .save(&path)
+            .unwrap();
+        let pre = Preprocess::builtin("efficientnet").unwrap();
+        let err = pre.load_image(&path).unwrap_err();
+        assert!(matches!(err, Error::ResizeTooLarge { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "image {} is 1x100000; resizing it to 256x25600000 would exceed the limit of \
+                 16777216 pixels",
+                path.display()
+            )
+        );
+        // A huge exact resize is refused the same way; one under the limit is done.
+        let huge = Preprocess {
+            resize: Some(Resize::Exact(u32::MAX, u32::MAX)),
+            ..Preprocess::default()
+        };
+        assert!(matches!(
+            huge.load_image(&path).unwrap_err(),
+            Error::ResizeTooLarge { .. }
+        ));
+        let under = Preprocess {
+            resize: Some(Resize::ShortSide(2)),
+            ..Preprocess::default()
+        };
+        assert_eq!(under.load_image(&path).unwrap().shape(), &[3, 200_000, 2]);
+        assert_eq!(
+            short_side_size(1, u32::MAX, u32::MAX),
+            (
+                u64::from(u32::MAX),
+                u64::from(u32::MAX) * u64::from(u32::MAX)
             )
         );
     }

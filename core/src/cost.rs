@@ -93,18 +93,18 @@ fn node_macs(n: &crate::onnx::NodeProto, shapes: &ShapeInfo, out: Option<&[Dim]>
         "Conv" => {
             let w = input(1)?;
             // out elements x (Cin/group x k...) per output element
-            Some(prod(out?).saturating_mul(prod(&w[1..])))
+            Some(prod(out?).saturating_mul(prod(w.get(1..)?)))
         }
         "ConvTranspose" => {
             let x = input(0)?;
             let w = input(1)?;
             // every input element scatters into (Cout/group x k...) outputs
-            Some(prod(x).saturating_mul(prod(&w[1..])))
+            Some(prod(x).saturating_mul(prod(w.get(1..)?)))
         }
         "Gemm" => {
             let a = input(0)?;
             let ta = n.attr_int("transA").unwrap_or(0) != 0;
-            let k = if ta { &a[0] } else { a.get(1)? };
+            let k = if ta { a.first()? } else { a.get(1)? };
             Some(prod(out?).saturating_mul(k.value_or(1).max(0) as u64))
         }
         "MatMul" => {

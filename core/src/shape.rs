@@ -1036,7 +1036,8 @@ impl Cx {
                             Dim::Known(v) => Dim::Known(
                                 s * (v - 1)
                                     + op.get(i).copied().unwrap_or(0)
-                                    + (k[i] - 1) * dl.get(i).copied().unwrap_or(1)
+                                    + (k.get(i).copied().unwrap_or(1) - 1)
+                                        * dl.get(i).copied().unwrap_or(1)
                                     + 1
                                     - pads.get(i).copied().unwrap_or(0)
                                     - pads.get(i + nsp).copied().unwrap_or(0),
