@@ -891,10 +891,12 @@ impl Cx {
             .map(|i| {
                 let (x, y) = (get(a, i)?, get(b, i)?);
                 match (op, &x, &y) {
-                    ("Add", Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p + q)),
-                    ("Sub", Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p - q)),
+                    ("Add", Dim::Known(p), Dim::Known(q)) => p.checked_add(*q).map(Dim::Known),
+                    ("Sub", Dim::Known(p), Dim::Known(q)) => p.checked_sub(*q).map(Dim::Known),
                     ("Mul", _, _) => Some(dim_mul(&x, &y)),
-                    ("Div", Dim::Known(p), Dim::Known(q)) if *q != 0 => Some(Dim::Known(p / q)),
+                    ("Div", Dim::Known(p), Dim::Known(q)) if *q != 0 => {
+                        p.checked_div(*q).map(Dim::Known)
+                    }
                     ("Div", _, _) => dim_div(&x, &y),
                     ("Equal", _, _) if x.known().is_some() && y.known().is_some() => {
                         Some(Dim::Known((x == y) as i64))
@@ -944,18 +946,26 @@ impl Cx {
                     };
                 };
                 match auto.as_str() {
-                    "SAME_UPPER" | "SAME_LOWER" => Dim::Known((x + st - 1) / st),
+                    "SAME_UPPER" | "SAME_LOWER" => Dim::Known(x.saturating_add(st - 1) / st),
                     _ => {
                         let (pb, pe) = if auto == "VALID" {
                             (0, 0)
                         } else {
                             (*pads.get(i).unwrap_or(&0), *pads.get(i + nsp).unwrap_or(&0))
                         };
-                        let span = x + pb + pe - dl * (k[i] - 1) - 1;
+                        let span = x
+                            .saturating_add(pb)
+                            .saturating_add(pe)
+                            .saturating_sub(dl.saturating_mul(k[i] - 1))
+                            .saturating_sub(1);
                         let o = if ceil {
-                            let o = (span + st - 1).div_euclid(st) + 1;
+                            let o = span.saturating_add(st - 1).div_euclid(st) + 1;
                             // the last window must start inside the input or left padding
-                            if (o - 1) * st >= x + pb { o - 1 } else { o }
+                            if (o - 1).saturating_mul(st) >= x.saturating_add(pb) {
+                                o - 1
+                            } else {
+                                o
+                            }
                         } else {
                             span.div_euclid(st) + 1
                         };
@@ -972,7 +982,7 @@ impl Cx {
             (Some(x), Some(w)) if x.len() >= 3 && w.len() == x.len() => {
                 let g = n.attr_int("group").unwrap_or(1);
                 if let (Dim::Known(c), Dim::Known(wc)) = (&x[1], &w[1])
-                    && *c != wc * g
+                    && *c != wc.saturating_mul(g)
                 {
                     return Err(self.err(
                         n,
@@ -980,7 +990,7 @@ impl Cx {
                             "input {} has {c} channels but weight {} with group {g} expects {}",
                             describe_shape(Some(&x)),
                             describe_shape(Some(&w)),
-                            wc * g
+                            wc.saturating_mul(g)
                         ),
                     ));
                 }
@@ -1032,15 +1042,19 @@ impl Cx {
                     for i in 0..nsp {
                         let s = st.get(i).copied().unwrap_or(1);
                         out.push(match &x[i + 2] {
-                            Dim::Known(v) if auto.starts_with("SAME") => Dim::Known(v * s),
+                            Dim::Known(v) if auto.starts_with("SAME") => {
+                                Dim::Known(v.saturating_mul(s))
+                            }
                             Dim::Known(v) => Dim::Known(
-                                s * (v - 1)
-                                    + op.get(i).copied().unwrap_or(0)
-                                    + (k.get(i).copied().unwrap_or(1) - 1)
-                                        * dl.get(i).copied().unwrap_or(1)
-                                    + 1
-                                    - pads.get(i).copied().unwrap_or(0)
-                                    - pads.get(i + nsp).copied().unwrap_or(0),
+                                s.saturating_mul(v - 1)
+                                    .saturating_add(op.get(i).copied().unwrap_or(0))
+                                    .saturating_add(
+                                        (k.get(i).copied().unwrap_or(1) - 1)
+                                            .saturating_mul(dl.get(i).copied().unwrap_or(1)),
+                                    )
+                                    .saturating_add(1)
+                                    .saturating_sub(pads.get(i).copied().unwrap_or(0))
+                                    .saturating_sub(pads.get(i + nsp).copied().unwrap_or(0)),
                             ),
                             d => Dim::Sym(format!("{d}*{s}")),
                         });
@@ -1125,7 +1139,7 @@ impl Cx {
                     for i in 0..s.len() {
                         if i == axis {
                             out[i] = match (&out[i], &s[i]) {
-                                (Dim::Known(a), Dim::Known(b)) => Dim::Known(a + b),
+                                (Dim::Known(a), Dim::Known(b)) => Dim::Known(a.saturating_add(*b)),
                                 (a, b) => Dim::Sym(format!("{a}+{b}")),
                             };
                         } else if let (Dim::Known(a), Dim::Known(b)) = (&out[i], &s[i])
@@ -1174,10 +1188,14 @@ impl Cx {
             .or_else(|| {
                 let total = s.get(axis)?.known()?;
                 let k = outs as i64;
-                let chunk = (total + k - 1) / k;
+                let chunk = total.saturating_add(k - 1) / k;
                 Some(
                     (0..k)
-                        .map(|i| chunk.min(total - chunk * i).max(0))
+                        .map(|i| {
+                            chunk
+                                .min(total.saturating_sub(chunk.saturating_mul(i)))
+                                .max(0)
+                        })
                         .collect(),
                 )
             });
