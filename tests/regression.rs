@@ -93,12 +93,12 @@ fn r8_every_shared_model_through_every_landed_method() {
             assert_eq!(o["max_abs_diff"].as_f64(), Some(0.0), "{name} round trip");
         }
         // channel pruning at a moderate budget (fast settings: weight norms, no data)
-        let out = dir.path().join(format!("{name}.pruned.onnx"));
+        let pruned = dir.path().join(format!("{name}.pruned.onnx"));
         let r = run(&[
             "compress",
             &s(m),
             "-o",
-            &s(&out),
+            &s(&pruned),
             "--target",
             "macs=0.8",
             "--importance",
@@ -109,29 +109,108 @@ fn r8_every_shared_model_through_every_landed_method() {
         if r.code == 0 {
             let kept = r.json()["macs_kept"].as_f64().unwrap();
             assert!(kept <= 0.8 + 1e-6, "{name}: {kept}");
-            for rt in ["ort-cpu", "tract"] {
-                run(&[
-                    "verify",
-                    &s(m),
-                    &s(&out),
-                    "--data",
-                    &s(&data),
-                    "--runtime",
-                    rt,
-                    "--json",
-                ])
-                .ok();
-            }
-            report.push(format!(
-                "{name}: pruned to {:.1}% MACs, runs in ort-cpu and tract",
-                kept * 100.0
-            ));
-        } else {
-            // the only acceptable refusal: nothing prunable, said on one line
-            let line = r.error(&["nothing to prune"]);
-            assert!(!out.exists(), "{name}: nothing may be written");
-            report.push(format!("{name}: channel pruning skipped: {line}"));
         }
+        report.push(method_outcome(
+            &name,
+            "channel pruning",
+            m,
+            &pruned,
+            &data,
+            r,
+            &["nothing to prune"],
+        ));
+        // low rank: half of each layer's rank (plain SVD, no data)
+        let factored = dir.path().join(format!("{name}.lowrank.onnx"));
+        let r = run(&[
+            "compress",
+            &s(m),
+            "-o",
+            &s(&factored),
+            "--low-rank",
+            "--rank-fraction",
+            "0.5",
+            "--json",
+        ]);
+        report.push(method_outcome(
+            &name,
+            "low rank",
+            m,
+            &factored,
+            &data,
+            r,
+            &["nothing to factorise"],
+        ));
+        // depth merging at latency=0.95, refitted on the synthetic items; on a model where no
+        // merge pays on this machine the refusal names the best reachable latency
+        let merged = dir.path().join(format!("{name}.merged.onnx"));
+        let r = run(&[
+            "compress",
+            &s(m),
+            "-o",
+            &s(&merged),
+            "--merge",
+            "--target",
+            "latency=0.95",
+            "--calib",
+            &s(&data),
+            "--calib-items",
+            "4",
+            "--holdout-items",
+            "0",
+            "--json",
+        ]);
+        report.push(method_outcome(
+            &name,
+            "depth merging",
+            m,
+            &merged,
+            &data,
+            r,
+            &["nothing to merge", "unreachable by merging"],
+        ));
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// A method's run on one model: either it wrote a model that runs in ort-cpu and tract on `data`
+/// (verify exits 0), or it refused on one line naming one of the `refusals` and wrote nothing.
+/// Returns the report line.
+fn method_outcome(
+    name: &str,
+    method: &str,
+    model: &Path,
+    out: &Path,
+    data: &Path,
+    r: Run,
+    refusals: &[&str],
+) -> String {
+    if r.code != 0 {
+        // one of the refusals (the first when none matches, so the failure names it)
+        let stderr = r.stderr.to_lowercase();
+        let needle = refusals
+            .iter()
+            .find(|n| stderr.contains(&n.to_lowercase()))
+            .unwrap_or(&refusals[0]);
+        let line = r.error(&[needle]);
+        assert!(!out.exists(), "{name} {method}: nothing may be written");
+        return format!("{name}: {method} skipped: {line}");
+    }
+    let j = r.json();
+    for rt in ["ort-cpu", "tract"] {
+        run(&[
+            "verify",
+            &s(model),
+            &s(out),
+            "--data",
+            &s(data),
+            "--runtime",
+            rt,
+            "--json",
+        ])
+        .ok();
+    }
+    format!(
+        "{name}: {method} to {:.1}% MACs, runs in ort-cpu and tract",
+        j["macs_kept"].as_f64().unwrap_or(f64::NAN) * 100.0
+    )
 }

@@ -19,11 +19,12 @@
 //! the same item on every machine.
 
 use std::fs;
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, Axis, IxDyn};
-use ndarray_npy::{NpzReader, ReadNpyError, ReadNpyExt, ReadNpzError};
+use ndarray_npy::npy::header::Header;
+use ndarray_npy::{ReadNpyError, ReadNpyExt};
 use std::fs::File;
 use whittle_core::Value;
 
@@ -703,6 +704,7 @@ macro_rules! read_any_dtype {
 }
 
 fn read_npy_bytes(bytes: &[u8]) -> Result<Value, ArrayError> {
+    check_npy_sizes(bytes).map_err(ArrayError::Malformed)?;
     let wrong = |e: &ReadNpyError| match e {
         ReadNpyError::WrongDescriptor(d) => Some(d.to_string()),
         _ => None,
@@ -710,12 +712,42 @@ fn read_npy_bytes(bytes: &[u8]) -> Result<Value, ArrayError> {
     read_any_dtype!(T => ArrayD::<T>::read_npy(Cursor::new(bytes)), wrong)
 }
 
-fn read_npz_entry(npz: &mut NpzReader<File>, index: usize) -> Result<Value, ArrayError> {
-    let wrong = |e: &ReadNpzError| match e {
-        ReadNpzError::Npy(ReadNpyError::WrongDescriptor(d)) => Some(d.to_string()),
-        _ => None,
+/// Checks the sizes a `.npy` header declares against the bytes that hold it, before
+/// `ndarray-npy` allocates them: it allocates the header length and the element count as
+/// declared, so a file of a hundred bytes could ask for gigabytes and abort the process. The
+/// header must fit in the file, and the data after it must hold at least one byte per element.
+/// Other defects are left to the reader, which reports them.
+fn check_npy_sizes(bytes: &[u8]) -> Result<(), String> {
+    // Magic string (6 bytes), version (2), header length: u16 in version 1, u32 after.
+    let Some(&major) = bytes.get(6).filter(|_| bytes.starts_with(b"\x93NUMPY")) else {
+        return Ok(());
     };
-    read_any_dtype!(T => npz.by_index::<ndarray::OwnedRepr<T>, IxDyn>(index), wrong)
+    let (len_bytes, prefix) = if major == 1 { (2, 10) } else { (4, 12) };
+    let Some(raw) = bytes.get(8..8 + len_bytes) else {
+        return Ok(());
+    };
+    let header_len = raw
+        .iter()
+        .rev()
+        .fold(0usize, |acc, &b| acc << 8 | usize::from(b));
+    let Some(data) = bytes.len().checked_sub(prefix + header_len) else {
+        return Err(format!(
+            "the header declares {header_len} bytes, more than the file's {} bytes",
+            bytes.len()
+        ));
+    };
+    let header = Header::from_reader(&mut Cursor::new(bytes)).map_err(|e| e.to_string())?;
+    let elements = header
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match elements {
+        Some(n) if n <= data => Ok(()),
+        _ => Err(format!(
+            "the header declares shape {:?}, more elements than its {data} bytes of data hold",
+            header.shape
+        )),
+    }
 }
 
 fn array_error(path: &Path, format: &'static str, array: &str, e: ArrayError) -> Error {
@@ -769,24 +801,32 @@ fn open_npz(path: &Path) -> Result<Source, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    let malformed = |e: ReadNpzError| Error::Array {
+    let malformed = |reason: String| Error::Array {
         path: path.to_path_buf(),
         format: ".npz",
-        reason: e.to_string(),
+        reason,
     };
-    let mut npz = NpzReader::new(file).map_err(malformed)?;
-    let names = npz.names().map_err(malformed)?;
-    if names.is_empty() {
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| malformed(e.to_string()))?;
+    if zip.is_empty() {
         return Err(Error::Empty {
             path: path.to_path_buf(),
             reason: "the archive holds no arrays".into(),
         });
     }
-    let mut arrays: Vec<(String, Value)> = Vec::with_capacity(names.len());
+    let mut arrays: Vec<(String, Value)> = Vec::with_capacity(zip.len());
     let mut len = 0;
-    for (index, name) in names.into_iter().enumerate() {
-        let value =
-            read_npz_entry(&mut npz, index).map_err(|e| array_error(path, ".npz", &name, e))?;
+    for index in 0..zip.len() {
+        // Each member is read whole and then parsed like a `.npy` file (NumPy names the member
+        // of array `x` `x.npy`), so that its header is checked against its real size.
+        let mut member = zip.by_index(index).map_err(|e| malformed(e.to_string()))?;
+        let name = member.name();
+        let name = name.strip_suffix(".npy").unwrap_or(name).to_string();
+        let mut bytes = Vec::new();
+        member
+            .read_to_end(&mut bytes)
+            .map_err(|e| malformed(format!("array '{name}': {e}")))?;
+        drop(member);
+        let value = read_npy_bytes(&bytes).map_err(|e| array_error(path, ".npz", &name, e))?;
         let n = items_of(path, ".npz", &name, &value)?;
         match arrays.first() {
             None => len = n,
@@ -1214,6 +1254,70 @@ mod tests {
                 .starts_with(&format!("cannot read {} as .npy", bad.display())),
             "{err}"
         );
+    }
+
+    /// A version 1.0 `.npy` file: the header dictionary (padded as NumPy pads it), then `data`.
+    fn npy_bytes(dict: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = dict.to_string();
+        while !(10 + header.len() + 1).is_multiple_of(64) {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn declared_sizes_beyond_the_file_are_errors_not_allocations() {
+        // Found by fuzzing (fuzz/regressions/calib_npy/): ndarray-npy allocates what the header
+        // declares, so 136 bytes declaring 1e11 floats aborted with "memory allocation of
+        // 400000000000 bytes failed", in a .npy file or inside a .npz archive.
+        let dir = tempfile::tempdir().unwrap();
+        let huge = npy_bytes(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000,), }",
+            &[0; 8],
+        );
+        let path = dir.path().join("huge.npy");
+        fs::write(&path, &huge).unwrap();
+        let err = Dataset::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "the header declares shape [100000000000], more elements than its 8 bytes"
+            ),
+            "{err}"
+        );
+        let npz = dir.path().join("huge.npz");
+        let mut zip = zip::ZipWriter::new(File::create(&npz).unwrap());
+        zip.start_file("input.npy", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, &huge).unwrap();
+        zip.finish().unwrap();
+        let err = Dataset::open(&npz).unwrap_err().to_string();
+        assert!(
+            err.contains("array 'input': the header declares shape [100000000000]"),
+            "{err}"
+        );
+
+        // A version 3.0 header length of 0x8c8c8c27 bytes in a 109-byte file.
+        let mut long_header = b"\x93NUMPY\x03\x00\x27\x8c\x8c\x8c".to_vec();
+        long_header.extend_from_slice(&[0x8c; 97]);
+        fs::write(&path, &long_header).unwrap();
+        let err = Dataset::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("the header declares 2358021159 bytes, more than the file's 109 bytes"),
+            "{err}"
+        );
+
+        // The check does not refuse what fits: one byte per element is enough for bool.
+        let ok = npy_bytes(
+            "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 3), }",
+            &[1, 0, 1, 0, 1, 0],
+        );
+        fs::write(&path, &ok).unwrap();
+        assert_eq!(Dataset::open(&path).unwrap().len(), 2);
     }
 
     #[test]

@@ -990,6 +990,23 @@ pub fn factorise(
             rel_error: c.err,
         });
     }
+    if factored.is_empty() {
+        let why = skipped
+            .first()
+            .map(|s| {
+                format!(
+                    " ({} of them, e.g. {}: {})",
+                    skipped.len(),
+                    s.node,
+                    s.reason
+                )
+            })
+            .unwrap_or_default();
+        return Err(Error::Pass {
+            pass: "low-rank".into(),
+            reason: format!("nothing to factorise: no layer would get cheaper{why}"),
+        });
+    }
     whittle_core::check::check_graph(model.graph()).map_err(|e| Error::Pass {
         pass: "low-rank".into(),
         reason: e.to_string(),

@@ -99,14 +99,14 @@ fn dim_mul(a: &Dim, b: &Dim) -> Dim {
 fn dim_div(a: &Dim, b: &Dim) -> Option<Dim> {
     let (ka, mut sa) = monomial(a);
     let (kb, sb) = monomial(b);
-    if kb == 0 || ka % kb != 0 {
+    if ka.checked_rem(kb)? != 0 {
         return None;
     }
     for s in sb {
         let pos = sa.iter().position(|x| *x == s)?;
         sa.remove(pos);
     }
-    Some(from_monomial(ka / kb, sa))
+    Some(from_monomial(ka.checked_div(kb)?, sa))
 }
 
 fn dims_product(ds: &[Dim]) -> Dim {
@@ -670,7 +670,10 @@ impl Cx {
                     (Some(a), Some(b), Some(c))
                         if a.len() == 1 && b.len() == 1 && c.len() == 1 && c[0] != 0 =>
                     {
-                        Dim::Known(((b[0] - a[0]) as f64 / c[0] as f64).ceil().max(0.0) as i64)
+                        // in f64: `limit - start` may not fit in i64; the cast saturates
+                        Dim::Known(
+                            ((b[0] as f64 - a[0] as f64) / c[0] as f64).ceil().max(0.0) as i64
+                        )
                     }
                     _ => match (self.known_val(n, 0), self.val(n, 1), self.known_val(n, 2)) {
                         (Some(a), Some(b), Some(c)) if a == [0] && c == [1] && b.len() == 1 => {
@@ -713,10 +716,13 @@ impl Cx {
                         Some(
                             s.iter()
                                 .enumerate()
-                                .map(|(i, d)| match d {
-                                    Dim::Known(v) => Dim::Known(v + p[i] + p[i + r]),
-                                    other if p[i] + p[i + r] == 0 => other.clone(),
-                                    _ => Dim::Sym(format!("{d}+{}", p[i] + p[i + r])),
+                                .map(|(i, d)| {
+                                    let total = p[i].saturating_add(p[i + r]);
+                                    match d {
+                                        Dim::Known(v) => Dim::Known(v.saturating_add(total)),
+                                        other if total == 0 => other.clone(),
+                                        _ => Dim::Sym(format!("{d}+{total}")),
+                                    }
                                 })
                                 .collect(),
                         )
@@ -956,18 +962,18 @@ impl Cx {
                         let span = x
                             .saturating_add(pb)
                             .saturating_add(pe)
-                            .saturating_sub(dl.saturating_mul(k[i] - 1))
+                            .saturating_sub(dl.saturating_mul(k[i].saturating_sub(1)))
                             .saturating_sub(1);
                         let o = if ceil {
-                            let o = span.saturating_add(st - 1).div_euclid(st) + 1;
+                            let o = span.saturating_add(st - 1).div_euclid(st).saturating_add(1);
                             // the last window must start inside the input or left padding
-                            if (o - 1).saturating_mul(st) >= x.saturating_add(pb) {
-                                o - 1
+                            if (o.saturating_sub(1)).saturating_mul(st) >= x.saturating_add(pb) {
+                                o.saturating_sub(1)
                             } else {
                                 o
                             }
                         } else {
-                            span.div_euclid(st) + 1
+                            span.div_euclid(st).saturating_add(1)
                         };
                         Dim::Known(o)
                     }
@@ -1378,13 +1384,19 @@ fn slice_len(d: i64, start: i64, end: i64, step: i64) -> i64 {
     let (s, e) = if step > 0 {
         (clamp(norm(start), 0, d), clamp(norm(end), 0, d))
     } else {
-        (clamp(norm(start), -1, d - 1), clamp(norm(end), -1, d - 1))
+        (
+            clamp(norm(start), -1, d.saturating_sub(1)),
+            clamp(norm(end), -1, d.saturating_sub(1)),
+        )
     };
-    if step > 0 {
-        ((e - s + step - 1) / step).max(0)
+    // s and e are clamped to [-1, d], so only the step can overflow: widen to i128.
+    let (s, e, step) = (i128::from(s), i128::from(e), i128::from(step));
+    let len = if step > 0 {
+        (e - s + step - 1) / step
     } else {
-        ((s - e + (-step) - 1) / (-step)).max(0)
-    }
+        (s - e - step - 1) / -step
+    };
+    len.clamp(0, i128::from(i64::MAX)) as i64
 }
 
 #[cfg(test)]

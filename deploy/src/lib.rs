@@ -31,5 +31,7 @@ pub use bench::{BenchConfig, BenchStats, bench, probe_tensor, probe_value, synth
 pub use error::Error;
 pub use ort_lib::{ORT_VERSION, init_ort, init_ort_from, locate_ort_library};
 pub use rss::peak_rss_bytes;
-pub use runtime::{Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, load};
+pub use runtime::{
+    Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, declared_inputs, load,
+};
 pub use whittle_core::Value;

@@ -215,6 +215,12 @@ pub fn load(
     }
 }
 
+/// The graph inputs an ONNX model declares (initializers excluded), without loading it into a
+/// runtime: what [`RuntimeOptions::input_shapes`] can be built from before the first load.
+pub fn declared_inputs(model_bytes: &[u8]) -> Result<Vec<IoInfo>, Error> {
+    crate::tract_session::declared_inputs(model_bytes)
+}
+
 /// `[N,3,32,32]`.
 pub(crate) fn format_dims(dims: &[Dim]) -> String {
     let parts: Vec<String> = dims.iter().map(Dim::to_string).collect();

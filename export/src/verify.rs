@@ -134,10 +134,23 @@ pub fn verify_items(
     opts: &VerifyOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<VerifyReport, Error> {
-    let ropts = RuntimeOptions {
+    let mut ropts = RuntimeOptions {
         threads: opts.threads,
         ..Default::default()
     };
+    if opts.runtime == RuntimeKind::Tract {
+        // tract plans for fixed shapes: give it the padded batch's (some graphs, a transformer's
+        // attention over batch x sequence symbols, do not optimise with symbols at all)
+        let declared = whittle_deploy::declared_inputs(reference)?;
+        let (specs, bs) = whittle_calib::input_specs(&declared, opts.batch, Some(data))?;
+        ropts.input_shapes = specs
+            .into_iter()
+            .map(|s| {
+                let shape = std::iter::once(bs).chain(s.item_shape).collect();
+                (s.name, shape)
+            })
+            .collect();
+    }
     let mut r = whittle_deploy::load(opts.runtime, reference, &ropts)?;
     let mut c = whittle_deploy::load(opts.runtime, candidate, &ropts)?;
     check_same_interface(r.as_ref(), c.as_ref())?;

@@ -702,7 +702,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         });
     }
     let pre = match &a.calib {
-        Some(_) => super::resolve_profile(a.profile.as_deref(), &a.model)?,
+        Some(c) => super::resolve_profile(a.profile.as_deref(), &a.model, c)?,
         None => Preprocess::default(),
     };
     let data = a.calib.as_ref().map(|p| Dataset::open(p)).transpose()?;

@@ -134,7 +134,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         (v, None, (0..ds.len()).collect())
     };
     let reference = variants[0].1.clone();
-    let pre = super::resolve_profile(a.profile.as_deref(), &reference)?;
+    let pre = super::resolve_profile(a.profile.as_deref(), &reference, &data)?;
     let cfg = BenchConfig {
         warmup: a.warmup,
         iters: a.iters,

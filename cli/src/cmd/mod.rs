@@ -28,7 +28,8 @@ pub fn load_model(path: &Path) -> Result<Model> {
 
 /// The preprocessing to use: `--profile` (a built-in name or a TOML file), else a
 /// `<model stem>.profile.toml` beside the model, else none (values as stored, 0..255 for images).
-pub fn resolve_profile(flag: Option<&str>, model: &Path) -> Result<Preprocess> {
+/// The missing-profile warning is only printed when `data` holds images (arrays are fed as stored).
+pub fn resolve_profile(flag: Option<&str>, model: &Path, data: &Path) -> Result<Preprocess> {
     if let Some(p) = flag {
         return Preprocess::from_name_or_path(p).with_context(|| format!("profile '{p}'"));
     }
@@ -41,10 +42,17 @@ pub fn resolve_profile(flag: Option<&str>, model: &Path) -> Result<Preprocess> {
         eprintln!("using preprocessing profile {}", side.display());
         return Ok(Preprocess::from_toml_file(&side)?);
     }
-    eprintln!(
-        "no --profile and no {} beside the model: images are fed as raw 0..255 values",
-        side.display()
-    );
+    let arrays = data.extension().is_some_and(|e| {
+        ["npy", "npz", "bin"]
+            .iter()
+            .any(|x| e.eq_ignore_ascii_case(x))
+    });
+    if !arrays {
+        eprintln!(
+            "no --profile and no {} beside the model: images are fed as raw 0..255 values",
+            side.display()
+        );
+    }
     Ok(Preprocess::default())
 }
 

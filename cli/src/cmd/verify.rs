@@ -52,7 +52,7 @@ pub fn compare(
     profile: Option<&str>,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport> {
-    let pre = super::resolve_profile(profile, reference)?;
+    let pre = super::resolve_profile(profile, reference, data)?;
     let r = super::load_model(reference)?.to_bytes();
     let c = if candidate == reference {
         r.clone()
