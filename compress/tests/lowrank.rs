@@ -266,9 +266,10 @@ fn budgets_lower_macs_and_uneconomic_ranks_are_skipped() {
         }
         rel_diff(&m, &f, &[1, 3, 32, 32]); // runs in both runtimes
     }
-    // at full rank nothing gets cheaper: every layer is listed as skipped
+    // at full rank nothing gets cheaper: refused, naming how many layers were skipped and why,
+    // and the model is untouched
     let mut f = m.clone();
-    let r = lowrank::factorise(
+    let e = lowrank::factorise(
         &mut f,
         None,
         &LowRankOptions {
@@ -278,14 +279,11 @@ fn budgets_lower_macs_and_uneconomic_ranks_are_skipped() {
             round_to: 1,
         },
     )
-    .unwrap();
-    assert!(r.factored.is_empty());
-    assert_eq!(r.skipped.len(), 10);
-    assert!(
-        r.skipped
-            .iter()
-            .all(|s| s.reason.contains("would not make it cheaper"))
-    );
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nothing to factorise"), "{e}");
+    assert!(e.contains("(10 of them"), "{e}");
+    assert!(e.contains("would not make it cheaper"), "{e}");
     assert_eq!(macs(&f), macs(&m));
 }
 
@@ -349,16 +347,13 @@ fn bad_ranks_and_schemes_are_refused_or_skipped() {
         &["N", "4", "4", "4"],
         vec![from_f32("w", &[4, 1, 3, 3], &values(36, 7))],
     );
-    let r = lowrank::factorise(
+    let e = lowrank::factorise(
         &mut g.clone(),
         None,
         &opts(RankRule::Rank(1), Scheme::Auto, false),
     )
-    .unwrap();
-    assert!(r.factored.is_empty());
-    assert!(
-        r.skipped[0].reason.contains("grouped Conv"),
-        "{:?}",
-        r.skipped
-    );
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nothing to factorise"), "{e}");
+    assert!(e.contains("dw: it is a grouped Conv"), "{e}");
 }
