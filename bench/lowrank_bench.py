@@ -16,15 +16,20 @@ each result is measured against the original with the helpers of bench/prune_ben
   quality     `whittle verify --json` on evaluation images the compress never saw: top-1 agreement of
               the compressed model with the original, and the top-1 accuracy of both
 
-Model and data (../shared/assets beside the repo):
+Models and data (../shared/assets beside the repo):
   resnet_large_cifar10    models/resnet_large_cifar10.onnx, profile resnet-large; calibrates on
-                          cifar10/test-b, evaluates on cifar10/test-a
-  MiniLM                  not measured: whittle's calibration readers do not take text yet
+                          cifar10/test-b, evaluates on cifar10/test-a; quality = top-1 agreement
+  minilm-l6-v2            $WHITTLE_ASSETS_CACHE/minilm-l6-v2.opset17.onnx (../shared/assets/fetch.sh);
+                          `whittle tokenize` turns STS-B train sentences (calibration) and the first
+                          512 STS-B dev sentences (evaluation) into .npz token ids (tokenizer
+                          models/minilm-l6-v2-tokenizer); quality = mean cosine similarity of
+                          `sentence_embedding` with the original's; latency at batch 1, 64 tokens.
+                          When the model is not fetched, its rows say so.
 
 A compress that fails (e.g. an unreachable budget) becomes a row saying so; it is not a failure of
 this bench. After the table, one line states whether data-aware beat plain (higher top-1 agreement
 with the original) at every budget of this run: a statement of what was measured, not an
-assertion. Exit status: 0, or 1 when a bench or verify run failed, 2 when the binary, model or data
+assertion (for MiniLM: higher mean cosine). Exit status: 0, or 1 when a bench or verify run failed, 2 when the binary, model or data
 are missing.
 
     python3 bench/lowrank_bench.py [--quick] [--json] [--whittle PATH]
@@ -45,19 +50,50 @@ from prune_bench import ASSETS, CALIB_ITEMS, RunError, first_line, fmt
 
 BUDGETS = [0.9, 0.8, 0.7, 0.6]  # fraction of MACs kept
 QUICK_BUDGETS = [0.7]
-TEXT_NOTE = "MiniLM (minilm-l6-v2): not measured: whittle's calibration readers do not take text yet"
+MINILM_SEQ = 64  # tokens per sentence in the latency runs
+EVAL_SENTENCES = 512
 
 
-def model_spec() -> dict:
+def minilm_path() -> Path:
+    cache = os.environ.get("WHITTLE_ASSETS_CACHE") or str(Path.home() / ".cache" / "whittle" / "assets")
+    return Path(cache) / "minilm-l6-v2.opset17.onnx"
+
+
+def model_specs() -> list[dict]:
     cifar = ASSETS / "data" / "cifar10"
-    return {"name": "resnet_large_cifar10", "path": ASSETS / "models" / "resnet_large_cifar10.onnx",
-            "profile": "resnet-large", "calib": cifar / "test-b", "eval": cifar / "test-a", "split": None}
+    sts = ASSETS / "data" / "sts"
+    shape = f"1,{MINILM_SEQ}"
+    return [
+        {"name": "resnet_large_cifar10", "path": ASSETS / "models" / "resnet_large_cifar10.onnx",
+         "profile": "resnet-large", "calib": cifar / "test-b", "eval": cifar / "test-a", "split": None,
+         "metric": "agreement", "output": None, "bench_args": ()},
+        {"name": "minilm-l6-v2", "path": minilm_path(), "profile": None, "split": None,
+         "calib": None, "eval": None, "metric": "cosine", "output": "sentence_embedding",
+         "text": {"calib": sts / "sts-train.tsv", "eval": sts / "sts-dev.tsv",
+                  "tokenizer": ASSETS / "models" / "minilm-l6-v2-tokenizer"},
+         "bench_args": tuple(x for n in ("input_ids", "attention_mask", "token_type_ids")
+                             for x in ("--input", f"{n}={shape}"))},
+    ]
+
+
+def tokenize(spec: dict, work: Path, a, log) -> None:
+    """Writes the calibration and evaluation .npz of a text model with `whittle tokenize`."""
+    t = spec["text"]
+    for key, limit in (("calib", a.calib_items * 2), ("eval", EVAL_SENTENCES)):
+        out = work / f"{spec['name']}-{key}.npz"
+        rep = prune_bench.run_json([str(a.whittle), "tokenize", str(t[key]), "--tokenizer", str(t["tokenizer"]),
+                                    "--limit", str(limit), "-o", str(out), "--json"], prune_bench.RUN_TIMEOUT_S)
+        log(f"  {key}: {rep['sentences']} sentences of {t[key].name}, {rep['seq_len']} tokens each "
+            f"({rep['mean_tokens']:.1f} before padding)")
+        spec[key] = out
 
 
 def compress(spec: dict, out: Path, keep: float, data_aware: bool, a) -> dict:
     cmd = [str(a.whittle), "compress", str(spec["path"]), "-o", str(out), "--calib", str(spec["calib"]),
-           "--profile", spec["profile"], "--low-rank", "--target", f"macs={keep}",
+           "--low-rank", "--target", f"macs={keep}",
            "--calib-items", str(a.calib_items), "--threads", str(a.threads), "--json"]
+    if spec["profile"]:
+        cmd[-1:-1] = ["--profile", spec["profile"]]
     if data_aware:
         cmd.insert(cmd.index("--low-rank") + 1, "--data-aware")
     t0 = time.monotonic()
@@ -99,10 +135,13 @@ def run_row(spec: dict, keep: float, data_aware: bool, work: Path, a, log) -> di
     log(f"    compress {c['seconds']:.1f} s: MACs kept {c['macs_kept']:.1%}, params kept {c['params_kept']:.1%}, "
         f"{c['factored']} layers factorised, {c['skipped']} skipped")
     try:
-        row["verify"] = prune_bench.verify(spec, spec["eval"], out, a)
-        v = row["verify"]
-        log(f"    verify on {v['items']} eval items: agreement {v['top1_agreement']:.3f}, accuracy "
-            f"{v['reference_accuracy']:.3f} -> {v['candidate_accuracy']:.3f}")
+        row["verify"] = v = prune_bench.verify(spec, spec["eval"], out, a)
+        if spec["metric"] == "cosine":
+            v["top1_agreement"] = v["reference_accuracy"] = v["candidate_accuracy"] = None
+            log(f"    verify on {v['items']} eval items: {v['output']} mean cosine {v['mean_cosine']:.4f}")
+        else:
+            log(f"    verify on {v['items']} eval items: agreement {v['top1_agreement']:.3f}, accuracy "
+                f"{v['reference_accuracy']:.3f} -> {v['candidate_accuracy']:.3f}")
     except (RunError, KeyError, IndexError, TypeError) as e:
         row["verify_error"] = str(e)[-4000:]
         row["ok"] = False
@@ -110,7 +149,8 @@ def run_row(spec: dict, keep: float, data_aware: bool, work: Path, a, log) -> di
     row["latency"] = {}
     for runtime in ("ort-cpu", "tract"):
         try:
-            row["latency"][runtime] = prune_bench.bench_pair(spec["path"], out, runtime, a.iters, a, log)
+            row["latency"][runtime] = prune_bench.bench_pair(spec["path"], out, runtime, a.iters, a, log,
+                                                             spec["bench_args"])
         except (RunError, KeyError, TypeError) as e:
             row.setdefault("bench_errors", {})[runtime] = str(e)[-4000:]
             row["ok"] = False
@@ -118,12 +158,13 @@ def run_row(spec: dict, keep: float, data_aware: bool, work: Path, a, log) -> di
     return row
 
 
-def data_aware_verdict(rows: list[dict]) -> dict:
-    """Per budget: does data-aware give higher top-1 agreement than plain?"""
+def data_aware_verdict(rows: list[dict], metric: str) -> dict:
+    """Per budget: does data-aware give higher quality (top-1 agreement, or mean cosine) than plain?"""
+    key = "mean_cosine" if metric == "cosine" else "top1_agreement"
     per = []
     for keep in sorted({r["target_macs_kept"] for r in rows}, reverse=True):
         by = {r["data_aware"]: r for r in rows if r["target_macs_kept"] == keep}
-        ag = {k: (by[k].get("verify") or {}).get("top1_agreement") if k in by else None for k in (True, False)}
+        ag = {k: (by[k].get("verify") or {}).get(key) if k in by else None for k in (True, False)}
         if ag[True] is None or ag[False] is None:
             outcome = "unmeasured"
         elif ag[True] > ag[False]:
@@ -135,21 +176,23 @@ def data_aware_verdict(rows: list[dict]) -> dict:
         per.append({"removed_pct": round((1 - keep) * 100), "agreement_data_aware": ag[True],
                     "agreement_plain": ag[False], "outcome": outcome})
     every = bool(per) and all(p["outcome"] == "beats" for p in per)
-    return {"beats_at_every_budget": every, "per_budget": per}
+    return {"metric": key, "beats_at_every_budget": every, "per_budget": per}
 
 
 def verdict_line(name: str, v: dict) -> str:
-    detail = "; ".join(f"{p['removed_pct']}%: {fmt(p['agreement_data_aware'], '.3f')} vs {fmt(p['agreement_plain'], '.3f')}"
+    digits = ".4f" if v["metric"] == "mean_cosine" else ".3f"
+    detail = "; ".join(f"{p['removed_pct']}%: {fmt(p['agreement_data_aware'], digits)} vs {fmt(p['agreement_plain'], digits)}"
                        + ("" if p["outcome"] == "beats" else f" ({p['outcome'].upper()})") for p in v["per_budget"])
     budgets = ", ".join(f"{p['removed_pct']}%" for p in v["per_budget"])
     verb = "YES" if v["beats_at_every_budget"] else "NO"
     return (f"{name}: data-aware beats plain at every budget ({budgets}) of this run: {verb} "
-            f"[top-1 agreement with the original, data-aware vs plain: {detail}]")
+            f"[{'mean cosine' if v['metric'] == 'mean_cosine' else 'top-1 agreement'} with the original, "
+            f"data-aware vs plain: {detail}]")
 
 
 def table(model: dict) -> str:
     head = ["MACs removed", "method", "MACs kept", "params kept", "layers", "ort orig p50", "ort lr p50",
-            "ort speedup", "tract orig p50", "tract lr p50", "tract speedup", "agreement", "acc orig", "acc lr",
+            "ort speedup", "tract orig p50", "tract lr p50", "tract speedup", "agreement", "cosine", "acc orig", "acc lr",
             "compress s"]
     rows = [head]
     notes = []
@@ -165,7 +208,7 @@ def table(model: dict) -> str:
             f"{c['macs_kept']:.1%}", f"{c['params_kept']:.1%}", str(c["factored"]),
             fmt(om.get("original"), ".2f", " ms"), fmt(om.get("pruned"), ".2f", " ms"), fmt(o.get("speedup"), ".2f", "x"),
             fmt(tm.get("original"), ".1f", " ms"), fmt(tm.get("pruned"), ".1f", " ms"), fmt(t.get("speedup"), ".2f", "x"),
-            fmt(v.get("top1_agreement"), ".3f"), fmt(v.get("reference_accuracy"), ".3f"),
+            fmt(v.get("top1_agreement"), ".3f"), fmt(v.get("mean_cosine"), ".4f"), fmt(v.get("reference_accuracy"), ".3f"),
             fmt(v.get("candidate_accuracy"), ".3f"), fmt(c.get("seconds"), ".1f"),
         ]
         rows.append(cells)
@@ -188,23 +231,24 @@ def table(model: dict) -> str:
 
 
 def render(result: dict) -> str:
-    s, m = result["settings"], result["model"]
-    ev = m["eval_items"]
-    return "\n".join([
-        f"low-rank factorisation (whittle compress --low-rank [--data-aware] --calib-items {s['calib_items']}; "
-        f"latency: median over {s['rounds']} interleaved rounds of p50, {s['threads']} threads, warmup "
-        f"{s['warmup']}, {s['iters']} timed runs per bench run; speedup = original / low-rank; layers = layers "
-        "factorised; agreement = top-1 agreement with the original on the evaluation images):",
-        "",
-        f"{m['model']} (profile {m['profile']}; calibration {m['calib']}; evaluation {m['eval']}"
-        f"{f', {ev} items' if ev else ''}):",
-        table(m),
-        "",
-        verdict_line(m["model"], m["data_aware_vs_plain"]),
-        result["text_note"],
-        f"took {result['elapsed_s']:.0f} s; load average at the end: "
-        f"{' '.join(f'{x:.2f}' for x in result['loadavg_end'])}",
-    ])
+    s = result["settings"]
+    out = [f"low-rank factorisation (whittle compress --low-rank [--data-aware] --calib-items {s['calib_items']}; "
+           f"latency: median over {s['rounds']} interleaved rounds of p50, {s['threads']} threads, warmup "
+           f"{s['warmup']}, {s['iters']} timed runs per bench run; speedup = original / low-rank; layers = layers "
+           "factorised; agreement = top-1 agreement with the original, cosine = mean cosine similarity of the "
+           "output with the original's, both on the evaluation data):"]
+    for m in result["models"]:
+        out.append("")
+        if "skipped" in m:
+            out.append(f"{m['model']}: not measured: {m['skipped']}")
+            continue
+        ev = m["eval_items"]
+        out += [f"{m['model']} (profile {m['profile']}; calibration {m['calib']}; evaluation {m['eval']}"
+                f"{f', {ev} items' if ev else ''}; quality output {m['output']}):",
+                table(m), "", verdict_line(m["model"], m["data_aware_vs_plain"])]
+    out.append(f"took {result['elapsed_s']:.0f} s; load average at the end: "
+               f"{' '.join(f'{x:.2f}' for x in result['loadavg_end'])}")
+    return "\n".join(out)
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -225,8 +269,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     """Runs the low-rank bench; returns (result, exit status)."""
-    spec = model_spec()
-    why = prune_bench.check(a, [spec])
+    specs = model_specs()
+    missing = [sp for sp in specs if not sp["path"].is_file()]
+    if missing and os.environ.get("CI") == "true":
+        return {"error": f"{missing[0]['name']}: missing {missing[0]['path']} (../shared/assets/fetch.sh)"}, 2
+    present = [sp for sp in specs if sp not in missing]
+    why = prune_bench.check(a, present)
     if why:
         return {"error": why}, 2
     if a.rounds < 1 or a.iters < 1 or a.warmup < 0 or a.threads < 1 or a.calib_items < 1:
@@ -237,7 +285,6 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     log(f"low-rank bench: budgets {', '.join(f'macs={b}' for b in budgets)}, plain and data-aware, "
         f"--calib-items {a.calib_items}; {a.threads} threads, {a.rounds} interleaved rounds x (warmup {a.warmup} + "
         f"{a.iters} timed runs) per row; load average {' '.join(map(str, load0))}")
-    log(TEXT_NOTE)
     tmp = None
     if a.keep:
         work = a.keep
@@ -245,23 +292,35 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="whittle-lowrank-bench-")
         work = Path(tmp.name)
+    models, status = [], 0
     try:
-        log(f"{spec['name']}:")
-        rows = [run_row(spec, keep, data_aware, work, a, log) for keep in budgets for data_aware in (False, True)]
+        for spec in specs:
+            if spec in missing:
+                why = f"{spec['path']} is not there (../shared/assets/fetch.sh fetches it)"
+                log(f"{spec['name']}: not measured: {why}")
+                models.append({"model": spec["name"], "skipped": why})
+                continue
+            log(f"{spec['name']}:")
+            if "text" in spec:
+                tokenize(spec, work, a, log)
+            rows = [run_row(spec, keep, data_aware, work, a, log) for keep in budgets for data_aware in (False, True)]
+            status = max(status, 0 if all(r["ok"] for r in rows) else 1)
+            models.append({"model": spec["name"], "path": str(spec["path"].resolve()), "profile": spec["profile"],
+                           "calib": str(spec["calib"].resolve()), "eval": str(spec["eval"].resolve()),
+                           "output": spec["output"] or "first",
+                           "eval_items": next((r["verify"]["items"] for r in rows if "verify" in r), None),
+                           "rows": rows, "data_aware_vs_plain": data_aware_verdict(rows, spec["metric"])})
+    except RunError as e:
+        return {"error": first_line(str(e))}, 1
     finally:
         if tmp is not None:
             tmp.cleanup()
-    status = 0 if all(r["ok"] for r in rows) else 1
-    model = {"model": spec["name"], "path": str(spec["path"].resolve()), "profile": spec["profile"],
-             "calib": str(spec["calib"].resolve()), "eval": str(spec["eval"].resolve()),
-             "eval_items": next((r["verify"]["items"] for r in rows if "verify" in r), None),
-             "rows": rows, "data_aware_vs_plain": data_aware_verdict(rows)}
     result = {
         "settings": {"budgets_macs_kept": budgets, "calib_items": a.calib_items, "threads": a.threads,
                      "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters, "quick": a.quick,
                      "whittle": str(a.whittle), "work": str(work) if a.keep else None},
         "loadavg_start": load0, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-        "model": model, "text_note": TEXT_NOTE, "elapsed_s": round(time.monotonic() - started, 1),
+        "models": models, "elapsed_s": round(time.monotonic() - started, 1),
         "ok": status == 0,
     }
     return result, status

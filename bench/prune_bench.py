@@ -155,18 +155,21 @@ def compress(spec: dict, calib: Path, out: Path, keep: float, reconstruct: bool,
 
 
 def verify(spec: dict, data: Path, candidate: Path, a) -> dict:
+    """`whittle verify` on data; the figures of spec["output"] (default: the first output)."""
     cmd = [str(a.whittle), "verify", str(spec["path"]), str(candidate), "--data", str(data),
-           "--profile", spec["profile"], "--threads", str(a.threads), "--json"]
+           "--threads", str(a.threads), "--json"]
+    if spec.get("profile"):
+        cmd[-1:-1] = ["--profile", spec["profile"]]
     rep = run_json(cmd, RUN_TIMEOUT_S)
-    o = rep["outputs"][0]
+    o = next((o for o in rep["outputs"] if o.get("name") == spec.get("output")), rep["outputs"][0])
     return {"items": rep["items"], "output": o.get("name"), "top1_agreement": o.get("top1_agreement"),
             "reference_accuracy": o.get("reference_accuracy"), "candidate_accuracy": o.get("candidate_accuracy"),
             "mean_cosine": o.get("mean_cosine"), "max_abs_diff": o.get("max_abs_diff")}
 
 
-def bench_once(model: Path, runtime: str, iters: int, a) -> dict:
+def bench_once(model: Path, runtime: str, iters: int, a, extra: tuple[str, ...] = ()) -> dict:
     cmd = [str(a.whittle), "bench", str(model), "--runtime", runtime, "--threads", str(a.threads),
-           "--warmup", str(a.warmup), "--iters", str(iters), "--json"]
+           "--warmup", str(a.warmup), "--iters", str(iters), *extra, "--json"]
     rep = run_json(cmd, RUN_TIMEOUT_S)
     prov = rep.get("provider") or {}
     if runtime == "ort-cpu" and (prov.get("actual") != "CPUExecutionProvider" or prov.get("fallback")):
@@ -174,14 +177,16 @@ def bench_once(model: Path, runtime: str, iters: int, a) -> dict:
     return rep["stats"]
 
 
-def bench_pair(original: Path, pruned: Path, runtime: str, iters: int, a, log) -> dict:
-    """Original and pruned, interleaved over a.rounds rounds; median of each one's p50s."""
+def bench_pair(original: Path, pruned: Path, runtime: str, iters: int, a, log,
+               extra: tuple[str, ...] = ()) -> dict:
+    """Original and pruned, interleaved over a.rounds rounds; median of each one's p50s. `extra`:
+    more `whittle bench` arguments (input shapes)."""
     p50 = {"original": [], "pruned": []}
     paths = {"original": original, "pruned": pruned}
     for r in range(a.rounds):
         order = ["original", "pruned"] if r % 2 == 0 else ["pruned", "original"]
         for which in order:
-            st = bench_once(paths[which], runtime, iters, a)
+            st = bench_once(paths[which], runtime, iters, a, extra)
             p50[which].append(st["p50_ms"])
     med = {k: statistics.median(v) for k, v in p50.items()}
     speedup = med["original"] / med["pruned"] if med["pruned"] else None

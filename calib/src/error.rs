@@ -50,6 +50,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A text file or a tokenizer could not be used for calibration text.
+    #[error("{path}: {reason}")]
+    Text {
+        /// The text file or tokenizer.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// An image file could not be decoded.
     #[error("cannot decode image {path}: {reason}")]
     Decode {

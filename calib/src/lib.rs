@@ -20,6 +20,7 @@ pub mod capture;
 pub mod dataset;
 pub mod error;
 pub mod profile;
+pub mod text;
 
 pub use capture::{CaptureSpec, capture, input_specs, pad_batch};
 pub use dataset::{Batch, Dataset, DatasetKind, Dtype, InputSpec};

@@ -50,6 +50,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Measure a model on a target: inspect, bench each runtime, verify, one table.
     Deploy(cmd::deploy::Args),
+    /// Tokenise sentences into an .npz of encoder inputs (calibration data for text models).
+    Tokenize(cmd::tokenize::Args),
 }
 
 /// What a command reports back: success, or a check that was not met.
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         Command::Deploy(a) => cmd::deploy::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Compress(a) => cmd::compress::run(*a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod deploy;
 pub mod inspect;
 pub mod profile;
+pub mod tokenize;
 pub mod verify;
 
 use anyhow::{Context, Result};
