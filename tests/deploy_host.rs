@@ -71,6 +71,7 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         serde_json::from_slice(&std::fs::read(stamps[0].join("results.json")).unwrap()).unwrap();
     assert_eq!(results["target"].as_str(), Some("host"));
     assert_eq!(results["started"].as_str(), Some(stamp.as_str()));
+    assert_eq!(results["complete"], true, "a finished run says so");
     let jrows = results["rows"].as_array().unwrap();
     assert_eq!(jrows.len(), 4, "{results:#}");
     let mut runtimes: Vec<&str> = jrows

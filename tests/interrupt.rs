@@ -80,3 +80,62 @@ fn r8_sigint_during_compress_writes_nothing() {
     assert_eq!(code, 130, "interrupted runs exit 130");
     assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
 }
+
+#[test]
+fn r8_sigint_during_deploy_keeps_the_rows_already_measured() {
+    // the main job on the bundled ResNet-8: compress, then one row per model and runtime; stop it
+    // once results.json holds a row
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(whittle())
+        .args(["deploy", "--target", "host", "--reports"])
+        .arg(dir.path())
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let results = |dir: &std::path::Path| -> Option<serde_json::Value> {
+        let f = listing(dir)
+            .into_iter()
+            .find(|f| f.ends_with("results.json"))?;
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    let started = std::time::Instant::now();
+    let partial = loop {
+        if let Some(r) = results(dir.path()) {
+            break r;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "deploy ended before writing a row"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no row in 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let code = child.wait().unwrap().code().unwrap_or(-1);
+    let kept = results(dir.path()).expect("results.json survives the interrupt");
+    if code == 0 {
+        // it finished between the poll and the signal: then the file says so
+        assert_eq!(kept["complete"], true);
+        return;
+    }
+    assert_eq!(code, 130, "interrupted runs exit 130");
+    assert_eq!(partial["complete"], false, "{partial}");
+    assert_eq!(kept["complete"], false);
+    let rows = kept["rows"].as_array().unwrap();
+    assert!(!rows.is_empty() && rows.len() < 4, "{} rows", rows.len());
+    assert!(rows[0]["bench"]["stats"]["p50_ms"].as_f64().unwrap() > 0.0);
+    let files = listing(dir.path());
+    assert!(
+        files
+            .iter()
+            .all(|f| !f.rsplit('/').next().unwrap().starts_with('.')),
+        "a temporary file was left: {files:?}"
+    );
+}

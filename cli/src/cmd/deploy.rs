@@ -75,6 +75,9 @@ struct Results {
     started: String,
     /// The compression of the main job, when it ran.
     compression: Option<super::compress::Summary>,
+    /// False while rows are still being measured: `results.json` is rewritten (atomically) after
+    /// each row, so an interrupted or failed run keeps the rows it finished.
+    complete: bool,
     rows: Vec<Row>,
 }
 
@@ -140,7 +143,22 @@ pub fn run(a: Args) -> Result<Outcome> {
         iters: a.iters,
         max_seconds: None,
     };
-    let mut rows: Vec<Row> = Vec::new();
+    let mut results = Results {
+        target: target.name.clone(),
+        triple: target.triple.clone(),
+        transport: format!("{:?}", target.transport).to_lowercase(),
+        started: started.clone(),
+        compression,
+        complete: false,
+        rows: Vec::new(),
+    };
+    let save = |results: &Results| -> Result<()> {
+        whittle_export::write_atomic(
+            &dir.join("results.json"),
+            serde_json::to_string_pretty(results)?.as_bytes(),
+        )?;
+        Ok(())
+    };
     for (variant, path) in &variants {
         let m = super::load_model(path)?;
         let c = cost::count(&m, &shape::infer(&m, &[])?);
@@ -171,11 +189,12 @@ pub fn run(a: Args) -> Result<Outcome> {
             )
             .with_context(|| format!("checking {name} on {rt} with {}", data.display()))?;
             let out = v.outputs.first();
-            let speedup = rows
+            let speedup = results
+                .rows
                 .iter()
                 .find(|r| r.bench.runtime == rt && r.variant == variants[0].0)
                 .map(|r| r.bench.stats.p50_ms / bench.stats.p50_ms);
-            rows.push(Row {
+            results.rows.push(Row {
                 model: name.clone(),
                 variant: variant.clone(),
                 params: c.params,
@@ -187,22 +206,13 @@ pub fn run(a: Args) -> Result<Outcome> {
                 peak_rss_bytes,
                 bench,
             });
+            save(&results)?;
         }
     }
     runner.close()?;
-    let results = Results {
-        target: target.name.clone(),
-        triple: target.triple.clone(),
-        transport: format!("{:?}", target.transport).to_lowercase(),
-        started: started.clone(),
-        compression,
-        rows,
-    };
+    results.complete = true;
     let table = render(&results);
-    whittle_export::write_atomic(
-        &dir.join("results.json"),
-        serde_json::to_string_pretty(&results)?.as_bytes(),
-    )?;
+    save(&results)?;
     let md = format!(
         "# whittle deploy: {} ({})\n\nstarted {}\n\nAccuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n",
         results.target,
