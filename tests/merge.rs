@@ -55,3 +55,95 @@ fn merge_refusals_name_the_cause_and_write_nothing() {
     }
     assert!(listing(dir.path()).is_empty(), "nothing written");
 }
+
+#[test]
+fn a_saved_merge_plan_replays_without_measuring() {
+    let (Some(m), Some(photos)) = (
+        asset("models/mobilenetv1_025_vww96.onnx"),
+        asset("data/imagenet"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // a plan as `--plan-out` writes it: one segment of the VWW MobileNet (depthwise 3x3, 1x1,
+    // depthwise 3x3, with the two ReLUs between removed)
+    let plan = dir.path().join("plan.json");
+    let segment = serde_json::json!({
+        "convs": ["depthwise_conv2d", "conv2d_1", "depthwise_conv2d_1"],
+        "acts": ["activation_1", "activation_2"],
+        "add": null, "exact": false, "saved_ms": 0.027, "damage": 0.0001
+    });
+    let write_plan = |seg: &serde_json::Value| {
+        let p = serde_json::json!({"prune_channels": null,
+            "merge": {"candidates": 51, "model_ms": 0.228, "merged": [seg]}});
+        std::fs::write(&plan, p.to_string()).unwrap();
+    };
+    write_plan(&segment);
+    let out = dir.path().join("m.onnx");
+    let again = dir.path().join("again.json");
+    let args = |out: &std::path::Path, extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "compress",
+            &s(&m),
+            "-o",
+            &s(out),
+            "--calib",
+            &s(&photos),
+            "--profile",
+            "vww",
+            "--calib-items",
+            "24",
+            "--holdout-items",
+            "8",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let j = run(&args(
+        &out,
+        &[
+            "--merge",
+            "--apply-plan",
+            &s(&plan),
+            "--plan-out",
+            &s(&again),
+            "--json",
+        ],
+    ))
+    .ok()
+    .json();
+    let merged = j["merge"]["merged"].as_array().unwrap();
+    assert_eq!(merged.len(), 1, "{j}");
+    assert_eq!(merged[0]["convs"], segment["convs"]);
+    assert_eq!(j["merge"]["refit"].as_array().unwrap().len(), 1, "refitted");
+    // the merged model runs, and the plan it saved is the one replayed
+    run(&[
+        "verify",
+        &s(&m),
+        &s(&out),
+        "--data",
+        &s(&photos),
+        "--profile",
+        "vww",
+        "--limit",
+        "8",
+    ])
+    .ok();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
+    assert_eq!(saved["merge"]["merged"][0]["convs"], segment["convs"]);
+    assert!(saved["prune_channels"].is_null());
+
+    // a plan of another model, and --apply-plan without --merge: one line, nothing written
+    let mut other = segment.clone();
+    other["convs"] = serde_json::json!(["conv_a", "conv_b"]);
+    write_plan(&other);
+    let refused = dir.path().join("refused.onnx");
+    run(&args(&refused, &["--merge", "--apply-plan", &s(&plan)]))
+        .error(&["conv_a + conv_b", "not a merge candidate of this model"]);
+    run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["give --merge with it"]);
+    assert!(!refused.exists());
+}

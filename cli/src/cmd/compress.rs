@@ -106,9 +106,14 @@ pub struct Args {
     /// Print the channel groups (sizes, members, why a group is frozen); without -o, stop there.
     #[arg(long)]
     explain: bool,
-    /// Also write the plan as JSON here.
+    /// Also write the plan as JSON here: `{"prune_channels": .., "merge": ..}` (null for a method
+    /// that did not run).
     #[arg(long)]
     plan_out: Option<PathBuf>,
+    /// Depth merging: merge the segments a saved plan (`--plan-out`) lists instead of measuring
+    /// and choosing again (the same model, or one with the same convolution names).
+    #[arg(long)]
+    apply_plan: Option<PathBuf>,
     /// Runtime for calibration runs and checks.
     #[arg(long, default_value = "ort-cpu")]
     runtime: RuntimeKind,
@@ -473,7 +478,7 @@ fn merge_fraction(a: &Args) -> Result<f64> {
 }
 
 /// One merged segment.
-#[derive(Serialize)]
+#[derive(Clone, Serialize, serde::Deserialize)]
 pub struct MergedSegment {
     /// The convolutions merged (the result keeps the last one's name).
     pub convs: Vec<String>,
@@ -490,7 +495,7 @@ pub struct MergedSegment {
 }
 
 /// What `--merge` did.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub struct MergeSummary {
     /// Candidate segments measured.
     pub candidates: usize,
@@ -499,7 +504,42 @@ pub struct MergeSummary {
     /// The segments merged.
     pub merged: Vec<MergedSegment>,
     /// Per merged layer refitted.
+    #[serde(default, skip_deserializing)]
     pub refit: Vec<RefitReport>,
+}
+
+/// What `--plan-out` writes and `--apply-plan` reads.
+#[derive(Serialize, serde::Deserialize)]
+struct SavedPlan {
+    prune_channels: Option<serde_json::Value>,
+    merge: Option<MergeSummary>,
+}
+
+/// The segments of a saved plan among this model's candidates (by their convolutions' names).
+fn planned_segments(path: &Path, segs: &[merge::Segment]) -> Result<(f64, Vec<(usize, f64, f64)>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let plan: SavedPlan = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a plan written by --plan-out", path.display()))?;
+    let m = plan
+        .merge
+        .with_context(|| format!("{} holds no depth-merging plan", path.display()))?;
+    let chosen = m
+        .merged
+        .iter()
+        .map(|p| {
+            segs.iter()
+                .position(|s| s.convs == p.convs && s.acts == p.acts && s.add == p.add)
+                .map(|i| (i, p.saved_ms, p.damage))
+                .with_context(|| {
+                    format!(
+                        "the plan merges {}, which is not a merge candidate of this model",
+                        p.convs.join(" + ")
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((m.model_ms, chosen))
 }
 
 /// Depth merging: measure each candidate segment's latency alone, merged and not, and the
@@ -512,22 +552,14 @@ fn merge_stage(
     calib_idx: &[usize],
     pre: &Preprocess,
 ) -> Result<(Model, MergeSummary)> {
-    let f = merge_fraction(a)?;
     let segs = merge::segments(model);
     if segs.is_empty() {
         bail!(
             "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
         );
     }
-    let cfg = whittle_deploy::BenchConfig {
-        warmup: 3,
-        iters: 40,
-        max_seconds: Some(0.3),
-    };
-    let mut measure = whittle_compress::latency::local_measure(a.runtime, a.threads, vec![], cfg);
-    let model_ms = measure(model)?;
+    // the first items judge damage, the others fit (the same split when a plan is replayed)
     let n_eval = 32.min(calib_idx.len() / 2).max(1);
-    let reference = Reference::new(model, d, &calib_idx[..n_eval], pre, a.runtime, a.threads)?;
     let fit_spec = CaptureSpec {
         dataset: d,
         indices: &calib_idx[n_eval..],
@@ -536,6 +568,26 @@ fn merge_stage(
         runtime: a.runtime,
         threads: a.threads,
     };
+    if let Some(path) = &a.apply_plan {
+        let (model_ms, planned) = planned_segments(path, &segs)?;
+        eprintln!(
+            "depth merging: replaying {} segment(s) from {}",
+            planned.len(),
+            path.display()
+        );
+        let chosen: Vec<usize> = planned.iter().map(|p| p.0).collect();
+        let picked: Vec<(f64, f64)> = planned.iter().map(|p| (p.1, p.2)).collect();
+        return apply_merges(a, model, &segs, &chosen, &picked, model_ms, &fit_spec);
+    }
+    let f = merge_fraction(a)?;
+    let cfg = whittle_deploy::BenchConfig {
+        warmup: 3,
+        iters: 40,
+        max_seconds: Some(0.3),
+    };
+    let mut measure = whittle_compress::latency::local_measure(a.runtime, a.threads, vec![], cfg);
+    let model_ms = measure(model)?;
+    let reference = Reference::new(model, d, &calib_idx[..n_eval], pre, a.runtime, a.threads)?;
     let refit_opts = RefitOptions {
         ridge: a.ridge,
         ..Default::default()
@@ -576,30 +628,50 @@ fn merge_stage(
             best
         )
     })?;
+    let picked: Vec<(f64, f64)> = chosen
+        .iter()
+        .map(|&i| (measured[i].saved_ms, measured[i].damage))
+        .collect();
+    apply_merges(a, model, &segs, &chosen, &picked, model_ms, &fit_spec)
+}
+
+/// Applies the chosen segments (with the latency saved and damage measured for each), refits the
+/// merged layers that are not exact, and summarises.
+fn apply_merges(
+    a: &Args,
+    model: &Model,
+    segs: &[merge::Segment],
+    chosen: &[usize],
+    picked: &[(f64, f64)],
+    model_ms: f64,
+    fit_spec: &CaptureSpec,
+) -> Result<(Model, MergeSummary)> {
     let mut out = model.clone();
     let mut jobs = vec![];
-    for &i in &chosen {
-        merge::apply_segment(&mut out, &segs[i])?;
-        if !reports[i].exact {
+    let mut merged = vec![];
+    for (&i, &(saved_ms, damage)) in chosen.iter().zip(picked) {
+        let rep = merge::apply_segment(&mut out, &segs[i])?;
+        if !rep.exact {
             jobs.push(merge_job(&out, &segs[i])?);
         }
-    }
-    let refits = if jobs.is_empty() || a.no_reconstruct {
-        vec![]
-    } else {
-        refit::refit(model, &mut out, &jobs, &fit_spec, &refit_opts)?
-    };
-    let merged = chosen
-        .iter()
-        .map(|&i| MergedSegment {
+        merged.push(MergedSegment {
             convs: segs[i].convs.clone(),
             acts: segs[i].acts.clone(),
             add: segs[i].add.clone(),
-            exact: reports[i].exact,
-            saved_ms: measured[i].saved_ms,
-            damage: measured[i].damage,
-        })
-        .collect();
+            exact: rep.exact,
+            saved_ms,
+            damage,
+        });
+    }
+    let refit_opts = RefitOptions {
+        ridge: a.ridge,
+        ..Default::default()
+    };
+    let refits = if jobs.is_empty() || a.no_reconstruct {
+        vec![]
+    } else {
+        refit::refit(model, &mut out, &jobs, fit_spec, &refit_opts)?
+    };
     Ok((
         out,
         MergeSummary {
@@ -661,7 +733,11 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let mut opts = parse_opts(a)?;
     let is_latency = prunes && matches!(opts.budget, Budget::Latency(_));
     if methods.contains(&Method::Merge) {
-        merge_fraction(a)?;
+        if a.apply_plan.is_none() {
+            merge_fraction(a)?;
+        }
+    } else if a.apply_plan.is_some() {
+        bail!("--apply-plan replays a depth-merging plan: give --merge with it");
     }
     let table: Option<LatencyTable> = match &a.latency_table {
         Some(p) if is_latency => {
@@ -789,8 +865,20 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     if let Some(out) = &a.output {
         whittle_export::save_model(&current, out, Some(&a.model), false)?;
     }
-    if let (Some(p), Some(path)) = (&pruned, &a.plan_out) {
-        whittle_export::write_atomic(path, serde_json::to_string_pretty(&p.plan)?.as_bytes())?;
+    if let Some(path) = &a.plan_out {
+        let plan = SavedPlan {
+            prune_channels: pruned
+                .as_ref()
+                .map(|p| serde_json::to_value(&p.plan))
+                .transpose()?,
+            merge: merged.as_ref().map(|m| MergeSummary {
+                candidates: m.candidates,
+                model_ms: m.model_ms,
+                merged: m.merged.clone(),
+                refit: vec![],
+            }),
+        };
+        whittle_export::write_atomic(path, serde_json::to_string_pretty(&plan)?.as_bytes())?;
     }
     let layers = layer_table(&model, &current)?;
     let after = cost::count(&current, &shape::infer(&current, &[])?);
