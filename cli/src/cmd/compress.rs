@@ -516,7 +516,8 @@ struct SavedPlan {
 }
 
 /// The segments of a saved plan among this model's candidates (by their convolutions' names).
-fn planned_segments(path: &Path, segs: &[merge::Segment]) -> Result<(f64, Vec<(usize, f64, f64)>)> {
+/// Returns the saved summary and, for each of its segments, the index of the candidate.
+fn planned_segments(path: &Path, segs: &[merge::Segment]) -> Result<(MergeSummary, Vec<usize>)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let plan: SavedPlan = serde_json::from_str(&text)
@@ -530,7 +531,6 @@ fn planned_segments(path: &Path, segs: &[merge::Segment]) -> Result<(f64, Vec<(u
         .map(|p| {
             segs.iter()
                 .position(|s| s.convs == p.convs && s.acts == p.acts && s.add == p.add)
-                .map(|i| (i, p.saved_ms, p.damage))
                 .with_context(|| {
                     format!(
                         "the plan merges {}, which is not a merge candidate of this model",
@@ -539,7 +539,7 @@ fn planned_segments(path: &Path, segs: &[merge::Segment]) -> Result<(f64, Vec<(u
                 })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((m.model_ms, chosen))
+    Ok((m, chosen))
 }
 
 /// Depth merging: measure each candidate segment's latency alone, merged and not, and the
@@ -569,15 +569,18 @@ fn merge_stage(
         threads: a.threads,
     };
     if let Some(path) = &a.apply_plan {
-        let (model_ms, planned) = planned_segments(path, &segs)?;
+        let (saved, chosen) = planned_segments(path, &segs)?;
         eprintln!(
             "depth merging: replaying {} segment(s) from {}",
-            planned.len(),
+            chosen.len(),
             path.display()
         );
-        let chosen: Vec<usize> = planned.iter().map(|p| p.0).collect();
-        let picked: Vec<(f64, f64)> = planned.iter().map(|p| (p.1, p.2)).collect();
-        return apply_merges(a, model, &segs, &chosen, &picked, model_ms, &fit_spec);
+        let picked: Vec<(f64, f64)> = saved
+            .merged
+            .iter()
+            .map(|p| (p.saved_ms, p.damage))
+            .collect();
+        return apply_merges(a, model, &segs, &chosen, &picked, saved.model_ms, &fit_spec);
     }
     let f = merge_fraction(a)?;
     let cfg = whittle_deploy::BenchConfig {
