@@ -243,7 +243,7 @@ def render(result: dict) -> str:
             out.append(f"{m['model']}: not measured: {m['skipped']}")
             continue
         ev = m["eval_items"]
-        out += [f"{m['model']} (profile {m['profile']}; calibration {m['calib']}; evaluation {m['eval']}"
+        out += [f"{m['model']} (profile {m['profile'] or 'none (token ids)'}; calibration {m['calib']}; evaluation {m['eval']}"
                 f"{f', {ev} items' if ev else ''}; quality output {m['output']}):",
                 table(m), "", verdict_line(m["model"], m["data_aware_vs_plain"])]
     out.append(f"took {result['elapsed_s']:.0f} s; load average at the end: "
