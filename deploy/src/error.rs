@@ -74,6 +74,15 @@ pub enum Error {
         message: String,
     },
 
+    /// The runtime was asked for but left out of this build (a cargo feature).
+    #[error("this build has no {runtime} (built without the `{feature}` feature)")]
+    RuntimeNotBuilt {
+        /// The runtime's name (`tract`).
+        runtime: &'static str,
+        /// The cargo feature of `whittle-deploy` that brings it.
+        feature: &'static str,
+    },
+
     /// The model file cannot be used (not ONNX, no graph, an input without a type, ...).
     #[error("invalid model: {0}")]
     InvalidModel(String),
@@ -147,6 +156,7 @@ impl Error {
     }
 
     /// tract errors are `anyhow` chains; `{:#}` prints the whole chain on one line.
+    #[cfg(feature = "tract")]
     pub(crate) fn tract(context: impl Into<String>, err: &tract_onnx::prelude::TractError) -> Self {
         Error::Tract {
             context: context.into(),

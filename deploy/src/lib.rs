@@ -1,5 +1,6 @@
 //! whittle's runtimes and benchmarking: load an ONNX model into ONNX Runtime (CPU, CUDA, TensorRT)
-//! or tract behind one [`Session`] trait, run it on [`Value`]s, and measure latency and memory.
+//! or tract (cargo feature `tract`, on by default) behind one [`Session`] trait, run it on
+//! [`Value`]s, and measure latency and memory.
 //!
 //! ```no_run
 //! use whittle_deploy::{BenchConfig, RuntimeKind, RuntimeOptions, bench, load, synthetic_inputs};
@@ -24,6 +25,7 @@ pub mod protocol;
 pub mod rss;
 pub mod runtime;
 pub mod target;
+#[cfg(feature = "tract")]
 mod tract_session;
 pub mod transport;
 

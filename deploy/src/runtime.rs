@@ -1,4 +1,5 @@
-//! Runtimes behind one [`Session`] trait: ONNX Runtime (CPU, CUDA, TensorRT) and tract.
+//! Runtimes behind one [`Session`] trait: ONNX Runtime (CPU, CUDA, TensorRT) and tract (cargo
+//! feature `tract`).
 //!
 //! A session takes [`Value`]s in graph-input order and returns [`Value`]s in graph-output order.
 //! Both runtimes check the values against the graph inputs with the same code before running, so a
@@ -205,10 +206,16 @@ pub fn load(
     opts: &RuntimeOptions,
 ) -> Result<Box<dyn Session>, Error> {
     match kind {
+        #[cfg(feature = "tract")]
         RuntimeKind::Tract => Ok(Box::new(crate::tract_session::TractSession::load(
             model_bytes,
             opts,
         )?)),
+        #[cfg(not(feature = "tract"))]
+        RuntimeKind::Tract => Err(Error::RuntimeNotBuilt {
+            runtime: "tract",
+            feature: "tract",
+        }),
         RuntimeKind::OrtCpu | RuntimeKind::OrtCuda | RuntimeKind::OrtTensorRt => Ok(Box::new(
             crate::ort_session::OrtSession::load(kind, model_bytes, opts)?,
         )),
@@ -218,7 +225,57 @@ pub fn load(
 /// The graph inputs an ONNX model declares (initializers excluded), without loading it into a
 /// runtime: what [`RuntimeOptions::input_shapes`] can be built from before the first load.
 pub fn declared_inputs(model_bytes: &[u8]) -> Result<Vec<IoInfo>, Error> {
-    crate::tract_session::declared_inputs(model_bytes)
+    use prost::Message as _;
+    use whittle_core::onnx::{ModelProto, tensor_shape_proto::dimension, type_proto};
+
+    let proto = ModelProto::decode(model_bytes).map_err(|e| {
+        Error::InvalidModel(format!(
+            "protobuf decoding failed ({e}); the bytes may be truncated or not ONNX"
+        ))
+    })?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::InvalidModel("the model has no graph".into()))?;
+    let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(&i.name()))
+        .map(|vi| {
+            let tensor = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(type_proto::Value::TensorType(t)) => t,
+                _ => {
+                    return Err(Error::InvalidModel(format!(
+                        "graph input '{}' has no tensor type",
+                        vi.name()
+                    )));
+                }
+            };
+            let Some(shape) = tensor.shape.as_ref() else {
+                return Err(Error::InvalidModel(format!(
+                    "graph input '{}' declares no shape",
+                    vi.name()
+                )));
+            };
+            let dims = shape
+                .dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(dimension::Value::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
+                    Some(dimension::Value::DimParam(p)) if !p.is_empty() => {
+                        Dim::Symbolic(p.clone())
+                    }
+                    _ => Dim::Symbolic("?".to_string()),
+                })
+                .collect();
+            Ok(IoInfo {
+                name: vi.name().to_string(),
+                dtype: onnx_dtype_name(tensor.elem_type()),
+                dims,
+            })
+        })
+        .collect()
 }
 
 /// `[N,3,32,32]`.
@@ -509,6 +566,77 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "shape for input 'mask': [1,5] sets seq=5, but the shape of input 'ids' sets seq=4"
+        );
+    }
+
+    #[test]
+    fn declared_inputs_skip_initializers_and_name_dims() {
+        use prost::Message as _;
+        use whittle_core::onnx::{
+            GraphProto, ModelProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+            tensor_shape_proto::{Dimension, dimension},
+            type_proto,
+        };
+        let vi = |name: &str, dims: Vec<Option<dimension::Value>>| ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(TensorShapeProto {
+                        dim: dims
+                            .into_iter()
+                            .map(|value| Dimension {
+                                value,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let model = ModelProto {
+            graph: Some(GraphProto {
+                input: vec![
+                    vi(
+                        "x",
+                        vec![
+                            Some(dimension::Value::DimParam("N".into())),
+                            Some(dimension::Value::DimValue(3)),
+                            Some(dimension::Value::DimParam(String::new())),
+                            None,
+                        ],
+                    ),
+                    vi("w", vec![Some(dimension::Value::DimValue(3))]),
+                ],
+                initializer: vec![TensorProto {
+                    name: Some("w".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let inputs = declared_inputs(&model.encode_to_vec()).expect("declared inputs");
+        assert_eq!(inputs.len(), 1, "{inputs:?}");
+        assert_eq!(inputs[0].to_string(), "x: float [N,3,?,?]");
+
+        let err = declared_inputs(b"not onnx at all").unwrap_err();
+        assert!(matches!(err, Error::InvalidModel(_)), "{err}");
+        let err = declared_inputs(&ModelProto::default().encode_to_vec()).unwrap_err();
+        assert_eq!(err.to_string(), "invalid model: the model has no graph");
+    }
+
+    #[cfg(not(feature = "tract"))]
+    #[test]
+    fn tract_without_the_feature_says_so() {
+        let err = load(RuntimeKind::Tract, b"", &RuntimeOptions::default())
+            .err()
+            .expect("no tract in this build");
+        assert_eq!(
+            err.to_string(),
+            "this build has no tract (built without the `tract` feature)"
         );
     }
 

@@ -148,26 +148,6 @@ impl Session for TractSession {
     }
 }
 
-/// The graph inputs an ONNX model declares (initializers excluded), read from the protobuf
-/// without building a session.
-pub(crate) fn declared_inputs(model_bytes: &[u8]) -> Result<Vec<IoInfo>, Error> {
-    let mut reader = model_bytes;
-    let proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut reader)
-        .map_err(|e| Error::tract("reading the ONNX protobuf", &e))?;
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| Error::InvalidModel("the model has no graph".into()))?;
-    let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    graph
-        .input
-        .iter()
-        .filter(|i| !initializers.contains(&i.name.as_str()))
-        .map(|i| io_info(i, "input"))
-        .collect()
-}
-
 /// Describes a graph input or output from its ONNX `ValueInfoProto`.
 fn io_info(vi: &pb::ValueInfoProto, io: &'static str) -> Result<IoInfo, Error> {
     let tensor = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {

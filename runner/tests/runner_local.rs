@@ -22,9 +22,13 @@ fn runner() -> Local {
     Local::new(env!("CARGO_BIN_EXE_whittle-runner"))
 }
 
-/// The runtimes to test: tract always, ort-cpu when ONNX Runtime can be found.
+/// The runtimes to test: tract when the runner has it (the `tract` feature), ort-cpu when ONNX
+/// Runtime can be found.
 fn runtimes() -> Vec<RuntimeKind> {
-    let mut kinds = vec![RuntimeKind::Tract];
+    let mut kinds = Vec::new();
+    if cfg!(feature = "tract") {
+        kinds.push(RuntimeKind::Tract);
+    }
     match locate_ort_library() {
         Ok(_) => kinds.insert(0, RuntimeKind::OrtCpu),
         Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
