@@ -27,9 +27,26 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
 
-# Measure on a target and write reports/<target>/<time>/ (default: this machine, bundled ResNet-8).
+# Measure on a target and write reports/<target>/<time>/ (default: this machine, bundled ResNet-8). An emulated target (qemu-aarch64) first gets `setup-cross` and its cross-built runner.
 deploy target="host" *args="": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    f="targets/{{target}}.toml"
+    if [ -f "$f" ] && grep -Eq '^transport *= *"emulated"' "$f"; then
+        triple="$(sed -n 's/^triple *= *"\(.*\)"/\1/p' "$f")"
+        bash scripts/setup-cross.sh
+        just build-runner "$triple"
+        export WHITTLE_RUNNER="{{target_dir}}/$triple/release/whittle-runner"
+    fi
     {{whittle}} deploy --target {{target}} {{args}}
+
+# Install the aarch64 cross toolchain, qemu-user >= 10 and ONNX Runtime's aarch64 library (targets/qemu-aarch64.toml).
+setup-cross:
+    bash scripts/setup-cross.sh
+
+# Cross-build the ONNX Runtime-only runner for a board triple (tract left out: minutes, not most of an hour).
+build-runner triple="aarch64-unknown-linux-gnu":
+    cargo build --release -p whittle-runner --no-default-features --target {{triple}}
 
 # Create the bench venv (onnxruntime==1.31.1 and numpy from PyPI) and check its onnxruntime version.
 setup-bench:
