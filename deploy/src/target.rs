@@ -12,7 +12,8 @@ use crate::runtime::RuntimeKind;
 pub enum Transport {
     /// This machine: the runner as a child process ([`crate::transport::Local`]).
     Local,
-    /// An emulator (qemu-user) on this machine.
+    /// A runner built for the target's triple, under a user-mode emulator (qemu-user) on this
+    /// machine ([`crate::transport::Emulated`]).
     Emulated,
     /// ssh and scp through the system OpenSSH client.
     Ssh,
@@ -41,9 +42,29 @@ pub struct Target {
     /// Run on CPU when a requested execution provider is missing, and report it.
     #[serde(default)]
     pub allow_fallback: bool,
-    /// Where ONNX Runtime's library lives on the board (`None`: whittle's own lookup).
+    /// Where ONNX Runtime's library lives on the board (`None`: whittle's own lookup). A leading
+    /// `{cache}` stands for whittle's cache on this machine (`$WHITTLE_CACHE`, default
+    /// `~/.cache/whittle`), where `just setup-cross` puts the emulated targets' libraries.
     #[serde(default)]
     pub ort_library: Option<PathBuf>,
+    /// `emulated` only, required: the user-mode emulator that runs the runner (`qemu-aarch64`).
+    #[serde(default)]
+    pub qemu: Option<String>,
+    /// `emulated` only: the folder holding the target's dynamic loader and libraries, given to the
+    /// emulator as `-L` (`/usr/aarch64-linux-gnu`).
+    #[serde(default)]
+    pub sysroot: Option<PathBuf>,
+}
+
+/// What `{cache}` at the start of a path stands for.
+const CACHE_PLACEHOLDER: &str = "{cache}";
+
+/// whittle's cache folder: `$WHITTLE_CACHE`, else `$HOME/.cache/whittle`.
+fn cache_dir() -> Option<PathBuf> {
+    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    non_empty("WHITTLE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| non_empty("HOME").map(|h| PathBuf::from(h).join(".cache").join("whittle")))
 }
 
 /// Errors reading a target file.
@@ -107,15 +128,43 @@ impl Target {
 
     /// Parse a target file's text (`path` names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Target, TargetError> {
-        let t: Target = toml::from_str(text).map_err(|e| TargetError::Invalid {
+        let invalid = |reason: String| TargetError::Invalid {
             path: path.to_path_buf(),
-            reason: e.message().to_string(),
-        })?;
+            reason,
+        };
+        let mut t: Target = toml::from_str(text).map_err(|e| invalid(e.message().to_string()))?;
         if t.runtimes.is_empty() {
-            return Err(TargetError::Invalid {
-                path: path.to_path_buf(),
-                reason: "runtimes is empty".into(),
-            });
+            return Err(invalid("runtimes is empty".into()));
+        }
+        if t.transport == Transport::Emulated {
+            if t.qemu.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "transport \"emulated\" needs `qemu`, the emulator to run the runner with (e.g. \"qemu-aarch64\")".into(),
+                ));
+            }
+            if t.triple == "host" {
+                return Err(invalid(
+                    "transport \"emulated\" needs the board's triple (e.g. \"aarch64-unknown-linux-gnu\"), not \"host\"".into(),
+                ));
+            }
+        } else {
+            for (key, set) in [("qemu", t.qemu.is_some()), ("sysroot", t.sysroot.is_some())] {
+                if set {
+                    return Err(invalid(format!(
+                        "`{key}` is only for transport \"emulated\""
+                    )));
+                }
+            }
+        }
+        if let Some(lib) = &t.ort_library
+            && let Ok(rest) = lib.strip_prefix(CACHE_PLACEHOLDER)
+        {
+            let cache = cache_dir().ok_or_else(|| {
+                invalid(format!(
+                    "ort_library starts with {CACHE_PLACEHOLDER}, but neither WHITTLE_CACHE nor HOME is set"
+                ))
+            })?;
+            t.ort_library = Some(cache.join(rest));
         }
         Ok(t)
     }
@@ -143,5 +192,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("triple"), "{e}");
+        let e = Target::parse(&format!("{ok}qemu = \"qemu-aarch64\"\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only for transport \"emulated\""), "{e}");
+    }
+
+    #[test]
+    fn emulated_targets_need_an_emulator_and_a_triple() {
+        let p = Path::new("q.toml");
+        let ok = "name = \"q\"\ntriple = \"aarch64-unknown-linux-gnu\"\ntransport = \"emulated\"\nruntimes = [\"ort-cpu\"]\nqemu = \"qemu-aarch64\"\nsysroot = \"/usr/aarch64-linux-gnu\"\nort_library = \"{cache}/ort-aarch64/lib.so\"\n";
+        let t = Target::parse(ok, p).unwrap();
+        assert_eq!(t.transport, Transport::Emulated);
+        assert_eq!(t.qemu.as_deref(), Some("qemu-aarch64"));
+        assert_eq!(
+            t.sysroot.as_deref(),
+            Some(Path::new("/usr/aarch64-linux-gnu"))
+        );
+        let lib = t.ort_library.unwrap();
+        assert!(lib.ends_with("ort-aarch64/lib.so"), "{}", lib.display());
+        assert!(!lib.starts_with(CACHE_PLACEHOLDER), "{}", lib.display());
+        assert_eq!(
+            Some(lib.parent().unwrap().parent().unwrap()),
+            cache_dir().as_deref()
+        );
+
+        let e = Target::parse(&ok.replace("qemu = \"qemu-aarch64\"\n", ""), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `qemu`"), "{e}");
+        let e = Target::parse(&ok.replace("aarch64-unknown-linux-gnu", "host"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("board's triple"), "{e}");
+    }
+
+    #[test]
+    fn shipped_targets_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets");
+        for name in ["host", "qemu-aarch64"] {
+            let t = Target::load(name, &dir).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(t.name, name);
+        }
+        // `just setup-cross` installs the version `just setup` pins (ORT_VERSION).
+        let q = Target::load("qemu-aarch64", &dir).unwrap();
+        let v = crate::ORT_VERSION;
+        let lib = q.ort_library.expect("qemu-aarch64 names its library");
+        assert!(
+            lib.ends_with(format!("ort-aarch64/{v}/libonnxruntime.so.{v}")),
+            "{}",
+            lib.display()
+        );
     }
 }

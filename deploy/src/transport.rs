@@ -1,7 +1,9 @@
 //! Reaching a board runner: a [`Transport`] puts files where the runner can read them, starts the
 //! runner and exchanges [`protocol`](crate::protocol) frames with it. [`Local`] runs the runner as a
-//! child process of this one and talks over its stdin and stdout.
+//! child process of this one and talks over its stdin and stdout; [`Emulated`] does the same with a
+//! runner built for another architecture, started under a user-mode emulator (qemu-user).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -9,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, pb, write_frame};
+use crate::target::Target;
 
 /// The runner binary's file name.
 pub const RUNNER_NAME: &str = "whittle-runner";
@@ -21,14 +24,17 @@ pub const RUNNER_ENV: &str = "WHITTLE_RUNNER";
 #[non_exhaustive]
 pub enum TransportError {
     /// The runner binary is not where we looked.
-    #[error(
-        "runner not found: {0}; build it with `cargo build --release -p whittle-runner` or set WHITTLE_RUNNER"
-    )]
-    RunnerNotFound(String),
+    #[error("runner not found: {looked}; build it with `{build}` or set WHITTLE_RUNNER")]
+    RunnerNotFound {
+        /// Where we looked.
+        looked: String,
+        /// The command that builds it.
+        build: String,
+    },
     /// The runner could not be started.
     #[error("cannot start the runner {}: {message}", path.display())]
     Spawn {
-        /// The runner binary.
+        /// The program started: the runner, or the emulator that runs it.
         path: PathBuf,
         /// What the system said.
         message: String,
@@ -111,7 +117,12 @@ pub trait Transport {
 
 /// The runner as a child process of this one (targets with `transport = "local"`).
 pub struct Local {
+    /// The program and arguments that come before the runner's path on the command line (empty:
+    /// the runner is started itself; [`Emulated`]: the emulator and its options).
+    launcher: Vec<OsString>,
     runner: PathBuf,
+    /// Added to a spawn error: how to get the program that failed to start.
+    spawn_hint: String,
     child: Option<Running>,
 }
 
@@ -130,7 +141,9 @@ impl Local {
     /// A transport for the runner binary at `runner` (started on first use).
     pub fn new(runner: impl Into<PathBuf>) -> Self {
         Local {
+            launcher: Vec::new(),
             runner: runner.into(),
+            spawn_hint: String::new(),
             child: None,
         }
     }
@@ -140,35 +153,58 @@ impl Local {
         Ok(Local::new(Local::find_runner()?))
     }
 
-    /// The runner binary: `WHITTLE_RUNNER` when set, else `whittle-runner` next to the current
-    /// executable or one folder up (test binaries live in `target/<profile>/deps/`).
+    /// The runner binary for this machine: see [`Local::find_runner_for`] with `host`.
     pub fn find_runner() -> Result<PathBuf, TransportError> {
+        Local::find_runner_for("host")
+    }
+
+    /// The runner binary for the Rust target `triple` (`host`: this machine).
+    ///
+    /// `WHITTLE_RUNNER` when set; else, for `host`, `whittle-runner` next to the current executable
+    /// or one folder up (test binaries live in `target/<profile>/deps/`); for another triple, the
+    /// cross build beside it in cargo's layout, `target/<triple>/<profile>/whittle-runner`.
+    pub fn find_runner_for(triple: &str) -> Result<PathBuf, TransportError> {
+        let build = if triple == "host" {
+            "cargo build --release -p whittle-runner".to_string()
+        } else {
+            format!(
+                "cargo build --release -p whittle-runner --no-default-features --target {triple}"
+            )
+        };
+        let not_found = |looked: String| TransportError::RunnerNotFound {
+            looked,
+            build: build.clone(),
+        };
         if let Some(p) = std::env::var_os(RUNNER_ENV).filter(|p| !p.is_empty()) {
             let p = PathBuf::from(p);
             return if p.is_file() {
                 Ok(p)
             } else {
-                Err(TransportError::RunnerNotFound(format!(
+                Err(not_found(format!(
                     "{} (from {RUNNER_ENV}) is not a file",
                     p.display()
                 )))
             };
         }
-        let exe = std::env::current_exe().map_err(|e| {
-            TransportError::RunnerNotFound(format!("cannot locate the current executable: {e}"))
-        })?;
+        let exe = std::env::current_exe()
+            .map_err(|e| not_found(format!("cannot locate the current executable: {e}")))?;
         let mut looked = Vec::new();
         for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join(RUNNER_NAME);
+            let candidate = if triple == "host" {
+                dir.join(RUNNER_NAME)
+            } else {
+                // <target>/<profile>/ -> <target>/<triple>/<profile>/
+                let (Some(target_dir), Some(profile)) = (dir.parent(), dir.file_name()) else {
+                    continue;
+                };
+                target_dir.join(triple).join(profile).join(RUNNER_NAME)
+            };
             if candidate.is_file() {
                 return Ok(candidate);
             }
             looked.push(candidate.display().to_string());
         }
-        Err(TransportError::RunnerNotFound(format!(
-            "looked for {}",
-            looked.join(" and ")
-        )))
+        Err(not_found(format!("looked for {}", looked.join(" and "))))
     }
 
     fn running(&mut self) -> Result<&mut Running, TransportError> {
@@ -220,11 +256,20 @@ impl Transport for Local {
         if self.child.is_some() {
             return Ok(());
         }
-        let spawn_err = |e: std::io::Error| TransportError::Spawn {
-            path: self.runner.clone(),
-            message: e.to_string(),
+        let (program, args): (OsString, Vec<OsString>) = match self.launcher.split_first() {
+            Some((program, options)) => {
+                let mut args = options.to_vec();
+                args.push(self.runner.clone().into_os_string());
+                (program.clone(), args)
+            }
+            None => (self.runner.clone().into_os_string(), Vec::new()),
         };
-        let mut child = Command::new(&self.runner)
+        let spawn_err = |e: std::io::Error| TransportError::Spawn {
+            path: PathBuf::from(&program),
+            message: format!("{e}{}", self.spawn_hint),
+        };
+        let mut child = Command::new(&program)
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -236,7 +281,7 @@ impl Transport for Local {
             let _ = child.kill();
             let _ = child.wait();
             return Err(TransportError::Spawn {
-                path: self.runner.clone(),
+                path: PathBuf::from(&program),
                 message: "no pipes to the child".to_string(),
             });
         };
@@ -315,6 +360,81 @@ impl Drop for Local {
     }
 }
 
+/// A runner built for another architecture, run on this machine under a user-mode emulator
+/// (targets with `transport = "emulated"`): `<qemu> -L <sysroot> <runner>`, talking frames over its
+/// stdin and stdout exactly like [`Local`]. The emulated board shares this machine's files, so
+/// [`Transport::send_file`] returns the local path. Timings under emulation say nothing about a
+/// real board.
+pub struct Emulated(Local);
+
+impl Emulated {
+    /// A transport that starts `runner` as `<emulator> [-L <sysroot>] <runner>`.
+    pub fn new(
+        emulator: impl Into<OsString>,
+        sysroot: Option<&Path>,
+        runner: impl Into<PathBuf>,
+    ) -> Self {
+        let emulator = emulator.into();
+        let mut launcher = vec![emulator.clone()];
+        if let Some(root) = sysroot {
+            launcher.push("-L".into());
+            launcher.push(root.as_os_str().to_owned());
+        }
+        Emulated(Local {
+            launcher,
+            runner: runner.into(),
+            spawn_hint: format!(
+                " (is {} installed? `just setup-cross` installs qemu-user)",
+                emulator.to_string_lossy()
+            ),
+            child: None,
+        })
+    }
+
+    /// The transport for an emulated target: its `qemu` emulator and `sysroot`, and the runner
+    /// built for its triple ([`Local::find_runner_for`]).
+    pub fn for_target(target: &Target) -> Result<Self, TransportError> {
+        let emulator = target.qemu.clone().ok_or_else(|| {
+            TransportError::Unexpected(format!(
+                "target '{}' names no emulator (the `qemu` field)",
+                target.name
+            ))
+        })?;
+        let runner = Local::find_runner_for(&target.triple)?;
+        Ok(Emulated::new(emulator, target.sysroot.as_deref(), runner))
+    }
+
+    /// The command line that starts the runner.
+    pub fn command_line(&self) -> String {
+        let mut parts: Vec<String> = self
+            .0
+            .launcher
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        parts.push(self.0.runner.display().to_string());
+        parts.join(" ")
+    }
+}
+
+impl Transport for Emulated {
+    fn send_file(&mut self, local: &Path) -> Result<PathBuf, TransportError> {
+        self.0.send_file(local)
+    }
+    fn start(&mut self) -> Result<(), TransportError> {
+        self.0.start()
+    }
+    fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
+        self.0.send(msg)
+    }
+    fn recv(&mut self) -> Result<Message, TransportError> {
+        self.0.recv()
+    }
+    fn close(&mut self) -> Result<(), TransportError> {
+        self.0.close()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +474,44 @@ mod tests {
         assert!(msg.contains("exit status: 3"), "{msg}");
         assert!(msg.contains("cannot load libonnxruntime"), "{msg}");
         let _ = std::fs::remove_file(&script);
+    }
+
+    #[test]
+    fn emulated_starts_the_emulator_with_the_runner_after_its_options() {
+        // `sh -c '...' ARGS` stands in for the emulator: it reports its arguments and exits.
+        let t = Emulated::new(
+            "/nonexistent/qemu-aarch64",
+            Some(Path::new("/usr/aarch64-linux-gnu")),
+            "/r/whittle-runner",
+        );
+        assert_eq!(
+            t.command_line(),
+            "/nonexistent/qemu-aarch64 -L /usr/aarch64-linux-gnu /r/whittle-runner"
+        );
+        let mut t = t;
+        let msg = t
+            .request(pb::Request::default(), &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("/nonexistent/qemu-aarch64"), "{msg}");
+        assert!(msg.contains("just setup-cross"), "{msg}");
+
+        let mut t = Emulated(Local {
+            launcher: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"args: $0 $1\" >&2; exit 4".into(),
+                "-L".into(),
+            ],
+            runner: "/r/whittle-runner".into(),
+            spawn_hint: String::new(),
+            child: None,
+        });
+        let msg = t
+            .request(pb::Request::default(), &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("args: -L /r/whittle-runner"), "{msg}");
+        assert!(msg.contains("exit status: 4"), "{msg}");
     }
 }

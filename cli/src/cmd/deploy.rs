@@ -2,8 +2,10 @@
 //!
 //! Latency is measured in `whittle-runner`, the program that runs on a board, reached through the
 //! target's transport: for `local` targets (`host`) a child process of this one, talking frames on
-//! its stdin and stdout. Agreement and accuracy are checked in this process. Boards reached over
-//! ssh, serial or an emulator come with the deploy issue.
+//! its stdin and stdout; for `emulated` targets (`qemu-aarch64`) the runner cross-built for the
+//! target's triple, started under qemu-user the same way (its timings are not meaningful). Agreement
+//! and accuracy are checked in this process. Boards reached over ssh or serial come with the deploy
+//! issue.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
 use whittle_deploy::protocol::pb;
 use whittle_deploy::target::{Target, Transport};
-use whittle_deploy::transport::{Local, Transport as _};
+use whittle_deploy::transport::{Emulated, Local, Transport as RunnerTransport};
 use whittle_deploy::{BenchConfig, RuntimeKind};
 use whittle_export::VerifyOptions;
 
@@ -65,6 +67,18 @@ struct Row {
     items: usize,
     /// Peak resident memory of the runner while it served this row's model (where known).
     peak_rss_bytes: Option<u64>,
+    /// The runner's output checksums for its synthetic inputs (compare across boards).
+    outputs: Vec<OutputSum>,
+}
+
+/// One output checksum from the runner (see `whittle_deploy::protocol::output_checksum`).
+#[derive(Serialize)]
+struct OutputSum {
+    name: String,
+    dtype: String,
+    shape: Vec<u64>,
+    sum: f64,
+    sum_squares: f64,
 }
 
 #[derive(Serialize)]
@@ -73,6 +87,9 @@ struct Results {
     triple: String,
     transport: String,
     started: String,
+    /// Set when the latencies cannot stand for the board's (measured under emulation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timing_note: Option<String>,
     /// The compression of the main job, when it ran.
     compression: Option<super::compress::Summary>,
     /// False while rows are still being measured: `results.json` is rewritten (atomically) after
@@ -93,14 +110,7 @@ fn repo_root() -> PathBuf {
 pub fn run(a: Args) -> Result<Outcome> {
     let root = repo_root();
     let target = Target::load(&a.target, &root.join("targets"))?;
-    if target.transport != Transport::Local {
-        bail!(
-            "target '{}' uses the {:?} transport, which this build cannot reach yet (only local targets run)",
-            target.name,
-            target.transport
-        );
-    }
-    let mut runner = Local::from_env()?;
+    let (mut runner, timing_note) = connect(&target)?;
     let started = now_stamp();
     let dir = a.reports.join(&target.name).join(&started);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -148,6 +158,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         triple: target.triple.clone(),
         transport: format!("{:?}", target.transport).to_lowercase(),
         started: started.clone(),
+        timing_note: timing_note.clone(),
         compression,
         complete: false,
         rows: Vec::new(),
@@ -170,8 +181,8 @@ pub fn run(a: Args) -> Result<Outcome> {
         let reference_bytes = super::load_model(&reference)?.to_bytes();
         for &rt in &target.runtimes {
             eprintln!("measuring {name} on {} ({rt})", target.name);
-            let (bench, peak_rss_bytes) =
-                measure_in_runner(&mut runner, path, &name, rt, &target, &cfg)
+            let (bench, peak_rss_bytes, outputs) =
+                measure_in_runner(runner.as_mut(), path, &name, rt, &target, &cfg)
                     .with_context(|| format!("{name} on {rt}"))?;
             let vopts = VerifyOptions {
                 runtime: rt,
@@ -204,6 +215,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                 accuracy: out.and_then(|o| o.candidate_accuracy),
                 items: v.items,
                 peak_rss_bytes,
+                outputs,
                 bench,
             });
             save(&results)?;
@@ -213,8 +225,12 @@ pub fn run(a: Args) -> Result<Outcome> {
     results.complete = true;
     let table = render(&results);
     save(&results)?;
+    let note = timing_note
+        .as_ref()
+        .map(|n| format!("**Note: {n}.**\n\n"))
+        .unwrap_or_default();
     let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\nAccuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n",
+        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n",
         results.target,
         results.triple,
         results.started,
@@ -226,21 +242,46 @@ pub fn run(a: Args) -> Result<Outcome> {
         outln!("{}", serde_json::to_string(&results)?);
     } else {
         out!("{table}");
+        if let Some(n) = &timing_note {
+            eprintln!("note: {n}");
+        }
         eprintln!("report: {}", dir.display());
     }
     Ok(Outcome::Ok)
 }
 
+/// The transport the target names, and a note for the report when its timings are emulated.
+fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)> {
+    match target.transport {
+        Transport::Local => Ok((Box::new(Local::from_env()?), None)),
+        Transport::Emulated => {
+            let emulated = Emulated::for_target(target)?;
+            eprintln!("runner: {}", emulated.command_line());
+            let note = format!(
+                "timings are emulated ({} on this machine): they are not meaningful for a real {} board",
+                target.qemu.as_deref().unwrap_or("qemu-user"),
+                target.triple
+            );
+            Ok((Box::new(emulated), Some(note)))
+        }
+        other => bail!(
+            "target '{}' uses the {other:?} transport, which this build cannot reach yet (local and emulated targets run)",
+            target.name
+        ),
+    }
+}
+
 /// Benchmarks the model at `path` in the target's runner (one request; the runner keeps running
-/// for the next). Returns the report and the runner's peak RSS for this request.
+/// for the next). Returns the report, the runner's peak RSS for this request and its output
+/// checksums.
 fn measure_in_runner(
-    runner: &mut dyn whittle_deploy::transport::Transport,
+    runner: &mut dyn RunnerTransport,
     path: &Path,
     name: &str,
     runtime: RuntimeKind,
     target: &Target,
     cfg: &BenchConfig,
-) -> Result<(BenchReport, Option<u64>)> {
+) -> Result<(BenchReport, Option<u64>, Vec<OutputSum>)> {
     let count = |what: &str, n: usize| {
         u32::try_from(n).with_context(|| format!("{what} {n} is too large for the runner"))
     };
@@ -273,7 +314,18 @@ fn measure_in_runner(
         input_shapes: result.shapes(),
         stats: result.stats(),
     };
-    Ok((report, result.peak_rss_bytes))
+    let outputs = result
+        .outputs
+        .iter()
+        .map(|o| OutputSum {
+            name: o.name.clone(),
+            dtype: o.dtype.clone(),
+            shape: o.shape.clone(),
+            sum: o.sum,
+            sum_squares: o.sum_squares,
+        })
+        .collect();
+    Ok((report, result.peak_rss_bytes, outputs))
 }
 
 fn render(r: &Results) -> String {

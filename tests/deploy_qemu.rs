@@ -1,0 +1,209 @@
+//! `whittle deploy --target qemu-aarch64`: the bundled ResNet-8 (original and pruned) measured with
+//! ONNX Runtime in the aarch64 runner under qemu-user, through the same frames as the host target.
+//! The timings are emulated (not meaningful); what is checked is that the cross-built runner runs
+//! on the CPU execution provider and computes what the host's runner computes.
+//!
+//! Needs `just setup-cross` (qemu-user >= 10, the aarch64 sysroot and ONNX Runtime library) and
+//! `just build-runner` (the aarch64 runner). Without them the test is skipped, or fails when
+//! `CI=true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use whittle_deploy::protocol::pb;
+use whittle_deploy::target::Target;
+use whittle_deploy::transport::{Local, Transport};
+
+const TRIPLE: &str = "aarch64-unknown-linux-gnu";
+
+/// The aarch64 runner beside this build: `target/<triple>/release/whittle-runner`.
+fn aarch64_runner() -> PathBuf {
+    let release = whittle().parent().expect("target/release").to_path_buf();
+    let target_dir = release.parent().expect("target/").to_path_buf();
+    target_dir
+        .join(TRIPLE)
+        .join(release.file_name().expect("profile folder"))
+        .join("whittle-runner")
+}
+
+/// qemu-aarch64's major version, if it runs.
+fn qemu_major(program: &str) -> Option<u32> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split("version ").nth(1)?;
+    version.split('.').next()?.trim().parse().ok()
+}
+
+/// What is missing to run the emulated target, if anything.
+fn missing_pieces(target: &Target, runner: &Path) -> Vec<String> {
+    let mut missing = Vec::new();
+    let qemu = target.qemu.as_deref().unwrap_or("qemu-aarch64");
+    match qemu_major(qemu) {
+        Some(m) if m >= 10 => {}
+        Some(m) => missing.push(format!("{qemu} >= 10 (found {m}.x)")),
+        None => missing.push(format!("{qemu} (qemu-user)")),
+    }
+    if let Some(root) = &target.sysroot
+        && !root.join("lib/ld-linux-aarch64.so.1").is_file()
+    {
+        missing.push(format!("the aarch64 sysroot {}", root.display()));
+    }
+    if let Some(lib) = &target.ort_library
+        && !lib.is_file()
+    {
+        missing.push(format!("ONNX Runtime for aarch64 at {}", lib.display()));
+    }
+    if !runner.is_file() {
+        missing.push(format!("the aarch64 runner at {}", runner.display()));
+    }
+    missing
+}
+
+#[test]
+fn deploy_qemu_aarch64_runs_ort_cpu_and_matches_the_host() {
+    let target = Target::load("qemu-aarch64", &repo_root().join("targets")).expect("target");
+    let runner = aarch64_runner();
+    let missing = missing_pieces(&target, &runner);
+    if !missing.is_empty() {
+        let what = format!(
+            "{}; run `just setup-cross` and `just build-runner`",
+            missing.join(", ")
+        );
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "missing: {what} (CI=true: a missing piece is a failure)"
+        );
+        eprintln!("skipped: missing {what}");
+        return;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "deploy",
+        "--target",
+        "qemu-aarch64",
+        "--iters",
+        "5",
+        "--warmup",
+        "1",
+        "--reports",
+        &s(dir.path()),
+    ];
+    let out = Command::new(whittle())
+        .args(args)
+        .current_dir(repo_root())
+        .env("WHITTLE_RUNNER", &runner)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run whittle");
+    let r = Run {
+        cmd: format!("WHITTLE_RUNNER={} whittle {}", s(&runner), args.join(" ")),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+    .ok();
+    let rows: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("resnet8_cifar10"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", r.dump());
+    assert!(
+        r.stderr.contains("qemu-aarch64 -L /usr/aarch64-linux-gnu"),
+        "stderr should name the emulated runner's command\n{}",
+        r.dump()
+    );
+    assert!(
+        r.stderr.contains("timings are emulated"),
+        "the timings must be flagged\n{}",
+        r.dump()
+    );
+
+    let stamps: Vec<PathBuf> = std::fs::read_dir(dir.path().join("qemu-aarch64"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", r.dump()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(stamps.len(), 1, "{stamps:?}");
+    let report = &stamps[0];
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["target"].as_str(), Some("qemu-aarch64"));
+    assert_eq!(results["triple"].as_str(), Some(TRIPLE));
+    assert_eq!(results["transport"].as_str(), Some("emulated"));
+    assert_eq!(results["complete"], true);
+    let note = results["timing_note"].as_str().unwrap_or_default();
+    assert!(note.contains("emulated"), "{results:#}");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("timings are emulated"), "{md}");
+
+    let jrows = results["rows"].as_array().unwrap();
+    assert_eq!(jrows.len(), 2, "{results:#}");
+    let mut host = Local::find_runner()
+        .map(Local::new)
+        .unwrap_or_else(|e| panic!("the host runner: {e}"));
+    for row in jrows {
+        let bench = &row["bench"];
+        assert_eq!(bench["runtime"].as_str(), Some("ort-cpu"), "{row:#}");
+        assert_eq!(
+            bench["provider"]["actual"].as_str(),
+            Some("CPUExecutionProvider"),
+            "{row:#}"
+        );
+        assert_eq!(bench["provider"]["fallback"], false, "{row:#}");
+        assert_eq!(bench["stats"]["iters"].as_u64(), Some(5), "{row:#}");
+        let original = row["variant"].as_str() == Some("original");
+        if original {
+            assert_eq!(row["agreement"].as_f64(), Some(1.0), "{row:#}");
+        } else {
+            assert!(row["agreement"].as_f64().unwrap() > 0.6, "{row:#}");
+        }
+
+        // The same model in the host's runner, on the same synthetic inputs: the same outputs,
+        // up to the float rounding of another architecture's kernels.
+        let model_name = row["model"].as_str().unwrap();
+        let model = if original {
+            resnet8()
+        } else {
+            report.join(model_name)
+        };
+        let req = pb::Request {
+            id: 1,
+            name: model_name.to_string(),
+            model: Some(pb::request::Model::ModelPath(s(&model))),
+            runtime: "ort-cpu".into(),
+            iters: 1,
+            ..Default::default()
+        };
+        let expected = host
+            .request(req, &mut |_, _| {})
+            .unwrap_or_else(|e| panic!("host runner on {}: {e}", model.display()))
+            .outputs;
+        let got = row["outputs"].as_array().expect("output checksums");
+        assert_eq!(got.len(), expected.len(), "{row:#}");
+        assert!(!got.is_empty(), "{row:#}");
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g["name"].as_str(), Some(e.name.as_str()), "{row:#}");
+            assert_eq!(g["dtype"].as_str(), Some(e.dtype.as_str()), "{row:#}");
+            let shape: Vec<u64> = g["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .collect();
+            assert_eq!(shape, e.shape, "{row:#}");
+            for (key, want) in [("sum", e.sum), ("sum_squares", e.sum_squares)] {
+                let have = g[key].as_f64().unwrap();
+                assert!(
+                    (have - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{model_name} output {}: {key} {have} under qemu, {want} on the host",
+                    e.name
+                );
+            }
+        }
+    }
+    host.close().unwrap();
+}
