@@ -44,6 +44,10 @@ deploy target="host" *args="": setup build
 setup-cross:
     bash scripts/setup-cross.sh
 
+# Install the OpenSSH server and client for ssh targets and tests/deploy_ssh.rs (which starts its own sshd on 127.0.0.1).
+setup-ssh:
+    bash scripts/setup-ssh.sh
+
 # Cross-build the ONNX Runtime-only runner for a board triple (tract left out: minutes, not most of an hour).
 build-runner triple="aarch64-unknown-linux-gnu":
     cargo build --release -p whittle-runner --no-default-features --target {{triple}}

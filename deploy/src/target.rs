@@ -54,6 +54,51 @@ pub struct Target {
     /// emulator as `-L` (`/usr/aarch64-linux-gnu`).
     #[serde(default)]
     pub sysroot: Option<PathBuf>,
+    /// `ssh` only, required: the board's host name or address (`raspberrypi.local`).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// `ssh` only: the board's ssh port (default 22, see [`Target::ssh_port`]).
+    #[serde(default, deserialize_with = "port")]
+    pub port: Option<u16>,
+    /// `ssh` only: the user to log in as (default: ssh's own choice, this user or `~/.ssh/config`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `ssh` only: the private key file on this machine (`ssh -i`; default: ssh's own keys). A
+    /// leading `~/` stands for `$HOME`.
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+    /// `ssh` only: the known_hosts file on this machine holding the board's host key (default:
+    /// `~/.ssh/known_hosts`). Unknown and changed host keys are always refused.
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+    /// `ssh` only: the folder on the board that the runner and models are copied into (default
+    /// [`DEFAULT_REMOTE_DIR`], see [`Target::ssh_remote_dir`]).
+    #[serde(default)]
+    pub remote_dir: Option<String>,
+}
+
+/// The ssh port when a target names none.
+pub const DEFAULT_SSH_PORT: u16 = 22;
+
+/// The folder on an ssh board that whittle copies into when a target names none.
+pub const DEFAULT_REMOTE_DIR: &str = "/tmp/whittle";
+
+/// A port number, refused with a message naming the field when out of range.
+fn port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u16::try_from(n) {
+        Ok(p) if p > 0 => Ok(Some(p)),
+        _ => Err(serde::de::Error::custom(format!(
+            "`port` must be 1 to 65535, not {n}"
+        ))),
+    }
+}
+
+/// Whether `s` is safe to pass through a remote shell unquoted: letters, digits and `._/-+`.
+fn shell_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-' | '+'))
 }
 
 /// What `{cache}` at the start of a path stands for.
@@ -156,6 +201,68 @@ impl Target {
                 }
             }
         }
+        let ssh_fields = [
+            ("host", t.host.is_some()),
+            ("port", t.port.is_some()),
+            ("user", t.user.is_some()),
+            ("identity", t.identity.is_some()),
+            ("known_hosts", t.known_hosts.is_some()),
+            ("remote_dir", t.remote_dir.is_some()),
+        ];
+        if t.transport == Transport::Ssh {
+            let host = t.host.as_deref().unwrap_or_default();
+            if host.is_empty() {
+                return Err(invalid(
+                    "transport \"ssh\" needs `host`, the board's host name or address (e.g. \"raspberrypi.local\")".into(),
+                ));
+            }
+            if host.starts_with('-') || host.contains(|c: char| c.is_whitespace() || c == '@') {
+                return Err(invalid(format!(
+                    "`host` {host:?} is not a host name or address (put the user in `user`)"
+                )));
+            }
+            if let Some(user) = &t.user
+                && (user.starts_with('-') || !shell_safe(user) || user.contains('/'))
+            {
+                return Err(invalid(format!(
+                    "`user` {user:?} is not a user name (letters, digits, `._-+`)"
+                )));
+            }
+            if let Some(dir) = &t.remote_dir
+                && (!dir.starts_with('/') || !shell_safe(dir))
+            {
+                return Err(invalid(format!(
+                    "`remote_dir` {dir:?} must be an absolute path of letters, digits and `._/-+` (it goes through the board's shell)"
+                )));
+            }
+            if t.ort_library
+                .as_ref()
+                .is_some_and(|l| l.starts_with(CACHE_PLACEHOLDER))
+            {
+                return Err(invalid(format!(
+                    "`ort_library` is a path on the board: {CACHE_PLACEHOLDER} (this machine's cache) means nothing there"
+                )));
+            }
+            for key in ["identity", "known_hosts"] {
+                let field = if key == "identity" {
+                    &mut t.identity
+                } else {
+                    &mut t.known_hosts
+                };
+                if let Some(p) = field.as_mut()
+                    && let Ok(rest) = p.strip_prefix("~")
+                {
+                    let home = std::env::var_os("HOME")
+                        .filter(|h| !h.is_empty())
+                        .ok_or_else(|| {
+                            invalid(format!("`{key}` starts with ~, but HOME is not set"))
+                        })?;
+                    *p = PathBuf::from(home).join(rest);
+                }
+            }
+        } else if let Some((key, _)) = ssh_fields.iter().find(|(_, set)| *set) {
+            return Err(invalid(format!("`{key}` is only for transport \"ssh\"")));
+        }
         if let Some(lib) = &t.ort_library
             && let Ok(rest) = lib.strip_prefix(CACHE_PLACEHOLDER)
         {
@@ -167,6 +274,16 @@ impl Target {
             t.ort_library = Some(cache.join(rest));
         }
         Ok(t)
+    }
+
+    /// The ssh port: `port`, else [`DEFAULT_SSH_PORT`].
+    pub fn ssh_port(&self) -> u16 {
+        self.port.unwrap_or(DEFAULT_SSH_PORT)
+    }
+
+    /// The folder on an ssh board: `remote_dir`, else [`DEFAULT_REMOTE_DIR`].
+    pub fn ssh_remote_dir(&self) -> &str {
+        self.remote_dir.as_deref().unwrap_or(DEFAULT_REMOTE_DIR)
     }
 }
 
@@ -228,9 +345,75 @@ mod tests {
     }
 
     #[test]
+    fn ssh_targets_need_a_host_and_keep_ssh_fields_to_themselves() {
+        let p = Path::new("s.toml");
+        let ok = "name = \"s\"\ntriple = \"aarch64-unknown-linux-gnu\"\ntransport = \"ssh\"\nruntimes = [\"ort-cpu\"]\nhost = \"raspberrypi.local\"\n";
+        let t = Target::parse(ok, p).unwrap();
+        assert_eq!(t.transport, Transport::Ssh);
+        assert_eq!(t.ssh_port(), 22);
+        assert_eq!(t.ssh_remote_dir(), "/tmp/whittle");
+        assert_eq!(t.user, None);
+
+        let full = format!(
+            "{ok}port = 2222\nuser = \"pi\"\nidentity = \"~/.ssh/id_ed25519\"\nknown_hosts = \"/k/known_hosts\"\nremote_dir = \"/home/pi/whittle\"\n"
+        );
+        let t = Target::parse(&full, p).unwrap();
+        assert_eq!(t.ssh_port(), 2222);
+        assert_eq!(t.user.as_deref(), Some("pi"));
+        assert_eq!(t.ssh_remote_dir(), "/home/pi/whittle");
+        let key = t.identity.unwrap();
+        assert!(key.ends_with(".ssh/id_ed25519"), "{}", key.display());
+        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            assert!(key.starts_with(home), "{}", key.display());
+        }
+
+        let refused = |text: &str, want: &str| {
+            let e = Target::parse(text, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        refused(
+            &ok.replace("host = \"raspberrypi.local\"\n", ""),
+            "needs `host`",
+        );
+        refused(&ok.replace("raspberrypi.local", ""), "needs `host`");
+        refused(
+            &ok.replace("raspberrypi.local", "pi@raspberrypi.local"),
+            "put the user",
+        );
+        refused(&format!("{ok}port = 0\n"), "1 to 65535");
+        refused(
+            &format!("{ok}port = 70000\n"),
+            "`port` must be 1 to 65535, not 70000",
+        );
+        refused(&format!("{ok}remote_dir = \"tmp/w\"\n"), "absolute");
+        refused(&format!("{ok}remote_dir = \"/tmp/a b\"\n"), "remote_dir");
+        refused(&format!("{ok}user = \"a;b\"\n"), "not a user name");
+        refused(
+            &format!("{ok}ort_library = \"{{cache}}/x.so\"\n"),
+            "path on the board",
+        );
+        let local =
+            "name = \"h\"\ntriple = \"host\"\ntransport = \"local\"\nruntimes = [\"ort-cpu\"]\n";
+        for field in [
+            "host = \"x\"",
+            "port = 22",
+            "user = \"pi\"",
+            "identity = \"/k\"",
+            "known_hosts = \"/k\"",
+            "remote_dir = \"/tmp/w\"",
+        ] {
+            let key = field.split(' ').next().unwrap();
+            refused(
+                &format!("{local}{field}\n"),
+                &format!("`{key}` is only for transport \"ssh\""),
+            );
+        }
+    }
+
+    #[test]
     fn shipped_targets_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets");
-        for name in ["host", "qemu-aarch64"] {
+        for name in ["host", "qemu-aarch64", "raspberry-pi-5"] {
             let t = Target::load(name, &dir).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(t.name, name);
         }
@@ -240,6 +423,17 @@ mod tests {
         let lib = q.ort_library.expect("qemu-aarch64 names its library");
         assert!(
             lib.ends_with(format!("ort-aarch64/{v}/libonnxruntime.so.{v}")),
+            "{}",
+            lib.display()
+        );
+        let pi = Target::load("raspberry-pi-5", &dir).unwrap();
+        assert_eq!(pi.transport, Transport::Ssh);
+        assert_eq!(pi.triple, "aarch64-unknown-linux-gnu");
+        assert_eq!(pi.host.as_deref(), Some("raspberrypi.local"));
+        assert_eq!(pi.runtimes, vec![RuntimeKind::OrtCpu]);
+        let lib = pi.ort_library.expect("the Pi names its library");
+        assert!(
+            lib.ends_with(format!("libonnxruntime.so.{v}")),
             "{}",
             lib.display()
         );

@@ -1,8 +1,11 @@
 //! Reaching a board runner: a [`Transport`] puts files where the runner can read them, starts the
 //! runner and exchanges [`protocol`](crate::protocol) frames with it. [`Local`] runs the runner as a
 //! child process of this one and talks over its stdin and stdout; [`Emulated`] does the same with a
-//! runner built for another architecture, started under a user-mode emulator (qemu-user).
+//! runner built for another architecture, started under a user-mode emulator (qemu-user); [`Ssh`]
+//! copies the runner and the models to a board with scp and starts the runner there through ssh,
+//! talking frames over ssh's stdin and stdout.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::error::one_line;
 use crate::protocol::{MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, pb, write_frame};
 use crate::target::Target;
 
@@ -67,6 +71,14 @@ pub enum TransportError {
     /// The runner sent a frame that does not belong here.
     #[error("unexpected answer from the runner: {0}")]
     Unexpected(String),
+    /// ssh or scp could not reach the board, or a command there failed.
+    #[error("ssh {dest}: {message}")]
+    Ssh {
+        /// `user@host:port`.
+        dest: String,
+        /// The cause, on one line (host key verification failed, permission denied, ...).
+        message: String,
+    },
 }
 
 fn stderr_note(stderr: &str) -> String {
@@ -435,6 +447,401 @@ impl Transport for Emulated {
     }
 }
 
+/// A board reached with the system OpenSSH client (targets with `transport = "ssh"`).
+///
+/// The runner built for the board's triple is copied with `scp -O` into the target's `remote_dir`
+/// (created with `mkdir -p`) and made executable; each model is copied there once per session.
+/// The runner is started as `ssh ... -p PORT user@host -- <remote_dir>/whittle-runner` and talks
+/// frames over ssh's stdin and stdout, with [`Local`]'s code. ssh always runs with
+/// `BatchMode=yes` (no password prompts) and `StrictHostKeyChecking=yes` (an unknown or changed host
+/// key is refused); its failures become one-line [`TransportError::Ssh`] errors.
+pub struct Ssh {
+    host: String,
+    port: u16,
+    user: Option<String>,
+    identity: Option<PathBuf>,
+    known_hosts: Option<PathBuf>,
+    remote_dir: String,
+    /// The runner binary on this machine.
+    local_runner: PathBuf,
+    /// Whether `remote_dir` exists and holds the runner.
+    prepared: bool,
+    /// Files copied this session: local path -> (size, mtime, remote path).
+    sent: HashMap<PathBuf, (u64, Option<std::time::SystemTime>, PathBuf)>,
+    /// The runner through ssh: the launcher is `ssh <options> <dest> --`, the "runner" its path on
+    /// the board.
+    inner: Local,
+}
+
+/// Added to errors starting ssh or scp.
+const SSH_HINT: &str = " (is the OpenSSH client installed? `just setup-ssh` installs it)";
+
+impl Ssh {
+    /// A transport to `host` that runs the local runner binary `local_runner` there, from
+    /// `remote_dir` (an absolute path; [`Target`] checks it). `user`, `identity` and `known_hosts`
+    /// default to ssh's own.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        user: Option<String>,
+        identity: Option<PathBuf>,
+        known_hosts: Option<PathBuf>,
+        remote_dir: impl Into<String>,
+        local_runner: impl Into<PathBuf>,
+    ) -> Self {
+        let remote_dir = remote_dir.into().trim_end_matches('/').to_string();
+        let remote_dir = if remote_dir.is_empty() {
+            "/".to_string()
+        } else {
+            remote_dir
+        };
+        let mut ssh = Ssh {
+            host: host.into(),
+            port,
+            user,
+            identity,
+            known_hosts,
+            remote_dir,
+            local_runner: local_runner.into(),
+            prepared: false,
+            sent: HashMap::new(),
+            inner: Local::new(PathBuf::new()),
+        };
+        let mut launcher: Vec<OsString> = vec!["ssh".into()];
+        launcher.extend(ssh.options());
+        launcher.extend(["-p".into(), ssh.port.to_string().into(), ssh.login().into()]);
+        launcher.push("--".into());
+        ssh.inner = Local {
+            launcher,
+            runner: PathBuf::from(ssh.remote_path(RUNNER_NAME)),
+            spawn_hint: SSH_HINT.to_string(),
+            child: None,
+        };
+        ssh
+    }
+
+    /// The transport for an ssh target: its `host`, `port`, `user`, `identity`, `known_hosts` and
+    /// `remote_dir`, and the runner built for its triple ([`Local::find_runner_for`]).
+    pub fn for_target(target: &Target) -> Result<Self, TransportError> {
+        let host = target.host.clone().unwrap_or_default();
+        let ssh = Ssh::new(
+            host,
+            target.ssh_port(),
+            target.user.clone(),
+            target.identity.clone(),
+            target.known_hosts.clone(),
+            target.ssh_remote_dir(),
+            PathBuf::new(),
+        );
+        for (what, file) in [
+            ("identity (private key) file", &ssh.identity),
+            ("known_hosts file", &ssh.known_hosts),
+        ] {
+            if let Some(f) = file
+                && !f.is_file()
+            {
+                return Err(ssh.error(format!("the {what} {} does not exist", f.display())));
+            }
+        }
+        let runner = Local::find_runner_for(&target.triple)?;
+        Ok(Ssh {
+            local_runner: runner,
+            ..ssh
+        })
+    }
+
+    /// `user@host`, or `host`.
+    fn login(&self) -> String {
+        match &self.user {
+            Some(u) => format!("{u}@{}", self.host),
+            None => self.host.clone(),
+        }
+    }
+
+    /// `user@host:port`, for messages.
+    pub fn destination(&self) -> String {
+        format!("{}:{}", self.login(), self.port)
+    }
+
+    /// Options shared by ssh and scp (the port flag differs: `-p` and `-P`).
+    fn options(&self) -> Vec<OsString> {
+        let mut o: Vec<OsString> = [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=20",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        if let Some(k) = &self.known_hosts {
+            let mut v = OsString::from("UserKnownHostsFile=");
+            v.push(k);
+            o.extend(["-o".into(), v]);
+        }
+        if let Some(key) = &self.identity {
+            o.extend(["-i".into(), key.clone().into_os_string()]);
+            o.extend(["-o".into(), "IdentitiesOnly=yes".into()]);
+        }
+        o
+    }
+
+    /// `<remote_dir>/<name>`.
+    fn remote_path(&self, name: &str) -> String {
+        if self.remote_dir == "/" {
+            format!("/{name}")
+        } else {
+            format!("{}/{name}", self.remote_dir)
+        }
+    }
+
+    /// The command line that starts the runner on the board.
+    pub fn command_line(&self) -> String {
+        format!(
+            "ssh -p {} {} -- {}",
+            self.port,
+            self.login(),
+            self.inner.runner.display()
+        )
+    }
+
+    fn error(&self, message: impl Into<String>) -> TransportError {
+        TransportError::Ssh {
+            dest: self.destination(),
+            message: message.into(),
+        }
+    }
+
+    /// One line naming why ssh (or scp) failed, from its stderr.
+    fn diagnose(&self, what: &str, status: &str, stderr: &str) -> TransportError {
+        let kh = self
+            .known_hosts
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "~/.ssh/known_hosts".to_string());
+        let scan = format!("ssh-keyscan -p {} {}", self.port, self.host);
+        let message = if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+            format!(
+                "host key verification failed: the host's key is not the one {kh} holds for it (if the board was reinstalled, check its new key and replace the line: {scan})"
+            )
+        } else if stderr.contains("Host key verification failed") {
+            format!(
+                "host key verification failed: the host's key is not in {kh} (check it, then add it: {scan} >> {kh})"
+            )
+        } else if stderr.contains("Permission denied") {
+            let key = self
+                .identity
+                .as_ref()
+                .map(|k| format!("the key {}", k.display()))
+                .unwrap_or_else(|| "ssh's default keys".to_string());
+            let who = self.user.as_deref().unwrap_or("the login user");
+            format!(
+                "permission denied (publickey): {who} does not accept {key} (is its public key in the board's ~/.ssh/authorized_keys?)"
+            )
+        } else if stderr.contains("Connection refused") {
+            format!(
+                "connection refused: nothing accepts ssh connections on {} port {}",
+                self.host, self.port
+            )
+        } else if stderr.contains("Could not resolve hostname") {
+            format!("cannot resolve the host name {}", self.host)
+        } else if stderr.contains("timed out") {
+            format!("connection to {} port {} timed out", self.host, self.port)
+        } else if stderr.contains("No route to host") || stderr.contains("Network is unreachable") {
+            format!("no route to {}", self.host)
+        } else {
+            let said = one_line(stderr);
+            if said.is_empty() {
+                format!("{what} failed ({status})")
+            } else {
+                format!("{what} failed ({status}): {said}")
+            }
+        };
+        self.error(message)
+    }
+
+    /// Runs `command` on the board through the remote shell and waits for it.
+    fn run_remote(&self, command: &str) -> Result<(), TransportError> {
+        let out = Command::new("ssh")
+            .args(self.options())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg(self.login())
+            .arg("--")
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| TransportError::Spawn {
+                path: "ssh".into(),
+                message: format!("{e}{SSH_HINT}"),
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(self.diagnose(
+            &format!("`{command}`"),
+            &out.status.to_string(),
+            &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
+    /// Copies `local` to `remote` (a path on the board) with `scp -O`.
+    fn copy(&self, local: &Path, remote: &str) -> Result<(), TransportError> {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let login = match &self.user {
+            Some(u) => format!("{u}@{host}"),
+            None => host,
+        };
+        let out = Command::new("scp")
+            .arg("-O")
+            .arg("-q")
+            .args(self.options())
+            .arg("-P")
+            .arg(self.port.to_string())
+            .arg(local)
+            .arg(format!("{login}:{remote}"))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| TransportError::Spawn {
+                path: "scp".into(),
+                message: format!("{e}{SSH_HINT}"),
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(self.diagnose(
+            &format!("scp {} to {remote}", local.display()),
+            &out.status.to_string(),
+            &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
+    /// Creates `remote_dir` on the board and copies the runner there, once.
+    fn prepare(&mut self) -> Result<(), TransportError> {
+        if self.prepared {
+            return Ok(());
+        }
+        if !self.local_runner.is_file() {
+            return Err(TransportError::RunnerNotFound {
+                looked: self.local_runner.display().to_string(),
+                build: "cargo build --release -p whittle-runner --no-default-features --target <the board's triple>".into(),
+            });
+        }
+        self.run_remote(&format!("mkdir -p {}", self.remote_dir))?;
+        let runner = self.remote_path(RUNNER_NAME);
+        // Copied beside its final name and renamed, so a runner still running from an earlier
+        // session is not overwritten in place ("Text file busy").
+        let part = format!("{runner}.part");
+        self.copy(&self.local_runner, &part)?;
+        self.run_remote(&format!("chmod 755 {part} && mv -f {part} {runner}"))?;
+        self.prepared = true;
+        Ok(())
+    }
+
+    /// Maps a runner that stopped into ssh's own failures (exit status 255) or a missing runner
+    /// (127 from the board's shell).
+    fn explain(&self, e: TransportError) -> TransportError {
+        match e {
+            TransportError::RunnerExited { status, stderr } if status.ends_with("255") => {
+                self.diagnose("ssh", &status, &stderr)
+            }
+            TransportError::RunnerExited { status, .. } if status.ends_with(" 127") => {
+                self.error(format!(
+                    "the runner is missing on the board at {}",
+                    self.inner.runner.display()
+                ))
+            }
+            other => other,
+        }
+    }
+}
+
+/// A file name that passes through the board's shell unquoted.
+fn safe_name(name: &str) -> String {
+    let n: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if n.is_empty() || n.starts_with('.') || n.starts_with('-') {
+        format!("f{n}")
+    } else {
+        n
+    }
+}
+
+impl Transport for Ssh {
+    /// Copies the file into `remote_dir` (once per session for an unchanged file) and returns its
+    /// path on the board.
+    fn send_file(&mut self, local: &Path) -> Result<PathBuf, TransportError> {
+        let send_err = |e: std::io::Error| TransportError::SendFile {
+            path: local.to_path_buf(),
+            message: e.to_string(),
+        };
+        let canonical = std::fs::canonicalize(local).map_err(send_err)?;
+        let meta = std::fs::metadata(&canonical).map_err(send_err)?;
+        let stamp = (meta.len(), meta.modified().ok());
+        if let Some((len, modified, remote)) = self.sent.get(&canonical)
+            && (*len, *modified) == stamp
+        {
+            return Ok(remote.clone());
+        }
+        self.prepare()?;
+        let base = safe_name(
+            &canonical
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        // Two local files with one name get different remote names.
+        let taken = |name: &str| {
+            name == RUNNER_NAME
+                || self
+                    .sent
+                    .iter()
+                    .any(|(k, (_, _, r))| k != &canonical && r.file_name() == Some(name.as_ref()))
+        };
+        let mut name = base.clone();
+        let mut n = 1;
+        while taken(&name) {
+            name = format!("{n}-{base}");
+            n += 1;
+        }
+        let remote = self.remote_path(&name);
+        self.copy(&canonical, &remote)?;
+        let remote = PathBuf::from(remote);
+        self.sent
+            .insert(canonical, (stamp.0, stamp.1, remote.clone()));
+        Ok(remote)
+    }
+
+    /// Prepares the board (once: `mkdir -p remote_dir`, the runner copied and made executable),
+    /// then starts the runner through ssh.
+    fn start(&mut self) -> Result<(), TransportError> {
+        self.prepare()?;
+        self.inner.start()
+    }
+    fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
+        self.inner.send(msg).map_err(|e| self.explain(e))
+    }
+    fn recv(&mut self) -> Result<Message, TransportError> {
+        self.inner.recv().map_err(|e| self.explain(e))
+    }
+    fn close(&mut self) -> Result<(), TransportError> {
+        self.inner.close()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,5 +920,76 @@ mod tests {
             .to_string();
         assert!(msg.contains("args: -L /r/whittle-runner"), "{msg}");
         assert!(msg.contains("exit status: 4"), "{msg}");
+    }
+
+    #[test]
+    fn ssh_builds_its_command_line_and_names_ssh_failures() {
+        let t = Ssh::new(
+            "raspberrypi.local",
+            2222,
+            Some("pi".into()),
+            Some("/k/id".into()),
+            Some("/k/known_hosts".into()),
+            "/tmp/whittle/",
+            "/r/whittle-runner",
+        );
+        assert_eq!(
+            t.command_line(),
+            "ssh -p 2222 pi@raspberrypi.local -- /tmp/whittle/whittle-runner"
+        );
+        let launcher: Vec<String> = t
+            .inner
+            .launcher
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            launcher.join(" "),
+            "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=20 -o UserKnownHostsFile=/k/known_hosts -i /k/id -o IdentitiesOnly=yes -p 2222 pi@raspberrypi.local --"
+        );
+        let msg = |stderr: &str| t.diagnose("ssh", "exit status: 255", stderr).to_string();
+        let m = msg(
+            "@@@\nWARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!\n...\nHost key verification failed.\n",
+        );
+        assert!(m.starts_with("ssh pi@raspberrypi.local:2222: host key verification failed: the host's key is not the one /k/known_hosts holds"), "{m}");
+        assert!(!m.contains('\n'), "{m}");
+        let m = msg("Host key verification failed.\n");
+        assert!(m.contains("is not in /k/known_hosts"), "{m}");
+        let m = msg("pi@raspberrypi.local: Permission denied (publickey).\n");
+        assert!(
+            m.contains("permission denied (publickey): pi does not accept the key /k/id"),
+            "{m}"
+        );
+        let m = msg("ssh: connect to host raspberrypi.local port 2222: Connection refused\n");
+        assert!(m.contains("connection refused"), "{m}");
+        let m = msg("something\nelse\n");
+        assert!(
+            m.ends_with("ssh failed (exit status: 255): something else"),
+            "{m}"
+        );
+        // A runner that is missing on the board: the remote shell's 127.
+        let e = t.explain(TransportError::RunnerExited {
+            status: "exit status: 127".into(),
+            stderr: "sh: 1: /tmp/whittle/whittle-runner: not found".into(),
+        });
+        assert!(
+            e.to_string()
+                .contains("runner is missing on the board at /tmp/whittle/whittle-runner"),
+            "{e}"
+        );
+        assert_eq!(safe_name("a b;c.onnx"), "a_b_c.onnx");
+        assert_eq!(safe_name(".x"), "f.x");
+    }
+
+    #[test]
+    fn a_missing_ssh_target_file_is_named() {
+        let text = "name = \"s\"\ntriple = \"host\"\ntransport = \"ssh\"\nruntimes = [\"ort-cpu\"]\nhost = \"127.0.0.1\"\nidentity = \"/nonexistent/id\"\n";
+        let target = Target::parse(text, Path::new("s.toml")).unwrap();
+        let err = Ssh::for_target(&target).err().expect("a missing key file");
+        assert!(
+            err.to_string()
+                .contains("identity (private key) file /nonexistent/id does not exist"),
+            "{err}"
+        );
     }
 }

@@ -3,9 +3,10 @@
 //! Latency is measured in `whittle-runner`, the program that runs on a board, reached through the
 //! target's transport: for `local` targets (`host`) a child process of this one, talking frames on
 //! its stdin and stdout; for `emulated` targets (`qemu-aarch64`) the runner cross-built for the
-//! target's triple, started under qemu-user the same way (its timings are not meaningful). Agreement
-//! and accuracy are checked in this process. Boards reached over ssh or serial come with the deploy
-//! issue.
+//! target's triple, started under qemu-user the same way (its timings are not meaningful); for `ssh`
+//! targets the runner built for the board's triple, copied to the board with scp together with
+//! each model and started through ssh. Agreement and accuracy are checked in this process. Boards
+//! reached over a serial port come with the deploy issue.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +16,7 @@ use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
 use whittle_deploy::protocol::pb;
 use whittle_deploy::target::{Target, Transport};
-use whittle_deploy::transport::{Emulated, Local, Transport as RunnerTransport};
+use whittle_deploy::transport::{Emulated, Local, Ssh, Transport as RunnerTransport};
 use whittle_deploy::{BenchConfig, RuntimeKind};
 use whittle_export::VerifyOptions;
 
@@ -264,8 +265,16 @@ fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)
             );
             Ok((Box::new(emulated), Some(note)))
         }
+        Transport::Ssh => {
+            let mut ssh = Ssh::for_target(target)?;
+            // Reach the board now (copy the runner, start it): a board that cannot be reached
+            // fails here, with one line, before any compression or report folder.
+            ssh.start()?;
+            eprintln!("runner: {}", ssh.command_line());
+            Ok((Box::new(ssh), None))
+        }
         other => bail!(
-            "target '{}' uses the {other:?} transport, which this build cannot reach yet (local and emulated targets run)",
+            "target '{}' uses the {other:?} transport, which this build cannot reach yet (local, emulated and ssh targets run)",
             target.name
         ),
     }

@@ -1,0 +1,410 @@
+//! `whittle deploy` on an ssh target, for real: an OpenSSH server started by the test on
+//! 127.0.0.1 (its own host key, config and authorized key in a temporary folder), a target TOML
+//! with that port, key and known_hosts, and the host's runner copied over with scp and started
+//! through ssh. The board is this machine (triple `host`), so the runner's output checksums must
+//! equal those of the host's runner run directly. A changed host key, an unknown host, a refused
+//! key and a closed port each end the run with one line naming the cause, before any report.
+//!
+//! Needs /usr/sbin/sshd and the OpenSSH client (`just setup-ssh`) and ONNX Runtime (`just
+//! setup`). Without them the tests are skipped, or fail when `CI=true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use whittle_deploy::protocol::pb;
+use whittle_deploy::transport::{Local, Transport};
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// What is missing to run sshd and ssh here, if anything; `None` when all is there.
+fn missing() -> Option<String> {
+    let mut gone = Vec::new();
+    if !Path::new(SSHD).is_file() {
+        gone.push(SSHD.to_string());
+    }
+    for tool in ["ssh", "scp", "ssh-keygen", "ssh-keyscan"] {
+        let found = Command::new(tool)
+            .arg("-?")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            gone.push(tool.to_string());
+        }
+    }
+    if let Err(e) = whittle_deploy::locate_ort_library() {
+        gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
+    }
+    (!gone.is_empty()).then(|| gone.join(", "))
+}
+
+/// True when the test should go on; else it prints "skipped: ..." (or fails with `CI=true`).
+fn ready() -> bool {
+    let Some(what) = missing() else { return true };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "missing: {what}; run `just setup-ssh` (CI=true: a missing piece is a failure)"
+    );
+    eprintln!("skipped: missing {what}; run `just setup-ssh`");
+    false
+}
+
+fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A new ed25519 key pair at `path` (and `path.pub`).
+fn keygen(path: &Path) {
+    sh(
+        "ssh-keygen",
+        &["-q", "-t", "ed25519", "-N", "", "-f", &s(path)],
+    );
+}
+
+/// An sshd on 127.0.0.1 with its own keys in a temporary folder; killed on drop.
+struct Sshd {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+    user: String,
+}
+
+impl Sshd {
+    fn start() -> Sshd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        keygen(&d.join("host_ed25519"));
+        keygen(&d.join("client_ed25519"));
+        std::fs::copy(d.join("client_ed25519.pub"), d.join("authorized_keys")).unwrap();
+        // sshd refuses to start without its privilege separation folder.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let user = sh("id", &["-un"]).trim().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = d.join("sshd_config");
+        let text = format!(
+            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\n",
+            d = s(d)
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
+        let mut child = Command::new(SSHD)
+            .args(["-D", "-e", "-f", &s(&cfg)])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{SSHD}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "sshd exited ({status}): {}",
+                    std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+                );
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Sshd {
+            dir,
+            port,
+            child,
+            user,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The server's known_hosts line, from ssh-keyscan.
+    fn known_hosts_line(&self) -> String {
+        let line = sh(
+            "ssh-keyscan",
+            &["-p", &self.port.to_string(), "-t", "ed25519", "127.0.0.1"],
+        );
+        let line = line
+            .lines()
+            .find(|l| !l.starts_with('#') && l.contains("ssh-ed25519"))
+            .unwrap_or_else(|| panic!("ssh-keyscan printed no key: {line:?}"))
+            .to_string();
+        assert!(
+            line.starts_with(&format!("[127.0.0.1]:{} ", self.port)),
+            "{line}"
+        );
+        line
+    }
+
+    /// A target TOML for this server, written beside it as `<name>.toml`.
+    fn target(&self, name: &str, known_hosts: &str, identity: &Path, port: u16) -> PathBuf {
+        let kh = self.path(&format!("{name}.known_hosts"));
+        std::fs::write(&kh, format!("{known_hosts}\n")).unwrap();
+        let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+        let toml = format!(
+            "name = \"{name}\"\ntriple = \"host\"\nnotes = \"sshd on 127.0.0.1 started by tests/deploy_ssh.rs\"\ntransport = \"ssh\"\nruntimes = [\"ort-cpu\"]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\nremote_dir = \"{}\"\nort_library = \"{}\"\n",
+            self.user,
+            s(identity),
+            s(&kh),
+            s(&self.path("board")),
+            s(&lib),
+        );
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `whittle deploy --target <toml> --iters 5 --warmup 1 --reports <reports>` from the repository
+/// root, with the runner found beside `whittle`.
+fn deploy(target: &Path, reports: &Path) -> Run {
+    let args = [
+        "deploy",
+        "--target",
+        &s(target),
+        "--iters",
+        "5",
+        "--warmup",
+        "1",
+        "--reports",
+        &s(reports),
+    ];
+    let out = Command::new(whittle())
+        .args(args)
+        .current_dir(repo_root())
+        .env_remove("WHITTLE_RUNNER")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run whittle");
+    Run {
+        cmd: format!("whittle {}", args.join(" ")),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
+    if !ready() {
+        return;
+    }
+    let sshd = Sshd::start();
+    let target = sshd.target(
+        "ssh-loopback",
+        &sshd.known_hosts_line(),
+        &sshd.path("client_ed25519"),
+        sshd.port,
+    );
+    let reports = sshd.path("reports");
+    let r = deploy(&target, &reports).ok();
+    let rows: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("resnet8_cifar10"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", r.dump());
+    let board = sshd.path("board");
+    assert!(
+        r.stderr.contains(&format!(
+            "runner: ssh -p {} {}@127.0.0.1 -- {}/whittle-runner",
+            sshd.port,
+            sshd.user,
+            s(&board)
+        )),
+        "stderr should name the ssh command\n{}",
+        r.dump()
+    );
+
+    // What scp put on the "board": the runner (executable) and both models.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(board.join("whittle-runner"))
+            .unwrap_or_else(|e| panic!("runner on the board: {e}\n{}", r.dump()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111, "runner mode {mode:o}");
+    }
+    assert!(board.join("resnet8_cifar10.onnx").is_file(), "{}", r.dump());
+    assert!(
+        board.join("resnet8_cifar10.pruned.onnx").is_file(),
+        "{}",
+        r.dump()
+    );
+
+    let stamps: Vec<PathBuf> = std::fs::read_dir(reports.join("ssh-loopback"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", r.dump()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(stamps.len(), 1, "{stamps:?}");
+    let report = &stamps[0];
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["target"].as_str(), Some("ssh-loopback"));
+    assert_eq!(results["transport"].as_str(), Some("ssh"));
+    assert_eq!(results["complete"], true);
+    assert!(results.get("timing_note").is_none(), "{results:#}");
+
+    let jrows = results["rows"].as_array().unwrap();
+    assert_eq!(jrows.len(), 2, "{results:#}");
+    let mut host = Local::find_runner()
+        .map(Local::new)
+        .unwrap_or_else(|e| panic!("the host runner: {e}"));
+    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    for row in jrows {
+        let bench = &row["bench"];
+        assert_eq!(bench["runtime"].as_str(), Some("ort-cpu"), "{row:#}");
+        assert_eq!(
+            bench["provider"]["actual"].as_str(),
+            Some("CPUExecutionProvider"),
+            "{row:#}"
+        );
+        assert_eq!(bench["provider"]["fallback"], false, "{row:#}");
+        assert_eq!(bench["stats"]["iters"].as_u64(), Some(5), "{row:#}");
+        let original = row["variant"].as_str() == Some("original");
+        if original {
+            assert_eq!(row["agreement"].as_f64(), Some(1.0), "{row:#}");
+        } else {
+            assert!(row["agreement"].as_f64().unwrap() > 0.6, "{row:#}");
+        }
+
+        // The same model in the host's runner run directly, on the same synthetic inputs: the
+        // same machine, binary and library, so the same outputs.
+        let model_name = row["model"].as_str().unwrap();
+        let model = if original {
+            resnet8()
+        } else {
+            report.join(model_name)
+        };
+        let req = pb::Request {
+            id: 1,
+            name: model_name.to_string(),
+            model: Some(pb::request::Model::ModelPath(s(&model))),
+            runtime: "ort-cpu".into(),
+            iters: 1,
+            ort_library: s(&lib),
+            ..Default::default()
+        };
+        let expected = host
+            .request(req, &mut |_, _| {})
+            .unwrap_or_else(|e| panic!("host runner on {}: {e}", model.display()))
+            .outputs;
+        let got = row["outputs"].as_array().expect("output checksums");
+        assert_eq!(got.len(), expected.len(), "{row:#}");
+        assert!(!got.is_empty(), "{row:#}");
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g["name"].as_str(), Some(e.name.as_str()), "{row:#}");
+            assert_eq!(g["dtype"].as_str(), Some(e.dtype.as_str()), "{row:#}");
+            let shape: Vec<u64> = g["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .collect();
+            assert_eq!(shape, e.shape, "{row:#}");
+            for (key, want) in [("sum", e.sum), ("sum_squares", e.sum_squares)] {
+                let have = g[key].as_f64().unwrap();
+                assert!(
+                    (have - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{model_name} output {}: {key} {have} over ssh, {want} on the host",
+                    e.name
+                );
+            }
+        }
+    }
+    host.close().unwrap();
+}
+
+/// Runs deploy on a target that cannot be reached and checks the one-line error: exit 2, `want`
+/// in it, and no report folder.
+fn refused(sshd: &Sshd, target: &Path, want: &str) {
+    let reports = sshd.path("reports-refused");
+    let r = deploy(target, &reports);
+    assert_eq!(r.code, 2, "{}", r.dump());
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line on stderr\n{}", r.dump());
+    assert!(lines[0].starts_with("error: ssh "), "{}", r.dump());
+    assert!(
+        lines[0].to_lowercase().contains(want),
+        "expected {want:?}\n{}",
+        r.dump()
+    );
+    assert!(r.stdout.is_empty(), "{}", r.dump());
+    assert!(
+        !reports.exists(),
+        "nothing was measured, so no report folder\n{}",
+        r.dump()
+    );
+}
+
+#[test]
+fn unreachable_ssh_targets_fail_with_one_line_naming_the_cause() {
+    if !ready() {
+        return;
+    }
+    let sshd = Sshd::start();
+    let good = sshd.known_hosts_line();
+    let key = sshd.path("client_ed25519");
+
+    // A changed host key: known_hosts holds another key for [127.0.0.1]:port.
+    keygen(&sshd.path("other_host"));
+    let other = std::fs::read_to_string(sshd.path("other_host.pub")).unwrap();
+    let other_key: Vec<&str> = other.split_whitespace().take(2).collect();
+    let wrong = format!("[127.0.0.1]:{} {}", sshd.port, other_key.join(" "));
+    let t = sshd.target("changed-key", &wrong, &key, sshd.port);
+    refused(&sshd, &t, "host key verification failed");
+    refused(&sshd, &t, "is not the one");
+
+    // An unknown host: known_hosts has nothing for it.
+    let t = sshd.target("unknown-host", "", &key, sshd.port);
+    refused(&sshd, &t, "host key verification failed");
+    refused(&sshd, &t, "is not in");
+
+    // A key the server does not accept.
+    keygen(&sshd.path("stranger"));
+    let t = sshd.target("bad-key", &good, &sshd.path("stranger"), sshd.port);
+    refused(&sshd, &t, "permission denied (publickey)");
+
+    // Nothing listening on the port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = sshd.target("closed-port", &good, &key, closed);
+    refused(&sshd, &t, "connection refused");
+
+    // Nothing was copied anywhere.
+    assert!(!sshd.path("board").exists());
+}
