@@ -263,6 +263,19 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
         r.dump()
     );
 
+    // A second run over the first one's files (the runner and models are replaced; as root this
+    // does not show that a read-only copy is replaced for another user).
+    let r2 = deploy(&target, &sshd.path("reports-2")).ok();
+    assert_eq!(
+        r2.stdout
+            .lines()
+            .filter(|l| l.starts_with("resnet8_cifar10"))
+            .count(),
+        2,
+        "{}",
+        r2.dump()
+    );
+
     let stamps: Vec<PathBuf> = std::fs::read_dir(reports.join("ssh-loopback"))
         .unwrap_or_else(|e| panic!("{e}\n{}", r.dump()))
         .map(|e| e.unwrap().path())

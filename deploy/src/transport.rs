@@ -732,11 +732,12 @@ impl Ssh {
                 build: "cargo build --release -p whittle-runner --no-default-features --target <the board's triple>".into(),
             });
         }
-        self.run_remote(&format!("mkdir -p {}", self.remote_dir))?;
         let runner = self.remote_path(RUNNER_NAME);
         // Copied beside its final name and renamed, so a runner still running from an earlier
-        // session is not overwritten in place ("Text file busy").
+        // session is not overwritten in place ("Text file busy"); a stale copy is removed first
+        // (scp cannot overwrite a file left read-only).
         let part = format!("{runner}.part");
+        self.run_remote(&format!("mkdir -p {} && rm -f {part}", self.remote_dir))?;
         self.copy(&self.local_runner, &part)?;
         self.run_remote(&format!("chmod 755 {part} && mv -f {part} {runner}"))?;
         self.prepared = true;
@@ -818,6 +819,9 @@ impl Transport for Ssh {
             n += 1;
         }
         let remote = self.remote_path(&name);
+        // scp keeps the source's mode: a read-only model copied in an earlier session could not
+        // be overwritten by a user other than root.
+        self.run_remote(&format!("rm -f {remote}"))?;
         self.copy(&canonical, &remote)?;
         let remote = PathBuf::from(remote);
         self.sent
