@@ -682,6 +682,47 @@ pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
     Ok(chosen)
 }
 
+/// The prefix of `current`'s tensors in [`paired`].
+pub const PAIRED_PREFIX: &str = "whittle_current::";
+
+/// One graph holding `original` and `current` side by side on the same graph inputs: every
+/// tensor, node and initializer of `current` (graph inputs excepted) is renamed with
+/// [`PAIRED_PREFIX`]; the graph outputs are `original`'s. One run then gives a layer's input as
+/// the partly compressed model computes it and the original's output at the same place, which is
+/// what a sequential refit fits (each merged layer corrects the drift of the merges before it).
+pub fn paired(original: &Model, current: &Model) -> Model {
+    let mut out = original.clone();
+    let shared: std::collections::HashSet<&str> = current
+        .graph()
+        .input
+        .iter()
+        .map(|i| i.name())
+        .filter(|n| current.initializer(n).is_none())
+        .collect();
+    let rename = |t: &str| {
+        if t.is_empty() || shared.contains(t) {
+            t.to_string()
+        } else {
+            format!("{PAIRED_PREFIX}{t}")
+        }
+    };
+    let cur = current.graph();
+    let g = out.graph_mut();
+    for n in &cur.node {
+        let mut n = n.clone();
+        n.name = Some(format!("{PAIRED_PREFIX}{}", n.name()));
+        n.input = n.input.iter().map(|t| rename(t)).collect();
+        n.output = n.output.iter().map(|t| rename(t)).collect();
+        g.node.push(n);
+    }
+    for t in &cur.initializer {
+        let mut t = t.clone();
+        t.name = Some(rename(t.name()));
+        g.initializer.push(t);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

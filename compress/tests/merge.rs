@@ -334,3 +334,30 @@ fn real_depthwise_then_pointwise_layers_merge_exactly() {
         real_chains(&m, &[1, 3, 96, 96], 3, true);
     }
 }
+
+#[test]
+fn paired_runs_both_models_on_the_same_inputs() {
+    // the original (two convs) beside a current model where they are merged: the graph outputs
+    // are the original's, and the current model's tensors are there under the prefix
+    let m = pair((6, 4, 3, 1, 1, 1), (5, 6, 1, 1, 0, 1));
+    let (current, _) = merged(&m, "c1", "c2");
+    let mut both = merge::paired(&m, &current);
+    whittle_core::check::check_graph(both.graph()).unwrap();
+    assert_eq!(both.graph().output.len(), 1);
+    // expose the current model's output too, then run: it equals the original's (exact merge)
+    let name = format!("{}y", merge::PAIRED_PREFIX);
+    both.graph_mut()
+        .output
+        .push(float_value_info(&name, &["N", "?", "?", "?"]));
+    let x = Value::F32(probe_tensor(&[2, 4, 11, 10], -1.0, 1.0));
+    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
+        let out = run(kind, &both, &x);
+        let (a, b) = (out[0].to_f32_vec(), out[1].to_f32_vec());
+        let peak = a.iter().fold(0f32, |p, v| p.max(v.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |p, (u, v)| p.max((u - v).abs()));
+        assert!(d <= 1e-4 * peak, "{}: {d} vs peak {peak}", kind.name());
+    }
+}

@@ -649,13 +649,31 @@ fn apply_merges(
     model_ms: f64,
     fit_spec: &CaptureSpec,
 ) -> Result<(Model, MergeSummary)> {
+    let refit_opts = RefitOptions {
+        ridge: a.ridge,
+        ..Default::default()
+    };
+    // in graph order, each merge refitted before the next: the merged conv maps its input as the
+    // partly merged model computes it to the original's output there (see merge::paired)
+    let mut order: Vec<(usize, (f64, f64))> =
+        chosen.iter().copied().zip(picked.iter().copied()).collect();
+    order.sort_by_key(|o| o.0);
     let mut out = model.clone();
-    let mut jobs = vec![];
     let mut merged = vec![];
-    for (&i, &(saved_ms, damage)) in chosen.iter().zip(picked) {
+    let mut refits = vec![];
+    for (i, (saved_ms, damage)) in order {
         let rep = merge::apply_segment(&mut out, &segs[i])?;
-        if !rep.exact {
-            jobs.push(merge_job(&out, &segs[i])?);
+        if !rep.exact && !a.no_reconstruct {
+            let mut job = merge_job(&out, &segs[i])?;
+            job.input = format!("{}{}", merge::PAIRED_PREFIX, job.input);
+            let pair = merge::paired(model, &out);
+            refits.extend(refit::refit(
+                &pair,
+                &mut out,
+                &[job],
+                fit_spec,
+                &refit_opts,
+            )?);
         }
         merged.push(MergedSegment {
             convs: segs[i].convs.clone(),
@@ -666,15 +684,6 @@ fn apply_merges(
             damage,
         });
     }
-    let refit_opts = RefitOptions {
-        ridge: a.ridge,
-        ..Default::default()
-    };
-    let refits = if jobs.is_empty() || a.no_reconstruct {
-        vec![]
-    } else {
-        refit::refit(model, &mut out, &jobs, fit_spec, &refit_opts)?
-    };
     Ok((
         out,
         MergeSummary {
