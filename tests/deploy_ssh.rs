@@ -289,74 +289,8 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     assert_eq!(results["complete"], true);
     assert!(results.get("timing_note").is_none(), "{results:#}");
 
-    let jrows = results["rows"].as_array().unwrap();
-    assert_eq!(jrows.len(), 2, "{results:#}");
-    let mut host = Local::find_runner()
-        .map(Local::new)
-        .unwrap_or_else(|e| panic!("the host runner: {e}"));
     let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
-    for row in jrows {
-        let bench = &row["bench"];
-        assert_eq!(bench["runtime"].as_str(), Some("ort-cpu"), "{row:#}");
-        assert_eq!(
-            bench["provider"]["actual"].as_str(),
-            Some("CPUExecutionProvider"),
-            "{row:#}"
-        );
-        assert_eq!(bench["provider"]["fallback"], false, "{row:#}");
-        assert_eq!(bench["stats"]["iters"].as_u64(), Some(5), "{row:#}");
-        let original = row["variant"].as_str() == Some("original");
-        if original {
-            assert_eq!(row["agreement"].as_f64(), Some(1.0), "{row:#}");
-        } else {
-            assert!(row["agreement"].as_f64().unwrap() > 0.6, "{row:#}");
-        }
-
-        // The same model in the host's runner run directly, on the same synthetic inputs: the
-        // same machine, binary and library, so the same outputs.
-        let model_name = row["model"].as_str().unwrap();
-        let model = if original {
-            resnet8()
-        } else {
-            report.join(model_name)
-        };
-        let req = pb::Request {
-            id: 1,
-            name: model_name.to_string(),
-            model: Some(pb::request::Model::ModelPath(s(&model))),
-            runtime: "ort-cpu".into(),
-            iters: 1,
-            ort_library: s(&lib),
-            ..Default::default()
-        };
-        let expected = host
-            .request(req, &mut |_, _| {})
-            .unwrap_or_else(|e| panic!("host runner on {}: {e}", model.display()))
-            .outputs;
-        let got = row["outputs"].as_array().expect("output checksums");
-        assert_eq!(got.len(), expected.len(), "{row:#}");
-        assert!(!got.is_empty(), "{row:#}");
-        for (g, e) in got.iter().zip(&expected) {
-            assert_eq!(g["name"].as_str(), Some(e.name.as_str()), "{row:#}");
-            assert_eq!(g["dtype"].as_str(), Some(e.dtype.as_str()), "{row:#}");
-            let shape: Vec<u64> = g["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap())
-                .collect();
-            assert_eq!(shape, e.shape, "{row:#}");
-            for (key, want) in [("sum", e.sum), ("sum_squares", e.sum_squares)] {
-                let have = g[key].as_f64().unwrap();
-                assert!(
-                    (have - want).abs() <= 1e-6 * want.abs().max(1.0),
-                    "{model_name} output {}: {key} {have} over ssh, {want} on the host",
-                    e.name
-                );
-            }
-        }
-    }
-    host.close().unwrap();
+    assert_rows_match_host_runner(report, &results, &s(&lib), 1e-6, "over ssh");
 }
 
 /// Runs deploy on a target that cannot be reached and checks the one-line error: exit 2, `want`
