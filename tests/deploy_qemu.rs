@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use whittle_deploy::protocol::pb;
 use whittle_deploy::target::Target;
-use whittle_deploy::transport::{Local, Transport};
 
 const TRIPLE: &str = "aarch64-unknown-linux-gnu";
 

@@ -15,8 +15,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use whittle_deploy::protocol::pb;
-use whittle_deploy::transport::{Local, Transport};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
