@@ -112,18 +112,7 @@ else
     --python-version 3.11 "onnxruntime==$ORT_VERSION" -d "$tmp" >"$log" 2>&1 ||
     { tail -n 15 "$log" >&2; fail "pip download onnxruntime==$ORT_VERSION (manylinux_2_28_aarch64) failed"; }
   mkdir -p "$(dirname "$lib")"
-  python3 - "$tmp" "$lib" <<'PY' || fail "cannot unpack libonnxruntime.so from the wheel"
-import glob, sys, zipfile, os
-wheel = glob.glob(os.path.join(sys.argv[1], "onnxruntime-*.whl"))[0]
-want = os.path.basename(sys.argv[2])
-with zipfile.ZipFile(wheel) as z:
-    name = next(n for n in z.namelist() if n.endswith("capi/" + want))
-    part = sys.argv[2] + ".part"
-    with z.open(name) as src, open(part, "wb") as dst:
-        dst.write(src.read())
-    os.chmod(part, 0o755)
-    os.replace(part, sys.argv[2])
-PY
+  python3 "$here/scripts/unpack_ort.py" "$tmp" "$lib" || fail "cannot unpack libonnxruntime.so from the wheel"
   rm -rf "$tmp"
   echo "setup-cross: ONNX Runtime $ORT_VERSION (aarch64) installed at $lib" >&2
 fi

@@ -27,18 +27,7 @@ else
   python3 -m pip download --quiet --no-deps --only-binary=:all: --platform "$plat" \
     --python-version 3.11 "onnxruntime==$ORT_VERSION" -d "$tmp" >&2
   mkdir -p "$(dirname "$lib")"
-  python3 - "$tmp" "$lib" <<'PY'
-import glob, sys, zipfile, os
-wheel = glob.glob(os.path.join(sys.argv[1], "onnxruntime-*.whl"))[0]
-want = os.path.basename(sys.argv[2])
-with zipfile.ZipFile(wheel) as z:
-    name = next(n for n in z.namelist() if n.endswith("capi/" + want))
-    part = sys.argv[2] + ".part"
-    with z.open(name) as src, open(part, "wb") as dst:
-        dst.write(src.read())
-    os.chmod(part, 0o755)
-    os.replace(part, sys.argv[2])
-PY
+  python3 "$here/scripts/unpack_ort.py" "$tmp" "$lib"
   echo "setup: ONNX Runtime $ORT_VERSION installed at $lib" >&2
 fi
 
