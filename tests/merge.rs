@@ -147,3 +147,50 @@ fn a_saved_merge_plan_replays_without_measuring() {
     run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["give --merge with it"]);
     assert!(!refused.exists());
 }
+
+#[test]
+fn a_merge_at_the_first_layer_refits_from_the_graph_input() {
+    // DS-CNN's first segment starts at the conv that reads the graph input: the sequential refit
+    // takes that input under its own name (CI once found it looked up under the paired prefix)
+    let Some(m) = asset("models/dscnn_kws.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kws.npy");
+    let vals: Vec<f32> = noise(8 * 500, 5)
+        .iter()
+        .map(|&b| b as f32 / 128.0 - 1.0)
+        .collect();
+    ndarray_npy::write_npy(
+        &data,
+        &ndarray::ArrayD::from_shape_vec(vec![8, 1, 50, 10], vals).unwrap(),
+    )
+    .unwrap();
+    let plan = dir.path().join("plan.json");
+    let p = serde_json::json!({"prune_channels": null, "merge": {"candidates": 15,
+        "model_ms": 0.08, "merged": [{"convs": ["conv2d", "depthwise_conv2d", "conv2d_1"],
+        "acts": ["activation", "activation_1"], "add": null, "exact": false,
+        "saved_ms": 0.008, "damage": 0.0}]}});
+    std::fs::write(&plan, p.to_string()).unwrap();
+    let out = dir.path().join("m.onnx");
+    let j = run(&[
+        "compress",
+        &s(&m),
+        "-o",
+        &s(&out),
+        "--calib",
+        &s(&data),
+        "--calib-items",
+        "6",
+        "--holdout-items",
+        "2",
+        "--merge",
+        "--apply-plan",
+        &s(&plan),
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(j["merge"]["refit"].as_array().unwrap().len(), 1, "{j}");
+    run(&["verify", &s(&m), &s(&out), "--data", &s(&data)]).ok();
+}

@@ -683,7 +683,22 @@ pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
 }
 
 /// The prefix of `current`'s tensors in [`paired`].
-pub const PAIRED_PREFIX: &str = "whittle_current::";
+const PAIRED_PREFIX: &str = "whittle_current::";
+
+/// The name `current`'s tensor `t` has in [`paired`]: prefixed, except the graph inputs that
+/// both models read (and the empty name of an absent optional input).
+pub fn paired_name(current: &Model, t: &str) -> String {
+    let graph_input = current
+        .graph()
+        .input
+        .iter()
+        .any(|i| i.name() == t && current.initializer(t).is_none());
+    if t.is_empty() || graph_input {
+        t.to_string()
+    } else {
+        format!("{PAIRED_PREFIX}{t}")
+    }
+}
 
 /// One graph holding `original` and `current` side by side on the same graph inputs: every
 /// tensor, node and initializer of `current` (graph inputs excepted) is renamed with
@@ -692,20 +707,7 @@ pub const PAIRED_PREFIX: &str = "whittle_current::";
 /// what a sequential refit fits (each merged layer corrects the drift of the merges before it).
 pub fn paired(original: &Model, current: &Model) -> Model {
     let mut out = original.clone();
-    let shared: std::collections::HashSet<&str> = current
-        .graph()
-        .input
-        .iter()
-        .map(|i| i.name())
-        .filter(|n| current.initializer(n).is_none())
-        .collect();
-    let rename = |t: &str| {
-        if t.is_empty() || shared.contains(t) {
-            t.to_string()
-        } else {
-            format!("{PAIRED_PREFIX}{t}")
-        }
-    };
+    let rename = |t: &str| paired_name(current, t);
     let cur = current.graph();
     let g = out.graph_mut();
     for n in &cur.node {

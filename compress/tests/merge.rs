@@ -345,7 +345,12 @@ fn paired_runs_both_models_on_the_same_inputs() {
     whittle_core::check::check_graph(both.graph()).unwrap();
     assert_eq!(both.graph().output.len(), 1);
     // expose the current model's output too, then run: it equals the original's (exact merge)
-    let name = format!("{}y", merge::PAIRED_PREFIX);
+    // the graph input both read keeps its name (a merge at the model's first layer refits from
+    // it); every other tensor of the current model is renamed
+    let input = m.graph().input[0].name().to_string();
+    assert_eq!(merge::paired_name(&current, &input), input);
+    let name = merge::paired_name(&current, "y");
+    assert_ne!(name, "y");
     both.graph_mut()
         .output
         .push(float_value_info(&name, &["N", "?", "?", "?"]));

@@ -665,7 +665,7 @@ fn apply_merges(
         let rep = merge::apply_segment(&mut out, &segs[i])?;
         if !rep.exact && !a.no_reconstruct {
             let mut job = merge_job(&out, &segs[i])?;
-            job.input = format!("{}{}", merge::PAIRED_PREFIX, job.input);
+            job.input = merge::paired_name(&out, &job.input);
             let pair = merge::paired(model, &out);
             refits.extend(refit::refit(
                 &pair,
