@@ -978,6 +978,31 @@ fn apply_fold(model: &mut Model, plan: &FoldPlan, values: &[Value]) {
     g.value_info.retain(|v| !produced.contains(v.name()));
 }
 
+/// Remove the nodes nothing reads (no node, subgraph or graph output reads any of their
+/// outputs), repeatedly, then the initializers and value infos left unused. Used by passes that
+/// cut a part out of a graph (block removal). Returns how many nodes went.
+pub fn remove_dead(model: &mut Model) -> usize {
+    let g = model.graph_mut();
+    let mut removed = 0;
+    loop {
+        let read = all_reads(g, &g.node);
+        let before = g.node.len();
+        g.node
+            .retain(|n| n.output.iter().any(|o| !o.is_empty() && read.contains(o)));
+        if g.node.len() == before {
+            break;
+        }
+        removed += before - g.node.len();
+    }
+    let read = all_reads(g, &g.node);
+    let inputs: HashSet<String> = g.input.iter().map(|v| v.name().to_string()).collect();
+    g.initializer
+        .retain(|t| read.contains(t.name()) || inputs.contains(t.name()));
+    let produced: HashSet<String> = g.node.iter().flat_map(|n| n.output.clone()).collect();
+    g.value_info.retain(|v| produced.contains(v.name()));
+    removed
+}
+
 /// Insert or replace an initializer by name.
 pub fn set_initializer(g: &mut whittle_core::onnx::GraphProto, t: whittle_core::onnx::TensorProto) {
     match g.initializer.iter_mut().find(|x| x.name() == t.name()) {

@@ -11,6 +11,7 @@
 //! | depth merging: exact Conv-Conv merges, residual folds, activation removal | `merge.rs` |
 //! | per-layer latency tables and the latency model of `latency=` budgets | `latency.rs` |
 
+pub mod blocks;
 pub mod cleanup;
 pub mod groups;
 pub mod index;

@@ -315,7 +315,7 @@ impl RefitStats {
             .iter()
             .find(|l| l.layer.node == node)
             .and_then(|l| l.normal.as_ref().ok())
-            .map(|n| (&n.g, n.rows))
+            .map(|n| (&n.sys.g, n.sys.rows))
     }
 
     /// The nodes whose statistics are held (skipped layers included), in collection order.
@@ -336,7 +336,7 @@ impl fmt::Debug for RefitStats {
             match &l.normal {
                 Ok(n) => list.entry(&format_args!(
                     "{node} ({input} -> {output}): {} rows, {} inputs x {} kernel elements, {} outputs",
-                    n.rows, n.inputs, n.kk, n.outputs
+                    n.sys.rows, n.inputs, n.kk, n.outputs
                 )),
                 Err(reason) => list.entry(&format_args!(
                     "{node} ({input} -> {output}): skipped, {reason}"
@@ -474,24 +474,85 @@ struct Normal {
     inputs: usize,
     /// Output channels / features of the original.
     outputs: usize,
-    /// `AᵀA`, d × d with d = inputs · kk + 1; the last column of `A` is the constant 1.
-    g: Mat<f64>,
-    /// `AᵀY`, d × outputs.
-    r: Mat<f64>,
-    /// `ΣY²` per output.
-    yty: Vec<f64>,
-    /// `ΣY` per output.
-    ysum: Vec<f64>,
-    rows: usize,
+    /// `AᵀA` (d × d with d = inputs · kk + 1; the last column of `A` is the constant 1), `AᵀY`,
+    /// and the sums of `Y` and `Y²` per output.
+    sys: System,
 }
 
 /// The normal equations of one job: the sub-blocks for its kept inputs and outputs.
+#[derive(Clone)]
 struct System {
     g: Mat<f64>,
     r: Mat<f64>,
     yty: Vec<f64>,
     ysum: Vec<f64>,
     rows: usize,
+}
+
+impl System {
+    fn zeros(d: usize, outputs: usize) -> System {
+        System {
+            g: Mat::zeros(d, d),
+            r: Mat::zeros(d, outputs),
+            yty: vec![0.0; outputs],
+            ysum: vec![0.0; outputs],
+            rows: 0,
+        }
+    }
+
+    /// Adds the rows held column-wise in `at` (d × rows) and `yt` (outputs × rows).
+    fn add(&mut self, at: &Mat<f64>, yt: &Mat<f64>) {
+        // A full product: faer's triangular one (half the flops) runs slower at these sizes.
+        let par = faer::get_global_parallelism();
+        matmul(&mut self.g, Accum::Add, at, at.transpose(), 1.0, par);
+        matmul(&mut self.r, Accum::Add, at, yt.transpose(), 1.0, par);
+        for j in 0..yt.ncols() {
+            for (o, &v) in yt.col_as_slice(j).iter().enumerate() {
+                self.yty[o] += v * v;
+                self.ysum[o] += v;
+            }
+        }
+        self.rows += at.ncols();
+    }
+}
+
+/// A dense affine least-squares fit `Y ≈ [X 1] W` (W is (inputs + 1) × outputs, its last row
+/// the bias), accumulated in f64 one block of rows at a time and solved with the relative ridge
+/// of [`RefitOptions`]. Used where a pass replaces a part of a graph by one linear map (block
+/// removal with linear replacement).
+pub struct AffineFit {
+    sys: System,
+}
+
+impl AffineFit {
+    /// An empty fit from `inputs` to `outputs` features.
+    pub fn new(inputs: usize, outputs: usize) -> AffineFit {
+        AffineFit {
+            sys: System::zeros(inputs + 1, outputs),
+        }
+    }
+
+    /// Adds rows given column-wise: `at` is (inputs + 1) × rows with a last row of ones, `yt`
+    /// is outputs × rows.
+    pub fn add(&mut self, at: &Mat<f64>, yt: &Mat<f64>) {
+        self.sys.add(at, yt);
+    }
+
+    /// Rows added so far.
+    pub fn rows(&self) -> usize {
+        self.sys.rows
+    }
+
+    /// Solves with relative ridge `ridge`; the report's errors are those of `w_before` and of the
+    /// solution, which is returned only when it is the better of the two.
+    pub fn solve(
+        &self,
+        name: &str,
+        w_before: &Mat<f64>,
+        ridge: f64,
+    ) -> (RefitReport, Option<Mat<f64>>) {
+        solve_system(name, &self.sys, w_before, ridge)
+    }
 }
 
 /// The sampling state of one layer.
@@ -850,11 +911,7 @@ impl Collector {
                 kk: geometry.kk(),
                 inputs: batch.inputs,
                 outputs: batch.outputs,
-                g: Mat::zeros(d, d),
-                r: Mat::zeros(d, batch.outputs),
-                yty: vec![0.0; batch.outputs],
-                ysum: vec![0.0; batch.outputs],
-                rows: 0,
+                sys: System::zeros(d, batch.outputs),
             }
         });
         if (normal.inputs, normal.outputs) != (batch.inputs, batch.outputs) {
@@ -881,17 +938,7 @@ impl Collector {
 impl Normal {
     /// Adds the rows held column-wise in `at` (d × rows) and `yt` (outputs × rows).
     fn add(&mut self, at: &Mat<f64>, yt: &Mat<f64>) {
-        // A full product: faer's triangular one (half the flops) runs slower at these sizes.
-        let par = faer::get_global_parallelism();
-        matmul(&mut self.g, Accum::Add, at, at.transpose(), 1.0, par);
-        matmul(&mut self.r, Accum::Add, at, yt.transpose(), 1.0, par);
-        for j in 0..yt.ncols() {
-            for (o, &v) in yt.col_as_slice(j).iter().enumerate() {
-                self.yty[o] += v * v;
-                self.ysum[o] += v;
-            }
-        }
-        self.rows += at.ncols();
+        self.sys.add(at, yt);
     }
 
     /// Checks a job, planned against the pruned model, against these statistics.
@@ -935,18 +982,18 @@ impl Normal {
             .flat_map(|&c| c * kk..(c + 1) * kk)
             .collect();
         if layer.bias_col {
-            cols.push(self.g.nrows() - 1);
+            cols.push(self.sys.g.nrows() - 1);
         }
         debug_assert_eq!(cols.len(), layer.d);
         let d = cols.len();
         System {
-            g: Mat::from_fn(d, d, |i, j| self.g[(cols[i], cols[j])]),
+            g: Mat::from_fn(d, d, |i, j| self.sys.g[(cols[i], cols[j])]),
             r: Mat::from_fn(d, job.kept_out.len(), |i, j| {
-                self.r[(cols[i], job.kept_out[j])]
+                self.sys.r[(cols[i], job.kept_out[j])]
             }),
-            yty: job.kept_out.iter().map(|&o| self.yty[o]).collect(),
-            ysum: job.kept_out.iter().map(|&o| self.ysum[o]).collect(),
-            rows: self.rows,
+            yty: job.kept_out.iter().map(|&o| self.sys.yty[o]).collect(),
+            ysum: job.kept_out.iter().map(|&o| self.sys.ysum[o]).collect(),
+            rows: self.sys.rows,
         }
     }
 }

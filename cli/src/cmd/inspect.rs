@@ -49,6 +49,46 @@ struct Report {
     ops: BTreeMap<String, usize>,
     unknown_ops: Vec<String>,
     layers: Vec<NodeCost>,
+    /// The transformer blocks found (empty when none is recognised).
+    transformer_blocks: Vec<BlockRow>,
+}
+
+/// One transformer block as `inspect` lists it.
+#[derive(Serialize)]
+struct BlockRow {
+    index: usize,
+    layout: whittle_compress::blocks::Layout,
+    heads: Option<usize>,
+    hidden: Option<usize>,
+    ffn: Option<usize>,
+    params: u64,
+    norm: &'static str,
+    input: String,
+    output: String,
+}
+
+fn block_rows(m: &whittle_core::Model) -> Vec<BlockRow> {
+    let Ok(blocks) = whittle_compress::blocks::find_blocks(m) else {
+        return vec![];
+    };
+    blocks
+        .into_iter()
+        .map(|b| BlockRow {
+            index: b.index,
+            layout: b.layout,
+            heads: b.heads,
+            hidden: b.hidden,
+            ffn: b.ffn,
+            params: b.params,
+            norm: if b.attention.fused_norm && b.feed_forward.fused_norm {
+                "fused"
+            } else {
+                "decomposed"
+            },
+            input: b.input,
+            output: b.output,
+        })
+        .collect()
 }
 
 /// Run the command.
@@ -97,6 +137,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         ops,
         unknown_ops: shapes.unknown_ops.iter().cloned().collect(),
         layers: c.nodes,
+        transformer_blocks: block_rows(&m),
     };
     if a.json {
         outln!("{}", serde_json::to_string(&report)?);
@@ -145,6 +186,33 @@ pub fn run(a: Args) -> Result<Outcome> {
         );
     }
     out!("{out}");
+    if !report.transformer_blocks.is_empty() {
+        let opt = |v: Option<usize>| v.map_or("?".into(), |v| v.to_string());
+        let mut t = Table::new(&[
+            "block", "layout", "heads", "hidden", "ffn", "norm", "params", "output",
+        ]);
+        for b in &report.transformer_blocks {
+            t.row(vec![
+                b.index.to_string(),
+                match b.layout {
+                    whittle_compress::blocks::Layout::PostNorm => "post-norm".into(),
+                    whittle_compress::blocks::Layout::PreNorm => "pre-norm".into(),
+                },
+                opt(b.heads),
+                opt(b.hidden),
+                opt(b.ffn),
+                b.norm.to_string(),
+                si(b.params),
+                b.output.clone(),
+            ]);
+        }
+        outln!(
+            "\n{} transformer blocks (input {})",
+            report.transformer_blocks.len(),
+            report.transformer_blocks[0].input
+        );
+        out!("{}", t.render());
+    }
     if !a.brief {
         let mut t = Table::new(&["#", "layer", "op", "output", "params", "MACs"]);
         for (i, l) in report.layers.iter().enumerate() {

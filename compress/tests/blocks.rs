@@ -1,0 +1,351 @@
+//! Transformer block discovery on MiniLM (post-norm, fused LayerNormalization) and on built
+//! fixtures: post-norm with a decomposed LayerNorm, and pre-norm.
+
+use whittle_compress::blocks::{self, Layout};
+use whittle_core::Model;
+
+fn minilm() -> Option<Model> {
+    let cache = std::env::var_os("WHITTLE_ASSETS_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/whittle/assets")
+        });
+    let p = cache.join("minilm-l6-v2.opset17.onnx");
+    if !p.exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI: MiniLM missing at {} (../shared/assets/fetch.sh)",
+            p.display()
+        );
+        return None;
+    }
+    Some(Model::load(&p).unwrap())
+}
+
+#[test]
+fn minilm_blocks_heads_and_sizes_from_the_onnx_file() {
+    let Some(m) = minilm() else { return };
+    let b = blocks::find_blocks(&m).unwrap();
+    assert_eq!(b.len(), 6);
+    for (i, blk) in b.iter().enumerate() {
+        assert_eq!(blk.index, i);
+        assert_eq!(blk.layout, Layout::PostNorm);
+        assert_eq!(blk.heads, Some(12), "block {i}");
+        assert_eq!(blk.hidden, Some(384), "block {i}");
+        assert_eq!(blk.ffn, Some(1536), "block {i}");
+        assert!(blk.attention.fused_norm && blk.feed_forward.fused_norm);
+        assert!(blk.output.contains(&format!("layer.{i}/output/LayerNorm")) || i == 5);
+    }
+    assert_eq!(blocks::chains(&b), vec![(0, 6)]);
+    assert!(b[0].input.contains("embeddings/LayerNorm"));
+    assert_eq!(b[5].output, "last_hidden_state");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Built fixtures: `blocks` encoder blocks of hidden 8, 2 heads of 4, FFN 16, on x [N, S, 8]
+// ---------------------------------------------------------------------------------------------
+
+use whittle_core::model::float_value_info;
+use whittle_core::onnx::attribute_proto::AttributeType;
+use whittle_core::onnx::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+};
+use whittle_core::tensor::{from_f32, from_i64};
+
+pub const D: usize = 8;
+
+#[derive(Default)]
+struct Builder {
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    seed: u64,
+}
+
+impl Builder {
+    fn node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) -> String {
+        let out = format!("{name}_out");
+        self.nodes.push(NodeProto {
+            name: Some(name.into()),
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            attribute: attrs,
+            ..Default::default()
+        });
+        out
+    }
+
+    fn weight(&mut self, name: &str, dims: &[usize], scale: f32) -> String {
+        let n: usize = dims.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|_| {
+                self.seed = self
+                    .seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((self.seed >> 40) as f32) / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect();
+        let d: Vec<i64> = dims.iter().map(|&v| v as i64).collect();
+        self.inits.push(from_f32(name, &d, &vals));
+        name.to_string()
+    }
+
+    fn ints(&mut self, name: &str, v: &[i64]) -> String {
+        self.inits.push(from_i64(name, &[v.len() as i64], v));
+        name.to_string()
+    }
+
+    fn scalar(&mut self, name: &str, v: f32) -> String {
+        self.inits.push(from_f32(name, &[], &[v]));
+        name.to_string()
+    }
+
+    fn linear(&mut self, name: &str, x: &str, i: usize, o: usize) -> String {
+        let w = self.weight(&format!("{name}.w"), &[i, o], 1.0 / (i as f32).sqrt());
+        let b = self.weight(&format!("{name}.b"), &[o], 0.1);
+        let y = self.node("MatMul", &format!("{name}/MatMul"), &[x, &w], vec![]);
+        self.node("Add", &format!("{name}/Add"), &[&y, &b], vec![])
+    }
+
+    fn norm(&mut self, name: &str, x: &str, fused: bool) -> String {
+        let g = self.weight(&format!("{name}.gamma"), &[D], 1.0);
+        let b = self.weight(&format!("{name}.beta"), &[D], 0.1);
+        if fused {
+            return self.node(
+                "LayerNormalization",
+                name,
+                &[x, &g, &b],
+                vec![attr_i("axis", -1)],
+            );
+        }
+        let mean = self.node("ReduceMean", &format!("{name}/mean"), &[x], vec![axes()]);
+        let d = self.node("Sub", &format!("{name}/sub"), &[x, &mean], vec![]);
+        let two = self.scalar(&format!("{name}.two"), 2.0);
+        let sq = self.node("Pow", &format!("{name}/pow"), &[&d, &two], vec![]);
+        let var = self.node("ReduceMean", &format!("{name}/var"), &[&sq], vec![axes()]);
+        let eps = self.scalar(&format!("{name}.eps"), 1e-5);
+        let ve = self.node("Add", &format!("{name}/eps"), &[&var, &eps], vec![]);
+        let sd = self.node("Sqrt", &format!("{name}/sqrt"), &[&ve], vec![]);
+        let n = self.node("Div", &format!("{name}/div"), &[&d, &sd], vec![]);
+        let s = self.node("Mul", &format!("{name}/gamma"), &[&n, &g], vec![]);
+        self.node("Add", &format!("{name}/beta"), &[&s, &b], vec![])
+    }
+
+    fn attention(&mut self, name: &str, h: &str) -> String {
+        let heads = self.ints(&format!("{name}.heads_shape"), &[0, 0, 2, 4]);
+        let flat = self.ints(&format!("{name}.flat_shape"), &[0, 0, D as i64]);
+        let split = |b: &mut Builder, which: &str, perm: &[i64]| {
+            let t = b.linear(&format!("{name}/{which}"), h, D, D);
+            let r = b.node(
+                "Reshape",
+                &format!("{name}/{which}/Reshape"),
+                &[&t, &heads],
+                vec![],
+            );
+            b.node(
+                "Transpose",
+                &format!("{name}/{which}/Transpose"),
+                &[&r],
+                vec![attr_is("perm", perm)],
+            )
+        };
+        let q = split(self, "query", &[0, 2, 1, 3]);
+        let k = split(self, "key", &[0, 2, 3, 1]);
+        let v = split(self, "value", &[0, 2, 1, 3]);
+        let s = self.node("MatMul", &format!("{name}/scores"), &[&q, &k], vec![]);
+        let scale = self.scalar(&format!("{name}.scale"), 0.5);
+        let s = self.node("Mul", &format!("{name}/scale"), &[&s, &scale], vec![]);
+        let p = self.node(
+            "Softmax",
+            &format!("{name}/Softmax"),
+            &[&s],
+            vec![attr_i("axis", -1)],
+        );
+        let c = self.node("MatMul", &format!("{name}/context"), &[&p, &v], vec![]);
+        let c = self.node(
+            "Transpose",
+            &format!("{name}/merge"),
+            &[&c],
+            vec![attr_is("perm", &[0, 2, 1, 3])],
+        );
+        let c = self.node("Reshape", &format!("{name}/flat"), &[&c, &flat], vec![]);
+        self.linear(&format!("{name}/output"), &c, D, D)
+    }
+
+    fn ffn(&mut self, name: &str, h: &str) -> String {
+        let u = self.linear(&format!("{name}/up"), h, D, 16);
+        // GELU, Erf form
+        let sqrt2 = self.scalar(&format!("{name}.sqrt2"), std::f32::consts::SQRT_2);
+        let one = self.scalar(&format!("{name}.one"), 1.0);
+        let half = self.scalar(&format!("{name}.half"), 0.5);
+        let a = self.node("Div", &format!("{name}/gelu/div"), &[&u, &sqrt2], vec![]);
+        let a = self.node("Erf", &format!("{name}/gelu/erf"), &[&a], vec![]);
+        let a = self.node("Add", &format!("{name}/gelu/add"), &[&a, &one], vec![]);
+        let a = self.node("Mul", &format!("{name}/gelu/mul"), &[&u, &a], vec![]);
+        let a = self.node("Mul", &format!("{name}/gelu/half"), &[&a, &half], vec![]);
+        self.linear(&format!("{name}/down"), &a, 16, D)
+    }
+
+    fn model(self, last: &str) -> Model {
+        let mut nodes = self.nodes;
+        nodes.push(NodeProto {
+            name: Some("out".into()),
+            op_type: Some("Identity".into()),
+            input: vec![last.into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        });
+        Model {
+            proto: ModelProto {
+                ir_version: Some(8),
+                opset_import: vec![OperatorSetIdProto {
+                    domain: Some(String::new()),
+                    version: Some(17),
+                }],
+                graph: Some(GraphProto {
+                    name: Some("encoder".into()),
+                    node: nodes,
+                    initializer: self.inits,
+                    input: vec![float_value_info("x", &["N", "S", &D.to_string()])],
+                    output: vec![float_value_info("y", &["N", "S", &D.to_string()])],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+fn attr_i(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+fn attr_is(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
+}
+
+fn axes() -> AttributeProto {
+    attr_is("axes", &[-1])
+}
+
+/// A post-norm encoder (BERT layout) of `n` blocks with fused or decomposed LayerNorms.
+pub fn post_norm(n: usize, fused: bool) -> Model {
+    let mut b = Builder {
+        seed: 7,
+        ..Default::default()
+    };
+    let mut h = b.norm("embed_norm", "x", fused);
+    for i in 0..n {
+        let a = b.attention(&format!("l{i}/attn"), &h);
+        let r = b.node("Add", &format!("l{i}/attn/residual"), &[&a, &h], vec![]);
+        let h1 = b.norm(&format!("l{i}/attn_norm"), &r, fused);
+        let f = b.ffn(&format!("l{i}/ffn"), &h1);
+        let r = b.node("Add", &format!("l{i}/ffn/residual"), &[&h1, &f], vec![]);
+        h = b.norm(&format!("l{i}/ffn_norm"), &r, fused);
+    }
+    b.model(&h)
+}
+
+/// A pre-norm encoder (ViT layout) of `n` blocks and a final norm.
+pub fn pre_norm(n: usize) -> Model {
+    let mut b = Builder {
+        seed: 11,
+        ..Default::default()
+    };
+    let mut h = b.linear("embed", "x", D, D);
+    for i in 0..n {
+        let x = b.norm(&format!("l{i}/norm1"), &h, true);
+        let a = b.attention(&format!("l{i}/attn"), &x);
+        let h1 = b.node("Add", &format!("l{i}/attn/residual"), &[&h, &a], vec![]);
+        let x = b.norm(&format!("l{i}/norm2"), &h1, true);
+        let f = b.ffn(&format!("l{i}/ffn"), &x);
+        h = b.node("Add", &format!("l{i}/ffn/residual"), &[&h1, &f], vec![]);
+    }
+    let y = b.norm("final_norm", &h, true);
+    b.model(&y)
+}
+
+fn run_ort(m: &Model, x: &whittle_deploy::Value) -> Vec<f32> {
+    let mut s = whittle_deploy::load(
+        whittle_deploy::RuntimeKind::OrtCpu,
+        &m.to_bytes(),
+        &Default::default(),
+    )
+    .unwrap();
+    s.run(std::slice::from_ref(x)).unwrap()[0].to_f32_vec()
+}
+
+#[test]
+fn built_post_norm_with_decomposed_layernorm_and_pre_norm_are_found() {
+    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[2, 5, D], -1.0, 1.0));
+    for (m, layout, fused) in [
+        (post_norm(3, false), Layout::PostNorm, false),
+        (post_norm(2, true), Layout::PostNorm, true),
+        (pre_norm(3), Layout::PreNorm, true),
+    ] {
+        // the fixture is a valid model
+        assert_eq!(run_ort(&m, &x).len(), 2 * 5 * D);
+        let b = blocks::find_blocks(&m).unwrap();
+        let n = if matches!((layout, fused), (Layout::PostNorm, true)) {
+            2
+        } else {
+            3
+        };
+        assert_eq!(b.len(), n, "{layout:?} fused {fused}");
+        assert_eq!(blocks::chains(&b), vec![(0, n)]);
+        for blk in &b {
+            assert_eq!(blk.layout, layout);
+            assert_eq!(blk.heads, Some(2));
+            assert_eq!(blk.hidden, Some(D));
+            assert_eq!(blk.ffn, Some(16));
+            assert_eq!(blk.attention.fused_norm, fused);
+        }
+        match layout {
+            Layout::PostNorm => {
+                let embed = if fused {
+                    "embed_norm_out"
+                } else {
+                    "embed_norm/beta_out"
+                };
+                assert_eq!(b[0].input, embed);
+            }
+            Layout::PreNorm => {
+                assert_eq!(b[0].input, "embed/Add_out");
+                assert_eq!(b[2].output, "l2/ffn/residual_out");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_graph_without_blocks_names_the_pattern_that_failed() {
+    // an MLP with a residual Add but no attention
+    let mut b = Builder::default();
+    let h = b.linear("embed", "x", D, D);
+    let f = b.ffn("ffn", &h);
+    let r = b.node("Add", "residual", &[&h, &f], vec![]);
+    let e = blocks::find_blocks(&b.model(&r)).unwrap_err().to_string();
+    assert!(e.contains("none whose branch holds a Softmax"), "{e}");
+    let mut b = Builder::default();
+    let h = b.linear("embed", "x", D, D);
+    let e = blocks::find_blocks(&b.model(&h)).unwrap_err().to_string();
+    assert!(e.contains("no residual Add"), "{e}");
+}
