@@ -90,7 +90,8 @@ enum Source {
 /// `tensors`.
 ///
 /// `tensors` may name any float tensor of the model: node outputs (graph outputs included) and
-/// graph inputs; a name may appear more than once. The values come in `tensors` order, as f32 with
+/// graph inputs (integer and bool inputs, such as an attention mask, come converted to f32); a
+/// name may appear more than once. The values come in `tensors` order, as f32 with
 /// the batch axis first, together with the batch's item count. When the model has a fixed batch
 /// larger than the last chunk of items, that chunk is padded by repeating its last item: the
 /// arrays then hold the model's full batch and only the first `count` entries along the batch
@@ -198,9 +199,13 @@ pub fn capture(
                     Source::Input(i) => &inputs[i],
                     Source::Output(k) => &outs[k],
                 };
-                match value {
-                    Value::F32(a) => Ok(a.clone()),
-                    other => Err(Error::Capture(format!(
+                match (value, source) {
+                    (Value::F32(a), _) => Ok(a.clone()),
+                    // an integer graph input (a token id, an attention mask) comes as its values
+                    (Value::I64(a), Source::Input(_)) => Ok(a.mapv(|v| v as f32)),
+                    (Value::I32(a), Source::Input(_)) => Ok(a.mapv(|v| v as f32)),
+                    (Value::Bool(a), Source::Input(_)) => Ok(a.mapv(|v| f32::from(u8::from(v)))),
+                    (other, _) => Err(Error::Capture(format!(
                         "tensor '{name}' came back as {}, not float",
                         other.dtype_name()
                     ))),

@@ -10,9 +10,12 @@
 //! | low-rank factorisation (channel / spatial SVD, data-aware) | `lowrank.rs` |
 //! | depth merging: exact Conv-Conv merges, residual folds, activation removal | `merge.rs` |
 //! | per-layer latency tables and the latency model of `latency=` budgets | `latency.rs` |
+//! | transformer block discovery (attention / feed-forward residuals, heads, sizes) | `blocks.rs` |
+//! | transformer block removal, with a least-squares linear replacement (ReplaceMe) | `drop_blocks.rs` |
 
 pub mod blocks;
 pub mod cleanup;
+pub mod drop_blocks;
 pub mod groups;
 pub mod index;
 pub mod latency;

@@ -349,3 +349,143 @@ fn a_graph_without_blocks_names_the_pattern_that_failed() {
     let e = blocks::find_blocks(&b.model(&h)).unwrap_err().to_string();
     assert!(e.contains("no residual Add"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Block removal
+// ---------------------------------------------------------------------------------------------
+
+use whittle_calib::{CaptureSpec, Dataset, Preprocess};
+use whittle_compress::drop_blocks::{self, DropOptions, DropReport};
+
+/// Calibration data for the fixtures: `n` items of x [S, D].
+fn fixture_data(dir: &std::path::Path, n: usize, seq: usize) -> Dataset {
+    let p = dir.join("x.npy");
+    let x = whittle_deploy::probe_tensor(&[n, seq, D], -2.0, 2.0);
+    ndarray_npy::write_npy(&p, &x).unwrap();
+    Dataset::open(&p).unwrap()
+}
+
+fn drop(
+    m: &mut Model,
+    data: &Dataset,
+    opts: DropOptions,
+) -> Result<DropReport, whittle_compress::Error> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let pre = Preprocess::default();
+    let spec = CaptureSpec {
+        dataset: data,
+        indices: &idx,
+        pre: &pre,
+        batch: 16,
+        runtime: whittle_deploy::RuntimeKind::OrtCpu,
+        threads: Some(2),
+    };
+    drop_blocks::drop_blocks(m, &opts, &spec)
+}
+
+fn opts(count: usize, linear_replace: bool) -> DropOptions {
+    DropOptions {
+        count,
+        linear_replace,
+        start: None,
+        ridge: 1e-6,
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |p, (x, y)| p.max((x - y).abs()))
+}
+
+#[test]
+fn a_block_that_does_nothing_is_the_one_removed_and_the_outputs_stay() {
+    // pre-norm block 1 with its attention and FFN output projections zeroed adds nothing to the
+    // residual stream: its importance is 0, it is chosen, and removing it changes nothing
+    let mut m = pre_norm(3);
+    for t in &mut m.graph_mut().initializer {
+        if t.name().starts_with("l1/attn/output.") || t.name().starts_with("l1/ffn/down.") {
+            let n = t
+                .float_data
+                .len()
+                .max(t.raw_data.as_ref().map_or(0, |r| r.len() / 4));
+            *t = from_f32(t.name(), &t.dims.clone(), &vec![0.0; n]);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture_data(dir.path(), 24, 6);
+    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[3, 7, D], -1.0, 1.0));
+    let want = run_ort(&m, &x);
+    for replace in [false, true] {
+        let mut cut = m.clone();
+        let r = drop(&mut cut, &data, opts(1, replace)).unwrap();
+        assert_eq!(r.removed, vec![1], "{r:?}");
+        assert!(
+            r.importance[1] < 1e-9 && r.importance[0] > 1e-3,
+            "{:?}",
+            r.importance
+        );
+        assert!(r.params.1 < r.params.0);
+        let got = run_ort(&cut, &x);
+        assert!(
+            max_diff(&want, &got) < 1e-4,
+            "replace {replace}: {}",
+            max_diff(&want, &got)
+        );
+        assert_eq!(blocks::find_blocks(&cut).unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn linear_replacement_beats_plain_removal_on_a_post_norm_encoder() {
+    let m = post_norm(3, false);
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture_data(dir.path(), 48, 6);
+    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[2, 9, D], -2.0, 2.0));
+    let want = run_ort(&m, &x);
+    let err = |got: &[f32]| -> f64 {
+        want.iter()
+            .zip(got)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+    };
+    for count in [1, 2, 3] {
+        let (mut plain, mut fitted) = (m.clone(), m.clone());
+        let p = drop(&mut plain, &data, opts(count, false)).unwrap();
+        let f = drop(&mut fitted, &data, opts(count, true)).unwrap();
+        assert_eq!(p.removed, f.removed, "the same span either way");
+        let fit = f.fit.as_ref().unwrap();
+        assert!(f.linear_replace, "{fit:?}");
+        assert!(fit.rel_error_after < fit.rel_error_before, "{fit:?}");
+        // on inputs it was not fitted on too
+        let (ep, ef) = (err(&run_ort(&plain, &x)), err(&run_ort(&fitted, &x)));
+        assert!(ef < ep, "{count} blocks: fitted {ef} vs plain {ep}");
+        assert_eq!(
+            blocks::find_blocks(&plain).map_or(0, |b| b.len()),
+            3 - count
+        );
+    }
+}
+
+#[test]
+fn dropping_more_blocks_than_exist_is_refused() {
+    let mut m = post_norm(2, true);
+    let before = m.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture_data(dir.path(), 4, 3);
+    let e = drop(&mut m, &data, opts(3, true)).unwrap_err().to_string();
+    assert!(e.contains("asked to drop 3 blocks, the model has 2"), "{e}");
+    let e = drop(&mut m, &data, opts(0, true)).unwrap_err().to_string();
+    assert!(e.contains("removes nothing"), "{e}");
+    let e = drop(
+        &mut m,
+        &data,
+        DropOptions {
+            start: Some(2),
+            ..opts(1, true)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("starts at block 2"), "{e}");
+    assert_eq!(m.to_bytes(), before.to_bytes(), "nothing changed");
+}
