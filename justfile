@@ -48,6 +48,10 @@ setup-cross:
 setup-ssh:
     bash scripts/setup-ssh.sh
 
+# Install socat for tests/deploy_serial.rs (which makes its own pseudo-terminal pair with it).
+setup-serial:
+    bash scripts/setup-serial.sh
+
 # Cross-build the ONNX Runtime-only runner for a board triple (tract left out: minutes, not most of an hour).
 build-runner triple="aarch64-unknown-linux-gnu":
     cargo build --release -p whittle-runner --no-default-features --target {{triple}}

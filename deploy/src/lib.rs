@@ -24,6 +24,7 @@ mod ort_session;
 pub mod protocol;
 pub mod rss;
 pub mod runtime;
+pub mod serial;
 pub mod target;
 #[cfg(feature = "tract")]
 mod tract_session;

@@ -3,7 +3,9 @@
 //! A frame is a u32 little-endian payload length, a u32 little-endian CRC-32 (IEEE) of the
 //! payload, then the payload: one encoded [`pb::Frame`]. The host sends [`Message::Request`]s; for
 //! each the runner answers with zero or more [`Message::Progress`], then exactly one
-//! [`Message::Result`] or [`Message::Error`].
+//! [`Message::Result`] or [`Message::Error`]. A [`Message::Ping`] is answered by a
+//! [`Message::Pong`], and a [`Message::Chunk`] of an upload (serial links) by a
+//! [`Message::ChunkAck`] or an Error.
 //!
 //! Reading never panics on bad input: a frame longer than the caller's cap, a checksum that does
 //! not match, a payload that is not a `Frame`, or input that ends inside a frame is a
@@ -364,6 +366,25 @@ mod tests {
             Message::Error(pb::Error {
                 id: 7,
                 message: "invalid model: no graph".into(),
+            }),
+            Message::Ping(pb::Ping { id: 8 }),
+            Message::Pong(pb::Pong {
+                id: 8,
+                runner: "whittle-runner 0.1.0".into(),
+                upload_dir: "/tmp/whittle-runner".into(),
+            }),
+            Message::Chunk(pb::Chunk {
+                id: 9,
+                name: "m.onnx".into(),
+                size: 10,
+                crc32: 0xdead_beef,
+                offset: 4,
+                data: vec![1, 2, 3],
+            }),
+            Message::ChunkAck(pb::ChunkAck {
+                id: 9,
+                offset: 7,
+                path: String::new(),
             }),
         ];
         let mut stream = Vec::new();

@@ -17,7 +17,8 @@ pub enum Transport {
     Emulated,
     /// ssh and scp through the system OpenSSH client.
     Ssh,
-    /// A serial port.
+    /// A runner listening on a serial port of the board, reached through a serial device on this
+    /// machine ([`crate::serial::Serial`]).
     Serial,
 }
 
@@ -75,7 +76,44 @@ pub struct Target {
     /// [`DEFAULT_REMOTE_DIR`], see [`Target::ssh_remote_dir`]).
     #[serde(default)]
     pub remote_dir: Option<String>,
+    /// `serial` only, required: the serial device on this machine that reaches the board
+    /// (`/dev/ttyUSB0`).
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// `serial` only: the line rate, 50 to 16000000 (default [`DEFAULT_BAUD`]).
+    #[serde(default, deserialize_with = "baud")]
+    pub baud: Option<u32>,
+    /// `serial` only: seconds to wait for an acknowledgement before the link counts as dropped
+    /// (default [`DEFAULT_SERIAL_TIMEOUT_S`]).
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// `serial` only: the longest silence, in seconds, from a runner loading and measuring a model
+    /// (default [`DEFAULT_RUN_TIMEOUT_S`]).
+    #[serde(default)]
+    pub run_timeout_s: Option<f64>,
+    /// `serial` only: times the port is reopened after the link drops, per upload or measurement
+    /// 0 to 100 (default [`DEFAULT_RECONNECTS`]).
+    #[serde(default, deserialize_with = "reconnects")]
+    pub reconnects: Option<u32>,
+    /// `serial` only: bytes per upload chunk, 64 to 1048576 (default [`DEFAULT_CHUNK_BYTES`]).
+    #[serde(default, deserialize_with = "chunk_bytes")]
+    pub chunk_bytes: Option<usize>,
 }
+
+/// The serial line rate when a target names none.
+pub const DEFAULT_BAUD: u32 = 115_200;
+
+/// Seconds to wait for a serial acknowledgement when a target names none.
+pub const DEFAULT_SERIAL_TIMEOUT_S: f64 = 5.0;
+
+/// The longest silence from a measuring serial runner when a target names none.
+pub const DEFAULT_RUN_TIMEOUT_S: f64 = 600.0;
+
+/// Reopenings of a dropped serial link when a target names none.
+pub const DEFAULT_RECONNECTS: u32 = 5;
+
+/// Upload chunk size when a serial target names none.
+pub const DEFAULT_CHUNK_BYTES: usize = 4096;
 
 /// The ssh port when a target names none.
 pub const DEFAULT_SSH_PORT: u16 = 22;
@@ -85,13 +123,55 @@ pub const DEFAULT_REMOTE_DIR: &str = "/tmp/whittle";
 
 /// A port number, refused with a message naming the field when out of range.
 fn port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
-    let n = i64::deserialize(d)?;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        Number(i64),
+        Text(String),
+    }
+    let n = match Port::deserialize(d)? {
+        Port::Number(n) => n,
+        Port::Text(t) => {
+            return Err(serde::de::Error::custom(format!(
+                "`port` is the ssh port number, not {t:?} (a serial target names its device in `device`)"
+            )));
+        }
+    };
     match u16::try_from(n) {
         Ok(p) if p > 0 => Ok(Some(p)),
         _ => Err(serde::de::Error::custom(format!(
             "`port` must be 1 to 65535, not {n}"
         ))),
     }
+}
+
+/// An integer from `lo` to `hi`, refused with a message naming `key` otherwise.
+fn int_in<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    key: &str,
+    lo: i64,
+    hi: i64,
+) -> Result<i64, D::Error> {
+    let n = i64::deserialize(d)?;
+    if (lo..=hi).contains(&n) {
+        Ok(n)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "`{key}` must be {lo} to {hi}, not {n}"
+        )))
+    }
+}
+
+fn baud<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    int_in(d, "baud", 50, 16_000_000).map(|n| Some(n as u32))
+}
+
+fn reconnects<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    int_in(d, "reconnects", 0, 100).map(|n| Some(n as u32))
+}
+
+fn chunk_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    int_in(d, "chunk_bytes", 64, 1 << 20).map(|n| Some(n as usize))
 }
 
 /// Whether `s` is safe to pass through a remote shell unquoted: letters, digits and `._/-+`.
@@ -235,14 +315,6 @@ impl Target {
                     "`remote_dir` {dir:?} must be an absolute path of letters, digits and `._/-+` (it goes through the board's shell)"
                 )));
             }
-            if t.ort_library
-                .as_ref()
-                .is_some_and(|l| l.starts_with(CACHE_PLACEHOLDER))
-            {
-                return Err(invalid(format!(
-                    "`ort_library` is a path on the board: {CACHE_PLACEHOLDER} (this machine's cache) means nothing there"
-                )));
-            }
             for key in ["identity", "known_hosts"] {
                 let field = if key == "identity" {
                     &mut t.identity
@@ -263,6 +335,16 @@ impl Target {
         } else if let Some((key, _)) = ssh_fields.iter().find(|(_, set)| *set) {
             return Err(invalid(format!("`{key}` is only for transport \"ssh\"")));
         }
+        if matches!(t.transport, Transport::Ssh | Transport::Serial)
+            && t.ort_library
+                .as_ref()
+                .is_some_and(|l| l.starts_with(CACHE_PLACEHOLDER))
+        {
+            return Err(invalid(format!(
+                "`ort_library` is a path on the board: {CACHE_PLACEHOLDER} (this machine's cache) means nothing there"
+            )));
+        }
+        t.check_serial().map_err(invalid)?;
         if let Some(lib) = &t.ort_library
             && let Ok(rest) = lib.strip_prefix(CACHE_PLACEHOLDER)
         {
@@ -274,6 +356,62 @@ impl Target {
             t.ort_library = Some(cache.join(rest));
         }
         Ok(t)
+    }
+
+    /// The serial fields: required and in range for `serial`, absent for the other transports.
+    fn check_serial(&self) -> Result<(), String> {
+        let fields = [
+            ("device", self.device.is_some()),
+            ("baud", self.baud.is_some()),
+            ("timeout_s", self.timeout_s.is_some()),
+            ("run_timeout_s", self.run_timeout_s.is_some()),
+            ("reconnects", self.reconnects.is_some()),
+            ("chunk_bytes", self.chunk_bytes.is_some()),
+        ];
+        if self.transport != Transport::Serial {
+            return match fields.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(format!("`{key}` is only for transport \"serial\"")),
+                None => Ok(()),
+            };
+        }
+        if self
+            .device
+            .as_ref()
+            .is_none_or(|d| d.as_os_str().is_empty())
+        {
+            return Err(
+                "transport \"serial\" needs `device`, the serial device on this machine that reaches the board (e.g. \"/dev/ttyUSB0\")".into(),
+            );
+        }
+        for (key, v, max) in [
+            ("timeout_s", self.timeout_s, 3600.0),
+            ("run_timeout_s", self.run_timeout_s, 86_400.0),
+        ] {
+            if let Some(v) = v
+                && !(v > 0.0 && v <= max)
+            {
+                return Err(format!(
+                    "`{key}` must be more than 0 and at most {max} seconds, not {v}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How the serial transport waits, retries and cuts uploads: the target's fields, or the
+    /// defaults.
+    pub fn serial_options(&self) -> crate::serial::SerialOptions {
+        crate::serial::SerialOptions {
+            baud: self.baud.unwrap_or(DEFAULT_BAUD),
+            timeout: std::time::Duration::from_secs_f64(
+                self.timeout_s.unwrap_or(DEFAULT_SERIAL_TIMEOUT_S),
+            ),
+            run_timeout: std::time::Duration::from_secs_f64(
+                self.run_timeout_s.unwrap_or(DEFAULT_RUN_TIMEOUT_S),
+            ),
+            reconnects: self.reconnects.unwrap_or(DEFAULT_RECONNECTS),
+            chunk_bytes: self.chunk_bytes.unwrap_or(DEFAULT_CHUNK_BYTES),
+        }
     }
 
     /// The ssh port: `port`, else [`DEFAULT_SSH_PORT`].
@@ -411,9 +549,87 @@ mod tests {
     }
 
     #[test]
+    fn serial_targets_need_a_device_and_keep_serial_fields_to_themselves() {
+        let p = Path::new("serial.toml");
+        let ok = "name = \"b\"\ntriple = \"aarch64-unknown-linux-gnu\"\ntransport = \"serial\"\nruntimes = [\"ort-cpu\"]\ndevice = \"/dev/ttyUSB0\"\n";
+        let t = Target::parse(ok, p).unwrap();
+        assert_eq!(t.transport, Transport::Serial);
+        let o = t.serial_options();
+        assert_eq!(o.baud, 115_200);
+        assert_eq!(o.timeout, std::time::Duration::from_secs(5));
+        assert_eq!(o.reconnects, 5);
+        assert_eq!(o.chunk_bytes, 4096);
+        let full = format!(
+            "{ok}baud = 921600\ntimeout_s = 0.5\nrun_timeout_s = 60\nreconnects = 2\nchunk_bytes = 1024\n"
+        );
+        let o = Target::parse(&full, p).unwrap().serial_options();
+        assert_eq!(
+            (o.baud, o.timeout.as_millis(), o.run_timeout.as_secs()),
+            (921_600, 500, 60)
+        );
+        assert_eq!((o.reconnects, o.chunk_bytes), (2, 1024));
+
+        let refused = |text: &str, want: &str| {
+            let e = Target::parse(text, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        };
+        refused(
+            &ok.replace("device = \"/dev/ttyUSB0\"\n", ""),
+            "needs `device`",
+        );
+        refused(
+            &format!("{ok}baud = 0\n"),
+            "`baud` must be 50 to 16000000, not 0",
+        );
+        refused(
+            &format!("{ok}baud = -5\n"),
+            "`baud` must be 50 to 16000000, not -5",
+        );
+        refused(
+            &format!("{ok}timeout_s = 0\n"),
+            "`timeout_s` must be more than 0",
+        );
+        refused(&format!("{ok}timeout_s = nan\n"), "`timeout_s`");
+        refused(
+            &format!("{ok}reconnects = 1000\n"),
+            "`reconnects` must be 0 to 100",
+        );
+        refused(
+            &format!("{ok}chunk_bytes = 8\n"),
+            "`chunk_bytes` must be 64",
+        );
+        refused(&format!("{ok}host = \"x\"\n"), "only for transport \"ssh\"");
+        refused(
+            &format!("{ok}port = \"/dev/ttyUSB0\"\n"),
+            "a serial target names its device in `device`",
+        );
+        refused(
+            &format!("{ok}ort_library = \"{{cache}}/x.so\"\n"),
+            "path on the board",
+        );
+        let local =
+            "name = \"h\"\ntriple = \"host\"\ntransport = \"local\"\nruntimes = [\"ort-cpu\"]\n";
+        for field in [
+            "device = \"/dev/ttyUSB0\"",
+            "baud = 9600",
+            "timeout_s = 1",
+            "run_timeout_s = 1",
+            "reconnects = 1",
+            "chunk_bytes = 512",
+        ] {
+            let key = field.split(' ').next().unwrap();
+            refused(
+                &format!("{local}{field}\n"),
+                &format!("`{key}` is only for transport \"serial\""),
+            );
+        }
+    }
+
+    #[test]
     fn shipped_targets_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets");
-        for name in ["host", "qemu-aarch64", "raspberry-pi-5"] {
+        for name in ["host", "qemu-aarch64", "raspberry-pi-5", "serial-board"] {
             let t = Target::load(name, &dir).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(t.name, name);
         }
@@ -437,5 +653,9 @@ mod tests {
             "{}",
             lib.display()
         );
+        let serial = Target::load("serial-board", &dir).unwrap();
+        assert_eq!(serial.transport, Transport::Serial);
+        assert_eq!(serial.device.as_deref(), Some(Path::new("/dev/ttyUSB0")));
+        assert_eq!(serial.serial_options().baud, 115_200);
     }
 }

@@ -3,7 +3,8 @@
 //! child process of this one and talks over its stdin and stdout; [`Emulated`] does the same with a
 //! runner built for another architecture, started under a user-mode emulator (qemu-user); [`Ssh`]
 //! copies the runner and the models to a board with scp and starts the runner there through ssh,
-//! talking frames over ssh's stdin and stdout.
+//! talking frames over ssh's stdin and stdout; [`Serial`](crate::serial::Serial) uploads the models
+//! in acknowledged chunks to a runner listening on a serial port, and resumes after a dropped link.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -71,6 +72,15 @@ pub enum TransportError {
     /// The runner sent a frame that does not belong here.
     #[error("unexpected answer from the runner: {0}")]
     Unexpected(String),
+    /// The serial port could not be opened, the runner on it did not answer, or the link dropped
+    /// and did not come back.
+    #[error("serial {}: {message}", device.display())]
+    Serial {
+        /// The device path.
+        device: PathBuf,
+        /// The cause, on one line.
+        message: String,
+    },
     /// ssh or scp could not reach the board, or a command there failed.
     #[error("ssh {dest}: {message}")]
     Ssh {
@@ -93,6 +103,18 @@ fn stderr_note(stderr: &str) -> String {
 pub trait Transport {
     /// Makes a local file readable by the runner and returns its path on the board.
     fn send_file(&mut self, local: &Path) -> Result<PathBuf, TransportError>;
+    /// [`Transport::send_file`], calling `on_progress(bytes_done, bytes_total)` as the file goes
+    /// (by default once, at the end).
+    fn send_file_with_progress(
+        &mut self,
+        local: &Path,
+        on_progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PathBuf, TransportError> {
+        let path = self.send_file(local)?;
+        let len = std::fs::metadata(local).map(|m| m.len()).unwrap_or(0);
+        on_progress(len, len);
+        Ok(path)
+    }
     /// Starts the runner (a no-op when it is running).
     fn start(&mut self) -> Result<(), TransportError>;
     /// Sends one frame to the runner.
@@ -101,6 +123,12 @@ pub trait Transport {
     fn recv(&mut self) -> Result<Message, TransportError>;
     /// Closes the runner's input and waits for it to exit.
     fn close(&mut self) -> Result<(), TransportError>;
+
+    /// What happened to the link so far (drops, reopenings, resumed uploads), one line each; empty
+    /// for transports that do not reconnect.
+    fn link_events(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Sends `req` and waits for its answer: `on_progress(done, total)` for each Progress frame,
     /// then the Result, or [`TransportError::Remote`] with the runner's error text.
@@ -763,7 +791,7 @@ impl Ssh {
 }
 
 /// A file name that passes through the board's shell unquoted.
-fn safe_name(name: &str) -> String {
+pub(crate) fn safe_name(name: &str) -> String {
     let n: String = name
         .chars()
         .map(|c| {

@@ -6,14 +6,20 @@
 //! [`whittle_deploy::bench`]. It answers with Progress frames and one Result, or one Error frame
 //! with the runtime's own text, and then serves the next request, until its input closes. Its
 //! output carries frames only; anything it has to say goes to stderr.
+//!
+//! It also answers Ping frames, and takes files uploaded in Chunk frames into its upload folder
+//! (see [`Server`]): that is how models reach a board over a serial line, where the runner listens
+//! with [`serve_serial`] (`whittle-runner --serial DEVICE`).
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use whittle_core::Value;
 use whittle_deploy::protocol::{
     MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, output_checksum, pb, write_frame,
 };
+use whittle_deploy::serial::{Link, LinkError, valid_upload_name};
 use whittle_deploy::{BenchConfig, RuntimeKind, RuntimeOptions};
 
 /// The most elements one synthetic input may have (a bad shape must not exhaust the board).
@@ -22,21 +28,186 @@ pub const MAX_INPUT_ELEMENTS: usize = 1 << 28;
 /// Progress frames per request, at most (plus the last one).
 const PROGRESS_FRAMES: u64 = 20;
 
-/// Serves requests from `input` until it ends, answering on `output`.
+/// What the runner keeps between frames: the folder that uploaded files go to.
+pub struct Server {
+    upload_dir: PathBuf,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server::new(Server::default_upload_dir())
+    }
+}
+
+impl Server {
+    /// A server that puts uploaded files in `upload_dir` (created when the first one comes).
+    pub fn new(upload_dir: impl Into<PathBuf>) -> Self {
+        Server {
+            upload_dir: upload_dir.into(),
+        }
+    }
+
+    /// `$TMPDIR/whittle-runner` (`/tmp/whittle-runner`).
+    pub fn default_upload_dir() -> PathBuf {
+        std::env::temp_dir().join("whittle-runner")
+    }
+
+    /// The upload folder.
+    pub fn upload_dir(&self) -> &Path {
+        &self.upload_dir
+    }
+
+    /// Answers one message from the host with zero or more frames passed to `send`; stops at the
+    /// first error `send` returns.
+    pub fn answer<E>(
+        &mut self,
+        msg: Message,
+        send: &mut dyn FnMut(&Message) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match msg {
+            Message::Request(req) => {
+                let id = req.id;
+                let mut progress_err = None;
+                let answer = handle(&req, &mut |done, total| {
+                    if progress_err.is_none() {
+                        let msg = Message::Progress(pb::Progress { id, done, total });
+                        if let Err(e) = send(&msg) {
+                            progress_err = Some(e);
+                        }
+                    }
+                });
+                if let Some(e) = progress_err {
+                    return Err(e);
+                }
+                send(&match answer {
+                    Ok(result) => Message::Result(result),
+                    Err(message) => Message::Error(pb::Error { id, message }),
+                })
+            }
+            Message::Ping(p) => send(&Message::Pong(pb::Pong {
+                id: p.id,
+                runner: format!("whittle-runner {}", env!("CARGO_PKG_VERSION")),
+                upload_dir: self.upload_dir.display().to_string(),
+            })),
+            Message::Chunk(c) => send(&match self.chunk(&c) {
+                Ok(ack) => Message::ChunkAck(ack),
+                Err(message) => Message::Error(pb::Error { id: c.id, message }),
+            }),
+            other => {
+                let message = format!("expected a request, got {}", kind(&other));
+                send(&Message::Error(pb::Error { id: 0, message }))
+            }
+        }
+    }
+
+    /// Takes one chunk of an upload; `Err` is the one-line text of the Error frame.
+    ///
+    /// The bytes go to `.partial/<name>` in the upload folder, beside `.partial/<name>.meta`
+    /// holding the whole file's size and CRC-32; a partial file of another size or checksum is
+    /// started over. A chunk that does not start where the partial file ends is not written. Once
+    /// the partial file has all its bytes and its CRC-32 matches, it becomes `<name>`. A chunk with
+    /// no data asks where the upload stands; when `<name>` already holds that very file, it is
+    /// complete at once.
+    pub fn chunk(&mut self, c: &pb::Chunk) -> Result<pb::ChunkAck, String> {
+        if !valid_upload_name(&c.name) {
+            return Err(format!(
+                "upload name {:?} is not a plain file name (letters, digits, `._+-`)",
+                c.name
+            ));
+        }
+        let name = &c.name;
+        let io = |what: &str, p: &Path, e: std::io::Error| {
+            format!("upload of {name}: {what} {}: {e}", p.display())
+        };
+        let partial_dir = self.upload_dir.join(".partial");
+        std::fs::create_dir_all(&partial_dir).map_err(|e| io("cannot create", &partial_dir, e))?;
+        let done = self.upload_dir.join(name);
+        let part = partial_dir.join(name);
+        let meta = partial_dir.join(format!("{name}.meta"));
+        let want = format!("{} {:08x}\n", c.size, c.crc32);
+        let ack = |offset: u64, path: &Path| pb::ChunkAck {
+            id: c.id,
+            offset,
+            path: path.display().to_string(),
+        };
+        let same_meta = std::fs::read_to_string(&meta).is_ok_and(|m| m == want);
+        let mut held = match std::fs::metadata(&part) {
+            Ok(m) if same_meta && m.len() <= c.size => m.len(),
+            _ => {
+                if c.data.is_empty() && holds(&done, c.size, c.crc32) {
+                    return Ok(ack(c.size, &done));
+                }
+                std::fs::write(&part, b"").map_err(|e| io("cannot write", &part, e))?;
+                std::fs::write(&meta, &want).map_err(|e| io("cannot write", &meta, e))?;
+                0
+            }
+        };
+        if !c.data.is_empty() {
+            if c.offset != held {
+                return Ok(ack(held, Path::new("")));
+            }
+            let end = held.checked_add(c.data.len() as u64);
+            if end.is_none_or(|end| end > c.size) {
+                return Err(format!(
+                    "upload of {name}: a chunk of {} bytes at {held} goes past the file's {} bytes",
+                    c.data.len(),
+                    c.size
+                ));
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&part)
+                .map_err(|e| io("cannot open", &part, e))?;
+            f.write_all(&c.data)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io("cannot write", &part, e))?;
+            held += c.data.len() as u64;
+        }
+        if held < c.size {
+            return Ok(ack(held, Path::new("")));
+        }
+        let bytes = std::fs::read(&part).map_err(|e| io("cannot read", &part, e))?;
+        let crc = crc32fast::hash(&bytes);
+        if crc != c.crc32 {
+            let _ = std::fs::remove_file(&part);
+            let _ = std::fs::remove_file(&meta);
+            return Err(format!(
+                "upload of {name}: the {} bytes received have CRC-32 {crc:08x}, the host's file has {:08x}; the partial file was discarded",
+                c.size, c.crc32
+            ));
+        }
+        std::fs::rename(&part, &done).map_err(|e| io("cannot rename to", &done, e))?;
+        let _ = std::fs::remove_file(&meta);
+        Ok(ack(c.size, &done))
+    }
+}
+
+/// Whether the file at `path` has `size` bytes with CRC-32 `crc32`.
+fn holds(path: &Path, size: u64, crc32: u32) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
+        && std::fs::read(path).is_ok_and(|b| crc32fast::hash(&b) == crc32)
+}
+
+/// Serves requests from `input` until it ends, answering on `output`, with uploads in
+/// [`Server::default_upload_dir`].
 ///
 /// A request that fails gets an Error frame and the runner goes on. A frame with a bad checksum or
 /// payload gets an Error frame with id 0 and the runner reads on; input that ends inside a frame,
 /// an oversize frame, or an output that cannot be written ends the loop with that error.
 pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), ProtocolError> {
+    serve_with(&mut Server::default(), input, output)
+}
+
+/// [`serve`] with the given server (its upload folder).
+pub fn serve_with(
+    server: &mut Server,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+) -> Result<(), ProtocolError> {
     loop {
-        let req = match decode_frame(input, MAX_FRAME_BYTES) {
+        let msg = match decode_frame(input, MAX_FRAME_BYTES) {
             Ok(None) => return Ok(()),
-            Ok(Some(Message::Request(req))) => req,
-            Ok(Some(other)) => {
-                let message = format!("expected a request, got {}", kind(&other));
-                write_frame(output, &Message::Error(pb::Error { id: 0, message }))?;
-                continue;
-            }
+            Ok(Some(msg)) => msg,
             Err(e @ (ProtocolError::Checksum { .. } | ProtocolError::Decode(_))) => {
                 let message = format!("bad request frame: {e}");
                 write_frame(output, &Message::Error(pb::Error { id: 0, message }))?;
@@ -44,24 +215,56 @@ pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), Protoco
             }
             Err(e) => return Err(e),
         };
-        let id = req.id;
-        let mut progress_err = None;
-        let answer = handle(&req, &mut |done, total| {
-            if progress_err.is_none() {
-                let msg = Message::Progress(pb::Progress { id, done, total });
-                if let Err(e) = write_frame(output, &msg) {
-                    progress_err = Some(e);
+        server.answer(msg, &mut |m| write_frame(output, m))?;
+    }
+}
+
+/// The longest wait for one read or write on the serial port (a pause inside a frame).
+pub const SERIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause between attempts to reopen the serial device after the link dropped.
+const REOPEN_PAUSE: Duration = Duration::from_millis(200);
+
+/// Serves frames on the serial `device` at `baud`, for ever: the runner of a board reached over a
+/// serial line. A device that cannot be opened at the start is an error; after that, a dropped
+/// link (a read or write error, a frame cut short) closes the device and opens it again until it
+/// opens, and serving goes on (the upload folder keeps partial files, so uploads resume).
+pub fn serve_serial(server: &mut Server, device: &Path, baud: u32) -> Result<(), String> {
+    let mut link = Link::open(device, baud, SERIAL_TIMEOUT)
+        .map_err(|e| format!("cannot open the serial port {}: {e}", device.display()))?;
+    eprintln!(
+        "whittle-runner: listening on {} at {baud} baud; uploads go to {}",
+        device.display(),
+        server.upload_dir().display()
+    );
+    loop {
+        let lost = match link.recv(None) {
+            Ok(msg) => match server.answer(msg, &mut |m| link.send(m)) {
+                Ok(()) => continue,
+                Err(e) => e.to_string(),
+            },
+            Err(LinkError::Bad(e)) => {
+                let message = format!("bad frame: {e}");
+                match link.send(&Message::Error(pb::Error { id: 0, message })) {
+                    Ok(()) => continue,
+                    Err(e) => e.to_string(),
                 }
             }
-        });
-        if let Some(e) = progress_err {
-            return Err(e);
-        }
-        let msg = match answer {
-            Ok(result) => Message::Result(result),
-            Err(message) => Message::Error(pb::Error { id, message }),
+            Err(LinkError::Idle) => continue,
+            Err(LinkError::Lost(m)) => m,
         };
-        write_frame(output, &msg)?;
+        eprintln!(
+            "whittle-runner: the link dropped ({lost}); reopening {}",
+            device.display()
+        );
+        drop(link);
+        link = loop {
+            std::thread::sleep(REOPEN_PAUSE);
+            if let Ok(l) = Link::open(device, baud, SERIAL_TIMEOUT) {
+                break l;
+            }
+        };
+        eprintln!("whittle-runner: reopened {}", device.display());
     }
 }
 
@@ -71,6 +274,10 @@ fn kind(msg: &Message) -> &'static str {
         Message::Progress(_) => "a progress frame",
         Message::Result(_) => "a result",
         Message::Error(_) => "an error frame",
+        Message::Ping(_) => "a ping",
+        Message::Pong(_) => "a pong",
+        Message::Chunk(_) => "a chunk",
+        Message::ChunkAck(_) => "a chunk acknowledgement",
     }
 }
 
@@ -253,6 +460,91 @@ mod tests {
 
     /// The last header byte (the checksum's high byte).
     const HEADER_LAST: usize = whittle_deploy::protocol::HEADER_BYTES - 1;
+
+    fn chunk(name: &str, whole: &[u8], offset: usize, len: usize) -> pb::Chunk {
+        pb::Chunk {
+            id: offset as u64 + 1,
+            name: name.into(),
+            size: whole.len() as u64,
+            crc32: crc32fast::hash(whole),
+            offset: offset as u64,
+            data: whole[offset..offset + len].to_vec(),
+        }
+    }
+
+    #[test]
+    fn uploads_resume_from_the_acknowledged_offset_and_check_the_whole_file() {
+        let dir = tempfile_dir("uploads");
+        let whole: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut server = Server::new(&dir);
+        let ask = |server: &mut Server| server.chunk(&chunk("m.onnx", &whole, 0, 0)).unwrap();
+        assert_eq!(ask(&mut server).offset, 0);
+        let ack = server.chunk(&chunk("m.onnx", &whole, 0, 4000)).unwrap();
+        assert_eq!((ack.offset, ack.path.as_str()), (4000, ""));
+        // A chunk that does not start at the held offset is not written.
+        let ack = server.chunk(&chunk("m.onnx", &whole, 6000, 1000)).unwrap();
+        assert_eq!(ack.offset, 4000);
+        // A new runner on the same folder (the link dropped, the runner restarted) still holds 4000.
+        let mut server = Server::new(&dir);
+        assert_eq!(ask(&mut server).offset, 4000);
+        let ack = server.chunk(&chunk("m.onnx", &whole, 4000, 6000)).unwrap();
+        assert_eq!(ack.offset, 10_000);
+        assert_eq!(ack.path, dir.join("m.onnx").display().to_string());
+        assert_eq!(std::fs::read(dir.join("m.onnx")).unwrap(), whole);
+        assert!(!dir.join(".partial/m.onnx").exists());
+        // The same file asked again: complete at once.
+        let ack = ask(&mut server);
+        assert_eq!((ack.offset, ack.path.is_empty()), (10_000, false));
+
+        // Another file under the same name starts over; a wrong checksum is refused and discarded.
+        let mut other = whole.clone();
+        other[0] ^= 1;
+        let mut c = chunk("m.onnx", &other, 0, 0);
+        assert_eq!(server.chunk(&c).unwrap().offset, 0);
+        c.data = whole.clone();
+        let e = server.chunk(&c).unwrap_err();
+        assert!(e.contains("CRC-32") && e.contains("discarded"), "{e}");
+        assert!(!dir.join(".partial/m.onnx").exists());
+        assert_eq!(std::fs::read(dir.join("m.onnx")).unwrap(), whole);
+
+        let e = server.chunk(&chunk("../x", &whole, 0, 0)).unwrap_err();
+        assert!(e.contains("not a plain file name"), "{e}");
+        let mut c = chunk("n.onnx", &whole, 0, 0);
+        c.size = 10;
+        c.data = vec![0; 11];
+        let e = server.chunk(&c).unwrap_err();
+        assert!(e.contains("goes past"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pings_and_chunks_are_answered_in_the_stream() {
+        let dir = tempfile_dir("stream");
+        let whole = b"0123456789".to_vec();
+        let mut input = encode_frame(&Message::Ping(pb::Ping { id: 9 }));
+        input.extend(encode_frame(&Message::Chunk(chunk("f.bin", &whole, 0, 10))));
+        let mut out = Vec::new();
+        serve_with(&mut Server::new(&dir), &mut input.as_slice(), &mut out).unwrap();
+        let mut s = out.as_slice();
+        let Some(Message::Pong(p)) = decode_frame(&mut s, MAX_FRAME_BYTES).unwrap() else {
+            panic!("a pong first")
+        };
+        assert_eq!(p.id, 9);
+        assert_eq!(p.upload_dir, dir.display().to_string());
+        let Some(Message::ChunkAck(a)) = decode_frame(&mut s, MAX_FRAME_BYTES).unwrap() else {
+            panic!("then an ack")
+        };
+        assert_eq!(a.offset, 10);
+        assert_eq!(std::fs::read(&a.path).unwrap(), whole);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("whittle-runner-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
 
     #[test]
     fn truncated_input_ends_the_loop_with_an_error() {

@@ -5,16 +5,18 @@
 //! its stdin and stdout; for `emulated` targets (`qemu-aarch64`) the runner cross-built for the
 //! target's triple, started under qemu-user the same way (its timings are not meaningful); for `ssh`
 //! targets the runner built for the board's triple, copied to the board with scp together with
-//! each model and started through ssh. Agreement and accuracy are checked in this process. Boards
-//! reached over a serial port come with the deploy issue.
+//! each model and started through ssh; for `serial` targets a runner already listening on the
+//! board's serial port (`whittle-runner --serial`), to which each model is uploaded in acknowledged
+//! chunks, resumed after a dropped link. Agreement and accuracy are checked in this process.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::Serialize;
 use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
 use whittle_deploy::protocol::pb;
+use whittle_deploy::serial::Serial;
 use whittle_deploy::target::{Target, Transport};
 use whittle_deploy::transport::{Emulated, Local, Ssh, Transport as RunnerTransport};
 use whittle_deploy::{BenchConfig, RuntimeKind};
@@ -93,6 +95,9 @@ struct Results {
     timing_note: Option<String>,
     /// The compression of the main job, when it ran.
     compression: Option<super::compress::Summary>,
+    /// What happened to the link (serial: drops, reopenings, resumed uploads), one line each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    link_events: Vec<String>,
     /// False while rows are still being measured: `results.json` is rewritten (atomically) after
     /// each row, so an interrupted or failed run keeps the rows it finished.
     complete: bool,
@@ -161,6 +166,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         started: started.clone(),
         timing_note: timing_note.clone(),
         compression,
+        link_events: Vec::new(),
         complete: false,
         rows: Vec::new(),
     };
@@ -219,6 +225,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                 outputs,
                 bench,
             });
+            results.link_events = runner.link_events();
             save(&results)?;
         }
     }
@@ -230,8 +237,18 @@ pub fn run(a: Args) -> Result<Outcome> {
         .as_ref()
         .map(|n| format!("**Note: {n}.**\n\n"))
         .unwrap_or_default();
+    let link = if results.link_events.is_empty() {
+        String::new()
+    } else {
+        let lines: Vec<String> = results
+            .link_events
+            .iter()
+            .map(|e| format!("- {e}\n"))
+            .collect();
+        format!("\nThe link:\n\n{}", lines.concat())
+    };
     let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n",
+        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n{link}",
         results.target,
         results.triple,
         results.started,
@@ -273,10 +290,14 @@ fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)
             eprintln!("runner: {}", ssh.command_line());
             Ok((Box::new(ssh), None))
         }
-        other => bail!(
-            "target '{}' uses the {other:?} transport, which this build cannot reach yet (local, emulated and ssh targets run)",
-            target.name
-        ),
+        Transport::Serial => {
+            let mut serial = Serial::for_target(target)?;
+            // Open the port and ping the runner now: a missing device or a silent board fails
+            // here, with one line, before any compression or report folder.
+            serial.start()?;
+            eprintln!("runner: {}", serial.describe());
+            Ok((Box::new(serial), None))
+        }
     }
 }
 
@@ -294,7 +315,11 @@ fn measure_in_runner(
     let count = |what: &str, n: usize| {
         u32::try_from(n).with_context(|| format!("{what} {n} is too large for the runner"))
     };
-    let model = runner.send_file(path)?;
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let upload = bar("upload", len as usize);
+    let model = runner.send_file_with_progress(path, &mut |done, _| upload.set_position(done));
+    upload.finish_and_clear();
+    let model = model?;
     let req = pb::Request {
         id: 1,
         name: name.to_string(),
