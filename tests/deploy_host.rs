@@ -1,6 +1,6 @@
 //! `whittle deploy --target host` from the repository root: the main job compresses the bundled
 //! ResNet-8, measures original and compressed on each runtime, and writes
-//! `<reports>/host/<stamp>/results.json` + `report.md` (+ the compressed model).
+//! `<reports>/host/<stamp>/results.json` + `report.md` + `plot.svg` (+ the compressed model).
 
 mod common;
 
@@ -120,17 +120,146 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
     let md = std::fs::read_to_string(stamps[0].join("report.md")).unwrap();
     assert!(md.contains("host"), "{md}");
     assert!(md.contains("ort-cpu") && md.contains("tract"), "{md}");
+    assert!(
+        md.contains("](plot.svg)"),
+        "the report shows the plot\n{md}"
+    );
+
+    // The plot: well-formed SVG, one point (circle) per variant and runtime, each labelled.
+    let svg = std::fs::read_to_string(stamps[0].join("plot.svg")).unwrap();
+    let elements = xml_elements(&svg).unwrap_or_else(|e| panic!("plot.svg is not XML: {e}"));
+    assert_eq!(elements.first().map(String::as_str), Some("svg"), "{svg}");
+    let circles = elements.iter().filter(|e| *e == "circle").count();
+    assert_eq!(circles, jrows.len(), "one point per row\n{svg}");
+    for variant in jrows.iter().map(|r| r["variant"].as_str().unwrap()) {
+        let label = format!(">\n{variant}\n</text>");
+        assert_eq!(
+            svg.matches(&label).count(),
+            2,
+            "{variant} labels a point on each runtime\n{svg}"
+        );
+    }
+    for rt in ["ort-cpu", "tract"] {
+        assert!(
+            svg.contains(&format!("\n{rt}\n</text>")),
+            "legend {rt}\n{svg}"
+        );
+    }
     // Nothing but the report files and the compressed model.
     assert_eq!(
         listing(dir.path()),
         vec![
             "host".to_string(),
             format!("host/{stamp}"),
+            format!("host/{stamp}/plot.svg"),
             format!("host/{stamp}/report.md"),
             format!("host/{stamp}/resnet8_cifar10.pruned.onnx"),
             format!("host/{stamp}/results.json"),
         ]
     );
+}
+
+/// The element names of an XML document in document order, after checking that it is well formed
+/// as far as tags go: every start tag closed in order, attribute values quoted, `&` only in
+/// entities, no text outside the root element.
+fn xml_elements(text: &str) -> Result<Vec<String>, String> {
+    let mut open: Vec<String> = Vec::new();
+    let mut names = Vec::new();
+    let mut rest = text;
+    let mut closed_root = false;
+    while let Some(lt) = rest.find('<') {
+        let between = &rest[..lt];
+        if (open.is_empty() && !between.trim().is_empty()) || between.contains('>') {
+            return Err(format!("stray text {between:?}"));
+        }
+        for (i, _) in between.match_indices('&') {
+            let ent = &between[i..];
+            let ok = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;", "&#"]
+                .iter()
+                .any(|e| ent.starts_with(e));
+            if !ok {
+                return Err(format!("bare & in {between:?}"));
+            }
+        }
+        rest = &rest[lt..];
+        if let Some(body) = rest.strip_prefix("<!--") {
+            let end = body.find("-->").ok_or("unclosed comment")?;
+            rest = &body[end + 3..];
+            continue;
+        }
+        if let Some(body) = rest.strip_prefix("<?") {
+            let end = body.find("?>").ok_or("unclosed declaration")?;
+            rest = &body[end + 2..];
+            continue;
+        }
+        let gt = rest.find('>').ok_or("unclosed tag")?;
+        let tag = &rest[1..gt];
+        rest = &rest[gt + 1..];
+        if let Some(name) = tag.strip_prefix('/') {
+            match open.pop() {
+                Some(o) if o == name.trim() => {}
+                other => return Err(format!("</{name}> closes {other:?}")),
+            }
+            closed_root |= open.is_empty();
+            continue;
+        }
+        if closed_root {
+            return Err(format!("<{tag}> after the root element"));
+        }
+        let self_closing = tag.ends_with('/');
+        let tag = tag.trim_end_matches('/');
+        let name: String = tag.chars().take_while(|c| !c.is_whitespace()).collect();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_:".contains(c))
+        {
+            return Err(format!("bad element name in <{tag}>"));
+        }
+        // Attributes: name="value" pairs.
+        let mut attrs = tag[name.len()..].trim();
+        while !attrs.is_empty() {
+            let eq = attrs
+                .find('=')
+                .ok_or(format!("attribute without value in <{tag}>"))?;
+            let value = attrs[eq + 1..].trim_start();
+            let quote = value.chars().next().filter(|q| *q == '"' || *q == '\'');
+            let quote = quote.ok_or(format!("unquoted attribute in <{tag}>"))?;
+            let end = value[1..]
+                .find(quote)
+                .ok_or(format!("unclosed attribute in <{tag}>"))?;
+            attrs = value[end + 2..].trim_start();
+        }
+        names.push(name.clone());
+        if !self_closing {
+            open.push(name);
+        } else {
+            closed_root |= open.is_empty();
+        }
+    }
+    if !open.is_empty() || !rest.trim().is_empty() || names.is_empty() {
+        return Err(format!("unclosed elements {open:?} or trailing text"));
+    }
+    Ok(names)
+}
+
+#[test]
+fn the_xml_check_tells_good_from_bad() {
+    let good = "<?xml version=\"1.0\"?>\n<svg a=\"1\"><g><circle cx=\"1\"/></g><text x='2'>a &amp; b</text></svg>\n";
+    assert_eq!(
+        xml_elements(good).unwrap(),
+        vec!["svg", "g", "circle", "text"]
+    );
+    for bad in [
+        "<svg><g></svg>",
+        "<svg><circle cx=1/></svg>",
+        "<svg>a & b</svg>",
+        "<svg></svg><svg></svg>",
+        "<svg>",
+        "text<svg></svg>",
+    ] {
+        assert!(xml_elements(bad).is_err(), "{bad}");
+    }
 }
 
 #[test]

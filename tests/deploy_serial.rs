@@ -267,6 +267,9 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     assert!(results.get("link_events").is_none(), "{results:#}");
     let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
     assert_rows_match_host_runner(&report, &results, &s(&lib), 1e-6, "over serial");
+    // The plot holds one point per row, as on every transport.
+    let svg = std::fs::read_to_string(report.join("plot.svg")).unwrap();
+    assert_eq!(svg.matches("<circle ").count(), 2, "{svg}");
     assert!(
         runner.stderr().contains("listening on"),
         "{}",

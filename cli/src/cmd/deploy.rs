@@ -7,7 +7,10 @@
 //! targets the runner built for the board's triple, copied to the board with scp together with
 //! each model and started through ssh; for `serial` targets a runner already listening on the
 //! board's serial port (`whittle-runner --serial`), to which each model is uploaded in acknowledged
-//! chunks, resumed after a dropped link. Agreement and accuracy are checked in this process.
+//! chunks, resumed after a dropped link. Agreement and accuracy are checked in this process. The
+//! report folder holds `results.json`, `report.md` and `plot.svg` (p50 latency against agreement).
+
+mod plot;
 
 use std::path::{Path, PathBuf};
 
@@ -103,6 +106,9 @@ struct Results {
     complete: bool,
     rows: Vec<Row>,
 }
+
+/// The plot in the report folder.
+const PLOT_FILE: &str = "plot.svg";
 
 /// The repository root: the current folder when it holds targets/, else the build's source tree.
 fn repo_root() -> PathBuf {
@@ -237,6 +243,25 @@ pub fn run(a: Args) -> Result<Outcome> {
         .as_ref()
         .map(|n| format!("**Note: {n}.**\n\n"))
         .unwrap_or_default();
+    let points: Vec<plot::Point> = results
+        .rows
+        .iter()
+        .filter_map(|r| {
+            Some(plot::Point {
+                variant: r.variant.clone(),
+                runtime: r.bench.runtime.to_string(),
+                agreement: r.agreement?,
+                p50_ms: r.bench.stats.p50_ms,
+            })
+        })
+        .collect();
+    let unplotted = results.rows.len() - points.len();
+    let svg = plot::svg(
+        &format!("whittle deploy: {} ({})", results.target, results.started),
+        &points,
+    )
+    .context("drawing the plot")?;
+    whittle_export::write_atomic(&dir.join(PLOT_FILE), svg.as_bytes())?;
     let link = if results.link_events.is_empty() {
         String::new()
     } else {
@@ -247,8 +272,13 @@ pub fn run(a: Args) -> Result<Outcome> {
             .collect();
         format!("\nThe link:\n\n{}", lines.concat())
     };
+    let unplotted = if unplotted > 0 {
+        format!(" ({unplotted} rows without an agreement are not plotted)")
+    } else {
+        String::new()
+    };
     let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n{link}",
+        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n{link}\n![p50 latency against top-1 agreement, one point per variant and runtime]({PLOT_FILE}){unplotted}\n",
         results.target,
         results.triple,
         results.started,
