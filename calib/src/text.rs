@@ -64,6 +64,41 @@ pub fn read_sentences(path: &Path) -> Result<Vec<String>, Error> {
     Ok(out)
 }
 
+/// The pairs of an STS-style file: one `score<TAB>sentence<TAB>sentence` per line (empty lines
+/// skipped). Any other line is an error naming its number.
+pub fn read_pairs(path: &Path) -> Result<Vec<(f64, String, String)>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        let score = f.first().and_then(|s| s.trim().parse::<f64>().ok());
+        match (score, f.len()) {
+            (Some(s), 3) if s.is_finite() && !f[1].trim().is_empty() && !f[2].trim().is_empty() => {
+                out.push((s, f[1].trim().to_string(), f[2].trim().to_string()))
+            }
+            _ => {
+                return Err(Error::Text {
+                    path: path.to_path_buf(),
+                    reason: format!("line {} is not score<TAB>sentence<TAB>sentence", i + 1),
+                });
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Text {
+            path: path.to_path_buf(),
+            reason: "holds no sentence pairs".into(),
+        });
+    }
+    Ok(out)
+}
+
 /// Tokenises `sentences` with the tokenizer file (`tokenizer.json` of Hugging Face tokenizers),
 /// special tokens added, padded to the longest (at most `max_len` tokens).
 pub fn tokenize(

@@ -1,5 +1,6 @@
 //! Writing ONNX files safely and verifying a candidate model against a reference.
 
+pub mod sts;
 pub mod verify;
 pub mod write;
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use whittle_calib::capture::{CaptureSpec, capture};
 use whittle_calib::{Dataset, Preprocess};
 use whittle_compress::cleanup::{self, CleanupReport};
+use whittle_compress::drop_blocks::{self, DropOptions, DropReport};
 use whittle_compress::groups::{self, Groups};
 use whittle_compress::latency::LatencyTable;
 use whittle_compress::lowrank::{self, LowRankOptions, LowRankReport, RankRule, Scheme};
@@ -56,6 +57,17 @@ pub struct Args {
     /// by a dynamic programme over measured segment latencies under `--target latency=F`.
     #[arg(long)]
     merge: bool,
+    /// Transformers: remove this many consecutive blocks (the span whose entering and leaving
+    /// hidden states are closest on the calibration data, or the one at --drop-start).
+    #[arg(long, value_name = "N")]
+    drop_blocks: Option<usize>,
+    /// With --drop-blocks: replace the span by one affine map fitted by least squares (ReplaceMe)
+    /// instead of removing it outright.
+    #[arg(long)]
+    linear_replace: bool,
+    /// With --drop-blocks: remove the span starting at this block (0-based; see `whittle inspect`).
+    #[arg(long, value_name = "BLOCK")]
+    drop_start: Option<usize>,
     /// Low rank: factorise against the calibration inputs' statistics (channel-wise).
     #[arg(long)]
     data_aware: bool,
@@ -189,6 +201,15 @@ struct MergeSection {
     target: Option<String>,
 }
 
+/// `[drop_blocks]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DropBlocksSection {
+    count: usize,
+    linear_replace: Option<bool>,
+    start: Option<usize>,
+}
+
 /// A compression recipe: the flags of `whittle compress`, in a file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +218,7 @@ struct Recipe {
     prune_channels: Option<PruneSection>,
     low_rank: Option<LowRankSection>,
     merge: Option<MergeSection>,
+    drop_blocks: Option<DropBlocksSection>,
 }
 
 /// A compression method, in the order they run.
@@ -205,6 +227,7 @@ enum Method {
     PruneChannels,
     LowRank,
     Merge,
+    DropBlocks,
 }
 
 /// Read a recipe and apply it to the arguments (paths are relative to the recipe's folder).
@@ -231,6 +254,7 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
         ),
         ("[low_rank]", Method::LowRank, r.low_rank.is_some()),
         ("[merge]", Method::Merge, r.merge.is_some()),
+        ("[drop_blocks]", Method::DropBlocks, r.drop_blocks.is_some()),
     ]
     .into_iter()
     .filter(|x| x.2)
@@ -240,12 +264,17 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
     a.methods = methods.into_iter().map(|x| x.1).collect();
     if a.methods.is_empty() {
         bail!(
-            "recipe {}: no method section ([prune_channels], [low_rank], [merge])",
+            "recipe {}: no method section ([prune_channels], [low_rank], [merge], [drop_blocks])",
             path.display()
         );
     }
     if let Some(m) = r.merge {
         a.merge_target = m.target;
+    }
+    if let Some(d) = r.drop_blocks {
+        a.drop_blocks = Some(d.count);
+        a.linear_replace = d.linear_replace.unwrap_or(a.linear_replace);
+        a.drop_start = d.start.or(a.drop_start);
     }
     if let Some(l) = r.low_rank {
         a.low_rank_target = l.target;
@@ -337,6 +366,8 @@ pub struct Summary {
     pub low_rank: Option<LowRankReport>,
     /// What depth merging did.
     pub merge: Option<MergeSummary>,
+    /// What transformer block removal did.
+    pub drop_blocks: Option<DropReport>,
     /// Wall time of the whole compression.
     pub seconds: f64,
 }
@@ -412,14 +443,24 @@ fn methods(a: &Args) -> Result<Vec<Method>> {
     if !a.methods.is_empty() {
         return Ok(a.methods.clone());
     }
-    Ok(match (a.prune_channels, a.low_rank, a.merge) {
-        (false, false, false) | (true, false, false) => vec![Method::PruneChannels],
-        (false, true, false) => vec![Method::LowRank],
-        (false, false, true) => vec![Method::Merge],
-        _ => bail!(
-            "--prune-channels, --low-rank and --merge together need a recipe (each method gets its own target; see recipes/README.md)"
-        ),
-    })
+    Ok(
+        match (
+            a.prune_channels,
+            a.low_rank,
+            a.merge,
+            a.drop_blocks.is_some(),
+        ) {
+            (false, false, false, false) | (true, false, false, false) => {
+                vec![Method::PruneChannels]
+            }
+            (false, true, false, false) => vec![Method::LowRank],
+            (false, false, true, false) => vec![Method::Merge],
+            (false, false, false, true) => vec![Method::DropBlocks],
+            _ => bail!(
+                "--prune-channels, --low-rank, --merge and --drop-blocks together need a recipe (each method gets its own target; see recipes/README.md)"
+            ),
+        },
+    )
 }
 
 /// Low-rank options from the flags (or the recipe's `[low_rank]`).
@@ -744,6 +785,9 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     };
     let mut opts = parse_opts(a)?;
     let is_latency = prunes && matches!(opts.budget, Budget::Latency(_));
+    if !methods.contains(&Method::DropBlocks) && (a.linear_replace || a.drop_start.is_some()) {
+        bail!("--linear-replace and --drop-start go with --drop-blocks N");
+    }
     if methods.contains(&Method::Merge) {
         if a.apply_plan.is_none() {
             merge_fraction(a)?;
@@ -779,12 +823,15 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let needs_data = (prunes
         && (!a.no_reconstruct || matches!(a.importance, ImportanceArg::Activation)))
         || lr_opts.as_ref().is_some_and(|o| o.data_aware)
-        || methods.contains(&Method::Merge);
+        || methods.contains(&Method::Merge)
+        || methods.contains(&Method::DropBlocks);
     if needs_data && a.calib.is_none() && a.output.is_some() {
         bail!(if prunes {
             "--calib DATA is needed for reconstruction and activation importance (or use --no-reconstruct --importance l2)"
         } else if methods.contains(&Method::Merge) {
             "--calib DATA is needed for --merge (each merge is refitted and judged on it)"
+        } else if methods.contains(&Method::DropBlocks) {
+            "--calib DATA is needed for --drop-blocks (the span is chosen, and replaced, on it): e.g. `whittle tokenize sentences.tsv --tokenizer DIR -o calib.npz`"
         } else {
             "--calib DATA is needed for --data-aware"
         });
@@ -826,6 +873,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let mut pruned: Option<Pruned> = None;
     let mut low_rank: Option<LowRankReport> = None;
     let mut merged: Option<MergeSummary> = None;
+    let mut dropped: Option<DropReport> = None;
     for m in &methods {
         match m {
             Method::PruneChannels => {
@@ -847,6 +895,24 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 let r = merge_stage(a, &current, d, &calib_idx, &pre)?;
                 current = r.0;
                 merged = Some(r.1);
+            }
+            Method::DropBlocks => {
+                let spec = spec
+                    .as_ref()
+                    .expect("--drop-blocks needs --calib, checked above");
+                let o = DropOptions {
+                    count: a.drop_blocks.unwrap_or(1),
+                    linear_replace: a.linear_replace,
+                    start: a.drop_start,
+                    ridge: a.ridge,
+                };
+                let mut next = current.clone();
+                let pb =
+                    crate::progress::spinner("blocks", "hidden states on the calibration data");
+                let r = drop_blocks::drop_blocks(&mut next, &o, spec);
+                pb.finish_and_clear();
+                dropped = Some(r?);
+                current = next;
             }
             Method::LowRank => {
                 let o = lr_opts.as_ref().expect("low-rank options parsed above");
@@ -915,6 +981,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         plan: pruned.map(|p| p.plan),
         low_rank,
         merge: merged,
+        drop_blocks: dropped,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(Some(s))
@@ -1264,6 +1331,34 @@ fn print_summary(s: &Summary) {
                 }
             );
         }
+    }
+    if let Some(d) = &s.drop_blocks {
+        let imp: Vec<String> = d.importance.iter().map(|v| format!("{v:.4}")).collect();
+        outln!(
+            "block importance (cosine distance in -> out, {} calibration tokens): {}",
+            d.tokens,
+            imp.join(", ")
+        );
+        outln!(
+            "removed blocks {} of {}: {}",
+            d.removed
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            d.blocks,
+            match &d.fit {
+                Some(f) if d.linear_replace => format!(
+                    "replaced by one linear map (hidden-state error {:.4}, removal alone {:.4})",
+                    f.rel_error_after, f.rel_error_before
+                ),
+                Some(f) => format!(
+                    "removed outright: {}",
+                    f.skipped.as_deref().unwrap_or("the fit did not help")
+                ),
+                None => "removed outright (no --linear-replace)".into(),
+            }
+        );
     }
     if let Some(lr) = &s.low_rank {
         let f: Vec<String> = lr

@@ -18,9 +18,14 @@ pub struct Args {
     reference: PathBuf,
     /// The candidate model.
     candidate: PathBuf,
-    /// Data: an image folder (class sub-folders give labels), a flat image folder, .npy, .npz.
+    /// Data: an image folder (class sub-folders give labels), a flat image folder, .npy, .npz;
+    /// with --tokenizer, a .tsv of `score<TAB>sentence<TAB>sentence` pairs (STS benchmark).
     #[arg(long)]
     data: PathBuf,
+    /// Text encoders: a tokenizer.json (or a folder holding one); --data is then a .tsv of STS
+    /// pairs, and the report gives both models' Spearman correlation with the gold scores.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Preprocessing: a built-in profile name or a TOML file (default: `<model>.profile.toml`).
     #[arg(long)]
     profile: Option<String>,
@@ -69,6 +74,34 @@ pub fn compare(
     Ok(rep?)
 }
 
+/// An STS evaluation of a text encoder (shared with the bench).
+pub fn sts(
+    reference: &std::path::Path,
+    candidate: &std::path::Path,
+    pairs: &std::path::Path,
+    tokenizer: &std::path::Path,
+    opts: &VerifyOptions,
+) -> Result<whittle_export::sts::StsReport> {
+    if !pairs
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("tsv"))
+    {
+        anyhow::bail!(
+            "with --tokenizer, --data is a .tsv of score<TAB>sentence<TAB>sentence pairs, not {}",
+            pairs.display()
+        );
+    }
+    let r = super::load_model(reference)?.to_bytes();
+    let c = super::load_model(candidate)?.to_bytes();
+    let pb = bar("sts", 0);
+    let rep = whittle_export::sts::sts(&r, &c, pairs, tokenizer, opts, &mut |d, t| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64)
+    });
+    pb.finish_and_clear();
+    Ok(rep?)
+}
+
 /// Run the command.
 pub fn run(a: Args) -> Result<Outcome> {
     if let Some(m) = a.min_agreement
@@ -85,6 +118,29 @@ pub fn run(a: Args) -> Result<Outcome> {
         limit: a.limit,
         threads: a.threads,
     };
+    if let Some(tok) = &a.tokenizer {
+        if a.min_agreement.is_some() {
+            anyhow::bail!(
+                "--min-agreement is for classifiers; STS pairs give a Spearman correlation"
+            );
+        }
+        let rep = sts(&a.reference, &a.candidate, &a.data, tok, &opts)?;
+        if a.json {
+            outln!("{}", serde_json::to_string(&rep)?);
+        } else {
+            outln!(
+                "{} STS pairs, runtime {}, embeddings from {}\nSpearman with the gold scores: reference {:.4}, candidate {:.4} ({} kept)\nmean cosine of the two models' embeddings {:.4}",
+                rep.pairs,
+                rep.runtime,
+                rep.embedding,
+                rep.reference_spearman,
+                rep.candidate_spearman,
+                pct(rep.kept),
+                rep.mean_cosine
+            );
+        }
+        return Ok(Outcome::Ok);
+    }
     let rep = compare(
         &a.reference,
         &a.candidate,
