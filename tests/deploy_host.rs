@@ -111,6 +111,10 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         assert_eq!(row["bench"]["stats"]["iters"].as_u64(), Some(5));
         assert!(row["bench"]["stats"]["p50_ms"].as_f64().unwrap() > 0.0);
         assert!(row["speedup"].as_f64().unwrap() > 0.0);
+        // session creation and the first run, timed apart from the timed runs
+        for key in ["load_ms", "first_run_ms"] {
+            assert!(row[key].as_f64().unwrap_or(0.0) > 0.0, "{key}\n{row:#}");
+        }
         // measured in whittle-runner, which reports its own peak memory
         assert!(
             row["peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
@@ -123,6 +127,17 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
     assert!(
         md.contains("](plot.svg)"),
         "the report shows the plot\n{md}"
+    );
+    assert!(
+        md.contains("| model | runtime | EP | session ms | first run ms |"),
+        "{md}"
+    );
+    assert_eq!(
+        md.lines()
+            .filter(|l| l.starts_with("| resnet8_cifar10"))
+            .count(),
+        4,
+        "a startup line per row\n{md}"
     );
 
     // The plot: well-formed SVG, one point (circle) per variant and runtime, each labelled.

@@ -150,7 +150,10 @@ fn accelerated_session(
 ) -> Result<(OrtInner, ProviderInfo), Error> {
     let requested = kind.provider_name();
     let (short, available, dispatch) = if kind == RuntimeKind::OrtTensorRt {
-        let mut trt = ep::TensorRT::default().with_fp16(true);
+        let mut trt = ep::TensorRT::default().with_fp16(opts.tensorrt_fp16.unwrap_or(true));
+        if let Some(bytes) = opts.tensorrt_workspace_bytes {
+            trt = trt.with_max_workspace_size(bytes);
+        }
         if let Some(dir) = &opts.tensorrt_cache_dir {
             trt = trt
                 .with_engine_cache(true)

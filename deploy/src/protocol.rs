@@ -324,6 +324,9 @@ mod tests {
             input_shapes: vec![pb::InputShape::new("input", &[1, 3, 32, 32])],
             allow_fallback: true,
             ort_library: String::new(),
+            tensorrt_fp16: Some(false),
+            tensorrt_cache_dir: "/var/cache/trt".into(),
+            tensorrt_workspace_bytes: Some(1 << 30),
         })
     }
 
@@ -350,6 +353,8 @@ mod tests {
                 "y",
                 &Value::F32(ArrayD::from_elem(IxDyn(&[1, 2]), 0.5)),
             )],
+            load_ms: Some(1234.5),
+            first_run_ms: Some(56.25),
         })
     }
 

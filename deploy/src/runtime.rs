@@ -111,6 +111,11 @@ pub struct RuntimeOptions {
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// For `ort-tensorrt`: a folder where TensorRT caches its engines (`None`: no cache).
     pub tensorrt_cache_dir: Option<PathBuf>,
+    /// For `ort-tensorrt`: build fp16 engines (`None`: yes).
+    pub tensorrt_fp16: Option<bool>,
+    /// For `ort-tensorrt`: the most memory, in bytes, TensorRT may use while building an engine
+    /// (`trt_max_workspace_size`; `None`: its default).
+    pub tensorrt_workspace_bytes: Option<usize>,
 }
 
 /// One dimension of a graph input or output.

@@ -76,6 +76,17 @@ pub struct Target {
     /// [`DEFAULT_REMOTE_DIR`], see [`Target::ssh_remote_dir`]).
     #[serde(default)]
     pub remote_dir: Option<String>,
+    /// For `ort-tensorrt` only: build fp16 engines (default `true`).
+    #[serde(default)]
+    pub tensorrt_fp16: Option<bool>,
+    /// For `ort-tensorrt` only: the folder, on the board, where TensorRT caches its engines
+    /// (created when missing; default: no cache, every session builds its engine again).
+    #[serde(default)]
+    pub tensorrt_cache_dir: Option<String>,
+    /// For `ort-tensorrt` only: the most memory TensorRT may use while building an engine, in MiB
+    /// (default: ONNX Runtime's).
+    #[serde(default, deserialize_with = "workspace_mb")]
+    pub tensorrt_workspace_mb: Option<u64>,
     /// `serial` only, required: the serial device on this machine that reaches the board
     /// (`/dev/ttyUSB0`).
     #[serde(default)]
@@ -168,6 +179,10 @@ fn baud<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error>
 
 fn reconnects<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     int_in(d, "reconnects", 0, 100).map(|n| Some(n as u32))
+}
+
+fn workspace_mb<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    int_in(d, "tensorrt_workspace_mb", 1, 1 << 20).map(|n| Some(n as u64))
 }
 
 fn chunk_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -345,6 +360,22 @@ impl Target {
             )));
         }
         t.check_serial().map_err(invalid)?;
+        if !t.runtimes.contains(&RuntimeKind::OrtTensorRt) {
+            for (key, set) in [
+                ("tensorrt_fp16", t.tensorrt_fp16.is_some()),
+                ("tensorrt_cache_dir", t.tensorrt_cache_dir.is_some()),
+                ("tensorrt_workspace_mb", t.tensorrt_workspace_mb.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(format!(
+                        "`{key}` is only for targets that measure \"ort-tensorrt\""
+                    )));
+                }
+            }
+        }
+        if t.tensorrt_cache_dir.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid("`tensorrt_cache_dir` is empty".into()));
+        }
         if let Some(lib) = &t.ort_library
             && let Ok(rest) = lib.strip_prefix(CACHE_PLACEHOLDER)
         {
@@ -412,6 +443,11 @@ impl Target {
             reconnects: self.reconnects.unwrap_or(DEFAULT_RECONNECTS),
             chunk_bytes: self.chunk_bytes.unwrap_or(DEFAULT_CHUNK_BYTES),
         }
+    }
+
+    /// The TensorRT workspace in bytes, from `tensorrt_workspace_mb`.
+    pub fn tensorrt_workspace_bytes(&self) -> Option<u64> {
+        self.tensorrt_workspace_mb.map(|mb| mb << 20)
     }
 
     /// The ssh port: `port`, else [`DEFAULT_SSH_PORT`].
@@ -627,9 +663,43 @@ mod tests {
     }
 
     #[test]
+    fn tensorrt_fields_need_the_tensorrt_runtime() {
+        let p = Path::new("trt.toml");
+        let ok = "name = \"j\"\ntriple = \"host\"\ntransport = \"local\"\nruntimes = [\"ort-tensorrt\", \"ort-cpu\"]\ntensorrt_fp16 = false\ntensorrt_cache_dir = \"/var/cache/trt\"\ntensorrt_workspace_mb = 512\n";
+        let t = Target::parse(ok, p).unwrap();
+        assert_eq!(t.tensorrt_fp16, Some(false));
+        assert_eq!(t.tensorrt_cache_dir.as_deref(), Some("/var/cache/trt"));
+        assert_eq!(t.tensorrt_workspace_bytes(), Some(512 << 20));
+        let refused = |text: &str, want: &str| {
+            let e = Target::parse(text, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        refused(
+            &ok.replace("\"ort-tensorrt\", ", ""),
+            "`tensorrt_fp16` is only for targets that measure \"ort-tensorrt\"",
+        );
+        refused(
+            &ok.replace("512", "0"),
+            "`tensorrt_workspace_mb` must be 1 to 1048576, not 0",
+        );
+        refused(
+            &ok.replace("/var/cache/trt", ""),
+            "`tensorrt_cache_dir` is empty",
+        );
+    }
+
+    #[test]
     fn shipped_targets_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets");
-        for name in ["host", "qemu-aarch64", "raspberry-pi-5", "serial-board"] {
+        for name in [
+            "host",
+            "qemu-aarch64",
+            "raspberry-pi-5",
+            "serial-board",
+            "jetson-orin-nano",
+            "jetson-nano",
+            "armv7-board",
+        ] {
             let t = Target::load(name, &dir).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(t.name, name);
         }
@@ -653,6 +723,27 @@ mod tests {
             "{}",
             lib.display()
         );
+        let orin = Target::load("jetson-orin-nano", &dir).unwrap();
+        assert_eq!(orin.transport, Transport::Ssh);
+        assert_eq!(
+            orin.runtimes,
+            vec![
+                RuntimeKind::OrtTensorRt,
+                RuntimeKind::OrtCuda,
+                RuntimeKind::OrtCpu,
+                RuntimeKind::Tract
+            ]
+        );
+        assert_eq!(orin.tensorrt_fp16, Some(true));
+        assert!(orin.tensorrt_cache_dir.is_some());
+        assert_eq!(orin.tensorrt_workspace_bytes(), Some(2048 << 20));
+        assert!(!orin.allow_fallback, "a missing TensorRT must be an error");
+        let nano = Target::load("jetson-nano", &dir).unwrap();
+        assert_eq!(nano.triple, "aarch64-unknown-linux-gnu");
+        assert!(nano.notes.contains("2.27"), "{}", nano.notes);
+        let armv7 = Target::load("armv7-board", &dir).unwrap();
+        assert_eq!(armv7.triple, "armv7-unknown-linux-gnueabihf");
+        assert_eq!(armv7.runtimes, vec![RuntimeKind::Tract]);
         let serial = Target::load("serial-board", &dir).unwrap();
         assert_eq!(serial.transport, Transport::Serial);
         assert_eq!(serial.device.as_deref(), Some(Path::new("/dev/ttyUSB0")));

@@ -3,7 +3,8 @@
 //! It reads [`Request`](whittle_deploy::protocol::pb::Request) frames on its input, and for each
 //! loads the model in the requested runtime, builds synthetic inputs (the shapes asked for, other
 //! symbolic dims 1), runs the model once for the output checksums, then warm-up and timed runs with
-//! [`whittle_deploy::bench`]. It answers with Progress frames and one Result, or one Error frame
+//! [`whittle_deploy::bench`]. Session creation (with TensorRT: the engine build, unless cached) and
+//! the first run are timed apart from those runs (`load_ms`, `first_run_ms`). It answers with Progress frames and one Result, or one Error frame
 //! with the runtime's own text, and then serves the next request, until its input closes. Its
 //! output carries frames only; anything it has to say goes to stderr.
 //!
@@ -310,11 +311,26 @@ pub fn handle(
             ));
         }
     }
+    let tensorrt_cache_dir = (!req.tensorrt_cache_dir.is_empty()
+        && runtime == RuntimeKind::OrtTensorRt)
+        .then(|| PathBuf::from(&req.tensorrt_cache_dir));
+    if let Some(dir) = &tensorrt_cache_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "cannot create the TensorRT engine cache folder {}: {e}",
+                dir.display()
+            )
+        })?;
+    }
     let opts = RuntimeOptions {
         threads: req.threads.map(|t| t as usize),
         allow_fallback: req.allow_fallback,
         input_shapes: input_shapes.clone(),
-        tensorrt_cache_dir: None,
+        tensorrt_cache_dir,
+        tensorrt_fp16: req.tensorrt_fp16,
+        tensorrt_workspace_bytes: req
+            .tensorrt_workspace_bytes
+            .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
     };
     let cfg = BenchConfig {
         warmup: req.warmup as usize,
@@ -322,6 +338,7 @@ pub fn handle(
         max_seconds: req.max_seconds,
     };
     reset_peak_rss();
+    let loading = std::time::Instant::now();
     let mut session = whittle_deploy::load(runtime, &bytes, &opts).map_err(|e| {
         if req.name.is_empty() {
             e.to_string()
@@ -329,6 +346,7 @@ pub fn handle(
             format!("{}: {e}", req.name)
         }
     })?;
+    let load_ms = loading.elapsed().as_secs_f64() * 1e3;
     drop(bytes);
     let inputs = whittle_deploy::synthetic_inputs(session.inputs(), &input_shapes)
         .map_err(|e| e.to_string())?;
@@ -341,7 +359,9 @@ pub fn handle(
             ));
         }
     }
+    let first_run = std::time::Instant::now();
     let outputs: Vec<Value> = session.run(&inputs).map_err(|e| e.to_string())?;
+    let first_run_ms = first_run.elapsed().as_secs_f64() * 1e3;
     let checksums = session
         .outputs()
         .iter()
@@ -377,6 +397,8 @@ pub fn handle(
             .map(|(info, v)| pb::InputShape::new(&info.name, v.shape()))
             .collect(),
         outputs: checksums,
+        load_ms: Some(load_ms),
+        first_run_ms: Some(first_run_ms),
     })
 }
 

@@ -168,3 +168,53 @@ fn a_garbage_model_is_an_error_frame_and_the_runner_serves_on() {
     }
     t.close().expect("closes");
 }
+
+/// No GPU here: an `ort-tensorrt` request with fallback allowed runs on CPU and says why, after
+/// making the engine cache folder it was given; without fallback it is an error naming TensorRT.
+/// Session creation and the first run are timed apart from the timed runs. (That TensorRT itself
+/// honours fp16, the cache and the workspace size is not checked: no TensorRT here.)
+#[test]
+fn tensorrt_options_reach_the_runner_and_a_missing_provider_is_named() {
+    let Ok(lib) = locate_ort_library() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "ONNX Runtime missing (CI=true)"
+        );
+        eprintln!("SKIPPED: no ONNX Runtime");
+        return;
+    };
+    let cache = std::env::temp_dir().join(format!("whittle-trt-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let mut req = request(
+        1,
+        RuntimeKind::OrtTensorRt,
+        pb::request::Model::ModelPath(resnet8().display().to_string()),
+    );
+    req.ort_library = lib.display().to_string();
+    req.tensorrt_fp16 = Some(true);
+    req.tensorrt_cache_dir = cache.display().to_string();
+    req.tensorrt_workspace_bytes = Some(256 << 20);
+    let mut t = runner();
+    let err = t.request(req.clone(), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, TransportError::Remote(_)), "{err}");
+    assert!(err.to_string().contains("TensorRT"), "{err}");
+    assert!(
+        cache.is_dir(),
+        "the cache folder is made before the session"
+    );
+
+    req.allow_fallback = true;
+    let r = t.request(req, &mut |_, _| {}).expect("falls back to CPU");
+    let p = r.provider_info();
+    assert_eq!(p.requested, "TensorrtExecutionProvider");
+    assert_eq!(p.actual, "CPUExecutionProvider");
+    assert!(p.fallback);
+    assert!(
+        p.reason.as_deref().unwrap_or_default().contains("TensorRT"),
+        "{p:?}"
+    );
+    assert!(r.load_ms.unwrap_or(0.0) > 0.0, "{r:?}");
+    assert!(r.first_run_ms.unwrap_or(0.0) > 0.0, "{r:?}");
+    t.close().unwrap();
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -75,6 +75,10 @@ struct Row {
     peak_rss_bytes: Option<u64>,
     /// The runner's output checksums for its synthetic inputs (compare across boards).
     outputs: Vec<OutputSum>,
+    /// Milliseconds to create the session in the runner (with TensorRT and no cached engine: the
+    /// engine build) and of its first run, apart from the timed runs.
+    load_ms: Option<f64>,
+    first_run_ms: Option<f64>,
 }
 
 /// One output checksum from the runner (see `whittle_deploy::protocol::output_checksum`).
@@ -194,7 +198,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         let reference_bytes = super::load_model(&reference)?.to_bytes();
         for &rt in &target.runtimes {
             eprintln!("measuring {name} on {} ({rt})", target.name);
-            let (bench, peak_rss_bytes, outputs) =
+            let (bench, peak_rss_bytes, outputs, (load_ms, first_run_ms)) =
                 measure_in_runner(runner.as_mut(), path, &name, rt, &target, &cfg)
                     .with_context(|| format!("{name} on {rt}"))?;
             let vopts = VerifyOptions {
@@ -230,6 +234,8 @@ pub fn run(a: Args) -> Result<Outcome> {
                 peak_rss_bytes,
                 outputs,
                 bench,
+                load_ms,
+                first_run_ms,
             });
             results.link_events = runner.link_events();
             save(&results)?;
@@ -272,13 +278,32 @@ pub fn run(a: Args) -> Result<Outcome> {
             .collect();
         format!("\nThe link:\n\n{}", lines.concat())
     };
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let startup_rows: Vec<String> = results
+        .rows
+        .iter()
+        .map(|r| {
+            format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.model,
+                r.bench.runtime,
+                r.bench.provider.actual,
+                ms(r.load_ms),
+                ms(r.first_run_ms)
+            )
+        })
+        .collect();
+    let startup = format!(
+        "\nStartup, apart from the timed runs: session creation (with TensorRT and no cached engine, the engine build) and the first run.\n\n| model | runtime | EP | session ms | first run ms |\n|---|---|---|---|---|\n{}",
+        startup_rows.concat()
+    );
     let unplotted = if unplotted > 0 {
         format!(" ({unplotted} rows without an agreement are not plotted)")
     } else {
         String::new()
     };
     let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n{link}\n![p50 latency against top-1 agreement, one point per variant and runtime]({PLOT_FILE}){unplotted}\n",
+        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n{startup}{link}\n![p50 latency against top-1 agreement, one point per variant and runtime]({PLOT_FILE}){unplotted}\n",
         results.target,
         results.triple,
         results.started,
@@ -331,9 +356,17 @@ fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)
     }
 }
 
+/// What [`measure_in_runner`] brings back: the report, the runner's peak RSS for this request, its
+/// output checksums, and the milliseconds of session creation and first run.
+type Measured = (
+    BenchReport,
+    Option<u64>,
+    Vec<OutputSum>,
+    (Option<f64>, Option<f64>),
+);
+
 /// Benchmarks the model at `path` in the target's runner (one request; the runner keeps running
-/// for the next). Returns the report, the runner's peak RSS for this request and its output
-/// checksums.
+/// for the next).
 fn measure_in_runner(
     runner: &mut dyn RunnerTransport,
     path: &Path,
@@ -341,7 +374,7 @@ fn measure_in_runner(
     runtime: RuntimeKind,
     target: &Target,
     cfg: &BenchConfig,
-) -> Result<(BenchReport, Option<u64>, Vec<OutputSum>)> {
+) -> Result<Measured> {
     let count = |what: &str, n: usize| {
         u32::try_from(n).with_context(|| format!("{what} {n} is too large for the runner"))
     };
@@ -366,6 +399,9 @@ fn measure_in_runner(
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
+        tensorrt_fp16: target.tensorrt_fp16,
+        tensorrt_cache_dir: target.tensorrt_cache_dir.clone().unwrap_or_default(),
+        tensorrt_workspace_bytes: target.tensorrt_workspace_bytes(),
     };
     let progress = bar(runtime.name(), cfg.warmup + cfg.iters);
     let result = runner.request(req, &mut |done, _| progress.set_position(done));
@@ -389,7 +425,12 @@ fn measure_in_runner(
             sum_squares: o.sum_squares,
         })
         .collect();
-    Ok((report, result.peak_rss_bytes, outputs))
+    Ok((
+        report,
+        result.peak_rss_bytes,
+        outputs,
+        (result.load_ms, result.first_run_ms),
+    ))
 }
 
 fn render(r: &Results) -> String {
