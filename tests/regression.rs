@@ -168,6 +168,34 @@ fn r8_every_shared_model_through_every_landed_method() {
             r,
             &["nothing to merge", "unreachable by merging"],
         ));
+        // transformer block removal: one block, replaced by a fitted linear map; a model with no
+        // recognised block says which pattern failed
+        let dropped = dir.path().join(format!("{name}.dropped.onnx"));
+        let r = run(&[
+            "compress",
+            &s(m),
+            "-o",
+            &s(&dropped),
+            "--drop-blocks",
+            "1",
+            "--linear-replace",
+            "--calib",
+            &s(&data),
+            "--calib-items",
+            "4",
+            "--holdout-items",
+            "0",
+            "--json",
+        ]);
+        report.push(method_outcome(
+            &name,
+            "block removal",
+            m,
+            &dropped,
+            &data,
+            r,
+            &["no residual Add", "none whose branch holds a Softmax"],
+        ));
     }
     eprintln!("{}", report.join("\n"));
 }
