@@ -196,6 +196,37 @@ fn r8_every_shared_model_through_every_landed_method() {
             r,
             &["no residual Add", "none whose branch holds a Softmax"],
         ));
+        // transformer width: a quarter of every block's feed-forward neurons, or of its heads
+        for (method, flag) in [
+            ("feed-forward pruning", "--prune-ffn"),
+            ("head pruning", "--prune-heads"),
+        ] {
+            let out = dir.path().join(format!("{name}{flag}.onnx"));
+            let r = run(&[
+                "compress",
+                &s(m),
+                "-o",
+                &s(&out),
+                flag,
+                "0.25",
+                "--calib",
+                &s(&data),
+                "--calib-items",
+                "4",
+                "--holdout-items",
+                "0",
+                "--json",
+            ]);
+            report.push(method_outcome(
+                &name,
+                method,
+                m,
+                &out,
+                &data,
+                r,
+                &["no residual Add", "none whose branch holds a Softmax"],
+            ));
+        }
     }
     eprintln!("{}", report.join("\n"));
 }

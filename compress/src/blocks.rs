@@ -451,3 +451,152 @@ pub fn chains(blocks: &[Block]) -> Vec<(usize, usize)> {
     }
     out
 }
+
+/// The model's attention-mask input: an integer or bool graph input whose name holds `mask`.
+pub fn mask_input(model: &Model) -> Option<String> {
+    let info = shape::infer(model, &[]).ok()?;
+    model
+        .inputs()
+        .iter()
+        .map(|v| v.name())
+        .find(|n| {
+            n.to_ascii_lowercase().contains("mask")
+                && info.types.get(*n).is_some_and(|t| {
+                    matches!(
+                        whittle_core::tensor::dtype_name(t.dtype),
+                        "int64" | "int32" | "bool"
+                    )
+                })
+        })
+        .map(str::to_string)
+}
+
+/// The flat row indices (item · positions + position) of the real tokens in a captured batch of
+/// `shape` (`[batch, ..., features]`): items past `count` pad a fixed batch, positions whose
+/// `mask` (`[batch, positions]`, as f32) is 0 are padding tokens.
+pub fn real_tokens(
+    shape: &[usize],
+    mask: Option<&ndarray::ArrayD<f32>>,
+    count: usize,
+) -> Result<Vec<usize>, whittle_calib::Error> {
+    if shape.len() < 2 {
+        return Err(whittle_calib::Error::Capture(format!(
+            "a hidden state of shape {shape:?} has no feature axis"
+        )));
+    }
+    let per_item: usize = shape[1..shape.len() - 1].iter().product();
+    if let Some(m) = mask
+        && m.len() != shape[0] * per_item
+    {
+        return Err(whittle_calib::Error::Capture(format!(
+            "the attention mask is {:?}, the hidden state {shape:?}",
+            m.shape()
+        )));
+    }
+    let mask = mask.map(|m| m.iter().copied().collect::<Vec<f32>>());
+    Ok((0..count.min(shape[0]) * per_item)
+        .filter(|&r| mask.as_ref().is_none_or(|m| m[r] > 0.5))
+        .collect())
+}
+
+/// A dense layer as exporters write it: `MatMul(x, W)` with `W` a 2-D initializer `[in, out]`,
+/// then optionally `Add` of a 1-D initializer `[out]` read by nothing else.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The MatMul node.
+    pub matmul: String,
+    /// Its input.
+    pub input: String,
+    /// The weight initializer, `[inputs, outputs]`.
+    pub weight: String,
+    /// The bias initializer, when an Add of one follows.
+    pub bias: Option<String>,
+    /// The bias Add node.
+    pub bias_add: Option<String>,
+    /// The layer's output (the bias Add's, else the MatMul's).
+    pub output: String,
+    /// Input and output features.
+    pub dims: (usize, usize),
+}
+
+/// The [`Linear`] at MatMul node `i`, if it is one.
+pub fn linear_at(model: &Model, ix: &Index, i: usize) -> Option<Linear> {
+    let g = model.graph();
+    let n = &g.node[i];
+    if n.op_type() != "MatMul" || n.input.len() != 2 {
+        return None;
+    }
+    let w = model.initializer(&n.input[1])?;
+    if w.dims.len() != 2 {
+        return None;
+    }
+    let dims = (w.dims[0] as usize, w.dims[1] as usize);
+    let mut out = Linear {
+        matmul: n.name().to_string(),
+        input: n.input[0].clone(),
+        weight: n.input[1].clone(),
+        bias: None,
+        bias_add: None,
+        output: n.output[0].clone(),
+        dims,
+    };
+    let r = ix.readers(&n.output[0]);
+    if let [(j, _)] = r
+        && g.node[*j].op_type() == "Add"
+        && !ix.is_output(&n.output[0])
+    {
+        let add = &g.node[*j];
+        let other = add.input.iter().find(|t| **t != n.output[0])?;
+        if let Some(b) = model.initializer(other)
+            && b.dims.iter().product::<i64>() == dims.1 as i64
+            && b.dims.len() == 1
+        {
+            out.bias = Some(other.clone());
+            out.bias_add = Some(add.name().to_string());
+            out.output = add.output[0].clone();
+        }
+    }
+    Some(out)
+}
+
+/// The weighted MatMul layers among `nodes` (names), in graph order.
+pub fn linears(model: &Model, nodes: &[String]) -> Vec<Linear> {
+    let g = model.graph();
+    let ix = Index::new(g);
+    let set: HashSet<&str> = nodes.iter().map(String::as_str).collect();
+    (0..g.node.len())
+        .filter(|&i| set.contains(g.node[i].name()))
+        .filter_map(|i| linear_at(model, &ix, i))
+        .collect()
+}
+
+/// Writes `values` (`dims`) as initializer `name`, or as a fresh copy when other nodes than
+/// `owners` read `name` too; points `owners`' inputs at it. Returns the name written.
+pub fn write_weight(
+    model: &mut Model,
+    name: &str,
+    dims: &[i64],
+    values: &[f32],
+    owners: &[&str],
+) -> String {
+    let shared = model
+        .graph()
+        .node
+        .iter()
+        .any(|n| !owners.contains(&n.name()) && n.input.iter().any(|t| t == name));
+    let target = if shared {
+        crate::cleanup::unique_name(model, &format!("{name}.pruned"))
+    } else {
+        name.to_string()
+    };
+    let g = model.graph_mut();
+    if shared {
+        for n in g.node.iter_mut().filter(|n| owners.contains(&n.name())) {
+            for t in n.input.iter_mut().filter(|t| *t == name) {
+                *t = target.clone();
+            }
+        }
+    }
+    crate::cleanup::set_initializer(g, whittle_core::tensor::from_f32(&target, dims, values));
+    target
+}

@@ -24,7 +24,7 @@ use serde::Serialize;
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
 use whittle_core::onnx::NodeProto;
-use whittle_core::tensor::{dtype_name, from_f32};
+use whittle_core::tensor::from_f32;
 
 use crate::Error;
 use crate::blocks::{self, Block};
@@ -131,7 +131,7 @@ pub fn drop_blocks(
         .hidden
         .ok_or_else(|| fail("the hidden size of the blocks is not known from the graph".into()))?;
 
-    let mask = mask_input(model);
+    let mask = blocks::mask_input(model);
     let mut tensors = bounds.clone();
     if let Some(m) = &mask {
         tensors.push(m.clone());
@@ -149,7 +149,15 @@ pub fn drop_blocks(
     let mut dist = vec![Distance::default(); pairs.len()];
     let mut tokens = 0usize;
     capture(model, &tensors, spec, &mut |values, count| {
-        let rows = token_rows(values, mask.is_some(), count, bounds.len(), hidden)?;
+        let shape = values[0].shape();
+        if shape.last() != Some(&hidden)
+            || values[..bounds.len()].iter().any(|v| v.shape() != shape)
+        {
+            return Err(whittle_calib::Error::Capture(format!(
+                "the block boundaries hold states of shape {shape:?}, not all [batch, ..., {hidden}]"
+            )));
+        }
+        let rows = blocks::real_tokens(shape, mask.as_ref().map(|_| &values[bounds.len()]), count)?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -234,65 +242,6 @@ pub fn drop_blocks(
         fit,
         params: (params_before, params(model)),
     })
-}
-
-/// The model's attention-mask input: an integer graph input whose name holds `mask`.
-fn mask_input(model: &Model) -> Option<String> {
-    let info = whittle_core::shape::infer(model, &[]).ok()?;
-    model
-        .inputs()
-        .iter()
-        .map(|v| v.name())
-        .find(|n| {
-            n.to_ascii_lowercase().contains("mask")
-                && info
-                    .types
-                    .get(*n)
-                    .is_some_and(|t| matches!(dtype_name(t.dtype), "int64" | "int32" | "bool"))
-        })
-        .map(str::to_string)
-}
-
-/// The flat row indices (item · seq + position) of the real tokens of a batch: items past
-/// `count` are padding of a fixed batch, positions whose mask is 0 are padding tokens. Checks
-/// that every boundary holds `hidden`-wide states of one shape.
-fn token_rows(
-    values: &[ndarray::ArrayD<f32>],
-    masked: bool,
-    count: usize,
-    bounds: usize,
-    hidden: usize,
-) -> Result<Vec<usize>, whittle_calib::Error> {
-    let shape = values[0].shape().to_vec();
-    let bad = |why: String| whittle_calib::Error::Capture(why);
-    if shape.last() != Some(&hidden) || shape.len() < 2 {
-        return Err(bad(format!(
-            "the hidden state is {shape:?}, not [batch, ..., {hidden}]"
-        )));
-    }
-    if values[..bounds]
-        .iter()
-        .any(|v| v.shape() != shape.as_slice())
-    {
-        return Err(bad(
-            "the block boundaries hold states of different shapes".into()
-        ));
-    }
-    let per_item: usize = shape[1..shape.len() - 1].iter().product();
-    let items = count.min(shape[0]);
-    let mask = masked.then(|| &values[bounds]);
-    if let Some(m) = mask
-        && m.len() != shape[0] * per_item
-    {
-        return Err(bad(format!(
-            "the attention mask is {:?}, the hidden state {shape:?}",
-            m.shape()
-        )));
-    }
-    let mask = mask.map(|m| m.as_slice().expect("contiguous"));
-    Ok((0..items * per_item)
-        .filter(|&r| mask.is_none_or(|m| m[r] > 0.5))
-        .collect())
 }
 
 fn cosine(x: &[f32], y: &[f32]) -> f64 {

@@ -22,6 +22,8 @@ pub mod latency;
 pub mod lowrank;
 pub mod merge;
 pub mod prune;
+pub mod prune_ffn;
+pub mod prune_heads;
 pub mod refit;
 
 /// Errors of the compression passes.

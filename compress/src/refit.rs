@@ -543,6 +543,27 @@ impl AffineFit {
         self.sys.rows
     }
 
+    /// `XᵀX` of the inputs (the bias column last), summed over the rows.
+    pub fn gram(&self) -> &Mat<f64> {
+        &self.sys.g
+    }
+
+    /// The same fit restricted to the inputs `keep` (the bias column stays).
+    pub fn select(&self, keep: &[usize]) -> AffineFit {
+        let bias = self.sys.g.nrows() - 1;
+        let cols: Vec<usize> = keep.iter().copied().chain([bias]).collect();
+        let d = cols.len();
+        AffineFit {
+            sys: System {
+                g: Mat::from_fn(d, d, |i, j| self.sys.g[(cols[i], cols[j])]),
+                r: Mat::from_fn(d, self.sys.r.ncols(), |i, o| self.sys.r[(cols[i], o)]),
+                yty: self.sys.yty.clone(),
+                ysum: self.sys.ysum.clone(),
+                rows: self.sys.rows,
+            },
+        }
+    }
+
     /// Solves with relative ridge `ridge`; the report's errors are those of `w_before` and of the
     /// solution, which is returned only when it is the better of the two.
     pub fn solve(

@@ -489,3 +489,179 @@ fn dropping_more_blocks_than_exist_is_refused() {
     assert!(e.contains("starts at block 2"), "{e}");
     assert_eq!(m.to_bytes(), before.to_bytes(), "nothing changed");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Width: feed-forward neurons and attention heads
+// ---------------------------------------------------------------------------------------------
+
+use whittle_compress::prune_ffn::{self, WidthOptions};
+use whittle_compress::prune_heads;
+use whittle_deploy::{RuntimeKind, RuntimeOptions, Value};
+
+fn width(fraction: f64) -> WidthOptions {
+    WidthOptions {
+        fraction,
+        round_to: 1,
+        refit: true,
+        ridge: 1e-6,
+    }
+}
+
+fn spec_run<T>(data: &Dataset, f: impl FnOnce(&CaptureSpec) -> T) -> T {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let pre = Preprocess::default();
+    f(&CaptureSpec {
+        dataset: data,
+        indices: &idx,
+        pre: &pre,
+        batch: 16,
+        runtime: RuntimeKind::OrtCpu,
+        threads: Some(2),
+    })
+}
+
+fn run_with(kind: RuntimeKind, m: &Model, inputs: &[(&str, Value)]) -> Vec<f32> {
+    let opts = RuntimeOptions {
+        input_shapes: inputs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.shape().to_vec()))
+            .collect(),
+        ..Default::default()
+    };
+    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &opts)
+        .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+    let feed: Vec<Value> = s
+        .inputs()
+        .iter()
+        .map(|io| inputs.iter().find(|x| x.0 == io.name).unwrap().1.clone())
+        .collect();
+    s.run(&feed).unwrap()[0].to_f32_vec()
+}
+
+#[test]
+fn pruned_heads_rewrite_the_shape_constants_and_run_at_any_batch_and_length() {
+    // the fixture's Reshapes hold the head count as constants: [0, 0, 2, 4] and [0, 0, 8]
+    let m = post_norm(2, false);
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture_data(dir.path(), 32, 6);
+    let mut cut = m.clone();
+    let r = spec_run(&data, |s| {
+        prune_heads::prune_heads(&mut cut, &width(0.5), s)
+    })
+    .unwrap();
+    assert!(r.layers.iter().all(|l| (l.kept, l.of) == (1, 2)), "{r:?}");
+    let shapes: Vec<Vec<i64>> = cut
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "Reshape")
+        .map(|n| whittle_core::tensor::to_i64(cut.initializer(&n.input[1]).unwrap()).unwrap())
+        .collect();
+    assert!(
+        shapes.iter().all(|s| s == &[0, 0, 1, 4] || s == &[0, 0, 4]),
+        "{shapes:?}"
+    );
+    let b = blocks::find_blocks(&cut).unwrap();
+    assert_eq!(b[0].heads, Some(1));
+    for (n, seq) in [(1, 3), (4, 11)] {
+        let x = Value::F32(whittle_deploy::probe_tensor(&[n, seq, D], -1.0, 1.0));
+        let o = run_with(RuntimeKind::OrtCpu, &cut, &[("x", x.clone())]);
+        let t = run_with(RuntimeKind::Tract, &cut, &[("x", x)]);
+        assert!(max_diff(&o, &t) < 1e-4);
+    }
+}
+
+#[test]
+fn ffn_pruning_keeps_the_best_neurons_and_the_refit_helps() {
+    let m = post_norm(2, false);
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture_data(dir.path(), 48, 6);
+    let x = Value::F32(whittle_deploy::probe_tensor(&[2, 9, D], -2.0, 2.0));
+    let want = run_ort(&m, &x);
+    let err = |got: &[f32]| -> f64 {
+        want.iter()
+            .zip(got)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum()
+    };
+    let mut errs = vec![];
+    for refit in [false, true] {
+        let mut cut = m.clone();
+        let o = WidthOptions {
+            refit,
+            ..width(0.25)
+        };
+        let r = spec_run(&data, |s| prune_ffn::prune_ffn(&mut cut, &o, s)).unwrap();
+        assert!(r.layers.iter().all(|l| (l.kept, l.of) == (12, 16)), "{r:?}");
+        assert_eq!(blocks::find_blocks(&cut).unwrap()[1].ffn, Some(12));
+        errs.push(err(&run_ort(&cut, &x)));
+    }
+    assert!(errs[1] < errs[0], "refit {} vs none {}", errs[1], errs[0]);
+    // a fraction outside (0, 1) is refused
+    let mut cut = m.clone();
+    let e = spec_run(&data, |s| prune_ffn::prune_ffn(&mut cut, &width(1.0), s))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be in (0, 1)"), "{e}");
+}
+
+#[test]
+fn minilm_with_pruned_heads_runs_for_batch_1_and_8_sequence_16_and_128() {
+    let Some(m) = minilm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // calibration: token ids from the vocabulary's ordinary range, a mask with padding
+    let p = dir.path().join("c.npz");
+    let (n, seq) = (16, 24);
+    let mut ids = ndarray::Array2::<i64>::zeros((n, seq));
+    let mut mask = ndarray::Array2::<i64>::zeros((n, seq));
+    for i in 0..n {
+        let len = 8 + i;
+        for j in 0..len {
+            ids[[i, j]] = if j == 0 {
+                101
+            } else if j == len - 1 {
+                102
+            } else {
+                2000 + ((i * 131 + j * 17) % 5000) as i64
+            };
+            mask[[i, j]] = 1;
+        }
+    }
+    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&p).unwrap());
+    w.add_array("input_ids", &ids).unwrap();
+    w.add_array("attention_mask", &mask).unwrap();
+    w.add_array("token_type_ids", &ndarray::Array2::<i64>::zeros((n, seq)))
+        .unwrap();
+    w.finish().unwrap();
+    let data = Dataset::open(&p).unwrap();
+    let mut cut = m.clone();
+    let r = spec_run(&data, |s| {
+        prune_heads::prune_heads(&mut cut, &width(0.25), s)
+    })
+    .unwrap();
+    assert!(r.layers.iter().all(|l| (l.kept, l.of) == (9, 12)), "{r:?}");
+    assert!(r.tokens < n * seq, "padding tokens are left out");
+    for (b, s) in [(1, 16), (1, 128), (8, 16), (8, 128)] {
+        let ids =
+            ndarray::Array2::from_shape_fn((b, s), |(i, j)| (1000 + i * 7 + j * 13) as i64 % 20000);
+        let inputs = [
+            ("input_ids", Value::I64(ids.into_dyn())),
+            (
+                "attention_mask",
+                Value::I64(ndarray::ArrayD::ones(vec![b, s])),
+            ),
+            (
+                "token_type_ids",
+                Value::I64(ndarray::ArrayD::zeros(vec![b, s])),
+            ),
+        ];
+        let o = run_with(RuntimeKind::OrtCpu, &cut, &inputs);
+        let t = run_with(RuntimeKind::Tract, &cut, &inputs);
+        assert_eq!(o.len(), b * s * 384);
+        assert!(
+            max_diff(&o, &t) < 1e-3,
+            "batch {b} seq {s}: {}",
+            max_diff(&o, &t)
+        );
+    }
+}

@@ -14,6 +14,8 @@ use whittle_compress::latency::LatencyTable;
 use whittle_compress::lowrank::{self, LowRankOptions, LowRankReport, RankRule, Scheme};
 use whittle_compress::merge;
 use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
+use whittle_compress::prune_ffn::{self, WidthOptions, WidthReport};
+use whittle_compress::prune_heads;
 use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
 use whittle_core::{Model, cost, shape};
 use whittle_deploy::RuntimeKind;
@@ -61,6 +63,14 @@ pub struct Args {
     /// hidden states are closest on the calibration data, or the one at --drop-start).
     #[arg(long, value_name = "N")]
     drop_blocks: Option<usize>,
+    /// Transformers: remove this fraction of every block's feed-forward neurons (by mean
+    /// |activation| times output-row norm), refitting the down projection.
+    #[arg(long, value_name = "FRACTION")]
+    prune_ffn: Option<f64>,
+    /// Transformers: remove this fraction of every block's attention heads (by the norm of their
+    /// output), refitting the output projection.
+    #[arg(long, value_name = "FRACTION")]
+    prune_heads: Option<f64>,
     /// With --drop-blocks: replace the span by one affine map fitted by least squares (ReplaceMe)
     /// instead of removing it outright.
     #[arg(long)]
@@ -210,6 +220,13 @@ struct DropBlocksSection {
     start: Option<usize>,
 }
 
+/// `[prune_ffn]` / `[prune_heads]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WidthSection {
+    fraction: f64,
+}
+
 /// A compression recipe: the flags of `whittle compress`, in a file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +236,8 @@ struct Recipe {
     low_rank: Option<LowRankSection>,
     merge: Option<MergeSection>,
     drop_blocks: Option<DropBlocksSection>,
+    prune_ffn: Option<WidthSection>,
+    prune_heads: Option<WidthSection>,
 }
 
 /// A compression method, in the order they run.
@@ -228,6 +247,8 @@ enum Method {
     LowRank,
     Merge,
     DropBlocks,
+    PruneFfn,
+    PruneHeads,
 }
 
 /// Read a recipe and apply it to the arguments (paths are relative to the recipe's folder).
@@ -255,6 +276,8 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
         ("[low_rank]", Method::LowRank, r.low_rank.is_some()),
         ("[merge]", Method::Merge, r.merge.is_some()),
         ("[drop_blocks]", Method::DropBlocks, r.drop_blocks.is_some()),
+        ("[prune_ffn]", Method::PruneFfn, r.prune_ffn.is_some()),
+        ("[prune_heads]", Method::PruneHeads, r.prune_heads.is_some()),
     ]
     .into_iter()
     .filter(|x| x.2)
@@ -264,12 +287,18 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
     a.methods = methods.into_iter().map(|x| x.1).collect();
     if a.methods.is_empty() {
         bail!(
-            "recipe {}: no method section ([prune_channels], [low_rank], [merge], [drop_blocks])",
+            "recipe {}: no method section ([prune_channels], [low_rank], [merge], [drop_blocks], [prune_ffn], [prune_heads])",
             path.display()
         );
     }
     if let Some(m) = r.merge {
         a.merge_target = m.target;
+    }
+    if let Some(w) = r.prune_ffn {
+        a.prune_ffn = Some(w.fraction);
+    }
+    if let Some(w) = r.prune_heads {
+        a.prune_heads = Some(w.fraction);
     }
     if let Some(d) = r.drop_blocks {
         a.drop_blocks = Some(d.count);
@@ -368,6 +397,10 @@ pub struct Summary {
     pub merge: Option<MergeSummary>,
     /// What transformer block removal did.
     pub drop_blocks: Option<DropReport>,
+    /// What feed-forward neuron pruning did.
+    pub prune_ffn: Option<WidthReport>,
+    /// What attention head pruning did.
+    pub prune_heads: Option<WidthReport>,
     /// Wall time of the whole compression.
     pub seconds: f64,
 }
@@ -443,24 +476,25 @@ fn methods(a: &Args) -> Result<Vec<Method>> {
     if !a.methods.is_empty() {
         return Ok(a.methods.clone());
     }
-    Ok(
-        match (
-            a.prune_channels,
-            a.low_rank,
-            a.merge,
-            a.drop_blocks.is_some(),
-        ) {
-            (false, false, false, false) | (true, false, false, false) => {
-                vec![Method::PruneChannels]
-            }
-            (false, true, false, false) => vec![Method::LowRank],
-            (false, false, true, false) => vec![Method::Merge],
-            (false, false, false, true) => vec![Method::DropBlocks],
-            _ => bail!(
-                "--prune-channels, --low-rank, --merge and --drop-blocks together need a recipe (each method gets its own target; see recipes/README.md)"
-            ),
-        },
-    )
+    let given: Vec<Method> = [
+        (a.prune_channels, Method::PruneChannels),
+        (a.low_rank, Method::LowRank),
+        (a.merge, Method::Merge),
+        (a.drop_blocks.is_some(), Method::DropBlocks),
+        (a.prune_ffn.is_some(), Method::PruneFfn),
+        (a.prune_heads.is_some(), Method::PruneHeads),
+    ]
+    .into_iter()
+    .filter(|x| x.0)
+    .map(|x| x.1)
+    .collect();
+    match given.len() {
+        0 => Ok(vec![Method::PruneChannels]),
+        1 => Ok(given),
+        _ => bail!(
+            "--prune-channels, --low-rank, --merge, --drop-blocks, --prune-ffn and --prune-heads together need a recipe (each method gets its own settings and order; see recipes/README.md)"
+        ),
+    }
 }
 
 /// Low-rank options from the flags (or the recipe's `[low_rank]`).
@@ -824,7 +858,9 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         && (!a.no_reconstruct || matches!(a.importance, ImportanceArg::Activation)))
         || lr_opts.as_ref().is_some_and(|o| o.data_aware)
         || methods.contains(&Method::Merge)
-        || methods.contains(&Method::DropBlocks);
+        || methods.contains(&Method::DropBlocks)
+        || methods.contains(&Method::PruneFfn)
+        || methods.contains(&Method::PruneHeads);
     if needs_data && a.calib.is_none() && a.output.is_some() {
         bail!(if prunes {
             "--calib DATA is needed for reconstruction and activation importance (or use --no-reconstruct --importance l2)"
@@ -832,6 +868,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
             "--calib DATA is needed for --merge (each merge is refitted and judged on it)"
         } else if methods.contains(&Method::DropBlocks) {
             "--calib DATA is needed for --drop-blocks (the span is chosen, and replaced, on it): e.g. `whittle tokenize sentences.tsv --tokenizer DIR -o calib.npz`"
+        } else if methods.contains(&Method::PruneFfn) || methods.contains(&Method::PruneHeads) {
+            "--calib DATA is needed for --prune-ffn / --prune-heads (importance and refit): e.g. `whittle tokenize sentences.tsv --tokenizer DIR -o calib.npz`"
         } else {
             "--calib DATA is needed for --data-aware"
         });
@@ -874,6 +912,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let mut low_rank: Option<LowRankReport> = None;
     let mut merged: Option<MergeSummary> = None;
     let mut dropped: Option<DropReport> = None;
+    let mut ffn: Option<WidthReport> = None;
+    let mut heads: Option<WidthReport> = None;
     for m in &methods {
         match m {
             Method::PruneChannels => {
@@ -912,6 +952,35 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 let r = drop_blocks::drop_blocks(&mut next, &o, spec);
                 pb.finish_and_clear();
                 dropped = Some(r?);
+                current = next;
+            }
+            Method::PruneFfn | Method::PruneHeads => {
+                let spec = spec
+                    .as_ref()
+                    .expect("width pruning needs --calib, checked above");
+                let ffn_pass = *m == Method::PruneFfn;
+                let o = WidthOptions {
+                    fraction: if ffn_pass { a.prune_ffn } else { a.prune_heads }.unwrap_or(0.25),
+                    round_to: a.round_to,
+                    refit: !a.no_reconstruct,
+                    ridge: a.ridge,
+                };
+                let mut next = current.clone();
+                let pb = crate::progress::spinner(
+                    if ffn_pass { "ffn" } else { "heads" },
+                    "activations on the calibration data",
+                );
+                let r = if ffn_pass {
+                    prune_ffn::prune_ffn(&mut next, &o, spec)
+                } else {
+                    prune_heads::prune_heads(&mut next, &o, spec)
+                };
+                pb.finish_and_clear();
+                if ffn_pass {
+                    ffn = Some(r?);
+                } else {
+                    heads = Some(r?);
+                }
                 current = next;
             }
             Method::LowRank => {
@@ -982,6 +1051,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         low_rank,
         merge: merged,
         drop_blocks: dropped,
+        prune_ffn: ffn,
+        prune_heads: heads,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(Some(s))
@@ -1359,6 +1430,38 @@ fn print_summary(s: &Summary) {
                 None => "removed outright (no --linear-replace)".into(),
             }
         );
+    }
+    for (what, r) in [
+        ("feed-forward neurons", &s.prune_ffn),
+        ("attention heads", &s.prune_heads),
+    ] {
+        if let Some(r) = r {
+            let per: Vec<String> = r
+                .layers
+                .iter()
+                .map(|l| {
+                    format!(
+                        "block {} {}/{}{}",
+                        l.block,
+                        l.kept,
+                        l.of,
+                        l.refit
+                            .as_ref()
+                            .filter(|f| f.skipped.is_none())
+                            .map(|f| format!(
+                                " (refit error {:.3} -> {:.3})",
+                                f.rel_error_before, f.rel_error_after
+                            ))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            outln!(
+                "{what} kept ({} calibration tokens): {}",
+                r.tokens,
+                per.join(", ")
+            );
+        }
     }
     if let Some(lr) = &s.low_rank {
         let f: Vec<String> = lr

@@ -1,0 +1,359 @@
+//! Feed-forward neuron pruning in transformer blocks (2SSP, stage 1), with a least-squares refit
+//! of the down projection.
+//!
+//! In every block [`crate::blocks::find_blocks`] finds, the feed-forward branch must be
+//! `up = x W1 (+ b1)`, an element-wise activation (any chain of element-wise ops whose other
+//! operands are scalar constants: Erf or Tanh GELU, ReLU, ...), `down = a W2 (+ b2)`. Neuron `j`
+//! scores `mean |a_j| · ‖W2[j, :]‖` over the calibration tokens (padding excluded); each block
+//! keeps its `1 − fraction` best neurons (rounded up to a multiple of `round_to`). Columns of
+//! `W1`, `b1` and rows of `W2` go; then `W2, b2` are refitted by least squares (f64, relative
+//! ridge) so that the kept activations give the original branch output on the calibration tokens
+//! (kept only when that lowers the error).
+//!
+//! Declines, naming the block: a branch of another shape (not two weighted MatMuls; an activation
+//! with a per-neuron constant). Guarantees: graph inputs and outputs unchanged.
+
+use std::collections::HashSet;
+
+use faer::Mat;
+use serde::Serialize;
+use whittle_calib::{CaptureSpec, capture};
+use whittle_core::Model;
+use whittle_core::tensor::to_f32;
+
+use crate::Error;
+use crate::blocks::{self, Linear};
+use crate::index::Index;
+use crate::refit::{AffineFit, RefitReport};
+
+/// How much to prune.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WidthOptions {
+    /// Fraction of each block's neurons (or heads) removed, in [0, 1).
+    pub fraction: f64,
+    /// Kept counts are multiples of this (neurons; heads ignore it).
+    pub round_to: usize,
+    /// Refit the layer after the cut by least squares.
+    pub refit: bool,
+    /// Relative ridge of the refit.
+    pub ridge: f64,
+}
+
+/// What was pruned in one block.
+#[derive(Debug, Clone, Serialize)]
+pub struct WidthLayer {
+    /// The block.
+    pub block: usize,
+    /// Kept of all (neurons or heads).
+    pub kept: usize,
+    /// Before.
+    pub of: usize,
+    /// The refit of the layer after the cut, when it ran.
+    pub refit: Option<RefitReport>,
+}
+
+/// What a width pass did.
+#[derive(Debug, Clone, Serialize)]
+pub struct WidthReport {
+    /// Per block.
+    pub layers: Vec<WidthLayer>,
+    /// Calibration tokens the statistics cover.
+    pub tokens: usize,
+}
+
+pub(crate) fn fail(pass: &str, reason: String) -> Error {
+    Error::Pass {
+        pass: pass.into(),
+        reason,
+    }
+}
+
+pub(crate) fn check_fraction(opts: &WidthOptions, what: &str) -> Result<(), Error> {
+    if !(opts.fraction > 0.0 && opts.fraction < 1.0) {
+        return Err(Error::Budget(format!(
+            "the fraction of {what} to prune must be in (0, 1), not {}",
+            opts.fraction
+        )));
+    }
+    Ok(())
+}
+
+/// One block's feed-forward branch.
+struct Ffn {
+    up: Linear,
+    down: Linear,
+    /// The activation: the down projection's input.
+    act: String,
+}
+
+fn ffn_of(model: &Model, b: &blocks::Block) -> Result<Ffn, Error> {
+    let bad = |why: String| fail("prune ffn", format!("block {}: {why}", b.index));
+    let lin = blocks::linears(model, &b.feed_forward.nodes);
+    let [up, down] = lin.as_slice() else {
+        return Err(bad(format!(
+            "the feed-forward branch has {} weighted MatMuls, not 2 (up, down)",
+            lin.len()
+        )));
+    };
+    let (d, f) = up.dims;
+    if down.dims != (f, d) {
+        return Err(bad(format!(
+            "up {:?} and down {:?} projections do not pair",
+            up.dims, down.dims
+        )));
+    }
+    // the activation path: element-wise ops whose other operands are scalar constants
+    let g = model.graph();
+    let ix = Index::new(g);
+    let mut path: HashSet<String> = HashSet::from([up.output.clone()]);
+    const ELEMENTWISE: &[&str] = &[
+        "Relu",
+        "Gelu",
+        "Erf",
+        "Tanh",
+        "Sigmoid",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Sqrt",
+        "HardSigmoid",
+        "HardSwish",
+        "LeakyRelu",
+        "Clip",
+        "Softplus",
+        "Elu",
+        "Selu",
+    ];
+    let scalar = |t: &str| {
+        let small = |dims: &[i64]| dims.iter().product::<i64>() <= 1;
+        model.initializer(t).is_some_and(|c| small(&c.dims))
+            || ix.producer.get(t).is_some_and(|&(p, _)| {
+                g.node[p].op_type() == "Constant"
+                    && g.node[p]
+                        .attribute
+                        .iter()
+                        .any(|a| a.t.as_ref().is_some_and(|c| small(&c.dims)))
+            })
+    };
+    // graph order is topological: one pass follows the activation from the up projection
+    for n in &g.node {
+        let on_path = n.input.iter().any(|t| path.contains(t));
+        if !on_path || n.name() == down.matmul {
+            continue;
+        }
+        if !ELEMENTWISE.contains(&n.op_type()) {
+            return Err(bad(format!(
+                "'{}' ({}) between the up and down projections is not element-wise",
+                n.name(),
+                n.op_type()
+            )));
+        }
+        if let Some(t) = n
+            .input
+            .iter()
+            .find(|t| !t.is_empty() && !path.contains(*t) && !scalar(t))
+        {
+            return Err(bad(format!(
+                "the activation '{}' ({}) reads '{t}', which is not a scalar constant",
+                n.name(),
+                n.op_type()
+            )));
+        }
+        path.extend(n.output.iter().cloned());
+    }
+    if !path.contains(&down.input) {
+        return Err(bad(format!(
+            "the down projection's input '{}' is not reached from the up projection by element-wise ops",
+            down.input
+        )));
+    }
+    Ok(Ffn {
+        up: up.clone(),
+        down: down.clone(),
+        act: down.input.clone(),
+    })
+}
+
+fn weights(model: &Model, name: &str) -> Result<Vec<f32>, Error> {
+    let t = model
+        .initializer(name)
+        .ok_or_else(|| fail("prune ffn", format!("no initializer '{name}'")))?;
+    Ok(to_f32(t)?)
+}
+
+/// The kept count of `n` after removing `fraction`, a multiple of `round_to`, at least 1.
+pub(crate) fn kept_count(n: usize, fraction: f64, round_to: usize) -> usize {
+    let keep = ((1.0 - fraction) * n as f64).round() as usize;
+    let r = round_to.max(1);
+    keep.div_ceil(r).saturating_mul(r).clamp(1, n)
+}
+
+/// Indices of the `k` largest scores, ascending.
+pub(crate) fn top(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
+/// Prunes the feed-forward neurons of every transformer block of `model`.
+pub fn prune_ffn(
+    model: &mut Model,
+    opts: &WidthOptions,
+    spec: &CaptureSpec,
+) -> Result<WidthReport, Error> {
+    check_fraction(opts, "feed-forward neurons")?;
+    let found = blocks::find_blocks(model)?;
+    let ffns: Vec<Ffn> = found
+        .iter()
+        .map(|b| ffn_of(model, b))
+        .collect::<Result<_, _>>()?;
+    let mask = blocks::mask_input(model);
+    let mut tensors: Vec<String> = ffns.iter().map(|f| f.act.clone()).collect();
+    tensors.extend(ffns.iter().map(|f| f.down.output.clone()));
+    if let Some(m) = &mask {
+        tensors.push(m.clone());
+    }
+    let nb = ffns.len();
+    // pass 1: mean |a_j| per block
+    let mut sums: Vec<Vec<f64>> = ffns.iter().map(|f| vec![0.0; f.up.dims.1]).collect();
+    let mut tokens = 0usize;
+    let err = |e: whittle_calib::Error| fail("prune ffn", format!("capture: {e}"));
+    let mut act_tensors: Vec<String> = tensors[..nb].to_vec();
+    if let Some(m) = &mask {
+        act_tensors.push(m.clone());
+    }
+    capture(model, &act_tensors, spec, &mut |v, count| {
+        let rows = blocks::real_tokens(v[0].shape(), mask.as_ref().map(|_| &v[nb]), count)?;
+        tokens += rows.len();
+        for (b, s) in sums.iter_mut().enumerate() {
+            let f = s.len();
+            let flat = v[b].as_slice().expect("contiguous");
+            for &r in &rows {
+                for (j, x) in flat[r * f..(r + 1) * f].iter().enumerate() {
+                    s[j] += f64::from(x.abs());
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(err)?;
+    let mut keeps = Vec::new();
+    for (f, s) in ffns.iter().zip(&sums) {
+        let (fdim, d) = f.down.dims;
+        let w2 = weights(model, &f.down.weight)?;
+        let score: Vec<f64> = (0..fdim)
+            .map(|j| {
+                let norm: f64 = w2[j * d..(j + 1) * d]
+                    .iter()
+                    .map(|&w| f64::from(w) * f64::from(w))
+                    .sum::<f64>()
+                    .sqrt();
+                s[j] / tokens.max(1) as f64 * norm
+            })
+            .collect();
+        keeps.push(top(&score, kept_count(fdim, opts.fraction, opts.round_to)));
+    }
+    // pass 2: the refit of each down projection from its kept activations
+    let mut fits: Vec<AffineFit> = ffns
+        .iter()
+        .zip(&keeps)
+        .map(|(f, k)| AffineFit::new(k.len(), f.down.dims.1))
+        .collect();
+    if opts.refit {
+        capture(model, &tensors, spec, &mut |v, count| {
+            let rows = blocks::real_tokens(v[0].shape(), mask.as_ref().map(|_| &v[2 * nb]), count)?;
+            for (b, fit) in fits.iter_mut().enumerate() {
+                let (fdim, d) = ffns[b].down.dims;
+                let (a, y) = (
+                    v[b].as_slice().expect("contiguous"),
+                    v[nb + b].as_slice().expect("contiguous"),
+                );
+                let k = &keeps[b];
+                let at = Mat::from_fn(k.len() + 1, rows.len(), |i, j| {
+                    if i == k.len() {
+                        1.0
+                    } else {
+                        f64::from(a[rows[j] * fdim + k[i]])
+                    }
+                });
+                let yt = Mat::from_fn(d, rows.len(), |i, j| f64::from(y[rows[j] * d + i]));
+                fit.add(&at, &yt);
+            }
+            Ok(())
+        })
+        .map_err(err)?;
+    }
+    let mut layers = Vec::new();
+    for (b, f) in ffns.iter().enumerate() {
+        let k = &keeps[b];
+        let ((d, fdim), kn) = (f.up.dims, k.len());
+        let w1 = weights(model, &f.up.weight)?;
+        let w1k: Vec<f32> = (0..d)
+            .flat_map(|i| k.iter().map(move |&j| (i, j)))
+            .map(|(i, j)| w1[i * fdim + j])
+            .collect();
+        blocks::write_weight(
+            model,
+            &f.up.weight,
+            &[d as i64, kn as i64],
+            &w1k,
+            &[&f.up.matmul],
+        );
+        if let (Some(bn), Some(add)) = (&f.up.bias, &f.up.bias_add) {
+            let b1 = weights(model, bn)?;
+            let b1k: Vec<f32> = k.iter().map(|&j| b1[j]).collect();
+            blocks::write_weight(model, bn, &[kn as i64], &b1k, &[add]);
+        }
+        let w2 = weights(model, &f.down.weight)?;
+        let b2 = match &f.down.bias {
+            Some(n) => weights(model, n)?,
+            None => vec![0.0; d],
+        };
+        // before the refit: the kept rows of W2 and b2 as they were
+        let before = Mat::from_fn(kn + 1, d, |i, o| {
+            if i == kn {
+                f64::from(b2[o])
+            } else {
+                f64::from(w2[k[i] * d + o])
+            }
+        });
+        let (report, solved) = if opts.refit {
+            let (r, w) = fits[b].solve(
+                &format!("block {} ffn", found[b].index),
+                &before,
+                opts.ridge,
+            );
+            (Some(r), w)
+        } else {
+            (None, None)
+        };
+        // a refit can write a bias only where the layer has one
+        let w = match (&solved, &f.down.bias) {
+            (Some(w), Some(_)) => w,
+            _ => &before,
+        };
+        let w2k: Vec<f32> = (0..kn * d).map(|x| w[(x / d, x % d)] as f32).collect();
+        blocks::write_weight(
+            model,
+            &f.down.weight,
+            &[kn as i64, d as i64],
+            &w2k,
+            &[&f.down.matmul],
+        );
+        if let (Some(bn), Some(add)) = (&f.down.bias, &f.down.bias_add) {
+            let b2n: Vec<f32> = (0..d).map(|o| w[(kn, o)] as f32).collect();
+            blocks::write_weight(model, bn, &[d as i64], &b2n, &[add]);
+        }
+        layers.push(WidthLayer {
+            block: found[b].index,
+            kept: kn,
+            of: fdim,
+            refit: report,
+        });
+    }
+    Ok(WidthReport { layers, tokens })
+}
