@@ -21,6 +21,12 @@ passing --quick, --threads and --whittle through; with --json its object is the 
 Then, unless --skip-lowrank, it runs bench/lowrank_bench.py the same way (the low-rank rows:
 `whittle compress --low-rank` at several MAC budgets, plain and data-aware, measured likewise);
 with --json its object is the "lowrank" field.
+Then, unless --skip-transformer, it runs bench/transformer_bench.py the same way (MiniLM: 1, 2, 3 blocks
+removed, plain and with a linear replacement, FFN neurons and attention heads pruned: params, latency
+at batch 1 and sequence 128, STS-dev Spearman); with --json its object is the "transformer" field.
+Last, unless --skip-runner, bench/runner_bench.py: the aarch64 board runner's stripped size against
+the 40 MB limit and the wall time of its cross build (with --quick: the size of the existing binary,
+no build); with --json its object is the "runner" field.
 
 Run it with the bench venv's python (`just bench`, which also builds whittle and the venv).
 """
@@ -38,6 +44,8 @@ from pathlib import Path
 
 import lowrank_bench
 import prune_bench
+import runner_bench
+import transformer_bench
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -200,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the channel pruning rows (bench/prune_bench.py; they take minutes, 15+ without --quick)")
     ap.add_argument("--skip-lowrank", action="store_true",
                     help="skip the low-rank rows (bench/lowrank_bench.py; they take minutes, ~10 without --quick)")
+    ap.add_argument("--skip-transformer", action="store_true",
+                    help="skip the MiniLM rows (bench/transformer_bench.py; minutes, ~15 without --quick)")
+    ap.add_argument("--skip-runner", action="store_true",
+                    help="skip the aarch64 runner's size and timed cross build (bench/runner_bench.py; "
+                         "the build takes a minute or so; --quick measures the size only)")
     ap.add_argument("--whittle", type=Path, default=default_whittle(),
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
     a = ap.parse_args(argv)
@@ -256,13 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         prune, prune_status = run_prune(a, log)
         lowrank, lowrank_status = run_lowrank(a, log)
+        transformer, transformer_status = run_transformer(a, log)
+        runner, runner_status = run_runner(a, log)
         print(json.dumps({
             "machine": mach, "loadavg_end": mach_end["loadavg"],
             "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                          "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version},
             "results": results, "elapsed_s": round(elapsed, 1),
-            "ok": not failed and prune_status == 0 and lowrank_status == 0,
-            "prune": prune, "lowrank": lowrank,
+            "ok": not failed and prune_status == 0 and lowrank_status == 0 and transformer_status == 0
+            and runner_status == 0,
+            "prune": prune, "lowrank": lowrank, "transformer": transformer, "runner": runner,
         }))
     else:
         print()
@@ -284,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         if lowrank is not None and "error" not in lowrank:
             print()
             print(lowrank_bench.render(lowrank))
+        transformer, transformer_status = run_transformer(a, log)
+        if transformer is not None and "error" not in transformer:
+            print()
+            print(transformer_bench.render(transformer))
+        runner, runner_status = run_runner(a, log)
+        if runner is not None:
+            print()
+            print(runner_bench.render(runner))
     for r in results:
         for c, why in r["failed"].items():
             print(f"bench: {r['model']}: {c} failed: {why}", file=sys.stderr)
@@ -291,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: channel pruning rows: {prune['error']}", file=sys.stderr)
     if lowrank is not None and "error" in lowrank:
         print(f"bench: low-rank rows: {lowrank['error']}", file=sys.stderr)
-    return 1 if failed or prune_status or lowrank_status else 0
+    if transformer is not None and "error" in transformer:
+        print(f"bench: transformer rows: {transformer['error']}", file=sys.stderr)
+    if runner_status:
+        print("bench: runner: the cross build or the strip failed (see above)", file=sys.stderr)
+    return 1 if failed or prune_status or lowrank_status or transformer_status or runner_status else 0
 
 
 def run_prune(a: argparse.Namespace, log) -> tuple[dict | None, int]:
@@ -316,6 +344,27 @@ def run_lowrank(a: argparse.Namespace, log) -> tuple[dict | None, int]:
     prune_bench.settle(la)
     log("")
     return lowrank_bench.run(la, log)
+
+
+def run_transformer(a: argparse.Namespace, log) -> tuple[dict | None, int]:
+    """The MiniLM rows (bench/transformer_bench.py), unless --skip-transformer: (result or None, status)."""
+    if a.skip_transformer:
+        return None, 0
+    ap = argparse.ArgumentParser()
+    transformer_bench.add_args(ap)
+    ta = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
+    transformer_bench.settle(ta)
+    log("")
+    return transformer_bench.run(ta, log)
+
+
+def run_runner(a: argparse.Namespace, log) -> tuple[dict | None, int]:
+    """The aarch64 runner's size and cross build time (bench/runner_bench.py), unless --skip-runner."""
+    if a.skip_runner:
+        return None, 0
+    ra = argparse.Namespace(quick=a.quick, json=a.json)
+    log("")
+    return runner_bench.run(ra, log)
 
 
 if __name__ == "__main__":
