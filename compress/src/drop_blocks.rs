@@ -174,7 +174,7 @@ pub fn drop_blocks(
             .collect();
         for (k, &(p, q)) in pairs.iter().enumerate() {
             for (x, y) in states[p].iter().zip(&states[q]) {
-                dist[k].sum += 1.0 - cosine(x, y);
+                dist[k].sum += 1.0 - blocks::cosine(x, y);
                 dist[k].n += 1;
             }
         }
@@ -242,20 +242,6 @@ pub fn drop_blocks(
         fit,
         params: (params_before, params(model)),
     })
-}
-
-fn cosine(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        let (a, b) = (f64::from(a), f64::from(b));
-        xy += a * b;
-        xx += a * a;
-        yy += b * b;
-    }
-    if xx == 0.0 || yy == 0.0 {
-        return if xx == yy { 1.0 } else { 0.0 };
-    }
-    xy / (xx.sqrt() * yy.sqrt())
 }
 
 fn params(model: &Model) -> u64 {

@@ -12,9 +12,13 @@
 //! | per-layer latency tables and the latency model of `latency=` budgets | `latency.rs` |
 //! | transformer block discovery (attention / feed-forward residuals, heads, sizes) | `blocks.rs` |
 //! | transformer block removal, with a least-squares linear replacement (ReplaceMe) | `drop_blocks.rs` |
+//! | attention sub-module removal (2SSP stage 2) | `drop_attention.rs` |
+//! | feed-forward neuron pruning with a refit of the down projection (2SSP) | `prune_ffn.rs` |
+//! | attention head pruning with a refit of the output projection (Minitron) | `prune_heads.rs` |
 
 pub mod blocks;
 pub mod cleanup;
+pub mod drop_attention;
 pub mod drop_blocks;
 pub mod groups;
 pub mod index;

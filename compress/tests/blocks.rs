@@ -665,3 +665,43 @@ fn minilm_with_pruned_heads_runs_for_batch_1_and_8_sequence_16_and_128() {
         );
     }
 }
+
+#[test]
+fn an_attention_that_adds_nothing_is_the_one_removed() {
+    use whittle_compress::drop_attention;
+    // pre-norm block 2's attention output projection zeroed: removing that attention is exact
+    let mut m = pre_norm(3);
+    for t in &mut m.graph_mut().initializer {
+        if t.name().starts_with("l2/attn/output.") {
+            let n = t.dims.iter().product::<i64>() as usize;
+            *t = from_f32(t.name(), &t.dims.clone(), &vec![0.0; n]);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture_data(dir.path(), 24, 6);
+    let x = Value::F32(whittle_deploy::probe_tensor(&[3, 7, D], -1.0, 1.0));
+    let want = run_ort(&m, &x);
+    let mut cut = m.clone();
+    let r = spec_run(&data, |s| drop_attention::drop_attention(&mut cut, 1, s)).unwrap();
+    assert_eq!(r.removed, vec![2], "{r:?}");
+    assert!(
+        r.importance[2] < 1e-9 && r.importance[0] > 1e-3,
+        "{:?}",
+        r.importance
+    );
+    assert!(max_diff(&want, &run_ort(&cut, &x)) < 1e-4);
+    let softmaxes = cut
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "Softmax")
+        .count();
+    assert_eq!(softmaxes, 2, "the branch is gone");
+    // (a block without attention is no longer a block: ask the original)
+    let e = spec_run(&data, |s| {
+        drop_attention::drop_attention(&mut m.clone(), 4, s)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the model has 3 blocks"), "{e}");
+}

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use whittle_calib::capture::{CaptureSpec, capture};
 use whittle_calib::{Dataset, Preprocess};
 use whittle_compress::cleanup::{self, CleanupReport};
+use whittle_compress::drop_attention::{self, DropAttentionReport};
 use whittle_compress::drop_blocks::{self, DropOptions, DropReport};
 use whittle_compress::groups::{self, Groups};
 use whittle_compress::latency::LatencyTable;
@@ -63,6 +64,10 @@ pub struct Args {
     /// hidden states are closest on the calibration data, or the one at --drop-start).
     #[arg(long, value_name = "N")]
     drop_blocks: Option<usize>,
+    /// Transformers: remove the attention of this many blocks (those that change the hidden state
+    /// least on the calibration data), keeping their feed-forward parts.
+    #[arg(long, value_name = "N")]
+    drop_attention: Option<usize>,
     /// Transformers: remove this fraction of every block's feed-forward neurons (by mean
     /// |activation| times output-row norm), refitting the down projection.
     #[arg(long, value_name = "FRACTION")]
@@ -238,6 +243,14 @@ struct Recipe {
     drop_blocks: Option<DropBlocksSection>,
     prune_ffn: Option<WidthSection>,
     prune_heads: Option<WidthSection>,
+    drop_attention: Option<DropAttentionSection>,
+}
+
+/// `[drop_attention]` of a recipe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DropAttentionSection {
+    count: usize,
 }
 
 /// A compression method, in the order they run.
@@ -249,6 +262,7 @@ enum Method {
     DropBlocks,
     PruneFfn,
     PruneHeads,
+    DropAttention,
 }
 
 /// Read a recipe and apply it to the arguments (paths are relative to the recipe's folder).
@@ -278,6 +292,11 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
         ("[drop_blocks]", Method::DropBlocks, r.drop_blocks.is_some()),
         ("[prune_ffn]", Method::PruneFfn, r.prune_ffn.is_some()),
         ("[prune_heads]", Method::PruneHeads, r.prune_heads.is_some()),
+        (
+            "[drop_attention]",
+            Method::DropAttention,
+            r.drop_attention.is_some(),
+        ),
     ]
     .into_iter()
     .filter(|x| x.2)
@@ -287,12 +306,15 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
     a.methods = methods.into_iter().map(|x| x.1).collect();
     if a.methods.is_empty() {
         bail!(
-            "recipe {}: no method section ([prune_channels], [low_rank], [merge], [drop_blocks], [prune_ffn], [prune_heads])",
+            "recipe {}: no method section ([prune_channels], [low_rank], [merge], [drop_blocks], [prune_ffn], [prune_heads], [drop_attention])",
             path.display()
         );
     }
     if let Some(m) = r.merge {
         a.merge_target = m.target;
+    }
+    if let Some(d) = r.drop_attention {
+        a.drop_attention = Some(d.count);
     }
     if let Some(w) = r.prune_ffn {
         a.prune_ffn = Some(w.fraction);
@@ -401,6 +423,8 @@ pub struct Summary {
     pub prune_ffn: Option<WidthReport>,
     /// What attention head pruning did.
     pub prune_heads: Option<WidthReport>,
+    /// What attention sub-module removal did.
+    pub drop_attention: Option<DropAttentionReport>,
     /// Wall time of the whole compression.
     pub seconds: f64,
 }
@@ -483,6 +507,7 @@ fn methods(a: &Args) -> Result<Vec<Method>> {
         (a.drop_blocks.is_some(), Method::DropBlocks),
         (a.prune_ffn.is_some(), Method::PruneFfn),
         (a.prune_heads.is_some(), Method::PruneHeads),
+        (a.drop_attention.is_some(), Method::DropAttention),
     ]
     .into_iter()
     .filter(|x| x.0)
@@ -492,7 +517,7 @@ fn methods(a: &Args) -> Result<Vec<Method>> {
         0 => Ok(vec![Method::PruneChannels]),
         1 => Ok(given),
         _ => bail!(
-            "--prune-channels, --low-rank, --merge, --drop-blocks, --prune-ffn and --prune-heads together need a recipe (each method gets its own settings and order; see recipes/README.md)"
+            "--prune-channels, --low-rank, --merge, --drop-blocks, --drop-attention, --prune-ffn and --prune-heads together need a recipe (each method gets its own settings and order; see recipes/README.md)"
         ),
     }
 }
@@ -860,7 +885,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         || methods.contains(&Method::Merge)
         || methods.contains(&Method::DropBlocks)
         || methods.contains(&Method::PruneFfn)
-        || methods.contains(&Method::PruneHeads);
+        || methods.contains(&Method::PruneHeads)
+        || methods.contains(&Method::DropAttention);
     if needs_data && a.calib.is_none() && a.output.is_some() {
         bail!(if prunes {
             "--calib DATA is needed for reconstruction and activation importance (or use --no-reconstruct --importance l2)"
@@ -868,8 +894,11 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
             "--calib DATA is needed for --merge (each merge is refitted and judged on it)"
         } else if methods.contains(&Method::DropBlocks) {
             "--calib DATA is needed for --drop-blocks (the span is chosen, and replaced, on it): e.g. `whittle tokenize sentences.tsv --tokenizer DIR -o calib.npz`"
-        } else if methods.contains(&Method::PruneFfn) || methods.contains(&Method::PruneHeads) {
-            "--calib DATA is needed for --prune-ffn / --prune-heads (importance and refit): e.g. `whittle tokenize sentences.tsv --tokenizer DIR -o calib.npz`"
+        } else if methods.contains(&Method::PruneFfn)
+            || methods.contains(&Method::PruneHeads)
+            || methods.contains(&Method::DropAttention)
+        {
+            "--calib DATA is needed for --prune-ffn / --prune-heads / --drop-attention (importance and refit): e.g. `whittle tokenize sentences.tsv --tokenizer DIR -o calib.npz`"
         } else {
             "--calib DATA is needed for --data-aware"
         });
@@ -913,6 +942,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let mut merged: Option<MergeSummary> = None;
     let mut dropped: Option<DropReport> = None;
     let mut ffn: Option<WidthReport> = None;
+    let mut attention: Option<DropAttentionReport> = None;
     let mut heads: Option<WidthReport> = None;
     for m in &methods {
         match m {
@@ -952,6 +982,19 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 let r = drop_blocks::drop_blocks(&mut next, &o, spec);
                 pb.finish_and_clear();
                 dropped = Some(r?);
+                current = next;
+            }
+            Method::DropAttention => {
+                let spec = spec
+                    .as_ref()
+                    .expect("--drop-attention needs --calib, checked above");
+                let mut next = current.clone();
+                let pb =
+                    crate::progress::spinner("attention", "hidden states on the calibration data");
+                let r =
+                    drop_attention::drop_attention(&mut next, a.drop_attention.unwrap_or(1), spec);
+                pb.finish_and_clear();
+                attention = Some(r?);
                 current = next;
             }
             Method::PruneFfn | Method::PruneHeads => {
@@ -1053,6 +1096,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         drop_blocks: dropped,
         prune_ffn: ffn,
         prune_heads: heads,
+        drop_attention: attention,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(Some(s))
@@ -1429,6 +1473,15 @@ fn print_summary(s: &Summary) {
                 ),
                 None => "removed outright (no --linear-replace)".into(),
             }
+        );
+    }
+    if let Some(d) = &s.drop_attention {
+        let imp: Vec<String> = d.importance.iter().map(|v| format!("{v:.4}")).collect();
+        outln!(
+            "attention importance (cosine distance in -> out, {} calibration tokens): {}; removed the attention of blocks {:?}",
+            d.tokens,
+            imp.join(", "),
+            d.removed
         );
     }
     for (what, r) in [
