@@ -32,10 +32,20 @@ deploy target="host" *args="": setup build
     #!/usr/bin/env bash
     set -euo pipefail
     f="targets/{{target}}.toml"
-    if [ -f "$f" ] && grep -Eq '^transport *= *"emulated"' "$f"; then
-        triple="$(sed -n 's/^triple *= *"\(.*\)"/\1/p' "$f")"
-        bash scripts/setup-cross.sh
-        just build-runner "$triple"
+    triple="$( [ -f "$f" ] && sed -n 's/^triple *= *"\(.*\)"/\1/p' "$f" || true)"
+    # a board (emulated, ssh, serial): build the runner for its triple first
+    if [ -n "$triple" ] && [ "$triple" != host ] && [ -z "${WHITTLE_RUNNER:-}" ]; then
+        case "$triple" in
+            aarch64-unknown-linux-gnu) bash scripts/setup-cross.sh ;;
+            *) linker="$(sed -n "/$triple/,/linker/s/^linker *= *\"\(.*\)\"/\1/p" .cargo/config.toml)"
+               command -v "${linker:-none}" >/dev/null || { echo "error: no cross linker for $triple (${linker:-none in .cargo/config.toml}); install it, e.g. apt-get install gcc-arm-linux-gnueabihf" >&2; exit 1; } ;;
+        esac
+        if grep -Eq '^runtimes *=.*"tract"' "$f"; then
+            echo "building the runner for $triple with tract (slow: tract-onnx takes most of an hour to cross-build)" >&2
+            cargo build --release -p whittle-runner --target "$triple"
+        else
+            just build-runner "$triple"
+        fi
         export WHITTLE_RUNNER="{{target_dir}}/$triple/release/whittle-runner"
     fi
     {{whittle}} deploy --target {{target}} {{args}}
