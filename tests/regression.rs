@@ -119,113 +119,71 @@ fn r8_every_shared_model_through_every_landed_method() {
             r,
             &["nothing to prune"],
         ));
-        // low rank: half of each layer's rank (plain SVD, no data)
-        let factored = dir.path().join(format!("{name}.lowrank.onnx"));
-        let r = run(&[
-            "compress",
-            &s(m),
-            "-o",
-            &s(&factored),
-            "--low-rank",
-            "--rank-fraction",
-            "0.5",
-            "--json",
-        ]);
-        report.push(method_outcome(
-            &name,
-            "low rank",
-            m,
-            &factored,
-            &data,
-            r,
-            &["nothing to factorise"],
-        ));
-        // depth merging at latency=0.95, refitted on the synthetic items; on a model where no
-        // merge pays on this machine the refusal names the best reachable latency
-        let merged = dir.path().join(format!("{name}.merged.onnx"));
-        let r = run(&[
-            "compress",
-            &s(m),
-            "-o",
-            &s(&merged),
-            "--merge",
-            "--target",
-            "latency=0.95",
-            "--calib",
-            &s(&data),
-            "--calib-items",
-            "4",
-            "--holdout-items",
-            "0",
-            "--json",
-        ]);
-        report.push(method_outcome(
-            &name,
-            "depth merging",
-            m,
-            &merged,
-            &data,
-            r,
-            &["nothing to merge", "unreachable by merging"],
-        ));
-        // transformer block removal: one block, replaced by a fitted linear map; a model with no
-        // recognised block says which pattern failed
-        let dropped = dir.path().join(format!("{name}.dropped.onnx"));
-        let r = run(&[
-            "compress",
-            &s(m),
-            "-o",
-            &s(&dropped),
-            "--drop-blocks",
-            "1",
-            "--linear-replace",
-            "--calib",
-            &s(&data),
-            "--calib-items",
-            "4",
-            "--holdout-items",
-            "0",
-            "--json",
-        ]);
-        report.push(method_outcome(
-            &name,
-            "block removal",
-            m,
-            &dropped,
-            &data,
-            r,
-            &["no residual Add", "none whose branch holds a Softmax"],
-        ));
-        // transformer width: a quarter of every block's feed-forward neurons, or of its heads
-        for (method, flag) in [
-            ("feed-forward pruning", "--prune-ffn"),
-            ("head pruning", "--prune-heads"),
-        ] {
-            let out = dir.path().join(format!("{name}{flag}.onnx"));
-            let r = run(&[
-                "compress",
-                &s(m),
-                "-o",
-                &s(&out),
-                flag,
-                "0.25",
-                "--calib",
-                &s(&data),
-                "--calib-items",
-                "4",
-                "--holdout-items",
-                "0",
-                "--json",
-            ]);
-            report.push(method_outcome(
-                &name,
-                method,
-                m,
-                &out,
-                &data,
-                r,
-                &["no residual Add", "none whose branch holds a Softmax"],
-            ));
+        // the other methods at moderate settings: (method, flags, the refusals that may apply)
+        let calib = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = extra.iter().map(|x| x.to_string()).collect();
+            v.extend(
+                [
+                    "--calib",
+                    &s(&data),
+                    "--calib-items",
+                    "4",
+                    "--holdout-items",
+                    "0",
+                ]
+                .iter()
+                .map(|x| x.to_string()),
+            );
+            v
+        };
+        let not_a_transformer = ["no residual Add", "none whose branch holds a Softmax"];
+        let methods: Vec<(&str, Vec<String>, &[&str])> = vec![
+            // low rank: half of each layer's rank (plain SVD, no data)
+            (
+                "low rank",
+                vec!["--low-rank".into(), "--rank-fraction".into(), "0.5".into()],
+                &["nothing to factorise"],
+            ),
+            // depth merging at latency=0.95, refitted on the synthetic items; on a model where no
+            // merge pays on this machine the refusal names the best reachable latency
+            (
+                "depth merging",
+                calib(&["--merge", "--target", "latency=0.95"]),
+                &["nothing to merge", "unreachable by merging"],
+            ),
+            // transformers: one block replaced by a fitted linear map, a quarter of the FFN
+            // neurons, a quarter of the heads; a model with no recognised block says which
+            // pattern failed
+            (
+                "block removal",
+                calib(&["--drop-blocks", "1", "--linear-replace"]),
+                &not_a_transformer,
+            ),
+            (
+                "feed-forward pruning",
+                calib(&["--prune-ffn", "0.25"]),
+                &not_a_transformer,
+            ),
+            (
+                "head pruning",
+                calib(&["--prune-heads", "0.25"]),
+                &not_a_transformer,
+            ),
+        ];
+        for (method, flags, refusals) in methods {
+            let out = dir
+                .path()
+                .join(format!("{name}.{}.onnx", method.replace(' ', "_")));
+            let mut args = vec![
+                "compress".to_string(),
+                s(m),
+                "-o".into(),
+                s(&out),
+                "--json".into(),
+            ];
+            args.extend(flags);
+            let r = run(&args);
+            report.push(method_outcome(&name, method, m, &out, &data, r, refusals));
         }
     }
     eprintln!("{}", report.join("\n"));

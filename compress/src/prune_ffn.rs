@@ -176,11 +176,73 @@ fn ffn_of(model: &Model, b: &blocks::Block) -> Result<Ffn, Error> {
     })
 }
 
-fn weights(model: &Model, name: &str) -> Result<Vec<f32>, Error> {
+pub(crate) fn weights(model: &Model, name: &str) -> Result<Vec<f32>, Error> {
     let t = model
         .initializer(name)
-        .ok_or_else(|| fail("prune ffn", format!("no initializer '{name}'")))?;
+        .ok_or_else(|| fail("width", format!("no initializer '{name}'")))?;
     Ok(to_f32(t)?)
+}
+
+/// Keeps the output columns `keep` of a [`Linear`] (weight and bias).
+pub(crate) fn keep_columns(model: &mut Model, l: &Linear, keep: &[usize]) -> Result<(), Error> {
+    let ((d, cols), kn) = (l.dims, keep.len());
+    let w = weights(model, &l.weight)?;
+    let w = &w;
+    let wk: Vec<f32> = (0..d)
+        .flat_map(|i| keep.iter().map(move |&j| w[i * cols + j]))
+        .collect();
+    blocks::write_weight(model, &l.weight, &[d as i64, kn as i64], &wk, &[&l.matmul]);
+    if let (Some(bn), Some(add)) = (&l.bias, &l.bias_add) {
+        let b = weights(model, bn)?;
+        let bk: Vec<f32> = keep.iter().map(|&j| b[j]).collect();
+        blocks::write_weight(model, bn, &[kn as i64], &bk, &[add]);
+    }
+    Ok(())
+}
+
+/// Keeps the input rows `keep` of a [`Linear`], refitted by `fit` (statistics of the kept rows
+/// against the layer's original output) when given and when that lowers the error; the bias is
+/// refitted only where the layer has one.
+pub(crate) fn keep_rows_refitted(
+    model: &mut Model,
+    l: &Linear,
+    keep: &[usize],
+    fit: Option<&AffineFit>,
+    ridge: f64,
+    name: &str,
+) -> Result<Option<RefitReport>, Error> {
+    let ((_, d), kn) = (l.dims, keep.len());
+    let w = weights(model, &l.weight)?;
+    let bias = match &l.bias {
+        Some(n) => weights(model, n)?,
+        None => vec![0.0; d],
+    };
+    // before the refit: the kept rows and the bias as they were
+    let before = Mat::from_fn(kn + 1, d, |i, o| {
+        if i == kn {
+            f64::from(bias[o])
+        } else {
+            f64::from(w[keep[i] * d + o])
+        }
+    });
+    let (report, solved) = match fit {
+        Some(f) => {
+            let (r, w) = f.solve(name, &before, ridge);
+            (Some(r), w)
+        }
+        None => (None, None),
+    };
+    let w = match (&solved, &l.bias) {
+        (Some(w), Some(_)) => w,
+        _ => &before,
+    };
+    let wk: Vec<f32> = (0..kn * d).map(|x| w[(x / d, x % d)] as f32).collect();
+    blocks::write_weight(model, &l.weight, &[kn as i64, d as i64], &wk, &[&l.matmul]);
+    if let (Some(bn), Some(add)) = (&l.bias, &l.bias_add) {
+        let b: Vec<f32> = (0..d).map(|o| w[(kn, o)] as f32).collect();
+        blocks::write_weight(model, bn, &[d as i64], &b, &[add]);
+    }
+    Ok(report)
 }
 
 /// The kept count of `n` after removing `fraction`, a multiple of `round_to`, at least 1.
@@ -290,64 +352,17 @@ pub fn prune_ffn(
     let mut layers = Vec::new();
     for (b, f) in ffns.iter().enumerate() {
         let k = &keeps[b];
-        let ((d, fdim), kn) = (f.up.dims, k.len());
-        let w1 = weights(model, &f.up.weight)?;
-        let w1k: Vec<f32> = (0..d)
-            .flat_map(|i| k.iter().map(move |&j| (i, j)))
-            .map(|(i, j)| w1[i * fdim + j])
-            .collect();
-        blocks::write_weight(
+        let (fdim, kn) = (f.up.dims.1, k.len());
+        keep_columns(model, &f.up, k)?;
+        let fit = opts.refit.then_some(&fits[b]);
+        let report = keep_rows_refitted(
             model,
-            &f.up.weight,
-            &[d as i64, kn as i64],
-            &w1k,
-            &[&f.up.matmul],
-        );
-        if let (Some(bn), Some(add)) = (&f.up.bias, &f.up.bias_add) {
-            let b1 = weights(model, bn)?;
-            let b1k: Vec<f32> = k.iter().map(|&j| b1[j]).collect();
-            blocks::write_weight(model, bn, &[kn as i64], &b1k, &[add]);
-        }
-        let w2 = weights(model, &f.down.weight)?;
-        let b2 = match &f.down.bias {
-            Some(n) => weights(model, n)?,
-            None => vec![0.0; d],
-        };
-        // before the refit: the kept rows of W2 and b2 as they were
-        let before = Mat::from_fn(kn + 1, d, |i, o| {
-            if i == kn {
-                f64::from(b2[o])
-            } else {
-                f64::from(w2[k[i] * d + o])
-            }
-        });
-        let (report, solved) = if opts.refit {
-            let (r, w) = fits[b].solve(
-                &format!("block {} ffn", found[b].index),
-                &before,
-                opts.ridge,
-            );
-            (Some(r), w)
-        } else {
-            (None, None)
-        };
-        // a refit can write a bias only where the layer has one
-        let w = match (&solved, &f.down.bias) {
-            (Some(w), Some(_)) => w,
-            _ => &before,
-        };
-        let w2k: Vec<f32> = (0..kn * d).map(|x| w[(x / d, x % d)] as f32).collect();
-        blocks::write_weight(
-            model,
-            &f.down.weight,
-            &[kn as i64, d as i64],
-            &w2k,
-            &[&f.down.matmul],
-        );
-        if let (Some(bn), Some(add)) = (&f.down.bias, &f.down.bias_add) {
-            let b2n: Vec<f32> = (0..d).map(|o| w[(kn, o)] as f32).collect();
-            blocks::write_weight(model, bn, &[d as i64], &b2n, &[add]);
-        }
+            &f.down,
+            k,
+            fit,
+            opts.ridge,
+            &format!("block {} ffn", found[b].index),
+        )?;
         layers.push(WidthLayer {
             block: found[b].index,
             kept: kn,

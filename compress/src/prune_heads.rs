@@ -18,13 +18,15 @@
 use faer::Mat;
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
-use whittle_core::onnx::TensorProto;
-use whittle_core::tensor::{from_i64, to_f32, to_i64};
+use whittle_core::tensor::{from_i64, to_i64};
 
 use crate::Error;
 use crate::blocks::{self, Linear};
 use crate::index::Index;
-use crate::prune_ffn::{WidthLayer, WidthOptions, WidthReport, check_fraction, fail, top};
+use crate::prune_ffn::{
+    WidthLayer, WidthOptions, WidthReport, check_fraction, fail, keep_columns, keep_rows_refitted,
+    top, weights,
+};
 use crate::refit::AffineFit;
 
 /// One block's attention projections.
@@ -130,9 +132,9 @@ pub fn prune_heads(
     .map_err(|e| fail("prune heads", format!("capture: {e}")))?;
     let mut layers = Vec::new();
     for (b, a) in atts.iter().enumerate() {
-        let (width, d) = a.out.dims;
+        let d = a.out.dims.1;
         let (h, dh) = (a.heads, a.head_dim);
-        let wo = to_f32(weight(model, &a.out.weight)?)?;
+        let wo = weights(model, &a.out.weight)?;
         // ‖C_h Wo_h‖² summed over tokens = tr(Wo_hᵀ G_hh Wo_h)
         let gram = fits[b].gram();
         let score: Vec<f64> = (0..h)
@@ -156,57 +158,18 @@ pub fn prune_heads(
             .iter()
             .flat_map(|&x| x * dh..(x + 1) * dh)
             .collect();
-        let kw = keep.len();
         for l in &a.qkv {
-            let w = to_f32(weight(model, &l.weight)?)?;
-            let wk: Vec<f32> = (0..d)
-                .flat_map(|i| keep.iter().map(move |&j| (i, j)))
-                .map(|(i, j)| w[i * width + j])
-                .collect();
-            blocks::write_weight(model, &l.weight, &[d as i64, kw as i64], &wk, &[&l.matmul]);
-            if let (Some(bn), Some(add)) = (&l.bias, &l.bias_add) {
-                let bias = to_f32(weight(model, bn)?)?;
-                let bk: Vec<f32> = keep.iter().map(|&j| bias[j]).collect();
-                blocks::write_weight(model, bn, &[kw as i64], &bk, &[add]);
-            }
+            keep_columns(model, l, &keep)?;
         }
-        let bo = match &a.out.bias {
-            Some(n) => to_f32(weight(model, n)?)?,
-            None => vec![0.0; d],
-        };
-        let before = Mat::from_fn(kw + 1, d, |i, o| {
-            if i == kw {
-                f64::from(bo[o])
-            } else {
-                f64::from(wo[keep[i] * d + o])
-            }
-        });
-        let (report, solved) = if opts.refit {
-            let (r, w) = fits[b].select(&keep).solve(
-                &format!("block {} attention output", found[b].index),
-                &before,
-                opts.ridge,
-            );
-            (Some(r), w)
-        } else {
-            (None, None)
-        };
-        let w = match (&solved, &a.out.bias) {
-            (Some(w), Some(_)) => w,
-            _ => &before,
-        };
-        let wok: Vec<f32> = (0..kw * d).map(|x| w[(x / d, x % d)] as f32).collect();
-        blocks::write_weight(
+        let fit = opts.refit.then(|| fits[b].select(&keep));
+        let report = keep_rows_refitted(
             model,
-            &a.out.weight,
-            &[kw as i64, d as i64],
-            &wok,
-            &[&a.out.matmul],
-        );
-        if let (Some(bn), Some(add)) = (&a.out.bias, &a.out.bias_add) {
-            let v: Vec<f32> = (0..d).map(|o| w[(kw, o)] as f32).collect();
-            blocks::write_weight(model, bn, &[d as i64], &v, &[add]);
-        }
+            &a.out,
+            &keep,
+            fit.as_ref(),
+            opts.ridge,
+            &format!("block {} attention output", found[b].index),
+        )?;
         for r in &a.reshapes {
             rewrite_shape(model, r, h, dh, keep_heads.len())?;
         }
@@ -219,12 +182,6 @@ pub fn prune_heads(
     }
     crate::cleanup::remove_dead(model);
     Ok(WidthReport { layers, tokens })
-}
-
-fn weight<'m>(model: &'m Model, name: &str) -> Result<&'m TensorProto, Error> {
-    model
-        .initializer(name)
-        .ok_or_else(|| fail("prune heads", format!("no initializer '{name}'")))
 }
 
 /// The new value of a shape vector: `[.., .., H, dh]` → `H'`, `[.., .., H·dh]` → `H'·dh`.
