@@ -363,7 +363,8 @@ def run_runner(a: argparse.Namespace, log) -> tuple[dict | None, int]:
     if a.skip_runner:
         return None, 0
     ra = argparse.Namespace(quick=a.quick, json=a.json)
-    log("")
+    if not a.quick:  # --quick logs nothing before its lines
+        log("")
     return runner_bench.run(ra, log)
 
 
