@@ -324,3 +324,66 @@ fn deploy_host_without_the_runner_says_how_to_build_it() {
     ]);
     assert!(!reports.exists(), "a report folder was made");
 }
+
+#[test]
+fn a_model_the_board_cannot_load_is_reported_and_the_others_are_measured() {
+    // ResNet-8 with one node turned into an op no runtime has: whittle reads it, the runner
+    // cannot load it; the deploy still measures the good model, reports the runner's error text
+    // for the bad one, and exits non-zero
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = whittle_core::Model::load(&resnet8()).unwrap();
+    let n = m
+        .graph_mut()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type() == "Relu")
+        .unwrap();
+    n.op_type = Some("NoSuchOp".into());
+    let bad = dir.path().join("broken.onnx");
+    std::fs::write(&bad, m.to_bytes()).unwrap();
+    let reports = dir.path().join("reports");
+    let r = run_in(
+        Some(&repo_root()),
+        &[
+            "deploy",
+            "--target",
+            "host",
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--reports",
+            &s(&reports),
+            &s(&resnet8()),
+            &s(&bad),
+        ],
+    );
+    // the good rows' table is printed, then one error line naming the bad model and the cause
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("resnet8_cifar10.onnx"), "{}", r.stdout);
+    let last = r.stderr.lines().last().unwrap_or_default();
+    for needle in ["2 of 4 measurements failed", "broken.onnx", "NoSuchOp"] {
+        assert!(last.contains(needle), "{needle} in {last}");
+    }
+    let folder = std::fs::read_dir(reports.join("host"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(res["complete"], true);
+    let rows = res["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "the good model on both runtimes");
+    assert!(rows.iter().all(|r| r["model"] == "resnet8_cifar10.onnx"));
+    let failures = res["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 2);
+    for f in failures {
+        assert_eq!(f["model"], "broken.onnx");
+        assert!(f["error"].as_str().unwrap().contains("NoSuchOp"), "{f}");
+    }
+    let md = std::fs::read_to_string(folder.join("report.md")).unwrap();
+    assert!(md.contains("Failed on the board"), "{md}");
+}

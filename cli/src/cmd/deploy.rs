@@ -109,6 +109,17 @@ struct Results {
     /// each row, so an interrupted or failed run keeps the rows it finished.
     complete: bool,
     rows: Vec<Row>,
+    /// Models the board could not run (the board's error text), while the others went on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    failures: Vec<Failure>,
+}
+
+/// A model and runtime that failed on the board or in the check against the original.
+#[derive(Serialize)]
+struct Failure {
+    model: String,
+    runtime: String,
+    error: String,
 }
 
 /// The plot in the report folder.
@@ -179,6 +190,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         link_events: Vec::new(),
         complete: false,
         rows: Vec::new(),
+        failures: Vec::new(),
     };
     let save = |results: &Results| -> Result<()> {
         whittle_export::write_atomic(
@@ -198,24 +210,43 @@ pub fn run(a: Args) -> Result<Outcome> {
         let reference_bytes = super::load_model(&reference)?.to_bytes();
         for &rt in &target.runtimes {
             eprintln!("measuring {name} on {} ({rt})", target.name);
-            let (bench, peak_rss_bytes, outputs, (load_ms, first_run_ms)) =
-                measure_in_runner(runner.as_mut(), path, &name, rt, &target, &cfg)
-                    .with_context(|| format!("{name} on {rt}"))?;
             let vopts = VerifyOptions {
                 runtime: rt,
                 threads: target.threads,
                 ..Default::default()
             };
-            let v = whittle_export::verify::verify_items(
-                &reference_bytes,
-                &bytes,
-                &ds,
-                &eval_idx,
-                &pre,
-                &vopts,
-                &mut |_, _| {},
-            )
-            .with_context(|| format!("checking {name} on {rt} with {}", data.display()))?;
+            // a model the board cannot run is a failure of its own: the others go on
+            let measured = measure_in_runner(runner.as_mut(), path, &name, rt, &target, &cfg)
+                .and_then(|m| {
+                    let v = whittle_export::verify::verify_items(
+                        &reference_bytes,
+                        &bytes,
+                        &ds,
+                        &eval_idx,
+                        &pre,
+                        &vopts,
+                        &mut |_, _| {},
+                    )
+                    .with_context(|| {
+                        format!("checking against the original on {}", data.display())
+                    })?;
+                    Ok((m, v))
+                });
+            let ((bench, peak_rss_bytes, outputs, (load_ms, first_run_ms)), v) = match measured {
+                Ok(x) => x,
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    eprintln!("error: {name} on {rt}: {error}");
+                    results.failures.push(Failure {
+                        model: name.clone(),
+                        runtime: rt.to_string(),
+                        error,
+                    });
+                    results.link_events = runner.link_events();
+                    save(&results)?;
+                    continue;
+                }
+            };
             let out = v.outputs.first();
             let speedup = results
                 .rows
@@ -310,6 +341,19 @@ pub fn run(a: Args) -> Result<Outcome> {
         eval_idx.len(),
         table
     );
+    let failed: Vec<String> = results
+        .failures
+        .iter()
+        .map(|f| format!("- {} on {}: {}\n", f.model, f.runtime, f.error))
+        .collect();
+    let md = if failed.is_empty() {
+        md
+    } else {
+        format!(
+            "{md}\nFailed on the board (the other rows were measured):\n\n{}",
+            failed.concat()
+        )
+    };
     whittle_export::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     if a.json {
         outln!("{}", serde_json::to_string(&results)?);
@@ -319,6 +363,17 @@ pub fn run(a: Args) -> Result<Outcome> {
             eprintln!("note: {n}");
         }
         eprintln!("report: {}", dir.display());
+    }
+    if let Some(f) = results.failures.first() {
+        anyhow::bail!(
+            "{} of {} measurements failed (the others are in {}); first: {} on {}: {}",
+            results.failures.len(),
+            results.failures.len() + results.rows.len(),
+            dir.display(),
+            f.model,
+            f.runtime,
+            f.error
+        );
     }
     Ok(Outcome::Ok)
 }
