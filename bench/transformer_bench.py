@@ -19,6 +19,8 @@ Rows (each compressed model is written to a temporary folder, or --keep):
       --holdout-items 0 --drop-blocks K [--linear-replace] --json`, plain removal and with the span
       replaced by one least-squares affine map (ReplaceMe); the removed blocks are compress's
       `drop_blocks.removed`
+  attention sub-modules removed (2SSP stage 2), 1 and 2 blocks: `--drop-attention K`; "blocks
+      removed" is then `drop_attention.removed`, whose attention went
   FFN neurons pruned, 25 % and 50 %: the same calibration flags and `--prune-ffn 0.25` / `0.5`
   attention heads pruned, 25 % and 50 %: `--prune-heads 0.25` / `0.5`
 A compress that fails (e.g. a flag this whittle does not have yet) becomes a row saying so with its
@@ -85,6 +87,9 @@ def variants(quick: bool) -> list[dict]:
                         "kind": "drop", "blocks": k, "linear_replace": replace,
                         "stem": f"drop{k}_{'replace' if replace else 'plain'}",
                         "flags": ["--drop-blocks", str(k)] + ["--linear-replace"] * replace})
+    for k in ((1,) if quick else (1, 2)):
+        out.append({"name": f"attention of {k} block{'s' * (k > 1)} removed", "kind": "drop-attention",
+                    "blocks": k, "stem": f"drop_attention{k}", "flags": ["--drop-attention", str(k)]})
     for flag, what in (("--prune-ffn", "FFN"), ("--prune-heads", "heads")):
         for frac in ((0.25,) if quick else (0.25, 0.5)):
             out.append({"name": f"{what} {frac:.0%} pruned", "kind": flag[2:], "fraction": frac,
@@ -100,7 +105,8 @@ def compress(model: Path, calib: Path, out: Path, v: dict, a) -> dict:
     rep = prune_bench.run_json(cmd, prune_bench.COMPRESS_TIMEOUT_S)
     wall = time.monotonic() - t0
     params0, params1 = rep["params"]
-    db = rep.get("drop_blocks") or {}
+    # the blocks a row removed: whole blocks, or their attention sub-modules
+    db = rep.get("drop_blocks") or rep.get("drop_attention") or {}
     fit = db.get("fit") or {}
     return {
         "command": cmd,
@@ -109,7 +115,7 @@ def compress(model: Path, calib: Path, out: Path, v: dict, a) -> dict:
         "params": [params0, params1],
         "params_kept": params1 / params0 if params0 else None,
         "macs": rep.get("macs"),
-        "blocks": db.get("blocks"),
+        "blocks": db.get("blocks") or len(db.get("importance") or []) or None,
         "removed": db.get("removed"),
         "linear_replace": db.get("linear_replace"),
         "fit_rel_error": [fit.get("rel_error_before"), fit.get("rel_error_after")] if fit else None,
