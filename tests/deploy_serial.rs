@@ -36,15 +36,9 @@ fn missing() -> Option<String> {
     (!gone.is_empty()).then(|| gone.join(", "))
 }
 
-/// True when the test should go on; else it prints "skipped: ..." (or fails with `CI=true`).
+/// True when the test should go on (see [`common::ready`]).
 fn ready() -> bool {
-    let Some(what) = missing() else { return true };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "missing: {what}; run `just setup-serial` (CI=true: a missing piece is a failure)"
-    );
-    eprintln!("skipped: missing {what}; run `just setup-serial`");
-    false
+    common::ready(missing(), "just setup-serial")
 }
 
 /// A socat pty pair with the links `A` and `B` in a folder; stopped (SIGTERM) on drop.

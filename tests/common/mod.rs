@@ -449,3 +449,15 @@ pub fn assert_rows_match_host_runner(
     }
     host.close().unwrap();
 }
+
+/// True when a test's system pieces are all there (`missing` is `None`); else it prints
+/// "skipped: missing ..." naming `setup`, the recipe that installs them, or fails under `CI=true`.
+pub fn ready(missing: Option<String>, setup: &str) -> bool {
+    let Some(what) = missing else { return true };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "missing: {what}; run `{setup}` (CI=true: a missing piece is a failure)"
+    );
+    eprintln!("skipped: missing {what}; run `{setup}`");
+    false
+}
