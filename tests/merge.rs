@@ -144,7 +144,7 @@ fn a_saved_merge_plan_replays_without_measuring() {
     let refused = dir.path().join("refused.onnx");
     run(&args(&refused, &["--merge", "--apply-plan", &s(&plan)]))
         .error(&["conv_a + conv_b", "not a merge candidate of this model"]);
-    run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["give --merge with it"]);
+    run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["give --merge with them"]);
     assert!(!refused.exists());
 }
 
@@ -193,4 +193,123 @@ fn a_merge_at_the_first_layer_refits_from_the_graph_input() {
     .json();
     assert_eq!(j["merge"]["refit"].as_array().unwrap().len(), 1, "{j}");
     run(&["verify", &s(&m), &s(&out), "--data", &s(&data)]).ok();
+}
+
+#[test]
+fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
+    let (Some(m), Some(photos)) = (
+        asset("models/mobilenetv1_025_vww96.onnx"),
+        asset("data/imagenet"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let measured = dir.path().join("vww.latency.json");
+    let t = run(&["profile", &s(&m), "--merge", "-o", &s(&measured), "--json"])
+        .ok()
+        .json();
+    let merges = t["merges"].as_array().expect("merge entries").clone();
+    assert_eq!(merges.len(), 51, "every candidate measured");
+    assert!(
+        merges.iter().all(
+            |e| e["before_ms"].as_f64().unwrap() > 0.0 && e["after_ms"].as_f64().unwrap() > 0.0
+        )
+    );
+    // two synthetic tables from the measured one: one where only the first depthwise+pointwise
+    // pair pays (10% of the model), one where only a later pair does
+    let model_ms = t["model_ms"].as_f64().unwrap();
+    let (a, b) = (
+        ["depthwise_conv2d", "conv2d_1"],
+        ["depthwise_conv2d_5", "conv2d_6"],
+    );
+    let table = |pays: &[&str; 2], name: &str| {
+        let mut t = t.clone();
+        for e in t["merges"].as_array_mut().unwrap() {
+            let saved = if e["convs"] == serde_json::json!(pays) {
+                0.1
+            } else {
+                -0.1
+            };
+            e["before_ms"] = serde_json::json!(model_ms);
+            e["after_ms"] = serde_json::json!(model_ms * (1.0 - saved));
+        }
+        let p = dir.path().join(name);
+        std::fs::write(&p, t.to_string()).unwrap();
+        p
+    };
+    let (ta, tb) = (table(&a, "a.json"), table(&b, "b.json"));
+    let compress = |table: &std::path::Path, extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "compress",
+            &s(&m),
+            "-o",
+            &s(&dir.path().join("m.onnx")),
+            "--calib",
+            &s(&photos),
+            "--profile",
+            "vww",
+            "--calib-items",
+            "24",
+            "--holdout-items",
+            "8",
+            "--merge",
+            "--target",
+            "latency=0.95",
+            "--latency-table",
+            &s(table),
+            "--json",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        run(&v)
+    };
+    let plan = dir.path().join("plan.json");
+    let ja = compress(&ta, &["--plan-out", &s(&plan)]).ok().json();
+    assert_eq!(
+        ja["merge"]["merged"][0]["convs"],
+        serde_json::json!(a),
+        "{ja}"
+    );
+    assert_eq!(ja["merge"]["merged"].as_array().unwrap().len(), 1);
+    let cands = ja["merge"]["measured"].as_array().unwrap();
+    assert_eq!(cands.len(), 51);
+    let judged: Vec<_> = cands.iter().filter(|c| !c["damage"].is_null()).collect();
+    assert_eq!(
+        judged.len(),
+        1,
+        "only the paying candidate is refitted and judged"
+    );
+    assert!(ja["merge"]["combined_damage"].as_f64().unwrap() >= 0.0);
+    // another table, the first run's damages: another plan; the one judged before is not judged
+    // again (its damage is carried over exactly), the newly paying one is
+    let jb = compress(&tb, &["--candidates", &s(&plan)]).ok().json();
+    assert_eq!(
+        jb["merge"]["merged"][0]["convs"],
+        serde_json::json!(b),
+        "{jb}"
+    );
+    let find = |j: &serde_json::Value, c: &[&str; 2]| {
+        j["merge"]["measured"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["convs"] == serde_json::json!(c))
+            .unwrap()["damage"]
+            .clone()
+    };
+    assert_eq!(find(&jb, &a), find(&ja, &a));
+    assert!(find(&jb, &b).as_f64().is_some());
+
+    // a table without merge entries, or of another model, is refused by name; nothing written
+    let plain = dir.path().join("plain.json");
+    run(&["profile", &s(&m), "-o", &s(&plain)]).ok();
+    std::fs::remove_file(dir.path().join("m.onnx")).unwrap();
+    compress(&plain, &[]).error(&["has no merge candidates", "whittle profile --merge"]);
+    let r8 = dir.path().join("r8.json");
+    run(&["profile", &s(&resnet8()), "--merge", "-o", &s(&r8)]).ok();
+    compress(&r8, &[]).error(&["does not fit this model"]);
+    compress(&ta, &["--candidates", &s(&plan), "--apply-plan", &s(&plan)]).error(&["give one"]);
+    assert!(!dir.path().join("m.onnx").exists());
 }

@@ -51,6 +51,10 @@ pub struct LatencyTable {
     pub call_ms: f64,
     /// One entry per weighted layer, in graph order.
     pub layers: Vec<LayerLatency>,
+    /// Depth-merging candidates measured alone, merged and not (`whittle profile --merge`;
+    /// empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merges: Vec<crate::merge::SegmentLatency>,
 }
 
 /// One layer's latencies.
@@ -462,6 +466,7 @@ pub fn profile(
         model_ms,
         call_ms,
         layers,
+        merges: vec![],
     })
 }
 
@@ -498,6 +503,70 @@ pub fn local_measure(
         let stats =
             whittle_deploy::bench(s.as_mut(), &inputs, &cfg, &mut |_, _| {}).map_err(fail)?;
         Ok(stats.min_ms)
+    }
+}
+
+/// Measures two models' latencies side by side, in ms.
+pub type PairMeasure<'a> = dyn FnMut(&Model, &Model) -> Result<(f64, f64), Error> + 'a;
+
+/// A [`PairMeasure`] on this machine: loads both models in `runtime` and runs them in
+/// `rounds` alternating rounds (the one going first alternating too), each round `cfg`'s timed
+/// runs after its warmup. Returns the median over rounds of the first model's median run, and
+/// that less the median over rounds of the paired differences (first − second): interleaving
+/// puts both under the same load, and medians of paired differences shrug off the slow rounds
+/// a shared machine has (the fastest run was tried first and found to swing by 20% from one
+/// measurement to the next here).
+pub fn local_pair_measure(
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+    rounds: usize,
+    cfg: BenchConfig,
+) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), Error> {
+    move |a: &Model, b: &Model| {
+        let names: Vec<&str> = a.inputs().iter().map(|i| i.name()).collect();
+        let opts = RuntimeOptions {
+            threads,
+            input_shapes: input_shapes
+                .iter()
+                .filter(|(n, _)| names.contains(&n.as_str()))
+                .cloned()
+                .collect(),
+            no_spinning: true,
+            ..Default::default()
+        };
+        let fail = |m: &Model, e: whittle_deploy::Error| Error::Pass {
+            pass: "profile".into(),
+            reason: format!("{} in {}: {e}", runtime.name(), m.graph().name()),
+        };
+        let mut sa = whittle_deploy::load(runtime, &a.to_bytes(), &opts).map_err(|e| fail(a, e))?;
+        let mut sb = whittle_deploy::load(runtime, &b.to_bytes(), &opts).map_err(|e| fail(b, e))?;
+        let inputs = whittle_deploy::synthetic_inputs(sa.inputs(), &opts.input_shapes)
+            .map_err(|e| fail(a, e))?;
+        let (mut pa, mut diffs) = (vec![], vec![]);
+        for r in 0..rounds.max(1) {
+            let mut p = [0.0; 2];
+            for k in [r % 2, 1 - r % 2] {
+                let (s, m) = if k == 0 { (&mut sa, a) } else { (&mut sb, b) };
+                p[k] = whittle_deploy::bench(s.as_mut(), &inputs, &cfg, &mut |_, _| {})
+                    .map_err(|e| fail(m, e))?
+                    .p50_ms;
+            }
+            pa.push(p[0]);
+            diffs.push(p[0] - p[1]);
+        }
+        let before = median(&mut pa);
+        Ok((before, before - median(&mut diffs)))
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

@@ -549,58 +549,79 @@ pub fn apply_segment(model: &mut Model, seg: &Segment) -> Result<MergeReport, Er
     })
 }
 
-/// The segment alone as a model (its input shape from shape inference, symbols as 1), merged or
-/// not: what a latency table measures.
-pub fn segment_model(model: &Model, seg: &Segment, merged: bool) -> Result<Model, Error> {
-    let shapes = whittle_core::shape::infer(model, &[])?;
-    let dims = |t: &str| -> Result<Vec<String>, Error> {
-        shapes
-            .shape(t)
-            .map(|s| s.iter().map(|d| d.value_or(1).to_string()).collect())
-            .ok_or_else(|| fail(format!("shape of {t} unknown")))
-    };
-    let g = model.graph();
-    let names: Vec<&String> = seg.convs.iter().chain(&seg.acts).chain(&seg.add).collect();
-    let nodes: Vec<NodeProto> = g
-        .node
-        .iter()
-        .filter(|n| names.iter().any(|x| *x == n.name()))
-        .cloned()
-        .collect();
-    let used: std::collections::HashSet<&str> = nodes
-        .iter()
-        .flat_map(|n| n.input.iter().map(String::as_str))
-        .collect();
-    let init = g
-        .initializer
-        .iter()
-        .filter(|t| used.contains(t.name()))
-        .cloned()
-        .collect();
-    let (xi, yo) = (dims(&seg.input)?, dims(&seg.output)?);
-    let vi = |name: &str, d: &[String]| {
-        let d: Vec<&str> = d.iter().map(String::as_str).collect();
-        whittle_core::model::float_value_info(name, &d)
-    };
-    let mut m = Model {
-        proto: whittle_core::onnx::ModelProto {
-            ir_version: model.proto.ir_version,
-            opset_import: model.proto.opset_import.clone(),
-            graph: Some(whittle_core::onnx::GraphProto {
-                name: Some(format!("segment {}", seg.convs.join("+"))),
-                node: nodes,
-                initializer: init,
-                input: vec![vi(&seg.input, &xi)],
-                output: vec![vi(&seg.output, &yo)],
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    };
-    if merged {
-        apply_segment(&mut m, seg)?;
+/// A merge candidate's latency, measured in the whole model: the model as it is and the model
+/// with only this segment merged, side by side on one runtime (what `whittle profile --merge`
+/// adds to a latency table). In context, not alone: a segment alone pays the runtime's layout
+/// changes and call overhead at its borders, which the model around it does not, and its
+/// saving alone was seen to overstate the saving in the model several times over.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct SegmentLatency {
+    /// The segment's convolutions (with `acts` and `add`, how a table names it).
+    pub convs: Vec<String>,
+    /// Its activations.
+    pub acts: Vec<String>,
+    /// Its residual Add.
+    pub add: Option<String>,
+    /// The model as it is, ms (fastest run, measured beside `after_ms`).
+    pub before_ms: f64,
+    /// The model with this segment merged into one conv, ms.
+    pub after_ms: f64,
+}
+
+impl SegmentLatency {
+    /// Whether this entry measures `seg`.
+    pub fn is(&self, seg: &Segment) -> bool {
+        self.convs == seg.convs && self.acts == seg.acts && self.add == seg.add
     }
-    Ok(m)
+
+    /// Latency saved by merging, ms (negative: the merged model is slower).
+    pub fn saved_ms(&self) -> f64 {
+        self.before_ms - self.after_ms
+    }
+}
+
+/// Measure every segment in the model, merged and not (weights as merged, not refitted: a refit
+/// changes values, not cost). `progress(done, total)` after each segment.
+pub fn measure_segments(
+    model: &Model,
+    segs: &[Segment],
+    measure: &mut crate::latency::PairMeasure,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<SegmentLatency>, Error> {
+    let mut out = Vec::with_capacity(segs.len());
+    for (i, seg) in segs.iter().enumerate() {
+        let mut merged = model.clone();
+        apply_segment(&mut merged, seg)?;
+        let (before_ms, after_ms) = measure(model, &merged)?;
+        out.push(SegmentLatency {
+            convs: seg.convs.clone(),
+            acts: seg.acts.clone(),
+            add: seg.add.clone(),
+            before_ms,
+            after_ms,
+        });
+        progress(i + 1, segs.len());
+    }
+    Ok(out)
+}
+
+/// Each segment's saving from a table measured earlier (`whittle profile --merge`), in the order
+/// of `segs`; a segment the table does not hold is refused by name.
+pub fn table_savings(table: &[SegmentLatency], segs: &[Segment]) -> Result<Vec<f64>, Error> {
+    segs.iter()
+        .map(|s| {
+            table
+                .iter()
+                .find(|t| t.is(s))
+                .map(SegmentLatency::saved_ms)
+                .ok_or_else(|| {
+                    Error::Budget(format!(
+                        "the latency table has no entry for the merge of {}: measure it with `whittle profile --merge` on this model",
+                        s.convs.join(" + ")
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// One measured candidate for [`choose`].

@@ -13,7 +13,6 @@ use whittle_compress::drop_blocks::{self, DropOptions, DropReport};
 use whittle_compress::groups::{self, Groups};
 use whittle_compress::latency::LatencyTable;
 use whittle_compress::lowrank::{self, LowRankOptions, LowRankReport, RankRule, Scheme};
-use whittle_compress::merge;
 use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
 use whittle_compress::prune_ffn::{self, WidthOptions, WidthReport};
 use whittle_compress::prune_heads;
@@ -24,7 +23,10 @@ use whittle_export::{VerifyOptions, VerifyReport};
 
 use crate::Outcome;
 use crate::progress::bar;
+
+mod merging;
 use crate::table::{Table, pct, si};
+use merging::{MergeSummary, merge_fraction, merge_stage};
 
 /// Arguments of `whittle compress`.
 #[derive(clap::Args)]
@@ -99,7 +101,8 @@ pub struct Args {
     #[arg(long, default_value = "macs=0.75")]
     target: String,
     /// Latency table for `latency=` budgets, from `whittle profile MODEL -o TABLE` (default:
-    /// measure one now on --runtime).
+    /// measure one now on --runtime); `--merge` reads the merge candidates' latencies from it
+    /// (`whittle profile --merge`).
     #[arg(long)]
     latency_table: Option<PathBuf>,
     /// How channels are scored.
@@ -141,6 +144,10 @@ pub struct Args {
     /// and choosing again (the same model, or one with the same convolution names).
     #[arg(long)]
     apply_plan: Option<PathBuf>,
+    /// Depth merging: take each candidate's damage from a plan written by `--plan-out` (skips
+    /// refitting and judging every candidate) and choose anew for `--target`.
+    #[arg(long = "candidates", value_name = "PLAN")]
+    merge_candidates: Option<PathBuf>,
     /// Runtime for calibration runs and checks.
     #[arg(long, default_value = "ort-cpu")]
     runtime: RuntimeKind,
@@ -167,6 +174,9 @@ pub struct Args {
     /// A recipe's `[merge] target` (the flags' --target otherwise).
     #[arg(skip)]
     merge_target: Option<String>,
+    /// A recipe's `[merge] latency_table`.
+    #[arg(skip)]
+    merge_table: Option<PathBuf>,
 }
 
 /// `[calibration]` of a recipe.
@@ -214,6 +224,8 @@ struct LowRankSection {
 #[serde(deny_unknown_fields)]
 struct MergeSection {
     target: Option<String>,
+    latency_table: Option<PathBuf>,
+    candidates: Option<PathBuf>,
 }
 
 /// `[drop_blocks]` of a recipe.
@@ -310,8 +322,11 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
             path.display()
         );
     }
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     if let Some(m) = r.merge {
         a.merge_target = m.target;
+        a.merge_table = m.latency_table.map(resolve);
+        a.merge_candidates = m.candidates.map(resolve).or(a.merge_candidates.take());
     }
     if let Some(d) = r.drop_attention {
         a.drop_attention = Some(d.count);
@@ -341,7 +356,7 @@ fn apply_recipe(a: &mut Args, path: &Path) -> Result<()> {
     };
     a.target = p.target.unwrap_or(a.target.clone());
     if let Some(t) = p.latency_table {
-        a.latency_table = Some(if t.is_absolute() { t } else { base.join(t) });
+        a.latency_table = Some(resolve(t));
     }
     if let Some(i) = p.importance {
         a.importance = <ImportanceArg as clap::ValueEnum>::from_str(&i, true).map_err(|_| {
@@ -484,6 +499,16 @@ pub fn with_recipe(model: &Path, out: &Path, calib: &Path, recipe: &Path) -> Res
 }
 
 impl Args {
+    /// The latency table `--merge` reads: a recipe's `[merge] latency_table`, or with flags
+    /// alone `--latency-table`.
+    fn merge_table(&self) -> Option<&Path> {
+        if self.methods.is_empty() {
+            self.latency_table.as_deref()
+        } else {
+            self.merge_table.as_deref()
+        }
+    }
+
     /// Calibration items the compression uses (the rest of the data is held apart).
     pub fn calib_items(&self) -> usize {
         self.calib_items
@@ -565,261 +590,11 @@ fn low_rank_opts(a: &Args) -> Result<LowRankOptions> {
     })
 }
 
-/// The latency fraction `--merge` aims at.
-fn merge_fraction(a: &Args) -> Result<f64> {
-    let t = a.merge_target.as_deref().unwrap_or(&a.target);
-    match t.parse::<Budget>() {
-        Ok(Budget::Latency(f)) => Ok(f),
-        Ok(_) => bail!(
-            "--merge takes --target latency=F (merges are chosen by measured latency), not '{t}'"
-        ),
-        Err(e) => bail!("--target: {e}"),
-    }
-}
-
-/// One merged segment.
-#[derive(Clone, Serialize, serde::Deserialize)]
-pub struct MergedSegment {
-    /// The convolutions merged (the result keeps the last one's name).
-    pub convs: Vec<String>,
-    /// Activations removed.
-    pub acts: Vec<String>,
-    /// A residual Add folded in.
-    pub add: Option<String>,
-    /// Whether the merge is exact (no activation removed, no padding moved).
-    pub exact: bool,
-    /// Latency saved on the segment alone, ms.
-    pub saved_ms: f64,
-    /// Output damage on calibration items with only this merge (after its refit).
-    pub damage: f64,
-}
-
-/// What `--merge` did.
-#[derive(Serialize, serde::Deserialize)]
-pub struct MergeSummary {
-    /// Candidate segments measured.
-    pub candidates: usize,
-    /// The model's latency before, ms (fastest runs).
-    pub model_ms: f64,
-    /// The segments merged.
-    pub merged: Vec<MergedSegment>,
-    /// Per merged layer refitted.
-    #[serde(default, skip_deserializing)]
-    pub refit: Vec<RefitReport>,
-}
-
-/// What `--plan-out` writes and `--apply-plan` reads.
+/// What `--plan-out` writes and `--apply-plan` / `--candidates` read.
 #[derive(Serialize, serde::Deserialize)]
 struct SavedPlan {
     prune_channels: Option<serde_json::Value>,
     merge: Option<MergeSummary>,
-}
-
-/// The segments of a saved plan among this model's candidates (by their convolutions' names).
-/// Returns the saved summary and, for each of its segments, the index of the candidate.
-fn planned_segments(path: &Path, segs: &[merge::Segment]) -> Result<(MergeSummary, Vec<usize>)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let plan: SavedPlan = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a plan written by --plan-out", path.display()))?;
-    let m = plan
-        .merge
-        .with_context(|| format!("{} holds no depth-merging plan", path.display()))?;
-    let chosen = m
-        .merged
-        .iter()
-        .map(|p| {
-            segs.iter()
-                .position(|s| s.convs == p.convs && s.acts == p.acts && s.add == p.add)
-                .with_context(|| {
-                    format!(
-                        "the plan merges {}, which is not a merge candidate of this model",
-                        p.convs.join(" + ")
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((m, chosen))
-}
-
-/// Depth merging: measure each candidate segment's latency alone, merged and not, and the
-/// damage of merging it (refitted) on calibration items; a dynamic programme picks the set with
-/// the least damage that meets the latency budget; apply and refit them.
-fn merge_stage(
-    a: &Args,
-    model: &Model,
-    d: &Dataset,
-    calib_idx: &[usize],
-    pre: &Preprocess,
-) -> Result<(Model, MergeSummary)> {
-    let segs = merge::segments(model);
-    if segs.is_empty() {
-        bail!(
-            "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
-        );
-    }
-    // the first items judge damage, the others fit (the same split when a plan is replayed)
-    let n_eval = 32.min(calib_idx.len() / 2).max(1);
-    let fit_spec = CaptureSpec {
-        dataset: d,
-        indices: &calib_idx[n_eval..],
-        pre,
-        batch: 16,
-        runtime: a.runtime,
-        threads: a.threads,
-    };
-    if let Some(path) = &a.apply_plan {
-        let (saved, chosen) = planned_segments(path, &segs)?;
-        eprintln!(
-            "depth merging: replaying {} segment(s) from {}",
-            chosen.len(),
-            path.display()
-        );
-        let picked: Vec<(f64, f64)> = saved
-            .merged
-            .iter()
-            .map(|p| (p.saved_ms, p.damage))
-            .collect();
-        return apply_merges(a, model, &segs, &chosen, &picked, saved.model_ms, &fit_spec);
-    }
-    let f = merge_fraction(a)?;
-    let cfg = whittle_deploy::BenchConfig {
-        warmup: 3,
-        iters: 40,
-        max_seconds: Some(0.3),
-    };
-    let mut measure = whittle_compress::latency::local_measure(a.runtime, a.threads, vec![], cfg);
-    let model_ms = measure(model)?;
-    let reference = Reference::new(model, d, &calib_idx[..n_eval], pre, a.runtime, a.threads)?;
-    let refit_opts = RefitOptions {
-        ridge: a.ridge,
-        ..Default::default()
-    };
-    let pb = bar("merge", segs.len());
-    let mut measured = vec![];
-    let mut reports = vec![];
-    for seg in &segs {
-        let before = measure(&merge::segment_model(model, seg, false)?)?;
-        let after = measure(&merge::segment_model(model, seg, true)?)?;
-        let saved = before - after;
-        let mut cand = model.clone();
-        let rep = merge::apply_segment(&mut cand, seg)?;
-        let damage = if saved > 0.0 {
-            if !rep.exact && !a.no_reconstruct {
-                let job = merge_job(&cand, seg)?;
-                refit::refit(model, &mut cand, &[job], &fit_spec, &refit_opts)?;
-            }
-            reference.damage(&cand)?
-        } else {
-            f64::INFINITY
-        };
-        measured.push(merge::Measured {
-            span: seg.span,
-            saved_ms: saved,
-            damage,
-        });
-        reports.push(rep);
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    let needed = (1.0 - f) * model_ms;
-    let chosen = merge::choose(&measured, needed).map_err(|best| {
-        anyhow::anyhow!(
-            "latency={f} is unreachable by merging: the best reachable is latency={:.3} ({} candidate segments, {:.3} ms of {model_ms:.3} ms saved at most)",
-            (model_ms - best) / model_ms.max(1e-12),
-            segs.len(),
-            best
-        )
-    })?;
-    let picked: Vec<(f64, f64)> = chosen
-        .iter()
-        .map(|&i| (measured[i].saved_ms, measured[i].damage))
-        .collect();
-    apply_merges(a, model, &segs, &chosen, &picked, model_ms, &fit_spec)
-}
-
-/// Applies the chosen segments (with the latency saved and damage measured for each), refits the
-/// merged layers that are not exact, and summarises.
-fn apply_merges(
-    a: &Args,
-    model: &Model,
-    segs: &[merge::Segment],
-    chosen: &[usize],
-    picked: &[(f64, f64)],
-    model_ms: f64,
-    fit_spec: &CaptureSpec,
-) -> Result<(Model, MergeSummary)> {
-    let refit_opts = RefitOptions {
-        ridge: a.ridge,
-        ..Default::default()
-    };
-    // in graph order, each merge refitted before the next: the merged conv maps its input as the
-    // partly merged model computes it to the original's output there (see merge::paired)
-    let mut order: Vec<(usize, (f64, f64))> =
-        chosen.iter().copied().zip(picked.iter().copied()).collect();
-    order.sort_by_key(|o| o.0);
-    let mut out = model.clone();
-    let mut merged = vec![];
-    let mut refits = vec![];
-    for (i, (saved_ms, damage)) in order {
-        let rep = merge::apply_segment(&mut out, &segs[i])?;
-        if !rep.exact && !a.no_reconstruct {
-            let mut job = merge_job(&out, &segs[i])?;
-            job.input = merge::paired_name(&out, &job.input);
-            let pair = merge::paired(model, &out);
-            refits.extend(refit::refit(
-                &pair,
-                &mut out,
-                &[job],
-                fit_spec,
-                &refit_opts,
-            )?);
-        }
-        merged.push(MergedSegment {
-            convs: segs[i].convs.clone(),
-            acts: segs[i].acts.clone(),
-            add: segs[i].add.clone(),
-            exact: rep.exact,
-            saved_ms,
-            damage,
-        });
-    }
-    Ok((
-        out,
-        MergeSummary {
-            candidates: segs.len(),
-            model_ms,
-            merged,
-            refit: refits,
-        },
-    ))
-}
-
-/// The refit of a merged segment: the merged conv against the original segment's output.
-fn merge_job(merged: &Model, seg: &merge::Segment) -> Result<RefitJob> {
-    let last = seg.convs.last().expect("segments have two convs or more");
-    let n = merged
-        .graph()
-        .node
-        .iter()
-        .find(|n| n.name() == last)
-        .context("merged conv")?;
-    let w = merged.initializer(&n.input[1]).context("merged weight")?;
-    let group = n
-        .attribute
-        .iter()
-        .find(|x| x.name() == "group")
-        .and_then(|x| x.i)
-        .unwrap_or(1)
-        .max(1) as usize;
-    let (o, cin) = (w.dims[0] as usize, w.dims[1] as usize * group);
-    Ok(RefitJob {
-        node: last.clone(),
-        input: seg.input.clone(),
-        output: seg.output.clone(),
-        kept_in: (0..cin).collect(),
-        kept_out: (0..o).collect(),
-    })
 }
 
 /// What channel pruning did.
@@ -851,8 +626,13 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         if a.apply_plan.is_none() {
             merge_fraction(a)?;
         }
-    } else if a.apply_plan.is_some() {
-        bail!("--apply-plan replays a depth-merging plan: give --merge with it");
+        if a.apply_plan.is_some() && a.merge_candidates.is_some() {
+            bail!(
+                "--apply-plan replays a plan, --candidates chooses anew from its measurements: give one"
+            );
+        }
+    } else if a.apply_plan.is_some() || a.merge_candidates.is_some() {
+        bail!("--apply-plan and --candidates read a depth-merging plan: give --merge with them");
     }
     let table: Option<LatencyTable> = match &a.latency_table {
         Some(p) if is_latency => {
@@ -950,9 +730,13 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                 if is_latency {
                     let t = match &table {
                         Some(t) => t.clone(),
-                        None => {
-                            super::profile::measure_table(&current, a.runtime, a.threads, vec![])?
-                        }
+                        None => super::profile::measure_table(
+                            &current,
+                            a.runtime,
+                            a.threads,
+                            vec![],
+                            false,
+                        )?,
                     };
                     opts.latency = Some(std::sync::Arc::new(t));
                 }
@@ -1056,18 +840,10 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         whittle_export::save_model(&current, out, Some(&a.model), false)?;
     }
     if let Some(path) = &a.plan_out {
-        let plan = SavedPlan {
-            prune_channels: pruned
-                .as_ref()
-                .map(|p| serde_json::to_value(&p.plan))
-                .transpose()?,
-            merge: merged.as_ref().map(|m| MergeSummary {
-                candidates: m.candidates,
-                model_ms: m.model_ms,
-                merged: m.merged.clone(),
-                refit: vec![],
-            }),
-        };
+        let plan = serde_json::json!({
+            "prune_channels": pruned.as_ref().map(|p| &p.plan),
+            "merge": merged,
+        });
         whittle_export::write_atomic(path, serde_json::to_string_pretty(&plan)?.as_bytes())?;
     }
     let layers = layer_table(&model, &current)?;
@@ -1424,11 +1200,18 @@ fn print_summary(s: &Summary) {
     }
     if let Some(m) = &s.merge {
         outln!(
-            "depth merging: {} of {} candidate segments merged (model {:.3} ms before, fastest runs)",
+            "depth merging: {} of {} candidate segments merged (model {:.3} ms before, fastest runs; latencies {})",
             m.merged.len(),
             m.candidates,
-            m.model_ms
+            m.model_ms,
+            m.latency_from
         );
+        if let Some(c) = m.combined_damage {
+            outln!(
+                "  damage of the merges together {c:.4} (their damages alone sum to {:.4})",
+                m.merged.iter().map(|g| g.damage).sum::<f64>()
+            );
+        }
         for g in &m.merged {
             outln!(
                 "  {}{}: saves {:.3} ms alone, damage {:.4}{}",

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use whittle_compress::cleanup;
+use anyhow::{Context, Result, bail};
 use whittle_compress::latency::{self, LatencyTable};
+use whittle_compress::{cleanup, merge};
 use whittle_core::Model;
 use whittle_deploy::{BenchConfig, RuntimeKind};
 
@@ -29,6 +29,10 @@ pub struct Args {
     /// Write the table as JSON here (atomically), for `whittle compress --latency-table`.
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Also measure every depth-merging candidate alone, merged and not (for `whittle compress
+    /// --merge --latency-table`).
+    #[arg(long)]
+    merge: bool,
     /// Print the table as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -41,20 +45,56 @@ pub fn measure_table(
     runtime: RuntimeKind,
     threads: Option<usize>,
     input_shapes: Vec<(String, Vec<usize>)>,
+    merges: bool,
 ) -> Result<LatencyTable> {
     let cfg = BenchConfig {
         warmup: 3,
         iters: 40,
         max_seconds: Some(0.15),
     };
-    let mut measure = latency::local_measure(runtime, threads, input_shapes, cfg);
+    let mut measure = latency::local_measure(runtime, threads, input_shapes.clone(), cfg);
     let pb = bar("profile", 1);
     let t = latency::profile(model, runtime.name(), threads, &mut measure, &mut |d, n| {
         pb.set_length(n as u64);
         pb.set_position(d as u64);
     });
     pb.finish_and_clear();
-    Ok(t?)
+    let mut t = t?;
+    if merges {
+        t.merges = measure_merges(model, runtime, threads, input_shapes)?.1;
+    }
+    Ok(t)
+}
+
+/// Each depth-merging candidate's latency in the model, merged and not (side by side, see
+/// `merge::SegmentLatency`), and the model's latency: the median of its measurements.
+pub fn measure_merges(
+    model: &Model,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+) -> Result<(f64, Vec<merge::SegmentLatency>)> {
+    let segs = merge::segments(model);
+    if segs.is_empty() {
+        bail!(
+            "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
+        );
+    }
+    let cfg = BenchConfig {
+        warmup: 1,
+        iters: 20,
+        max_seconds: Some(0.08),
+    };
+    let mut measure = latency::local_pair_measure(runtime, threads, input_shapes, 7, cfg);
+    let pb = bar("merges", segs.len());
+    let t = merge::measure_segments(model, &segs, &mut measure, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    let mut all: Vec<f64> = t.iter().map(|s| s.before_ms).collect();
+    all.sort_by(f64::total_cmp);
+    let model_ms = all[all.len() / 2];
+    Ok((model_ms, t))
 }
 
 /// Run the command.
@@ -67,6 +107,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         a.runtime,
         a.threads,
         super::runtime_shapes(&overrides),
+        a.merge,
     )?;
     if let Some(out) = &a.output {
         whittle_export::write_atomic(out, serde_json::to_string_pretty(&table)?.as_bytes())?;
@@ -109,6 +150,23 @@ pub fn run(a: Args) -> Result<Outcome> {
         table.layers_ms(),
         table.other_ms()
     );
+    if !table.merges.is_empty() {
+        let mut t = Table::new(&["merge", "ms as is", "ms merged", "saved"]);
+        for m in &table.merges {
+            t.row(vec![
+                m.convs.join(" + ") + if m.add.is_some() { " (+ residual)" } else { "" },
+                format!("{:.4}", m.before_ms),
+                format!("{:.4}", m.after_ms),
+                format!("{:+.1}%", 100.0 * m.saved_ms() / table.model_ms.max(1e-12)),
+            ]);
+        }
+        out!("{}", t.render());
+        let paying = table.merges.iter().filter(|m| m.saved_ms() > 0.0).count();
+        outln!(
+            "{paying} of {} merge candidates are faster merged (saved: share of the model's latency)",
+            table.merges.len()
+        );
+    }
     if let Some(out) = &a.output {
         outln!("wrote {}", out.display());
     }
