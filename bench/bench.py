@@ -24,6 +24,10 @@ with --json its object is the "lowrank" field.
 Then, unless --skip-transformer, it runs bench/transformer_bench.py the same way (MiniLM: 1, 2, 3 blocks
 removed, plain and with a linear replacement, FFN neurons and attention heads pruned: params, latency
 at batch 1 and sequence 128, STS-dev Spearman); with --json its object is the "transformer" field.
+Then, unless --skip-merge, it runs bench/merge_bench.py the same way (depth merging: the
+latency-versus-agreement curve of `whittle compress --merge` plans at several latency budgets on
+ort-cpu and tract, refit and not, for EfficientNet-Lite0 and the VWW MobileNetV1); with --json its
+object is the "merge" field.
 Last, unless --skip-runner, bench/runner_bench.py: the aarch64 board runner's stripped size against
 the 40 MB limit and the wall time of its cross build (with --quick: the size of the existing binary,
 no build); with --json its object is the "runner" field.
@@ -43,6 +47,7 @@ import time
 from pathlib import Path
 
 import lowrank_bench
+import merge_bench
 import prune_bench
 import runner_bench
 import transformer_bench
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the low-rank rows (bench/lowrank_bench.py; they take minutes, ~10 without --quick)")
     ap.add_argument("--skip-transformer", action="store_true",
                     help="skip the MiniLM rows (bench/transformer_bench.py; minutes, ~15 without --quick)")
+    ap.add_argument("--skip-merge", action="store_true",
+                    help="skip the depth merging rows (bench/merge_bench.py; ~40 minutes without --quick)")
     ap.add_argument("--skip-runner", action="store_true",
                     help="skip the aarch64 runner's size and timed cross build (bench/runner_bench.py; "
                          "the build takes a minute or so; --quick measures the size only)")
@@ -267,18 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = any(r["failed"] for r in results)
 
     if a.json:
-        prune, prune_status = run_prune(a, log)
-        lowrank, lowrank_status = run_lowrank(a, log)
-        transformer, transformer_status = run_transformer(a, log)
-        runner, runner_status = run_runner(a, log)
+        subs = {name: run_sub(name, a, log) for name in SUBS}
         print(json.dumps({
             "machine": mach, "loadavg_end": mach_end["loadavg"],
             "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                          "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version},
             "results": results, "elapsed_s": round(elapsed, 1),
-            "ok": not failed and prune_status == 0 and lowrank_status == 0 and transformer_status == 0
-            and runner_status == 0,
-            "prune": prune, "lowrank": lowrank, "transformer": transformer, "runner": runner,
+            "ok": not failed and all(st == 0 for _, st in subs.values()),
+            **{name: r for name, (r, _) in subs.items()},
         }))
     else:
         print()
@@ -292,80 +295,50 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['model']}: per-round p50 range (ms): {spread}")
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in mach_end['loadavg'])}; "
               f"took {elapsed:.0f} s")
-        prune, prune_status = run_prune(a, log)
-        if prune is not None and "error" not in prune:
-            print()
-            print(prune_bench.render(prune))
-        lowrank, lowrank_status = run_lowrank(a, log)
-        if lowrank is not None and "error" not in lowrank:
-            print()
-            print(lowrank_bench.render(lowrank))
-        transformer, transformer_status = run_transformer(a, log)
-        if transformer is not None and "error" not in transformer:
-            print()
-            print(transformer_bench.render(transformer))
-        runner, runner_status = run_runner(a, log)
-        if runner is not None:
-            print()
-            print(runner_bench.render(runner))
+        subs = {}
+        for name, (module, _, _) in SUBS.items():
+            subs[name] = run_sub(name, a, log)
+            r = subs[name][0]
+            if r is not None and "error" not in r:
+                print()
+                print(module.render(r))
     for r in results:
         for c, why in r["failed"].items():
             print(f"bench: {r['model']}: {c} failed: {why}", file=sys.stderr)
-    if prune is not None and "error" in prune:
-        print(f"bench: channel pruning rows: {prune['error']}", file=sys.stderr)
-    if lowrank is not None and "error" in lowrank:
-        print(f"bench: low-rank rows: {lowrank['error']}", file=sys.stderr)
-    if transformer is not None and "error" in transformer:
-        print(f"bench: transformer rows: {transformer['error']}", file=sys.stderr)
-    if runner_status:
-        print("bench: runner: the cross build or the strip failed (see above)", file=sys.stderr)
-    return 1 if failed or prune_status or lowrank_status or transformer_status or runner_status else 0
+    for name, (r, st) in subs.items():
+        if r is not None and "error" in r:
+            print(f"bench: {SUBS[name][2]}: {r['error']}", file=sys.stderr)
+        elif name == "runner" and st:
+            print("bench: runner: the cross build or the strip failed (see above)", file=sys.stderr)
+    return 1 if failed or any(st for _, st in subs.values()) else 0
 
 
-def run_prune(a: argparse.Namespace, log) -> tuple[dict | None, int]:
-    """The channel pruning rows (bench/prune_bench.py), unless --skip-prune: (result or None, status)."""
-    if a.skip_prune:
+# The benches run after the latency table, in order: field name -> (module, its settle, what its
+# rows are). Each is skipped by --skip-NAME and gets --threads, --whittle and --quick.
+SUBS = {
+    "prune": (prune_bench, prune_bench.settle, "channel pruning rows"),
+    "lowrank": (lowrank_bench, prune_bench.settle, "low-rank rows"),
+    "transformer": (transformer_bench, transformer_bench.settle, "transformer rows"),
+    "merge": (merge_bench, merge_bench.settle, "depth merging rows"),
+    "runner": (runner_bench, None, "runner"),
+}
+
+
+def run_sub(name: str, a: argparse.Namespace, log) -> tuple[dict | None, int]:
+    """One sub-bench, unless skipped: (its result or None, its exit status)."""
+    if getattr(a, f"skip_{name}"):
         return None, 0
+    module, settle, _ = SUBS[name]
+    if settle is None:  # the runner: --quick logs nothing before its lines
+        if not a.quick:
+            log("")
+        return module.run(argparse.Namespace(quick=a.quick, json=a.json), log)
     ap = argparse.ArgumentParser()
-    prune_bench.add_args(ap)
-    pa = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
-    prune_bench.settle(pa)
+    module.add_args(ap)
+    sa = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
+    settle(sa)
     log("")
-    return prune_bench.run(pa, log)
-
-
-def run_lowrank(a: argparse.Namespace, log) -> tuple[dict | None, int]:
-    """The low-rank rows (bench/lowrank_bench.py), unless --skip-lowrank: (result or None, status)."""
-    if a.skip_lowrank:
-        return None, 0
-    ap = argparse.ArgumentParser()
-    lowrank_bench.add_args(ap)
-    la = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
-    prune_bench.settle(la)
-    log("")
-    return lowrank_bench.run(la, log)
-
-
-def run_transformer(a: argparse.Namespace, log) -> tuple[dict | None, int]:
-    """The MiniLM rows (bench/transformer_bench.py), unless --skip-transformer: (result or None, status)."""
-    if a.skip_transformer:
-        return None, 0
-    ap = argparse.ArgumentParser()
-    transformer_bench.add_args(ap)
-    ta = ap.parse_args(["--threads", str(a.threads), "--whittle", str(a.whittle)] + ["--quick"] * a.quick)
-    transformer_bench.settle(ta)
-    log("")
-    return transformer_bench.run(ta, log)
-
-
-def run_runner(a: argparse.Namespace, log) -> tuple[dict | None, int]:
-    """The aarch64 runner's size and cross build time (bench/runner_bench.py), unless --skip-runner."""
-    if a.skip_runner:
-        return None, 0
-    ra = argparse.Namespace(quick=a.quick, json=a.json)
-    if not a.quick:  # --quick logs nothing before its lines
-        log("")
-    return runner_bench.run(ra, log)
+    return module.run(sa, log)
 
 
 if __name__ == "__main__":

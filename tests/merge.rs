@@ -205,9 +205,18 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     };
     let dir = tempfile::tempdir().unwrap();
     let measured = dir.path().join("vww.latency.json");
-    let t = run(&["profile", &s(&m), "--merge", "-o", &s(&measured), "--json"])
-        .ok()
-        .json();
+    let t = run(&[
+        "profile",
+        &s(&m),
+        "--merge",
+        "--merge-rounds",
+        "1",
+        "-o",
+        &s(&measured),
+        "--json",
+    ])
+    .ok()
+    .json();
     let merges = t["merges"].as_array().expect("merge entries").clone();
     assert_eq!(merges.len(), 51, "every candidate measured");
     assert!(
@@ -238,7 +247,7 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
         p
     };
     let (ta, tb) = (table(&a, "a.json"), table(&b, "b.json"));
-    let compress = |table: &std::path::Path, extra: &[&str]| {
+    let compress_to = |target: &str, table: &std::path::Path, extra: &[&str]| {
         let mut v: Vec<String> = [
             "compress",
             &s(&m),
@@ -254,7 +263,7 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
             "8",
             "--merge",
             "--target",
-            "latency=0.95",
+            target,
             "--latency-table",
             &s(table),
             "--json",
@@ -265,6 +274,8 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
         v.extend(extra.iter().map(|x| x.to_string()));
         run(&v)
     };
+    let compress =
+        |table: &std::path::Path, extra: &[&str]| compress_to("latency=0.95", table, extra);
     let plan = dir.path().join("plan.json");
     let ja = compress(&ta, &["--plan-out", &s(&plan)]).ok().json();
     assert_eq!(
@@ -301,14 +312,47 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     };
     assert_eq!(find(&jb, &a), find(&ja, &a));
     assert!(find(&jb, &b).as_f64().is_some());
+    // the other way round: the most latency saved within a damage allowance
+    let allowance = find(&ja, &a).as_f64().unwrap();
+    let jd = compress_to(
+        &format!("damage={}", allowance * 1.01),
+        &ta,
+        &["--candidates", &s(&plan)],
+    )
+    .ok()
+    .json();
+    assert_eq!(
+        jd["merge"]["merged"][0]["convs"],
+        serde_json::json!(a),
+        "{jd}"
+    );
+    std::fs::remove_file(dir.path().join("m.onnx")).unwrap();
+    compress_to(
+        &format!("damage={}", allowance * 0.5),
+        &ta,
+        &["--candidates", &s(&plan)],
+    )
+    .error(&[
+        "no merge saves latency within damage=",
+        "least damaging merge that pays",
+    ]);
+    compress_to("macs=0.5", &ta, &[]).error(&["latency=F", "damage=D"]);
 
     // a table without merge entries, or of another model, is refused by name; nothing written
     let plain = dir.path().join("plain.json");
     run(&["profile", &s(&m), "-o", &s(&plain)]).ok();
-    std::fs::remove_file(dir.path().join("m.onnx")).unwrap();
     compress(&plain, &[]).error(&["has no merge candidates", "whittle profile --merge"]);
     let r8 = dir.path().join("r8.json");
-    run(&["profile", &s(&resnet8()), "--merge", "-o", &s(&r8)]).ok();
+    run(&[
+        "profile",
+        &s(&resnet8()),
+        "--merge",
+        "--merge-rounds",
+        "1",
+        "-o",
+        &s(&r8),
+    ])
+    .ok();
     compress(&r8, &[]).error(&["does not fit this model"]);
     compress(&ta, &["--candidates", &s(&plan), "--apply-plan", &s(&plan)]).error(&["give one"]);
     assert!(!dir.path().join("m.onnx").exists());

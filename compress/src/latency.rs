@@ -509,13 +509,17 @@ pub fn local_measure(
 /// Measures two models' latencies side by side, in ms.
 pub type PairMeasure<'a> = dyn FnMut(&Model, &Model) -> Result<(f64, f64), Error> + 'a;
 
-/// A [`PairMeasure`] on this machine: loads both models in `runtime` and runs them in
-/// `rounds` alternating rounds (the one going first alternating too), each round `cfg`'s timed
-/// runs after its warmup. Returns the median over rounds of the first model's median run, and
-/// that less the median over rounds of the paired differences (first − second): interleaving
-/// puts both under the same load, and medians of paired differences shrug off the slow rounds
-/// a shared machine has (the fastest run was tried first and found to swing by 20% from one
-/// measurement to the next here).
+/// A [`PairMeasure`] on this machine: runs both models in `runtime` in `rounds` alternating
+/// rounds (the one going first alternating too), each round `cfg`'s timed runs after its
+/// warmup. Returns the median over rounds of the first model's median run, and that less the
+/// median over rounds of the paired differences (first − second): interleaving puts both under
+/// the same load, and medians of paired differences shrug off the slow rounds a shared machine
+/// has (the fastest run was tried first and swung by 20% from one measurement to the next).
+///
+/// ONNX Runtime sessions are loaded afresh for each turn and dropped after it, with the same
+/// options a deployment uses: two live sessions take turns badly (the idle one's spinning
+/// thread pool steals the cores the other runs on), and with spinning off every op pays a
+/// thread wake-up, which overstates what removing ops saves. tract (one thread) keeps both.
 pub fn local_pair_measure(
     runtime: RuntimeKind,
     threads: Option<usize>,
@@ -532,29 +536,48 @@ pub fn local_pair_measure(
                 .filter(|(n, _)| names.contains(&n.as_str()))
                 .cloned()
                 .collect(),
-            no_spinning: true,
             ..Default::default()
         };
         let fail = |m: &Model, e: whittle_deploy::Error| Error::Pass {
             pass: "profile".into(),
             reason: format!("{} in {}: {e}", runtime.name(), m.graph().name()),
         };
-        let mut sa = whittle_deploy::load(runtime, &a.to_bytes(), &opts).map_err(|e| fail(a, e))?;
-        let mut sb = whittle_deploy::load(runtime, &b.to_bytes(), &opts).map_err(|e| fail(b, e))?;
-        let inputs = whittle_deploy::synthetic_inputs(sa.inputs(), &opts.input_shapes)
-            .map_err(|e| fail(a, e))?;
+        let bytes = [a.to_bytes(), b.to_bytes()];
+        let models = [a, b];
+        let load = |k: usize| {
+            whittle_deploy::load(runtime, &bytes[k], &opts).map_err(|e| fail(models[k], e))
+        };
+        let keep = runtime == RuntimeKind::Tract;
+        let mut live = if keep {
+            vec![Some(load(0)?), Some(load(1)?)]
+        } else {
+            vec![None, None]
+        };
+        let mut inputs = None;
         let (mut pa, mut diffs) = (vec![], vec![]);
         for r in 0..rounds.max(1) {
             let mut p = [0.0; 2];
             for k in [r % 2, 1 - r % 2] {
-                let (s, m) = if k == 0 { (&mut sa, a) } else { (&mut sb, b) };
-                p[k] = whittle_deploy::bench(s.as_mut(), &inputs, &cfg, &mut |_, _| {})
-                    .map_err(|e| fail(m, e))?
+                let mut fresh = None;
+                let s = match live[k].as_mut() {
+                    Some(s) => s,
+                    None => fresh.insert(load(k)?),
+                };
+                if inputs.is_none() {
+                    inputs = Some(
+                        whittle_deploy::synthetic_inputs(s.inputs(), &opts.input_shapes)
+                            .map_err(|e| fail(a, e))?,
+                    );
+                }
+                let x = inputs.as_ref().expect("set above");
+                p[k] = whittle_deploy::bench(s.as_mut(), x, &cfg, &mut |_, _| {})
+                    .map_err(|e| fail(models[k], e))?
                     .p50_ms;
             }
             pa.push(p[0]);
             diffs.push(p[0] - p[1]);
         }
+        live.clear();
         let before = median(&mut pa);
         Ok((before, before - median(&mut diffs)))
     }

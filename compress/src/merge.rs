@@ -703,6 +703,64 @@ pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
     Ok(chosen)
 }
 
+/// Dynamic programme over non-overlapping candidates, the other way round: the set that saves
+/// the most latency with a total damage of at most `max_damage` (damages rounded up to 200
+/// steps of the allowance, so the true total never exceeds it). Empty when no paying candidate
+/// fits.
+pub fn choose_within_damage(cands: &[Measured], max_damage: f64) -> Vec<usize> {
+    const STEPS: usize = 200;
+    if max_damage.is_nan() || max_damage <= 0.0 {
+        return vec![];
+    }
+    let unit = max_damage / STEPS as f64;
+    let units = |d: f64| (d / unit).ceil() as usize;
+    let mut order: Vec<usize> = (0..cands.len())
+        .filter(|&i| {
+            let c = cands[i];
+            c.saved_ms > 0.0 && c.damage.is_finite() && units(c.damage.max(0.0)) <= STEPS
+        })
+        .collect();
+    order.sort_by_key(|&i| (cands[i].span.1, cands[i].span.0));
+    let n = order.len();
+    let p: Vec<usize> = (0..n)
+        .map(|k| {
+            let s = cands[order[k]].span.0;
+            order[..k]
+                .iter()
+                .rposition(|&j| cands[j].span.1 < s)
+                .map_or(0, |x| x + 1)
+        })
+        .collect();
+    // dp[k][d]: the most saved over the first k candidates with at most d damage units
+    let mut dp = vec![vec![0.0f64; STEPS + 1]; n + 1];
+    for k in 0..n {
+        let c = cands[order[k]];
+        let u = units(c.damage.max(0.0));
+        for d in 0..=STEPS {
+            let skip = dp[k][d];
+            dp[k + 1][d] = if d >= u {
+                skip.max(dp[p[k]][d - u] + c.saved_ms)
+            } else {
+                skip
+            };
+        }
+    }
+    let mut chosen = vec![];
+    let (mut k, mut d) = (n, STEPS);
+    while k > 0 {
+        if dp[k][d] == dp[k - 1][d] {
+            k -= 1;
+        } else {
+            let c = cands[order[k - 1]];
+            chosen.push(order[k - 1]);
+            d -= units(c.damage.max(0.0));
+            k = p[k - 1];
+        }
+    }
+    chosen.sort();
+    chosen
+}
+
 /// The prefix of `current`'s tensors in [`paired`].
 const PAIRED_PREFIX: &str = "whittle_current::";
 
@@ -776,5 +834,22 @@ mod tests {
         assert_eq!(choose(&c, 2.5), Ok(vec![0, 2]));
         assert_eq!(choose(&c, 10.0), Err(2.5));
         assert_eq!(choose(&c, 0.0), Ok(vec![]));
+    }
+
+    #[test]
+    fn under_a_damage_allowance_the_plan_saves_the_most() {
+        let spans = [(0, 2), (3, 5), (4, 7), (8, 9)];
+        let c: Vec<Measured> = [(0.5, 0.01), (0.3, 0.05), (2.0, 0.2), (-0.1, 0.0)]
+            .iter()
+            .zip(spans)
+            .map(|(&(saved, damage), span)| m(span, saved, damage))
+            .collect();
+        // 0.25 allows a and c (b overlaps c); 0.1 allows a and b; nothing that slows is taken
+        assert_eq!(choose_within_damage(&c, 0.25), vec![0, 2]);
+        assert_eq!(choose_within_damage(&c, 0.1), vec![0, 1]);
+        assert_eq!(choose_within_damage(&c, 0.005), Vec::<usize>::new());
+        let mut inf = c.clone();
+        inf[2].damage = f64::INFINITY;
+        assert_eq!(choose_within_damage(&inf, 10.0), vec![0, 1]);
     }
 }

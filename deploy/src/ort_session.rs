@@ -104,11 +104,6 @@ fn base_builder(rt: &OrtRuntime, opts: &RuntimeOptions) -> Result<SessionBuilder
             .with_intra_threads(threads)
             .map_err(|e| Error::ort(format!("setting {threads} intra-op threads"), e))?;
     }
-    if opts.no_spinning {
-        builder = builder
-            .with_intra_op_spinning(false)
-            .map_err(|e| Error::ort("turning intra-op spinning off", e))?;
-    }
     Ok(builder)
 }
 

@@ -116,10 +116,6 @@ pub struct RuntimeOptions {
     /// For `ort-tensorrt`: the most memory, in bytes, TensorRT may use while building an engine
     /// (`trt_max_workspace_size`; `None`: its default).
     pub tensorrt_workspace_bytes: Option<usize>,
-    /// ONNX Runtime: intra-op threads sleep as soon as a run ends instead of spinning for more
-    /// work. For sessions that take turns in one process (side-by-side measurements): a
-    /// spinning pool of one steals the cores the other runs on.
-    pub no_spinning: bool,
 }
 
 /// One dimension of a graph input or output.

@@ -331,7 +331,6 @@ pub fn handle(
         tensorrt_workspace_bytes: req
             .tensorrt_workspace_bytes
             .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
-        no_spinning: false,
     };
     let cfg = BenchConfig {
         warmup: req.warmup as usize,

@@ -26,7 +26,7 @@ use crate::progress::bar;
 
 mod merging;
 use crate::table::{Table, pct, si};
-use merging::{MergeSummary, merge_fraction, merge_stage};
+use merging::{MergeSummary, merge_goal, merge_stage};
 
 /// Arguments of `whittle compress`.
 #[derive(clap::Args)]
@@ -59,7 +59,9 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     scheme: String,
     /// Merge consecutive convolutions (removing activations between them where that pays), chosen
-    /// by a dynamic programme over measured segment latencies under `--target latency=F`.
+    /// by a dynamic programme over measured latencies and damages: `--target latency=F` (the
+    /// least damage keeping that latency fraction) or `--target damage=D` (the most latency
+    /// saved within that output damage).
     #[arg(long)]
     merge: bool,
     /// Transformers: remove this many consecutive blocks (the span whose entering and leaving
@@ -444,11 +446,16 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-fn parse_opts(a: &Args) -> Result<PruneOptions> {
-    let budget: Budget = a
-        .target
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--target: {e}"))?;
+/// Channel pruning's options (its budget only when it runs: other methods read --target their
+/// own way).
+fn parse_opts(a: &Args, prunes: bool) -> Result<PruneOptions> {
+    let budget: Budget = if prunes {
+        a.target
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--target: {e}"))?
+    } else {
+        Budget::Macs(1.0)
+    };
     if !(0.0..=1.0).contains(&a.min_fraction) {
         bail!("--min-fraction {} is not between 0 and 1", a.min_fraction);
     }
@@ -617,14 +624,14 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     } else {
         None
     };
-    let mut opts = parse_opts(a)?;
+    let mut opts = parse_opts(a, prunes)?;
     let is_latency = prunes && matches!(opts.budget, Budget::Latency(_));
     if !methods.contains(&Method::DropBlocks) && (a.linear_replace || a.drop_start.is_some()) {
         bail!("--linear-replace and --drop-start go with --drop-blocks N");
     }
     if methods.contains(&Method::Merge) {
         if a.apply_plan.is_none() {
-            merge_fraction(a)?;
+            merge_goal(a)?;
         }
         if a.apply_plan.is_some() && a.merge_candidates.is_some() {
             bail!(
@@ -735,7 +742,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
                             a.runtime,
                             a.threads,
                             vec![],
-                            false,
+                            None,
                         )?,
                     };
                     opts.latency = Some(std::sync::Arc::new(t));

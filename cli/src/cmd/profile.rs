@@ -29,10 +29,14 @@ pub struct Args {
     /// Write the table as JSON here (atomically), for `whittle compress --latency-table`.
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// Also measure every depth-merging candidate alone, merged and not (for `whittle compress
-    /// --merge --latency-table`).
+    /// Also measure every depth-merging candidate in the model, merged and not (for `whittle
+    /// compress --merge --latency-table`).
     #[arg(long)]
     merge: bool,
+    /// Rounds of the side-by-side measurement of each merge candidate (more: steadier on a busy
+    /// machine, slower).
+    #[arg(long, default_value_t = MERGE_ROUNDS)]
+    merge_rounds: usize,
     /// Print the table as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -45,7 +49,7 @@ pub fn measure_table(
     runtime: RuntimeKind,
     threads: Option<usize>,
     input_shapes: Vec<(String, Vec<usize>)>,
-    merges: bool,
+    merge_rounds: Option<usize>,
 ) -> Result<LatencyTable> {
     let cfg = BenchConfig {
         warmup: 3,
@@ -60,11 +64,14 @@ pub fn measure_table(
     });
     pb.finish_and_clear();
     let mut t = t?;
-    if merges {
-        t.merges = measure_merges(model, runtime, threads, input_shapes)?.1;
+    if let Some(rounds) = merge_rounds {
+        t.merges = measure_merges(model, runtime, threads, input_shapes, rounds)?.1;
     }
     Ok(t)
 }
+
+/// Rounds of the side-by-side measurement of a merge candidate, by default.
+pub const MERGE_ROUNDS: usize = 11;
 
 /// Each depth-merging candidate's latency in the model, merged and not (side by side, see
 /// `merge::SegmentLatency`), and the model's latency: the median of its measurements.
@@ -73,6 +80,7 @@ pub fn measure_merges(
     runtime: RuntimeKind,
     threads: Option<usize>,
     input_shapes: Vec<(String, Vec<usize>)>,
+    rounds: usize,
 ) -> Result<(f64, Vec<merge::SegmentLatency>)> {
     let segs = merge::segments(model);
     if segs.is_empty() {
@@ -81,11 +89,11 @@ pub fn measure_merges(
         );
     }
     let cfg = BenchConfig {
-        warmup: 1,
+        warmup: 2,
         iters: 20,
-        max_seconds: Some(0.08),
+        max_seconds: Some(0.05),
     };
-    let mut measure = latency::local_pair_measure(runtime, threads, input_shapes, 7, cfg);
+    let mut measure = latency::local_pair_measure(runtime, threads, input_shapes, rounds, cfg);
     let pb = bar("merges", segs.len());
     let t = merge::measure_segments(model, &segs, &mut measure, &mut |d, _| {
         pb.set_position(d as u64)
@@ -107,7 +115,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         a.runtime,
         a.threads,
         super::runtime_shapes(&overrides),
-        a.merge,
+        a.merge.then_some(a.merge_rounds),
     )?;
     if let Some(out) = &a.output {
         whittle_export::write_atomic(out, serde_json::to_string_pretty(&table)?.as_bytes())?;

@@ -18,13 +18,28 @@ use whittle_core::Model;
 use super::{Args, Reference};
 use crate::progress::bar;
 
-/// The latency fraction `--merge` aims at.
-pub(super) fn merge_fraction(a: &Args) -> Result<f64> {
+/// What `--merge` aims at.
+#[derive(Clone, Copy)]
+pub(super) enum Goal {
+    /// Keep this fraction of the latency, with the least damage.
+    Latency(f64),
+    /// Save the most latency with at most this output damage (summed over the merges).
+    Damage(f64),
+}
+
+/// The goal of `--merge`: `--target latency=F` or `--target damage=D`.
+pub(super) fn merge_goal(a: &Args) -> Result<Goal> {
     let t = a.merge_target.as_deref().unwrap_or(&a.target);
+    if let Some(d) = t.strip_prefix("damage=") {
+        return match d.parse::<f64>() {
+            Ok(d) if d > 0.0 && d.is_finite() => Ok(Goal::Damage(d)),
+            _ => bail!("--target damage=D takes a positive number, not '{d}'"),
+        };
+    }
     match t.parse::<Budget>() {
-        Ok(Budget::Latency(f)) => Ok(f),
+        Ok(Budget::Latency(f)) => Ok(Goal::Latency(f)),
         Ok(_) => bail!(
-            "--merge takes --target latency=F (merges are chosen by measured latency), not '{t}'"
+            "--merge takes --target latency=F (the latency kept) or damage=D (the output damage allowed), not '{t}'"
         ),
         Err(e) => bail!("--target: {e}"),
     }
@@ -192,7 +207,7 @@ pub(super) fn merge_stage(
         };
         return apply_merges(a, model, &segs, &chosen, summary, &fit_spec, &reference);
     }
-    let f = merge_fraction(a)?;
+    let goal = merge_goal(a)?;
     // latency: from a table, or measured now
     let (model_ms, saved_ms, latency_from) = match a.merge_table() {
         Some(p) => {
@@ -201,8 +216,13 @@ pub(super) fn merge_stage(
             (t.model_ms, saved, p.display().to_string())
         }
         None => {
-            let (model_ms, t) =
-                super::super::profile::measure_merges(model, a.runtime, a.threads, vec![])?;
+            let (model_ms, t) = super::super::profile::measure_merges(
+                model,
+                a.runtime,
+                a.threads,
+                vec![],
+                super::super::profile::MERGE_ROUNDS,
+            )?;
             let saved = t.iter().map(merge::SegmentLatency::saved_ms).collect();
             (model_ms, saved, "measured".to_string())
         }
@@ -270,15 +290,35 @@ pub(super) fn merge_stage(
             damage: m.damage,
         })
         .collect();
-    let needed = (1.0 - f) * model_ms;
-    let chosen = merge::choose(&cands, needed).map_err(|best| {
-        anyhow::anyhow!(
-            "latency={f} is unreachable by merging: the best reachable is latency={:.3} ({} candidate segments, {:.3} ms of {model_ms:.3} ms saved at most)",
-            (model_ms - best) / model_ms.max(1e-12),
-            segs.len(),
-            best
-        )
-    })?;
+    let chosen = match goal {
+        Goal::Latency(f) => merge::choose(&cands, (1.0 - f) * model_ms).map_err(|best| {
+            anyhow::anyhow!(
+                "latency={f} is unreachable by merging: the best reachable is latency={:.3} ({} candidate segments, {:.3} ms of {model_ms:.3} ms saved at most)",
+                (model_ms - best) / model_ms.max(1e-12),
+                segs.len(),
+                best
+            )
+        })?,
+        Goal::Damage(d) => {
+            let chosen = merge::choose_within_damage(&cands, d);
+            if chosen.is_empty() {
+                let least = cands
+                    .iter()
+                    .filter(|c| c.saved_ms > 0.0)
+                    .map(|c| c.damage)
+                    .fold(f64::INFINITY, f64::min);
+                bail!(
+                    "no merge saves latency within damage={d}: {}",
+                    if least.is_finite() {
+                        format!("the least damaging merge that pays has damage {least:.4}")
+                    } else {
+                        "no merge is faster than the segment it replaces".to_string()
+                    }
+                );
+            }
+            chosen
+        }
+    };
     let summary = MergeSummary {
         candidates: segs.len(),
         model_ms,
