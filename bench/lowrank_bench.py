@@ -38,7 +38,6 @@ are missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -327,25 +326,9 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Low-rank factorisation at several MAC budgets, plain and "
-                                             "data-aware: size, latency, agreement (reports; asserts nothing)")
-    add_args(ap)
-    a = ap.parse_args(argv)
-    prune_bench.settle(a)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
-
-    result, status = run(a, log)
-    if "error" in result:
-        print(f"lowrank_bench: {result['error']}", file=sys.stderr)
-        return status
-    if a.json:
-        print(json.dumps(result))
-    else:
-        print()
-        print(render(result))
-    return status
+    return prune_bench.cli_main("lowrank_bench", "Low-rank factorisation at several MAC budgets, plain and "
+                                "data-aware: size, latency, agreement (reports; asserts nothing)",
+                                add_args, prune_bench.settle, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ verify run failed, 2 when the binary, models or data are missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -101,6 +100,7 @@ def compress(spec: dict, calib: Path, out: Path, extra: list[str], a) -> dict:
             "macs_kept": macs1 / macs0 if macs0 else None, "params_kept": params1 / params0 if params0 else None,
             "merged": [" + ".join(g["convs"]) for g in m["merged"]],
             "predicted_latency": (m["model_ms"] - predicted) / m["model_ms"] if m["model_ms"] else None,
+            "plan_latency": m.get("plan_latency"),
             "damage_sum": sum(g["damage"] for g in m["merged"]), "combined_damage": m.get("combined_damage")}
 
 
@@ -378,21 +378,9 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Depth merging: latency-versus-agreement curves on ort-cpu and tract, "
-                                             "refit and not (reports; asserts nothing)")
-    add_args(ap)
-    a = ap.parse_args(argv)
-    settle(a)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
-
-    result, status = run(a, log)
-    if "error" in result:
-        print(f"merge_bench: {result['error']}", file=sys.stderr)
-        return status
-    print(json.dumps(result) if a.json else "\n" + render(result))
-    return status
+    return prune_bench.cli_main("merge_bench", "Depth merging: latency-versus-agreement curves on ort-cpu and tract, "
+                                "refit and not (reports; asserts nothing)",
+                                add_args, settle, run, render, argv)
 
 
 if __name__ == "__main__":

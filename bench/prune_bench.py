@@ -452,24 +452,28 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Channel pruning at several MAC budgets, with and without "
-                                             "reconstruction: size, latency, agreement (reports; asserts nothing)")
+    return cli_main("prune_bench", "Channel pruning at several MAC budgets, with and without "
+                    "reconstruction: size, latency, agreement (reports; asserts nothing)",
+                    add_args, settle, run, render, argv)
+
+
+def cli_main(prog: str, description: str, add_args, settle, run, render, argv: list[str] | None) -> int:
+    """The command line of a bench: parse, run, print the rendered tables (or --json's one object),
+    and return the exit status (an error the bench names goes to stderr as `prog: why`)."""
+    ap = argparse.ArgumentParser(description=description)
     add_args(ap)
     a = ap.parse_args(argv)
     settle(a)
 
     def log(msg: str) -> None:
+        # progress goes to stderr with --json (stdout is the one JSON object), to stdout otherwise
         print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
     result, status = run(a, log)
     if "error" in result:
-        print(f"prune_bench: {result['error']}", file=sys.stderr)
+        print(f"{prog}: {result['error']}", file=sys.stderr)
         return status
-    if a.json:
-        print(json.dumps(result))
-    else:
-        print()
-        print(render(result))
+    print(json.dumps(result) if a.json else "\n" + render(result))
     return status
 
 

@@ -53,7 +53,6 @@ failed, 2 when the binary, model or data are missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -367,26 +366,10 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="MiniLM: blocks removed (plain, linear replacement), FFN neurons "
-                                             "and heads pruned: params, latency, STS-dev Spearman (reports; "
-                                             "asserts nothing)")
-    add_args(ap)
-    a = ap.parse_args(argv)
-    settle(a)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
-
-    result, status = run(a, log)
-    if "error" in result:
-        print(f"transformer_bench: {result['error']}", file=sys.stderr)
-        return status
-    if a.json:
-        print(json.dumps(result))
-    else:
-        print()
-        print(render(result))
-    return status
+    return prune_bench.cli_main("transformer_bench", "MiniLM: blocks removed (plain, linear replacement), FFN neurons "
+                                "and heads pruned: params, latency, STS-dev Spearman (reports; "
+                                "asserts nothing)",
+                                add_args, settle, run, render, argv)
 
 
 if __name__ == "__main__":

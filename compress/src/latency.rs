@@ -14,6 +14,10 @@
 //! predicted slower than a wider one) and interpolated bilinearly between grid points. Widths
 //! below the smallest fraction are predicted at the smallest fraction's latency.
 //!
+//! With `whittle profile --merge` a table also holds every depth-merging candidate's latency in
+//! the model, merged and not ([`crate::merge::SegmentLatency`], measured side by side by
+//! [`local_pair_measure`]).
+//!
 //! Accepts any model; layers whose input shape is not known are left to `other_ms`.
 //! Guarantees: the table names the runtime and threads it was measured with, and
 //! [`LatencyTable::check`] refuses a table measured on a different model.
@@ -51,8 +55,8 @@ pub struct LatencyTable {
     pub call_ms: f64,
     /// One entry per weighted layer, in graph order.
     pub layers: Vec<LayerLatency>,
-    /// Depth-merging candidates measured alone, merged and not (`whittle profile --merge`;
-    /// empty otherwise).
+    /// Depth-merging candidates measured in the model, merged and not (`whittle profile
+    /// --merge`; empty otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merges: Vec<crate::merge::SegmentLatency>,
 }
@@ -483,26 +487,40 @@ pub fn local_measure(
     cfg: BenchConfig,
 ) -> impl FnMut(&Model) -> Result<f64, Error> {
     move |m: &Model| {
-        let names: Vec<&str> = m.inputs().iter().map(|i| i.name()).collect();
-        let opts = RuntimeOptions {
-            threads,
-            input_shapes: input_shapes
-                .iter()
-                .filter(|(n, _)| names.contains(&n.as_str()))
-                .cloned()
-                .collect(),
-            ..Default::default()
-        };
-        let fail = |e: whittle_deploy::Error| Error::Pass {
-            pass: "profile".into(),
-            reason: format!("{} in {}: {e}", runtime.name(), m.graph().name()),
-        };
+        let opts = runtime_options(m, threads, &input_shapes);
+        let fail = |e| measure_failed(runtime, m, e);
         let mut s = whittle_deploy::load(runtime, &m.to_bytes(), &opts).map_err(fail)?;
         let inputs =
             whittle_deploy::synthetic_inputs(s.inputs(), &opts.input_shapes).map_err(fail)?;
         let stats =
             whittle_deploy::bench(s.as_mut(), &inputs, &cfg, &mut |_, _| {}).map_err(fail)?;
         Ok(stats.min_ms)
+    }
+}
+
+/// Session options for measuring `m`: the threads, and those of `input_shapes` that name its
+/// inputs.
+fn runtime_options(
+    m: &Model,
+    threads: Option<usize>,
+    input_shapes: &[(String, Vec<usize>)],
+) -> RuntimeOptions {
+    let names: Vec<&str> = m.inputs().iter().map(|i| i.name()).collect();
+    RuntimeOptions {
+        threads,
+        input_shapes: input_shapes
+            .iter()
+            .filter(|(n, _)| names.contains(&n.as_str()))
+            .cloned()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn measure_failed(runtime: RuntimeKind, m: &Model, e: whittle_deploy::Error) -> Error {
+    Error::Pass {
+        pass: "profile".into(),
+        reason: format!("{} in {}: {e}", runtime.name(), m.graph().name()),
     }
 }
 
@@ -528,20 +546,8 @@ pub fn local_pair_measure(
     cfg: BenchConfig,
 ) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), Error> {
     move |a: &Model, b: &Model| {
-        let names: Vec<&str> = a.inputs().iter().map(|i| i.name()).collect();
-        let opts = RuntimeOptions {
-            threads,
-            input_shapes: input_shapes
-                .iter()
-                .filter(|(n, _)| names.contains(&n.as_str()))
-                .cloned()
-                .collect(),
-            ..Default::default()
-        };
-        let fail = |m: &Model, e: whittle_deploy::Error| Error::Pass {
-            pass: "profile".into(),
-            reason: format!("{} in {}: {e}", runtime.name(), m.graph().name()),
-        };
+        let opts = runtime_options(a, threads, &input_shapes);
+        let fail = |m: &Model, e| measure_failed(runtime, m, e);
         let bytes = [a.to_bytes(), b.to_bytes()];
         let models = [a, b];
         let load = |k: usize| {
@@ -577,7 +583,6 @@ pub fn local_pair_measure(
             pa.push(p[0]);
             diffs.push(p[0] - p[1]);
         }
-        live.clear();
         let before = median(&mut pa);
         Ok((before, before - median(&mut diffs)))
     }

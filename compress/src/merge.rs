@@ -635,18 +635,12 @@ pub struct Measured {
     pub damage: f64,
 }
 
-/// Dynamic programme over non-overlapping candidates: the set with the least total damage that
-/// saves at least `needed_ms` (latency savings discretised into 200 steps of the need). Returns
-/// the chosen indices, or the most that can be saved when `needed_ms` is out of reach.
-pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
-    let useful: Vec<usize> = (0..cands.len())
-        .filter(|&i| cands[i].saved_ms > 0.0)
-        .collect();
-    let mut order = useful.clone();
+/// The candidates `keep` accepts, ordered by where they end, and for each position k how many of
+/// the first k end before the k-th starts (what a weighted-interval programme steps back to).
+fn by_end(cands: &[Measured], keep: impl Fn(&Measured) -> bool) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..cands.len()).filter(|&i| keep(&cands[i])).collect();
     order.sort_by_key(|&i| (cands[i].span.1, cands[i].span.0));
-    let n = order.len();
-    // p[k]: how many of the first k (by end) end before order[k] starts
-    let p: Vec<usize> = (0..n)
+    let p = (0..order.len())
         .map(|k| {
             let s = cands[order[k]].span.0;
             order[..k]
@@ -655,6 +649,15 @@ pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
                 .map_or(0, |x| x + 1)
         })
         .collect();
+    (order, p)
+}
+
+/// Dynamic programme over non-overlapping candidates: the set with the least total damage that
+/// saves at least `needed_ms` (latency savings discretised into 200 steps of the need). Returns
+/// the chosen indices, or the most that can be saved when `needed_ms` is out of reach.
+pub fn choose(cands: &[Measured], needed_ms: f64) -> Result<Vec<usize>, f64> {
+    let (order, p) = by_end(cands, |c| c.saved_ms > 0.0);
+    let n = order.len();
     // the most that can be saved, for the error
     let mut best = vec![0.0f64; n + 1];
     for k in 0..n {
@@ -714,23 +717,10 @@ pub fn choose_within_damage(cands: &[Measured], max_damage: f64) -> Vec<usize> {
     }
     let unit = max_damage / STEPS as f64;
     let units = |d: f64| (d / unit).ceil() as usize;
-    let mut order: Vec<usize> = (0..cands.len())
-        .filter(|&i| {
-            let c = cands[i];
-            c.saved_ms > 0.0 && c.damage.is_finite() && units(c.damage.max(0.0)) <= STEPS
-        })
-        .collect();
-    order.sort_by_key(|&i| (cands[i].span.1, cands[i].span.0));
+    let (order, p) = by_end(cands, |c| {
+        c.saved_ms > 0.0 && c.damage.is_finite() && units(c.damage.max(0.0)) <= STEPS
+    });
     let n = order.len();
-    let p: Vec<usize> = (0..n)
-        .map(|k| {
-            let s = cands[order[k]].span.0;
-            order[..k]
-                .iter()
-                .rposition(|&j| cands[j].span.1 < s)
-                .map_or(0, |x| x + 1)
-        })
-        .collect();
     // dp[k][d]: the most saved over the first k candidates with at most d damage units
     let mut dp = vec![vec![0.0f64; STEPS + 1]; n + 1];
     for k in 0..n {

@@ -1213,6 +1213,12 @@ fn print_summary(s: &Summary) {
             m.model_ms,
             m.latency_from
         );
+        if let Some(k) = m.plan_latency {
+            outln!(
+                "  the plan measured as a whole: latency={k:.3} of the model's (predicted {:.3})",
+                1.0 - m.merged.iter().map(|g| g.saved_ms).sum::<f64>() / m.model_ms.max(1e-12)
+            );
+        }
         if let Some(c) = m.combined_damage {
             outln!(
                 "  damage of the merges together {c:.4} (their damages alone sum to {:.4})",

@@ -73,6 +73,22 @@ pub fn measure_table(
 /// Rounds of the side-by-side measurement of a merge candidate, by default.
 pub const MERGE_ROUNDS: usize = 11;
 
+/// How merge candidates and plans are measured beside the model: `rounds` side-by-side rounds
+/// of a few runs each.
+pub fn merge_measure(
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+    rounds: usize,
+) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), whittle_compress::Error> {
+    let cfg = BenchConfig {
+        warmup: 2,
+        iters: 20,
+        max_seconds: Some(0.05),
+    };
+    latency::local_pair_measure(runtime, threads, input_shapes, rounds, cfg)
+}
+
 /// Each depth-merging candidate's latency in the model, merged and not (side by side, see
 /// `merge::SegmentLatency`), and the model's latency: the median of its measurements.
 pub fn measure_merges(
@@ -88,12 +104,7 @@ pub fn measure_merges(
             "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
         );
     }
-    let cfg = BenchConfig {
-        warmup: 2,
-        iters: 20,
-        max_seconds: Some(0.05),
-    };
-    let mut measure = latency::local_pair_measure(runtime, threads, input_shapes, rounds, cfg);
+    let mut measure = merge_measure(runtime, threads, input_shapes, rounds);
     let pb = bar("merges", segs.len());
     let t = merge::measure_segments(model, &segs, &mut measure, &mut |d, _| {
         pb.set_position(d as u64)
