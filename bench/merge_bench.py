@@ -99,6 +99,8 @@ def compress(spec: dict, calib: Path, out: Path, extra: list[str], a) -> dict:
     return {"command": cmd, "seconds": rep.get("seconds"), "macs": [macs0, macs1], "params": [params0, params1],
             "macs_kept": macs1 / macs0 if macs0 else None, "params_kept": params1 / params0 if params0 else None,
             "merged": [" + ".join(g["convs"]) for g in m["merged"]],
+            "inexact": sum(1 for g in m["merged"] if not g["exact"]),
+            "refitted": sum(1 for g in m["merged"] if g.get("refit") and not g["exact"]),
             "predicted_latency": (m["model_ms"] - predicted) / m["model_ms"] if m["model_ms"] else None,
             "plan_latency": m.get("plan_latency"),
             "damage_sum": sum(g["damage"] for g in m["merged"]), "combined_damage": m.get("combined_damage")}
@@ -166,9 +168,14 @@ def refit_verdict(points: list[dict]) -> dict:
             continue
         r = (p.get("verify_refit") or {}).get("top1_agreement")
         n = (p.get("verify_norefit") or {}).get("top1_agreement")
-        outcome = "unmeasured" if r is None or n is None else "beats" if r > n else "ties" if r == n else "loses"
+        if p["refit"].get("inexact") == 0:
+            outcome = "exact"  # only exact merges: nothing to refit, the two models are one
+        else:
+            outcome = "unmeasured" if r is None or n is None else "beats" if r > n else "ties" if r == n else "loses"
         per.append({"target_latency": p["target_latency"], "refit": r, "no_refit": n, "outcome": outcome})
-    return {"beats_at_every_point": bool(per) and all(x["outcome"] == "beats" for x in per), "per_point": per}
+    judged = [x for x in per if x["outcome"] != "exact"]
+    return {"beats_at_every_point": bool(judged) and all(x["outcome"] == "beats" for x in judged),
+            "per_point": per}
 
 
 def goal(models: list[dict]) -> dict:
@@ -189,7 +196,7 @@ def goal(models: list[dict]) -> dict:
 
 
 def table(rt_result: dict) -> str:
-    head = ["target", "merged", "pred. lat", "MACs kept", "params kept", "orig p50", "merged p50", "speedup",
+    head = ["target", "merged", "pred. lat", "meas. lat", "MACs kept", "params kept", "orig p50", "merged p50", "speedup",
             "agree refit", "agree no refit", "damage", "compress s"]
     rows = [head]
     for p in rt_result["points"]:
@@ -199,7 +206,8 @@ def table(rt_result: dict) -> str:
             continue
         c, lat = p["refit"], p.get("latency") or {}
         med = lat.get("median_p50_ms") or {}
-        cells += [str(len(c["merged"])), fmt(c["predicted_latency"], ".3f"), fmt(c["macs_kept"], ".1%"),
+        cells += [f"{len(c['merged'])} ({c.get('refitted', 0)} refit)", fmt(c["predicted_latency"], ".3f"),
+                  fmt(c.get("plan_latency"), ".3f"), fmt(c["macs_kept"], ".1%"),
                   fmt(c["params_kept"], ".1%"), fmt(med.get("original"), ".3f", " ms"),
                   fmt(med.get("pruned"), ".3f", " ms"), fmt(lat.get("speedup"), ".3f", "x"),
                   fmt((p.get("verify_refit") or {}).get("top1_agreement"), ".3f"),
@@ -233,7 +241,9 @@ def render(result: dict) -> str:
     out = [f"depth merging (whittle compress --merge --calib-items {s['calib_items']}; latency: median over "
            f"{s['rounds']} interleaved rounds of p50, {s['threads']} threads; agreement = top-1 agreement with "
            "the original on the evaluation images; pred. lat = the plan's latency predicted from the table, "
-           "as a fraction of the original's; damage = output damage of all merges together on calibration items):"]
+           "as a fraction of the original's, meas. lat = whittle's own side-by-side measurement of the whole plan "
+           "(ort-cpu plans); merged = segments merged (those refitted; the others are exact or kept as composed, "
+           "which judged better); damage = output damage of all merges together on calibration items):"]
     for m in result["models"]:
         out.append("")
         out.append(f"{m['model']} ({m['note']}; profile {m['profile']}; calibration {m['calib_desc']}; "
@@ -252,8 +262,10 @@ def render(result: dict) -> str:
                 continue
             v = r["refit_verdict"]
             detail = "; ".join(f"latency={x['target_latency']}: {fmt(x['refit'], '.3f')} vs {fmt(x['no_refit'], '.3f')}"
-                               + ("" if x["outcome"] == "beats" else f" ({x['outcome'].upper()})") for x in v["per_point"])
-            out.append(f"{m['model']} {rt}: the refit beats no refit at every point of this run: "
+                               + ("" if x["outcome"] == "beats" else " (exact merges only)" if x["outcome"] == "exact"
+                                  else f" ({x['outcome'].upper()})") for x in v["per_point"])
+            out.append(f"{m['model']} {rt}: the refit beats no refit at every point of this run where an "
+                       "activation was removed: "
                        f"{'YES' if v['beats_at_every_point'] else 'NO'} [{detail}]")
     g = result["goal"]
     if g["met"]:

@@ -1238,7 +1238,11 @@ fn print_summary(s: &Summary) {
                 if g.exact {
                     " (exact)".to_string()
                 } else {
-                    format!(" (removed {}; refitted)", g.acts.join(", "))
+                    format!(
+                        " (removed {}; {})",
+                        g.acts.join(", "),
+                        if g.refit { "refitted" } else { "as composed" }
+                    )
                 }
             );
         }

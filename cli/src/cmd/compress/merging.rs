@@ -62,6 +62,12 @@ pub struct MergedSegment {
     /// the merge saves nothing and was not judged).
     #[serde(with = "finite_or_null")]
     pub damage: f64,
+    /// Whether the merged conv is refitted: a merge that removed an activation is judged both
+    /// as composed and refitted, and keeps the one with less damage on the held-out items (a
+    /// least-squares fit of the segment's output can do worse downstream than the plain
+    /// composition, where the next activation discards what the fit spent itself on).
+    #[serde(default = "yes")]
+    pub refit: bool,
 }
 
 /// JSON has no infinity: an unjudged candidate's damage is written as null.
@@ -264,19 +270,25 @@ pub(super) fn merge_stage(
     let pb = bar("merge damage", todo);
     let mut measured = Vec::with_capacity(segs.len());
     for ((seg, &saved), old) in segs.iter().zip(&saved_ms).zip(known) {
-        let (exact, damage) = match old {
-            Some(c) => (c.exact, c.damage),
+        let (exact, damage, refit) = match old {
+            Some(c) => (c.exact, c.damage, c.refit),
             None if saved > 0.0 => {
                 let mut cand = model.clone();
                 let rep = merge::apply_segment(&mut cand, seg)?;
+                let composed = reference.damage(&cand)?;
+                let mut judged = (rep.exact, composed, false);
                 if !rep.exact && refitted {
                     let job = merge_job(&cand, seg)?;
                     refit::refit(model, &mut cand, &[job], &fit_spec, &refit_opts)?;
+                    let fitted = reference.damage(&cand)?;
+                    if fitted < composed {
+                        judged = (false, fitted, true);
+                    }
                 }
                 pb.inc(1);
-                (rep.exact, reference.damage(&cand)?)
+                judged
             }
-            None => (seg.acts.is_empty(), f64::INFINITY),
+            None => (seg.acts.is_empty(), f64::INFINITY, false),
         };
         measured.push(MergedSegment {
             convs: seg.convs.clone(),
@@ -285,6 +297,7 @@ pub(super) fn merge_stage(
             exact,
             saved_ms: saved,
             damage,
+            refit,
         });
     }
     pb.finish_and_clear();
@@ -400,7 +413,7 @@ fn apply_merges(
     let mut out = model.clone();
     for (i, mut m) in order {
         let rep = merge::apply_segment(&mut out, &segs[i])?;
-        if !rep.exact && summary.refitted {
+        if !rep.exact && summary.refitted && m.refit {
             let mut job = merge_job(&out, &segs[i])?;
             job.input = merge::paired_name(&out, &job.input);
             let pair = merge::paired(model, &out);
@@ -413,6 +426,7 @@ fn apply_merges(
             )?);
         }
         m.exact = rep.exact;
+        m.refit &= summary.refitted && !rep.exact;
         summary.merged.push(m);
     }
     if !summary.merged.is_empty() {
