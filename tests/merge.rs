@@ -292,6 +292,10 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
         1,
         "only the paying candidate is refitted and judged"
     );
+    assert!(
+        judged[0]["refit"].is_boolean(),
+        "says whether the refit or the composition judged better"
+    );
     assert!(ja["merge"]["combined_damage"].as_f64().unwrap() >= 0.0);
     // another table, the first run's damages: another plan; the one judged before is not judged
     // again (its damage is carried over exactly), the newly paying one is

@@ -101,8 +101,7 @@ pub struct MergeSummary {
     #[serde(default = "yes")]
     pub refitted: bool,
     /// The chosen plan's latency as a fraction of the model's, measured as a whole beside the
-    /// model on --runtime (when the latencies are this runtime's); the plan grows until it meets
-    /// the budget so measured, or the third try.
+    /// model on --runtime (when the latencies are this runtime's).
     #[serde(default)]
     pub plan_latency: Option<f64>,
     /// The segments merged.
@@ -321,35 +320,23 @@ pub(super) fn merge_stage(
                     best
                 )
             };
-            let mut need = (1.0 - f) * model_ms;
-            let mut chosen = merge::choose(&cands, need).map_err(unreachable)?;
+            let chosen = merge::choose(&cands, (1.0 - f) * model_ms).map_err(unreachable)?;
             if measured_here {
-                // the plan measured as a whole: savings measured one at a time, and the largest of
-                // noisy figures chosen, promise more than the merges give together; ask for the
-                // shortfall again (at most twice more)
+                // the plan measured as a whole, beside the model: savings measured one merge at a
+                // time, the largest of noisy figures chosen, can promise more than they give
+                // together (growing the plan by the shortfall was tried: it chased the noise)
                 let mut measure = super::super::profile::merge_measure(
                     a.runtime,
                     a.threads,
                     vec![],
                     super::super::profile::MERGE_ROUNDS,
                 );
-                for step in 0..3 {
-                    let mut m = model.clone();
-                    for &i in &chosen {
-                        merge::apply_segment(&mut m, &segs[i])?;
-                    }
-                    let (before, after) = measure(model, &m)?;
-                    let kept = after / before.max(1e-12);
-                    plan_latency = Some(kept);
-                    if kept <= f || step == 2 {
-                        break;
-                    }
-                    need += (kept - f) * model_ms;
-                    match merge::choose(&cands, need) {
-                        Ok(c) if c != chosen => chosen = c,
-                        _ => break,
-                    }
+                let mut m = model.clone();
+                for &i in &chosen {
+                    merge::apply_segment(&mut m, &segs[i])?;
                 }
+                let (before, after) = measure(model, &m)?;
+                plan_latency = Some(after / before.max(1e-12));
             }
             chosen
         }
