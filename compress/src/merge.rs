@@ -458,6 +458,9 @@ pub struct Segment {
     pub span: (usize, usize),
 }
 
+/// What a model without merge candidates is told.
+pub const NOTHING_TO_MERGE: &str = "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)";
+
 const ACTIVATIONS: [&str; 4] = ["Relu", "Clip", "HardSwish", "LeakyRelu"];
 
 /// Every run of 2 or 3 convolutions that [`apply_segment`] can merge (a residual block as a

@@ -100,9 +100,7 @@ pub fn measure_merges(
 ) -> Result<(f64, Vec<merge::SegmentLatency>)> {
     let segs = merge::segments(model);
     if segs.is_empty() {
-        bail!(
-            "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
-        );
+        bail!(merge::NOTHING_TO_MERGE);
     }
     let mut measure = merge_measure(runtime, threads, input_shapes, rounds);
     let pb = bar("merges", segs.len());

@@ -170,8 +170,8 @@ fn merge_table(path: &Path, model: &Model) -> Result<LatencyTable> {
 }
 
 /// Depth merging: each candidate's latency saving and damage (measured, or read back), a
-/// dynamic programme picks the set with the least damage that meets the latency budget; apply
-/// and refit them.
+/// dynamic programme picks the set with the least damage that meets the latency budget (or the
+/// most saving within the damage allowed); apply and refit them.
 pub(super) fn merge_stage(
     a: &Args,
     model: &Model,
@@ -181,9 +181,7 @@ pub(super) fn merge_stage(
 ) -> Result<(Model, MergeSummary)> {
     let segs = merge::segments(model);
     if segs.is_empty() {
-        bail!(
-            "nothing to merge: no two convolutions in a row (at most one activation between, the first read by the second only)"
-        );
+        bail!(merge::NOTHING_TO_MERGE);
     }
     // the first items judge damage, the others fit (the same split when a plan is replayed)
     let n_eval = 32.min(calib_idx.len() / 2).max(1);
