@@ -150,6 +150,10 @@ pub struct Args {
     /// refitting and judging every candidate) and choose anew for `--target`.
     #[arg(long = "candidates", value_name = "PLAN")]
     merge_candidates: Option<PathBuf>,
+    /// Depth merging: rounds of each side-by-side measurement made now (candidates without a
+    /// latency table, and the chosen plan); more is steadier on a busy machine, and slower.
+    #[arg(long, default_value_t = super::profile::MERGE_ROUNDS)]
+    merge_rounds: usize,
     /// Runtime for calibration runs and checks.
     #[arg(long, default_value = "ort-cpu")]
     runtime: RuntimeKind,

@@ -231,7 +231,7 @@ pub(super) fn merge_stage(
                 a.runtime,
                 a.threads,
                 vec![],
-                super::super::profile::MERGE_ROUNDS,
+                a.merge_rounds.max(1),
             )?;
             let saved = t.iter().map(merge::SegmentLatency::saved_ms).collect();
             (model_ms, saved, "measured".to_string(), true)
@@ -327,7 +327,7 @@ pub(super) fn merge_stage(
                     a.runtime,
                     a.threads,
                     vec![],
-                    super::super::profile::MERGE_ROUNDS,
+                    a.merge_rounds.max(1),
                 );
                 let mut m = model.clone();
                 for &i in &chosen {
