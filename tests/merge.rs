@@ -74,6 +74,8 @@ fn merge_refusals_name_the_cause_and_write_nothing() {
             "latency=0.9",
         ])
         .error(&["nothing to merge"]);
+        let t = dir.path().join("mnist.latency.json");
+        run(&["profile", &s(&m), "--merge", "-o", &s(&t)]).error(&["nothing to merge"]);
     }
     assert!(listing(dir.path()).is_empty(), "nothing written");
 }

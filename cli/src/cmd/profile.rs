@@ -119,6 +119,9 @@ pub fn run(a: Args) -> Result<Outcome> {
     let overrides = super::parse_overrides(&a.inputs)?;
     let mut model = super::load_model(&a.model)?;
     cleanup::cleanup(&mut model).context("cleanup")?;
+    if a.merge && merge::segments(&model).is_empty() {
+        bail!(merge::NOTHING_TO_MERGE);
+    }
     let table = measure_table(
         &model,
         a.runtime,
