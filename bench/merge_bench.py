@@ -45,7 +45,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -216,17 +215,7 @@ def table(rt_result: dict) -> str:
         if "same_plan_as" in p:
             cells[1] += f" (= latency={p['same_plan_as']})"
         rows.append(cells)
-    full = [r for r in rows if len(r) == len(head)]
-    widths = [max(len(r[i]) for r in full) for i in range(len(head))]
-    lines = []
-    for j, r in enumerate(rows):
-        if len(r) == len(head):
-            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        else:
-            lines.append(r[0].ljust(widths[0]) + "  " + r[1])
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(prune_bench.layout(rows))
 
 
 def table_line(t: dict) -> str:
@@ -306,10 +295,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def settle(a: argparse.Namespace) -> None:
-    defaults = {"rounds": 3, "warmup": 2, "iters": 20} if a.quick else {"rounds": 5, "warmup": 5, "iters": 50}
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    prune_bench.settle(a, rounds=5)
 
 
 def run(a: argparse.Namespace, log) -> tuple[dict, int]:
@@ -330,15 +316,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     started, load0 = time.monotonic(), [round(x, 2) for x in os.getloadavg()]
     log(f"depth merging bench: budgets {', '.join(f'latency={b}' for b in budgets)} on {', '.join(runtimes)}; "
         f"{a.threads} threads, {a.rounds} interleaved rounds per plan; load average {' '.join(map(str, load0))}")
-    tmp = None
-    if a.keep:
-        work = a.keep
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="whittle-merge-bench-")
-        work = Path(tmp.name)
     models, status = [], 0
-    try:
+    with prune_bench.workdir(a.keep, "whittle-merge-bench-") as work:
         for s in specs:
             split_dir = work / f"{s['name']}_split"
             if split_dir.exists():
@@ -378,9 +357,6 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
             models.append({"model": s["name"], "note": s["note"], "profile": s["profile"], "split": info,
                            "calib_desc": f"{info['calib_images']} photos (even class folders)",
                            "eval_desc": f"the other {info['eval_images']}", "runtimes": per_rt})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     result = {"settings": {"budgets_latency_kept": budgets, "runtimes": runtimes, "calib_items": a.calib_items,
                            "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                            "quick": a.quick, "whittle": str(a.whittle), "work": str(work) if a.keep else None},

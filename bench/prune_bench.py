@@ -36,6 +36,7 @@ failed, 2 when the binary, models or data are missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -356,11 +357,39 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
 
 
-def settle(a: argparse.Namespace) -> None:
-    defaults = {"rounds": 3, "warmup": 2, "iters": 20} if a.quick else {"rounds": 3, "warmup": 5, "iters": 50}
+def settle(a: argparse.Namespace, rounds: int = 3) -> None:
+    """Defaults of the flags left unset (--quick: 3 rounds, fewer runs)."""
+    defaults = {"rounds": 3, "warmup": 2, "iters": 20} if a.quick else {"rounds": rounds, "warmup": 5, "iters": 50}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+
+
+@contextlib.contextmanager
+def workdir(keep: Path | None, prefix: str):
+    """Where a bench writes: --keep's folder (kept), or a temporary one (removed afterwards)."""
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as d:
+            yield Path(d)
+
+
+def layout(rows: list[list[str]]) -> list[str]:
+    """Aligned lines of a table whose first row is the header: the first two columns left, the
+    others right; a shorter row (a label and a message) keeps its label and runs on."""
+    n = len(rows[0])
+    widths = [max(len(r[i]) for r in rows if len(r) == n) for i in range(n)]
+    lines = []
+    for j, r in enumerate(rows):
+        if len(r) == n:
+            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        else:
+            lines.append(r[0].ljust(widths[0]) + "  " + r[1])
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def check(a: argparse.Namespace, specs: list[dict]) -> str | None:

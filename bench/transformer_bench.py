@@ -245,17 +245,7 @@ def table(result: dict) -> str:
             notes.append(f"  {r['name']}: verify failed: {first_line(r['verify_error'])}")
         for rt, why in (r.get("bench_errors") or {}).items():
             notes.append(f"  {r['name']}: {rt} bench failed: {first_line(why)}")
-    full = [r for r in rows if len(r) == len(head)]
-    widths = [max(len(r[i]) for r in full) for i in range(len(head))]
-    lines = []
-    for j, r in enumerate(rows):
-        if len(r) == len(head):
-            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        else:
-            lines.append(r[0].ljust(widths[0]) + "  " + r[1])
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines + notes)
+    return "\n".join(prune_bench.layout(rows) + notes)
 
 
 def render(result: dict) -> str:
