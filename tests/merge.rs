@@ -6,6 +6,52 @@ mod common;
 
 use common::*;
 
+/// `whittle compress` on the VWW MobileNet with a few imagenet photos, writing `out`, then `extra`.
+fn vww_compress(
+    m: &std::path::Path,
+    photos: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "compress",
+        &s(m),
+        "-o",
+        &s(out),
+        "--calib",
+        &s(photos),
+        "--profile",
+        "vww",
+        "--calib-items",
+        "24",
+        "--holdout-items",
+        "8",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
+/// A latency table from `whittle profile --merge --json` whose every merge saves
+/// `saved(entry)` of the model's latency (measured figures move with the machine's load; tests
+/// that depend on the choice set them), written to `path`.
+fn set_table(
+    t: &serde_json::Value,
+    path: &std::path::Path,
+    saved: impl Fn(&serde_json::Value) -> f64,
+) {
+    let mut t = t.clone();
+    let model_ms = t["model_ms"].as_f64().unwrap();
+    for e in t["merges"].as_array_mut().unwrap() {
+        let f = saved(e);
+        e["before_ms"] = serde_json::json!(model_ms);
+        e["after_ms"] = serde_json::json!(model_ms * (1.0 - f));
+    }
+    std::fs::write(path, t.to_string()).unwrap();
+}
+
 #[test]
 fn merge_refusals_name_the_cause_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,7 +75,7 @@ fn merge_refusals_name_the_cause_and_write_nothing() {
     // a table where no merge saves more than 2% (ResNet-8's 3x3 + 3x3 merges make bigger 5x5
     // convs; measured figures move with the machine's load, so the test sets them)
     let table = dir.path().join("r8.latency.json");
-    let mut t = run(&[
+    let t = run(&[
         "profile",
         &s(&r8),
         "--merge",
@@ -39,12 +85,7 @@ fn merge_refusals_name_the_cause_and_write_nothing() {
     ])
     .ok()
     .json();
-    let model_ms = t["model_ms"].as_f64().unwrap();
-    for e in t["merges"].as_array_mut().unwrap() {
-        e["before_ms"] = serde_json::json!(model_ms);
-        e["after_ms"] = serde_json::json!(model_ms * 0.98);
-    }
-    std::fs::write(&table, t.to_string()).unwrap();
+    set_table(&t, &table, |_| 0.02);
     let e = base(&[
         "--calib",
         &s(&calib),
@@ -105,27 +146,7 @@ fn a_saved_merge_plan_replays_without_measuring() {
     write_plan(&segment);
     let out = dir.path().join("m.onnx");
     let again = dir.path().join("again.json");
-    let args = |out: &std::path::Path, extra: &[&str]| {
-        let mut v: Vec<String> = [
-            "compress",
-            &s(&m),
-            "-o",
-            &s(out),
-            "--calib",
-            &s(&photos),
-            "--profile",
-            "vww",
-            "--calib-items",
-            "24",
-            "--holdout-items",
-            "8",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        v.extend(extra.iter().map(|x| x.to_string()));
-        v
-    };
+    let args = |out: &std::path::Path, extra: &[&str]| vww_compress(&m, &photos, out, extra);
     let j = run(&args(
         &out,
         &[
@@ -250,55 +271,41 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     );
     // two synthetic tables from the measured one: one where only the first depthwise+pointwise
     // pair pays (10% of the model), one where only a later pair does
-    let model_ms = t["model_ms"].as_f64().unwrap();
     let (a, b) = (
         ["depthwise_conv2d", "conv2d_1"],
         ["depthwise_conv2d_5", "conv2d_6"],
     );
     let table = |pays: &[&str; 2], name: &str| {
-        let mut t = t.clone();
-        for e in t["merges"].as_array_mut().unwrap() {
-            let saved = if e["convs"] == serde_json::json!(pays) {
+        let p = dir.path().join(name);
+        set_table(&t, &p, |e| {
+            if e["convs"] == serde_json::json!(pays) {
                 0.1
             } else {
                 -0.1
-            };
-            e["before_ms"] = serde_json::json!(model_ms);
-            e["after_ms"] = serde_json::json!(model_ms * (1.0 - saved));
-        }
-        let p = dir.path().join(name);
-        std::fs::write(&p, t.to_string()).unwrap();
+            }
+        });
         p
     };
     let (ta, tb) = (table(&a, "a.json"), table(&b, "b.json"));
     let compress_to = |target: &str, table: &std::path::Path, extra: &[&str]| {
-        let mut v: Vec<String> = [
-            "compress",
-            &s(&m),
-            "-o",
-            &s(&dir.path().join("m.onnx")),
-            "--calib",
-            &s(&photos),
-            "--profile",
-            "vww",
-            "--calib-items",
-            "24",
-            "--holdout-items",
-            "8",
+        let table = s(table);
+        let mut flags = vec![
             "--merge",
             "--target",
             target,
             "--latency-table",
-            &s(table),
+            &table,
             "--merge-rounds",
             "1",
             "--json",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        v.extend(extra.iter().map(|x| x.to_string()));
-        run(&v)
+        ];
+        flags.extend_from_slice(extra);
+        run(&vww_compress(
+            &m,
+            &photos,
+            &dir.path().join("m.onnx"),
+            &flags,
+        ))
     };
     let compress =
         |table: &std::path::Path, extra: &[&str]| compress_to("latency=0.95", table, extra);
