@@ -113,7 +113,7 @@ fn resnet8_at_25_percent_keeps_80_percent_agreement_on_unseen_images() {
     .ok()
     .json();
     assert!(j["macs_kept"].as_f64().unwrap() <= 0.75 + 1e-6);
-    assert_eq!(j["reconstructed"], true);
+    assert_eq!(j["prune_channels"]["reconstructed"], true);
     let v = run(&[
         "verify",
         &s(&resnet8()),
@@ -289,7 +289,7 @@ fn bad_flags_fail_before_any_work() {
 fn a_recipe_holds_the_flags_and_unknown_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("r.toml");
-    std::fs::write(&recipe, "[prune_channels]\ntarget = \"params=0.9\"\nimportance = \"l1\"\nreconstruct = false\nsensitivity = false\n").unwrap();
+    std::fs::write(&recipe, "[[step]]\nmethod = \"prune_channels\"\ntarget = \"params=0.9\"\nimportance = \"l1\"\nreconstruct = false\nsensitivity = false\n").unwrap();
     let out = dir.path().join("o.onnx");
     let j = run(&[
         "compress",
@@ -310,8 +310,12 @@ fn a_recipe_holds_the_flags_and_unknown_keys_are_refused() {
         after <= 0.9 * before + 1.0,
         "params budget from the recipe: {before} -> {after}"
     );
-    assert_eq!(j["reconstructed"], false);
-    std::fs::write(&recipe, "[prune_channels]\ncolour = 1\n").unwrap();
+    assert_eq!(j["prune_channels"]["reconstructed"], false);
+    std::fs::write(
+        &recipe,
+        "[[step]]\nmethod = \"prune_channels\"\ncolour = 1\n",
+    )
+    .unwrap();
     let out2 = dir.path().join("o2.onnx");
     run(&[
         "compress",
@@ -322,5 +326,23 @@ fn a_recipe_holds_the_flags_and_unknown_keys_are_refused() {
         &s(&recipe),
     ])
     .error(&["colour", "r.toml"]);
+    assert!(!out2.exists());
+    // the old form (a section per method) is refused with the recipe written as steps
+    std::fs::write(&recipe, "[prune_channels]\ntarget = \"params=0.9\"\n").unwrap();
+    let r = run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&out2),
+        "--recipe",
+        &s(&recipe),
+    ]);
+    r.error(&["old form", "[[step]]"]);
+    assert!(
+        r.stderr
+            .contains("[[step]]\nmethod = \"prune_channels\"\ntarget = \"params=0.9\""),
+        "{}",
+        r.dump()
+    );
     assert!(!out2.exists());
 }

@@ -74,7 +74,7 @@ fn a_recipe_runs_low_rank_and_pruning_in_its_order() {
     let recipe = dir.path().join("r.toml");
     std::fs::write(
         &recipe,
-        "[prune_channels]\ntarget = \"macs=0.9\"\nimportance = \"l2\"\nreconstruct = false\nsensitivity = false\n\n[low_rank]\nrank_fraction = 0.5\nscheme = \"channel\"\n",
+        "[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs=0.9\"\nimportance = \"l2\"\nreconstruct = false\nsensitivity = false\n\n[[step]]\nmethod = \"low_rank\"\nrank_fraction = 0.5\nscheme = \"channel\"\n",
     )
     .unwrap();
     let out = dir.path().join("r8.onnx");
@@ -89,7 +89,7 @@ fn a_recipe_runs_low_rank_and_pruning_in_its_order() {
     ])
     .ok()
     .json();
-    assert!(j["plan"].is_object(), "pruned: {j}");
+    assert!(j["prune_channels"]["plan"].is_object(), "pruned: {j}");
     assert!(!j["low_rank"]["factored"].as_array().unwrap().is_empty());
     assert!(j["macs_kept"].as_f64().unwrap() < 0.9);
     run(&["bench", &s(&out), "--runtime", "tract", "--iters", "2"]).ok();

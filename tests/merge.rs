@@ -139,8 +139,9 @@ fn a_saved_merge_plan_replays_without_measuring() {
         "add": null, "exact": false, "saved_ms": 0.027, "damage": 0.0001
     });
     let write_plan = |seg: &serde_json::Value| {
-        let p = serde_json::json!({"prune_channels": null,
-            "merge": {"candidates": 51, "model_ms": 0.228, "merged": [seg]}});
+        let p = serde_json::json!({"steps": [{"method": "merge",
+            "options": {"target": "latency=0.9"},
+            "plan": {"candidates": 51, "model_ms": 0.228, "merged": [seg]}}]});
         std::fs::write(&plan, p.to_string()).unwrap();
     };
     write_plan(&segment);
@@ -179,17 +180,25 @@ fn a_saved_merge_plan_replays_without_measuring() {
     .ok();
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
-    assert_eq!(saved["merge"]["merged"][0]["convs"], segment["convs"]);
-    assert!(saved["prune_channels"].is_null());
+    assert_eq!(saved["steps"][0]["method"], "merge");
+    assert_eq!(
+        saved["steps"][0]["plan"]["merged"][0]["convs"],
+        segment["convs"]
+    );
+    assert_eq!(saved["steps"].as_array().unwrap().len(), 1);
 
-    // a plan of another model, and --apply-plan without --merge: one line, nothing written
+    // a plan of another model (with --merge, or replayed alone), a file that is no plan: one
+    // line, nothing written
     let mut other = segment.clone();
     other["convs"] = serde_json::json!(["conv_a", "conv_b"]);
     write_plan(&other);
     let refused = dir.path().join("refused.onnx");
     run(&args(&refused, &["--merge", "--apply-plan", &s(&plan)]))
         .error(&["conv_a + conv_b", "not a merge candidate of this model"]);
-    run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["give --merge with them"]);
+    run(&args(&refused, &["--apply-plan", &s(&plan)]))
+        .error(&["step 1 (merge)", "not a merge candidate of this model"]);
+    std::fs::write(&plan, "{\"merge\": {}}").unwrap();
+    run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["not a plan written by --plan-out"]);
     assert!(!refused.exists());
 }
 
@@ -212,10 +221,11 @@ fn a_merge_at_the_first_layer_refits_from_the_graph_input() {
     )
     .unwrap();
     let plan = dir.path().join("plan.json");
-    let p = serde_json::json!({"prune_channels": null, "merge": {"candidates": 15,
+    let p = serde_json::json!({"steps": [{"method": "merge", "options": {},
+        "plan": {"candidates": 15,
         "model_ms": 0.08, "merged": [{"convs": ["conv2d", "depthwise_conv2d", "conv2d_1"],
         "acts": ["activation", "activation_1"], "add": null, "exact": false,
-        "saved_ms": 0.008, "damage": 0.0}]}});
+        "saved_ms": 0.008, "damage": 0.0}]}}]});
     std::fs::write(&plan, p.to_string()).unwrap();
     let out = dir.path().join("m.onnx");
     let j = run(&[

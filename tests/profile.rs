@@ -99,7 +99,7 @@ fn latency_budget_from_a_saved_table() {
     ])
     .ok()
     .json();
-    let lat = j["plan"]["latency_ms"]
+    let lat = j["prune_channels"]["plan"]["latency_ms"]
         .as_array()
         .expect("predicted latency");
     let (before, after) = (lat[0].as_f64().unwrap(), lat[1].as_f64().unwrap());
@@ -186,7 +186,7 @@ fn latency_budget_measures_a_table_when_none_is_given() {
     ])
     .ok()
     .json();
-    let lat = j["plan"]["latency_ms"]
+    let lat = j["prune_channels"]["plan"]["latency_ms"]
         .as_array()
         .expect("predicted latency");
     assert!(lat[1].as_f64().unwrap() <= 0.85 * lat[0].as_f64().unwrap() + 1e-9);

@@ -26,3 +26,40 @@ pub fn spinner(label: &str, message: &str) -> ProgressBar {
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
     pb
 }
+
+/// The compression pipeline's progress as bars (a spinner for work of unknown length).
+#[derive(Default)]
+pub struct Bars(std::cell::RefCell<Option<(String, ProgressBar)>>);
+
+impl whittle_compress::pipeline::Progress for Bars {
+    fn start(&self, label: &str, total: usize) {
+        let mut cur = self.0.borrow_mut();
+        if let Some((l, pb)) = cur.as_ref()
+            && l == label
+        {
+            pb.set_length(total as u64);
+            return;
+        }
+        if let Some((_, pb)) = cur.take() {
+            pb.finish_and_clear();
+        }
+        let pb = if total == 0 {
+            spinner(label, "working on the calibration data")
+        } else {
+            bar(label, total)
+        };
+        *cur = Some((label.to_string(), pb));
+    }
+
+    fn set(&self, done: usize) {
+        if let Some((_, pb)) = self.0.borrow().as_ref() {
+            pb.set_position(done as u64);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, pb)) = self.0.borrow_mut().take() {
+            pb.finish_and_clear();
+        }
+    }
+}

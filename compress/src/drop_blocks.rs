@@ -330,3 +330,114 @@ fn replace_span(
         .map_err(|e| fail(format!("the graph after removal: {e}")))?;
     Ok(())
 }
+
+/// Block removal as a pipeline method (`--drop-blocks N`, `method = "drop_blocks"`).
+pub struct DropBlocks;
+
+/// `--drop-blocks N [--linear-replace] [--drop-start B]`.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropBlocksOptions {
+    /// Transformers: remove this many consecutive blocks (the span whose entering and leaving
+    /// hidden states are closest on the calibration data, or the one at --drop-start).
+    #[arg(id = "drop_blocks", long = "drop-blocks", value_name = "N")]
+    pub count: Option<usize>,
+    /// With --drop-blocks: replace the span by one affine map fitted by least squares (ReplaceMe)
+    /// instead of removing it outright.
+    #[arg(long)]
+    #[serde(default)]
+    pub linear_replace: bool,
+    /// With --drop-blocks: remove the span starting at this block (0-based; see `whittle inspect`).
+    #[arg(id = "drop_start", long = "drop-start", value_name = "BLOCK")]
+    pub start: Option<usize>,
+    /// Relative ridge of the fit.
+    #[arg(skip)]
+    pub ridge: Option<f64>,
+}
+
+/// Which span was removed.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DropBlocksPlan {
+    /// The first block removed.
+    pub start: usize,
+    /// Blocks removed.
+    pub count: usize,
+}
+
+impl crate::pipeline::Method for DropBlocks {
+    const NAME: &'static str = "drop_blocks";
+    type Options = DropBlocksOptions;
+    type Plan = DropBlocksPlan;
+    type Report = DropReport;
+
+    fn requested(o: &DropBlocksOptions) -> bool {
+        o.count.is_some() || o.linear_replace || o.start.is_some()
+    }
+
+    fn inherit(o: &mut DropBlocksOptions, s: &crate::pipeline::Shared) {
+        o.ridge.get_or_insert(s.ridge);
+    }
+
+    fn validate(o: &DropBlocksOptions) -> Result<(), Error> {
+        match o.count {
+            Some(_) => Ok(()),
+            None => Err(fail(
+                "--linear-replace and --drop-start go with --drop-blocks N (count = N in a recipe)"
+                    .into(),
+            )),
+        }
+    }
+
+    fn run(
+        o: &DropBlocksOptions,
+        model: &mut Model,
+        cx: &crate::pipeline::Context,
+        replay: Option<DropBlocksPlan>,
+    ) -> Result<(DropBlocksPlan, DropReport), Error> {
+        let c = cx.data(Self::NAME)?;
+        let spec = cx.spec(c, &c.fit);
+        let opts = DropOptions {
+            count: replay.as_ref().map_or(o.count.unwrap_or(1), |p| p.count),
+            linear_replace: o.linear_replace,
+            start: replay.as_ref().map(|p| p.start).or(o.start),
+            ridge: o.ridge.unwrap_or(1e-3),
+        };
+        cx.start("blocks", 0);
+        let r = drop_blocks(model, &opts, &spec);
+        cx.progress.finish();
+        let r = r?;
+        let plan = DropBlocksPlan {
+            start: r.removed.first().copied().unwrap_or(0),
+            count: r.removed.len(),
+        };
+        Ok((plan, r))
+    }
+
+    fn describe(d: &DropReport) -> Vec<String> {
+        let imp: Vec<String> = d.importance.iter().map(|v| format!("{v:.4}")).collect();
+        let removed: Vec<String> = d.removed.iter().map(|b| b.to_string()).collect();
+        vec![
+            format!(
+                "block importance (cosine distance in -> out, {} calibration tokens): {}",
+                d.tokens,
+                imp.join(", ")
+            ),
+            format!(
+                "removed blocks {} of {}: {}",
+                removed.join(", "),
+                d.blocks,
+                match &d.fit {
+                    Some(f) if d.linear_replace => format!(
+                        "replaced by one linear map (hidden-state error {:.4}, removal alone {:.4})",
+                        f.rel_error_after, f.rel_error_before
+                    ),
+                    Some(f) => format!(
+                        "removed outright: {}",
+                        f.skipped.as_deref().unwrap_or("the fit did not help")
+                    ),
+                    None => "removed outright (no --linear-replace)".into(),
+                }
+            ),
+        ]
+    }
+}

@@ -139,6 +139,15 @@ fn segment(fractions: &[f64], f: f64) -> (usize, f64) {
 }
 
 impl LatencyTable {
+    /// Read a table written by `whittle profile`.
+    pub fn read(path: &std::path::Path) -> Result<LatencyTable, Error> {
+        let fail =
+            |reason: String| Error::Budget(format!("latency table {}: {reason}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| fail(format!("not a table written by `whittle profile` ({e})")))
+    }
+
     /// Latency the layers alone do not account for (never negative).
     pub fn other_ms(&self) -> f64 {
         (self.model_ms - self.layers_ms()).max(0.0)
@@ -596,6 +605,83 @@ fn median(v: &mut [f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// Rounds of the side-by-side measurement of a merge candidate, by default.
+pub const MERGE_ROUNDS: usize = 11;
+
+/// Measure the latency table of a model as `whittle compress` sees it (after the lossless
+/// cleanup, so that layer names and weights match); with `merge_rounds`, every depth-merging
+/// candidate too.
+pub fn measure_table(
+    model: &Model,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+    merge_rounds: Option<usize>,
+    progress: &dyn crate::pipeline::Progress,
+) -> Result<LatencyTable, Error> {
+    let cfg = BenchConfig {
+        warmup: 3,
+        iters: 40,
+        max_seconds: Some(0.15),
+    };
+    let mut measure = local_measure(runtime, threads, input_shapes.clone(), cfg);
+    progress.start("profile", 1);
+    let t = profile(model, runtime.name(), threads, &mut measure, &mut |d, n| {
+        progress.start("profile", n);
+        progress.set(d);
+    });
+    progress.finish();
+    let mut t = t?;
+    if let Some(rounds) = merge_rounds {
+        t.merges = measure_merges(model, runtime, threads, input_shapes, rounds, progress)?.1;
+    }
+    Ok(t)
+}
+
+/// How merge candidates and plans are measured beside the model: `rounds` side-by-side rounds
+/// of a few runs each.
+pub fn merge_measure(
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+    rounds: usize,
+) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), Error> {
+    let cfg = BenchConfig {
+        warmup: 2,
+        iters: 20,
+        max_seconds: Some(0.05),
+    };
+    local_pair_measure(runtime, threads, input_shapes, rounds, cfg)
+}
+
+/// Each depth-merging candidate's latency in the model, merged and not (side by side, see
+/// [`crate::merge::SegmentLatency`]), and the model's latency: the median of its measurements.
+pub fn measure_merges(
+    model: &Model,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: Vec<(String, Vec<usize>)>,
+    rounds: usize,
+    progress: &dyn crate::pipeline::Progress,
+) -> Result<(f64, Vec<crate::merge::SegmentLatency>), Error> {
+    let segs = crate::merge::segments(model);
+    if segs.is_empty() {
+        return Err(Error::Pass {
+            pass: "merge".into(),
+            reason: crate::merge::NOTHING_TO_MERGE.into(),
+        });
+    }
+    let mut measure = merge_measure(runtime, threads, input_shapes, rounds.max(1));
+    progress.start("merges", segs.len());
+    let t = crate::merge::measure_segments(model, &segs, &mut measure, &mut |d, _| progress.set(d));
+    progress.finish();
+    let t = t?;
+    let mut all: Vec<f64> = t.iter().map(|s| s.before_ms).collect();
+    all.sort_by(f64::total_cmp);
+    let model_ms = all[all.len() / 2];
+    Ok((model_ms, t))
 }
 
 #[cfg(test)]

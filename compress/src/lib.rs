@@ -15,6 +15,11 @@
 //! | attention sub-module removal (2SSP stage 2) | `drop_attention.rs` |
 //! | feed-forward neuron pruning with a refit of the down projection (2SSP) | `prune_ffn.rs` |
 //! | attention head pruning with a refit of the output projection (Minitron) | `prune_heads.rs` |
+//!
+//! The methods a recipe step names (`prune_channels.rs`, `lowrank.rs`, `merging.rs`,
+//! `drop_blocks.rs`, `prune_ffn.rs`, `prune_heads.rs`, `drop_attention.rs`) implement
+//! [`pipeline::Method`] and are listed in [`pipeline::METHODS`]; `pipeline.rs` runs them in order
+//! and checks the model after each.
 
 pub mod blocks;
 pub mod cleanup;
@@ -25,7 +30,10 @@ pub mod index;
 pub mod latency;
 pub mod lowrank;
 pub mod merge;
+pub mod merging;
+pub mod pipeline;
 pub mod prune;
+pub mod prune_channels;
 pub mod prune_ffn;
 pub mod prune_heads;
 pub mod refit;
@@ -51,4 +59,44 @@ pub enum Error {
     /// Nothing in the model can be pruned.
     #[error("nothing to prune: {0}")]
     NothingToPrune(String),
+    /// A step of the pipeline failed; nothing was written.
+    #[error("step {step} ({method}): {source}")]
+    Step {
+        /// The step, from 1.
+        step: usize,
+        /// Its method.
+        method: String,
+        /// What failed.
+        source: Box<Error>,
+    },
+    /// The model after a step fails a check (graph, shapes, numbers, a run in the runtime).
+    #[error("the result fails a check: {0}")]
+    Check(String),
+    /// A recipe cannot be read.
+    #[error("{0}")]
+    Recipe(String),
+    /// A recipe in the old form (a section per method); `new_form` is the same recipe as steps.
+    #[error(
+        "recipe {path}: {sections} is the old form of a recipe; each method is now a [[step]] with method = \"...\", run in the order listed (the recipe in the new form is printed above; see recipes/README.md)"
+    )]
+    OldRecipe {
+        /// The recipe.
+        path: String,
+        /// Its method sections.
+        sections: String,
+        /// The same recipe written as steps.
+        new_form: String,
+    },
+    /// A plan file cannot be read or replayed.
+    #[error("{0}")]
+    Plan(String),
+    /// A runtime failed (loading, running, measuring).
+    #[error(transparent)]
+    Runtime(#[from] whittle_deploy::Error),
+    /// Calibration data could not be read or captured.
+    #[error(transparent)]
+    Calib(#[from] whittle_calib::Error),
+    /// A least-squares refit failed.
+    #[error(transparent)]
+    Refit(#[from] refit::RefitError),
 }

@@ -743,6 +743,28 @@ pub fn factorise(
     stats: Option<&RefitStats>,
     opts: &LowRankOptions,
 ) -> Result<LowRankReport, Error> {
+    factorise_as(model, stats, opts, None)
+}
+
+/// One layer of a low-rank plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedLayer {
+    /// The layer.
+    pub node: String,
+    /// Its scheme.
+    pub scheme: Scheme,
+    /// Its rank.
+    pub rank: usize,
+}
+
+/// [`factorise`], or with `given` the layers, schemes and ranks of a saved plan (the rule is
+/// not consulted; a layer the plan names that cannot take its rank is skipped with the reason).
+pub fn factorise_as(
+    model: &mut Model,
+    stats: Option<&RefitStats>,
+    opts: &LowRankOptions,
+    given: Option<&[PlannedLayer]>,
+) -> Result<LowRankReport, Error> {
     if opts.round_to == 0 {
         return Err(Error::Pass {
             pass: "low-rank".into(),
@@ -861,109 +883,131 @@ pub fn factorise(
     }
     // choose per layer
     let mut chosen: Vec<Option<Choice>> = vec![None; cands.len()];
-    match opts.rule {
-        RankRule::Budget(b) => {
-            let target = b.fraction();
-            let total_base = if by_params {
-                base.params as f64
-            } else {
-                base.macs as f64
+    if let Some(given) = given {
+        for (k, cand) in cands.iter().enumerate() {
+            let Some(p) = given.iter().find(|p| p.node == cand.layer.name) else {
+                continue;
             };
-            // Pareto frontier per layer, most expensive (keep) first
-            let frontiers: Vec<Vec<Choice>> = cands
+            match cand
+                .choices
                 .iter()
-                .map(|c| {
-                    let mut v = c.choices.clone();
-                    v.sort_by(|a, b| a.cost.total_cmp(&b.cost));
-                    let mut out: Vec<Choice> = vec![];
-                    for c in v {
-                        if out.last().is_none_or(|p: &Choice| c.err < p.err) {
-                            out.push(c);
-                        }
-                    }
-                    out.reverse();
-                    out
-                })
-                .collect();
-            let fixed = total_base - cands.iter().map(|c| c.choices[0].cost).sum::<f64>();
-            let mut at = vec![0usize; cands.len()];
-            let total = |at: &[usize]| -> f64 {
-                fixed
-                    + frontiers
-                        .iter()
-                        .zip(at)
-                        .map(|(f, &i)| f[i].cost)
-                        .sum::<f64>()
-            };
-            let smallest: Vec<usize> = frontiers.iter().map(|f| f.len() - 1).collect();
-            let reachable = total(&smallest) / total_base.max(1e-12);
-            if reachable > target + 1e-9 {
-                let kind = b.kind();
-                return Err(Error::Budget(format!(
-                    "{kind}={target} is unreachable by low rank: the smallest reachable is {kind}={reachable:.3} (every layer at rank {}; {} layers cannot be factorised)",
-                    opts.round_to,
-                    skipped.len()
-                )));
-            }
-            while total(&at) / total_base > target + 1e-9 {
-                let mut best: Option<(f64, usize)> = None;
-                for (l, f) in frontiers.iter().enumerate() {
-                    if at[l] + 1 < f.len() {
-                        let (a, n) = (f[at[l]], f[at[l] + 1]);
-                        let ratio = (n.err - a.err) / (a.cost - n.cost).max(1e-12);
-                        if best.is_none_or(|b| ratio < b.0) {
-                            best = Some((ratio, l));
-                        }
-                    }
-                }
-                let Some((_, l)) = best else { break };
-                at[l] += 1;
-            }
-            for (l, f) in frontiers.iter().enumerate() {
-                chosen[l] = f[at[l]].rank.map(|_| f[at[l]]);
+                .find(|c| c.scheme == p.scheme && c.rank == Some(p.rank))
+            {
+                Some(c) => chosen[k] = Some(*c),
+                None => skipped.push(Skipped {
+                    node: p.node.clone(),
+                    reason: format!(
+                        "the plan's {:?} rank {} does not make it cheaper here",
+                        p.scheme, p.rank
+                    ),
+                }),
             }
         }
-        rule => {
-            for (k, cand) in cands.iter().enumerate() {
-                let (l, ch, fs) = (&cand.layer, &cand.choices, &cand.factors);
-                // auto with a per-layer rule: channel-wise
-                let (s, f) = &fs[0];
-                let max = l.max_rank(*s, opts.data_aware);
-                let want = match rule {
-                    RankRule::Rank(n) => {
-                        if n > max {
-                            skipped.push(Skipped {
-                                node: l.name.clone(),
-                                reason: format!("rank {n} exceeds its full rank {max}"),
-                            });
-                            continue;
-                        }
-                        n
-                    }
-                    RankRule::Fraction(x) => {
-                        let r = ((max as f64 * x).round() as usize).max(1);
-                        (r.div_ceil(opts.round_to) * opts.round_to).min(max)
-                    }
-                    RankRule::Energy(e) => {
-                        let mut r = opts.round_to.min(max);
-                        while r < max && 1.0 - f.error(r) < e {
-                            r = (r + opts.round_to).min(max);
-                        }
-                        r
-                    }
-                    RankRule::Budget(_) => unreachable!("handled above"),
+    } else {
+        match opts.rule {
+            RankRule::Budget(b) => {
+                let target = b.fraction();
+                let total_base = if by_params {
+                    base.params as f64
+                } else {
+                    base.macs as f64
                 };
-                match ch.iter().find(|c| c.scheme == *s && c.rank == Some(want)) {
-                    Some(c) => chosen[k] = Some(*c),
-                    None => {
-                        let (m, _) = l.cost(*s, want);
-                        skipped.push(Skipped {
+                // Pareto frontier per layer, most expensive (keep) first
+                let frontiers: Vec<Vec<Choice>> = cands
+                    .iter()
+                    .map(|c| {
+                        let mut v = c.choices.clone();
+                        v.sort_by(|a, b| a.cost.total_cmp(&b.cost));
+                        let mut out: Vec<Choice> = vec![];
+                        for c in v {
+                            if out.last().is_none_or(|p: &Choice| c.err < p.err) {
+                                out.push(c);
+                            }
+                        }
+                        out.reverse();
+                        out
+                    })
+                    .collect();
+                let fixed = total_base - cands.iter().map(|c| c.choices[0].cost).sum::<f64>();
+                let mut at = vec![0usize; cands.len()];
+                let total = |at: &[usize]| -> f64 {
+                    fixed
+                        + frontiers
+                            .iter()
+                            .zip(at)
+                            .map(|(f, &i)| f[i].cost)
+                            .sum::<f64>()
+                };
+                let smallest: Vec<usize> = frontiers.iter().map(|f| f.len() - 1).collect();
+                let reachable = total(&smallest) / total_base.max(1e-12);
+                if reachable > target + 1e-9 {
+                    let kind = b.kind();
+                    return Err(Error::Budget(format!(
+                        "{kind}={target} is unreachable by low rank: the smallest reachable is {kind}={reachable:.3} (every layer at rank {}; {} layers cannot be factorised)",
+                        opts.round_to,
+                        skipped.len()
+                    )));
+                }
+                while total(&at) / total_base > target + 1e-9 {
+                    let mut best: Option<(f64, usize)> = None;
+                    for (l, f) in frontiers.iter().enumerate() {
+                        if at[l] + 1 < f.len() {
+                            let (a, n) = (f[at[l]], f[at[l] + 1]);
+                            let ratio = (n.err - a.err) / (a.cost - n.cost).max(1e-12);
+                            if best.is_none_or(|b| ratio < b.0) {
+                                best = Some((ratio, l));
+                            }
+                        }
+                    }
+                    let Some((_, l)) = best else { break };
+                    at[l] += 1;
+                }
+                for (l, f) in frontiers.iter().enumerate() {
+                    chosen[l] = f[at[l]].rank.map(|_| f[at[l]]);
+                }
+            }
+            rule => {
+                for (k, cand) in cands.iter().enumerate() {
+                    let (l, ch, fs) = (&cand.layer, &cand.choices, &cand.factors);
+                    // auto with a per-layer rule: channel-wise
+                    let (s, f) = &fs[0];
+                    let max = l.max_rank(*s, opts.data_aware);
+                    let want = match rule {
+                        RankRule::Rank(n) => {
+                            if n > max {
+                                skipped.push(Skipped {
+                                    node: l.name.clone(),
+                                    reason: format!("rank {n} exceeds its full rank {max}"),
+                                });
+                                continue;
+                            }
+                            n
+                        }
+                        RankRule::Fraction(x) => {
+                            let r = ((max as f64 * x).round() as usize).max(1);
+                            (r.div_ceil(opts.round_to) * opts.round_to).min(max)
+                        }
+                        RankRule::Energy(e) => {
+                            let mut r = opts.round_to.min(max);
+                            while r < max && 1.0 - f.error(r) < e {
+                                r = (r + opts.round_to).min(max);
+                            }
+                            r
+                        }
+                        RankRule::Budget(_) => unreachable!("handled above"),
+                    };
+                    match ch.iter().find(|c| c.scheme == *s && c.rank == Some(want)) {
+                        Some(c) => chosen[k] = Some(*c),
+                        None => {
+                            let (m, _) = l.cost(*s, want);
+                            skipped.push(Skipped {
                             node: l.name.clone(),
                             reason: format!(
                                 "rank {want} of {max} would not make it cheaper ({:.0} -> {m:.0} MACs)",
                                 l.macs
                             ),
                         });
+                        }
                     }
                 }
             }
@@ -1017,4 +1061,196 @@ pub fn factorise(
         skipped,
         data_aware: opts.data_aware,
     })
+}
+
+/// Low-rank factorisation as a pipeline method (`--low-rank`, `method = "low_rank"`).
+pub struct LowRank;
+
+/// `--low-rank [--scheme S] [--data-aware] [--rank N | --rank-fraction F | --rank-energy E]`.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LowRankFlags {
+    /// Factorise layers into two thinner ones (truncated SVD) instead of pruning; combine both
+    /// with a recipe (each method gets its own target).
+    #[arg(id = "low_rank", long = "low-rank")]
+    #[serde(skip)]
+    pub enabled: bool,
+    /// Low rank: channel (C→r same kernel, r→N 1×1), spatial (kh×1 then 1×kw) or auto (per
+    /// layer; default).
+    #[arg(long)]
+    pub scheme: Option<String>,
+    /// Low rank: factorise against the calibration inputs' statistics (channel-wise).
+    #[arg(long)]
+    #[serde(default)]
+    pub data_aware: bool,
+    /// Low rank: the same rank for every layer (instead of --target).
+    #[arg(long, conflicts_with_all = ["rank_fraction", "rank_energy"])]
+    pub rank: Option<usize>,
+    /// Low rank: this fraction of each layer's full rank (instead of --target).
+    #[arg(long, conflicts_with = "rank_energy")]
+    pub rank_fraction: Option<f64>,
+    /// Low rank: per layer, the smallest rank keeping this share of its energy (instead of
+    /// --target).
+    #[arg(long)]
+    pub rank_energy: Option<f64>,
+    /// The budget (`macs=` or `params=`).
+    #[arg(skip)]
+    pub target: Option<String>,
+    /// Ranks are multiples of this.
+    #[arg(skip)]
+    pub round_to: Option<usize>,
+}
+
+impl LowRankFlags {
+    /// The options of [`factorise`].
+    pub fn options(&self) -> Result<LowRankOptions, Error> {
+        let bad = |reason: String| Error::Pass {
+            pass: "low-rank".into(),
+            reason,
+        };
+        let scheme: Scheme = self
+            .scheme
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(|e: String| bad(format!("--scheme: {e}")))?;
+        let rule = match (self.rank, self.rank_fraction, self.rank_energy) {
+            (Some(r), _, _) => RankRule::Rank(r),
+            (_, Some(f), _) => RankRule::Fraction(f),
+            (_, _, Some(e)) => RankRule::Energy(e),
+            _ => RankRule::Budget(
+                self.target
+                    .as_deref()
+                    .unwrap_or("macs=0.75")
+                    .parse()
+                    .map_err(|e: String| Error::Budget(format!("--target: {e}")))?,
+            ),
+        };
+        if let RankRule::Rank(0) = rule {
+            return Err(bad(
+                "--rank 0 would remove the layers; give a rank of at least 1".into(),
+            ));
+        }
+        if let RankRule::Fraction(f) | RankRule::Energy(f) = rule
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err(bad(format!(
+                "--rank-fraction / --rank-energy {f} is not in (0, 1]"
+            )));
+        }
+        if self.data_aware && scheme == Scheme::Spatial {
+            return Err(bad(
+                "--data-aware factors are channel-wise: use --scheme channel or auto with --data-aware".into(),
+            ));
+        }
+        let round_to = self.round_to.unwrap_or(1);
+        if round_to == 0 {
+            return Err(bad("round_to must be at least 1".into()));
+        }
+        Ok(LowRankOptions {
+            rule,
+            scheme,
+            data_aware: self.data_aware,
+            round_to,
+        })
+    }
+}
+
+/// The factorised layers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LowRankPlan {
+    /// Per layer, its scheme and rank.
+    pub layers: Vec<PlannedLayer>,
+}
+
+impl crate::pipeline::Method for LowRank {
+    const NAME: &'static str = "low_rank";
+    type Options = LowRankFlags;
+    type Plan = LowRankPlan;
+    type Report = LowRankReport;
+
+    fn requested(o: &LowRankFlags) -> bool {
+        o.enabled
+    }
+
+    fn inherit(o: &mut LowRankFlags, s: &crate::pipeline::Shared) {
+        o.target.get_or_insert_with(|| s.target.clone());
+        o.round_to.get_or_insert(s.round_to);
+    }
+
+    fn validate(o: &LowRankFlags) -> Result<(), Error> {
+        o.options().map(|_| ())
+    }
+
+    fn needs_data(o: &LowRankFlags) -> Option<&'static str> {
+        o.data_aware
+            .then_some("data-aware factors use the calibration inputs' statistics")
+    }
+
+    fn run(
+        o: &LowRankFlags,
+        model: &mut Model,
+        cx: &crate::pipeline::Context,
+        replay: Option<LowRankPlan>,
+    ) -> Result<(LowRankPlan, LowRankReport), Error> {
+        let mut opts = o.options()?;
+        if replay.is_some() {
+            // every scheme is considered, so that the plan's can be found
+            opts.scheme = Scheme::Auto;
+        }
+        let stats = if opts.data_aware {
+            let c = cx.data(Self::NAME)?;
+            Some(crate::refit::collect(
+                model,
+                &layers(model)?,
+                &cx.spec(c, &c.fit),
+                &crate::refit::RefitOptions::default(),
+            )?)
+        } else {
+            None
+        };
+        let given = replay.as_ref().map(|p| p.layers.as_slice());
+        let r = factorise_as(model, stats.as_ref(), &opts, given)?;
+        let plan = LowRankPlan {
+            layers: r
+                .factored
+                .iter()
+                .map(|f| PlannedLayer {
+                    node: f.node.clone(),
+                    scheme: f.scheme,
+                    rank: f.rank,
+                })
+                .collect(),
+        };
+        Ok((plan, r))
+    }
+
+    fn describe(lr: &LowRankReport) -> Vec<String> {
+        let f: Vec<String> = lr
+            .factored
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {:?} rank {}/{} (error {:.3})",
+                    f.node, f.scheme, f.rank, f.full_rank, f.rel_error
+                )
+            })
+            .collect();
+        let mut out = vec![format!(
+            "low rank ({}): {} layers factorised: {}",
+            if lr.data_aware {
+                "data-aware"
+            } else {
+                "plain SVD"
+            },
+            f.len(),
+            f.join(", ")
+        )];
+        out.extend(
+            lr.skipped
+                .iter()
+                .map(|k| format!("low rank skipped {}: {}", k.node, k.reason)),
+        );
+        out
+    }
 }

@@ -48,6 +48,8 @@ pub struct WidthLayer {
     pub kept: usize,
     /// Before.
     pub of: usize,
+    /// The kept neurons (or heads), ascending.
+    pub keep: Vec<usize>,
     /// The refit of the layer after the cut, when it ran.
     pub refit: Option<RefitReport>,
 }
@@ -267,12 +269,24 @@ pub fn prune_ffn(
     opts: &WidthOptions,
     spec: &CaptureSpec,
 ) -> Result<WidthReport, Error> {
+    prune_ffn_keeping(model, opts, spec, None)
+}
+
+/// [`prune_ffn`], keeping the neurons `keep` lists per block (a saved plan) instead of the
+/// highest scored.
+pub fn prune_ffn_keeping(
+    model: &mut Model,
+    opts: &WidthOptions,
+    spec: &CaptureSpec,
+    keep: Option<&[Vec<usize>]>,
+) -> Result<WidthReport, Error> {
     check_fraction(opts, "feed-forward neurons")?;
     let found = blocks::find_blocks(model)?;
     let ffns: Vec<Ffn> = found
         .iter()
         .map(|b| ffn_of(model, b))
         .collect::<Result<_, _>>()?;
+    check_keep(keep, ffns.iter().map(|f| f.up.dims.1), "prune ffn")?;
     let mask = blocks::mask_input(model);
     let mut tensors: Vec<String> = ffns.iter().map(|f| f.act.clone()).collect();
     tensors.extend(ffns.iter().map(|f| f.down.output.clone()));
@@ -304,7 +318,11 @@ pub fn prune_ffn(
     })
     .map_err(err)?;
     let mut keeps = Vec::new();
-    for (f, s) in ffns.iter().zip(&sums) {
+    for (b, (f, s)) in ffns.iter().zip(&sums).enumerate() {
+        if let Some(k) = keep {
+            keeps.push(k[b].clone());
+            continue;
+        }
         let (fdim, d) = f.down.dims;
         let w2 = weights(model, &f.down.weight)?;
         let score: Vec<f64> = (0..fdim)
@@ -367,8 +385,175 @@ pub fn prune_ffn(
             block: found[b].index,
             kept: kn,
             of: fdim,
+            keep: k.clone(),
             refit: report,
         });
     }
     Ok(WidthReport { layers, tokens })
+}
+
+/// A replayed plan must name, per block, distinct indices below that block's width.
+pub(crate) fn check_keep(
+    keep: Option<&[Vec<usize>]>,
+    widths: impl Iterator<Item = usize>,
+    pass: &str,
+) -> Result<(), Error> {
+    let Some(keep) = keep else { return Ok(()) };
+    let widths: Vec<usize> = widths.collect();
+    if keep.len() != widths.len() {
+        return Err(fail(
+            pass,
+            format!(
+                "the plan lists {} blocks, the model has {}",
+                keep.len(),
+                widths.len()
+            ),
+        ));
+    }
+    for (b, (k, &w)) in keep.iter().zip(&widths).enumerate() {
+        if k.is_empty() || k.windows(2).any(|p| p[0] >= p[1]) || k.iter().any(|&i| i >= w) {
+            return Err(fail(
+                pass,
+                format!("the plan's block {b} does not list ascending indices below {w}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The width methods' settings besides the fraction.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct WidthSettings {
+    /// Kept neuron counts are multiples of this.
+    #[arg(skip)]
+    pub round_to: Option<usize>,
+    /// Refit the layer after the cut (default true).
+    #[arg(skip)]
+    pub reconstruct: Option<bool>,
+    /// Relative ridge of the refit.
+    #[arg(skip)]
+    pub ridge: Option<f64>,
+}
+
+impl WidthSettings {
+    pub(crate) fn inherit(&mut self, s: &crate::pipeline::Shared) {
+        self.round_to.get_or_insert(s.round_to);
+        self.reconstruct.get_or_insert(!s.no_reconstruct);
+        self.ridge.get_or_insert(s.ridge);
+    }
+
+    pub(crate) fn width(&self, fraction: Option<f64>) -> WidthOptions {
+        WidthOptions {
+            fraction: fraction.unwrap_or(0.25),
+            round_to: self.round_to.unwrap_or(1),
+            refit: self.reconstruct.unwrap_or(true),
+            ridge: self.ridge.unwrap_or(1e-3),
+        }
+    }
+}
+
+/// A width method's fraction must be in [0, 1).
+pub(crate) fn check_given_fraction(fraction: Option<f64>, what: &str) -> Result<(), Error> {
+    match fraction {
+        Some(f) if (0.0..1.0).contains(&f) => Ok(()),
+        Some(f) => Err(fail(what, format!("fraction {f} is not in [0, 1)"))),
+        None => Err(fail(what, "needs a fraction (e.g. fraction = 0.25)".into())),
+    }
+}
+
+/// The kept units per block, as a plan.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WidthPlan {
+    /// Per block (in model order), the kept neurons or heads, ascending.
+    pub keep: Vec<Vec<usize>>,
+}
+
+/// A width report in a line.
+pub(crate) fn describe_width(what: &str, r: &WidthReport) -> Vec<String> {
+    let per: Vec<String> = r
+        .layers
+        .iter()
+        .map(|l| {
+            format!(
+                "block {} {}/{}{}",
+                l.block,
+                l.kept,
+                l.of,
+                l.refit
+                    .as_ref()
+                    .filter(|f| f.skipped.is_none())
+                    .map(|f| format!(
+                        " (refit error {:.3} -> {:.3})",
+                        f.rel_error_before, f.rel_error_after
+                    ))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    vec![format!(
+        "{what} kept ({} calibration tokens): {}",
+        r.tokens,
+        per.join(", ")
+    )]
+}
+
+/// Feed-forward neuron pruning as a pipeline method (`--prune-ffn F`, `method = "prune_ffn"`).
+pub struct PruneFfn;
+
+/// `--prune-ffn F`.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct PruneFfnOptions {
+    /// Transformers: remove this fraction of every block's feed-forward neurons (by mean
+    /// |activation| times output-row norm), refitting the down projection.
+    #[arg(id = "prune_ffn", long = "prune-ffn", value_name = "FRACTION")]
+    pub fraction: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub settings: WidthSettings,
+}
+
+impl crate::pipeline::Method for PruneFfn {
+    const NAME: &'static str = "prune_ffn";
+    type Options = PruneFfnOptions;
+    type Plan = WidthPlan;
+    type Report = WidthReport;
+
+    fn requested(o: &PruneFfnOptions) -> bool {
+        o.fraction.is_some()
+    }
+
+    fn inherit(o: &mut PruneFfnOptions, s: &crate::pipeline::Shared) {
+        o.settings.inherit(s);
+    }
+
+    fn validate(o: &PruneFfnOptions) -> Result<(), Error> {
+        check_given_fraction(o.fraction, Self::NAME)
+    }
+
+    fn run(
+        o: &PruneFfnOptions,
+        model: &mut Model,
+        cx: &crate::pipeline::Context,
+        replay: Option<WidthPlan>,
+    ) -> Result<(WidthPlan, WidthReport), Error> {
+        let c = cx.data(Self::NAME)?;
+        let spec = cx.spec(c, &c.fit);
+        cx.start("ffn", 0);
+        let r = prune_ffn_keeping(
+            model,
+            &o.settings.width(o.fraction),
+            &spec,
+            replay.as_ref().map(|p| p.keep.as_slice()),
+        );
+        cx.progress.finish();
+        let r = r?;
+        let plan = WidthPlan {
+            keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
+        };
+        Ok((plan, r))
+    }
+
+    fn describe(r: &WidthReport) -> Vec<String> {
+        describe_width("feed-forward neurons", r)
+    }
 }

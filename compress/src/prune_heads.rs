@@ -24,8 +24,8 @@ use crate::Error;
 use crate::blocks::{self, Linear};
 use crate::index::Index;
 use crate::prune_ffn::{
-    WidthLayer, WidthOptions, WidthReport, check_fraction, fail, keep_columns, keep_rows_refitted,
-    top, weights,
+    WidthLayer, WidthOptions, WidthPlan, WidthReport, WidthSettings, check_fraction,
+    check_given_fraction, describe_width, fail, keep_columns, keep_rows_refitted, top, weights,
 };
 use crate::refit::AffineFit;
 
@@ -90,12 +90,24 @@ pub fn prune_heads(
     opts: &WidthOptions,
     spec: &CaptureSpec,
 ) -> Result<WidthReport, Error> {
+    prune_heads_keeping(model, opts, spec, None)
+}
+
+/// [`prune_heads`], keeping the heads `keep` lists per block (a saved plan) instead of the
+/// highest scored.
+pub fn prune_heads_keeping(
+    model: &mut Model,
+    opts: &WidthOptions,
+    spec: &CaptureSpec,
+    keep: Option<&[Vec<usize>]>,
+) -> Result<WidthReport, Error> {
     check_fraction(opts, "attention heads")?;
     let found = blocks::find_blocks(model)?;
     let atts: Vec<Attention> = found
         .iter()
         .map(|b| attention_of(model, b))
         .collect::<Result<_, _>>()?;
+    crate::prune_ffn::check_keep(keep, atts.iter().map(|a| a.heads), "prune heads")?;
     let mask = blocks::mask_input(model);
     let nb = atts.len();
     let mut tensors: Vec<String> = atts.iter().map(|a| a.out.input.clone()).collect();
@@ -153,7 +165,10 @@ pub fn prune_heads(
             })
             .collect();
         let removed = ((opts.fraction * h as f64).round() as usize).min(h - 1);
-        let keep_heads = top(&score, h - removed);
+        let keep_heads = match keep {
+            Some(k) => k[b].clone(),
+            None => top(&score, h - removed),
+        };
         let keep: Vec<usize> = keep_heads
             .iter()
             .flat_map(|&x| x * dh..(x + 1) * dh)
@@ -177,6 +192,7 @@ pub fn prune_heads(
             block: found[b].index,
             kept: keep_heads.len(),
             of: h,
+            keep: keep_heads.clone(),
             refit: report,
         });
     }
@@ -285,5 +301,62 @@ fn point(model: &mut Model, node: &str, from: &str, to: &str) {
         for x in n.input.iter_mut().filter(|x| *x == from) {
             *x = to.to_string();
         }
+    }
+}
+
+/// Attention head pruning as a pipeline method (`--prune-heads F`, `method = "prune_heads"`).
+pub struct PruneHeads;
+
+/// `--prune-heads F`.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct PruneHeadsOptions {
+    /// Transformers: remove this fraction of every block's attention heads (by the norm of their
+    /// output), refitting the output projection.
+    #[arg(id = "prune_heads", long = "prune-heads", value_name = "FRACTION")]
+    pub fraction: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub settings: WidthSettings,
+}
+
+impl crate::pipeline::Method for PruneHeads {
+    const NAME: &'static str = "prune_heads";
+    type Options = PruneHeadsOptions;
+    type Plan = WidthPlan;
+    type Report = WidthReport;
+
+    fn requested(o: &PruneHeadsOptions) -> bool {
+        o.fraction.is_some()
+    }
+
+    fn inherit(o: &mut PruneHeadsOptions, s: &crate::pipeline::Shared) {
+        o.settings.inherit(s);
+    }
+
+    fn validate(o: &PruneHeadsOptions) -> Result<(), Error> {
+        check_given_fraction(o.fraction, Self::NAME)
+    }
+
+    fn run(
+        o: &PruneHeadsOptions,
+        model: &mut Model,
+        cx: &crate::pipeline::Context,
+        replay: Option<WidthPlan>,
+    ) -> Result<(WidthPlan, WidthReport), Error> {
+        let c = cx.data(Self::NAME)?;
+        let spec = cx.spec(c, &c.fit);
+        cx.start("heads", 0);
+        let keep = replay.as_ref().map(|p| p.keep.as_slice());
+        let r = prune_heads_keeping(model, &o.settings.width(o.fraction), &spec, keep);
+        cx.progress.finish();
+        let r = r?;
+        let plan = WidthPlan {
+            keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
+        };
+        Ok((plan, r))
+    }
+
+    fn describe(r: &WidthReport) -> Vec<String> {
+        describe_width("attention heads", r)
     }
 }

@@ -150,16 +150,15 @@ pub fn run(a: Args) -> Result<Outcome> {
         let out = dir.join("resnet8_cifar10.pruned.onnx");
         let recipe = root.join("recipes/default.toml");
         let args = super::compress::with_recipe(&original, &out, &data, &recipe)?;
-        let n = args.calib_items().min(ds.len());
         eprintln!(
-            "compressing {} with {} ({n} calibration images)",
+            "compressing {} with {}",
             original.display(),
             recipe.display()
         );
         let summary = super::compress::execute(&args)?.context("compression wrote nothing")?;
-        // the same split compress made: judge on the images it did not calibrate on
-        let (_, hold) = ds.split(n as f64 / ds.len() as f64, 0)?;
-        let label = format!("pruned ({})", args.target());
+        // judge on the images compress held apart
+        let hold = summary.held_apart.clone();
+        let label = format!("pruned ({})", summary.target().unwrap_or("recipe"));
         (
             vec![("original".to_string(), original.clone()), (label, out)],
             Some(summary),

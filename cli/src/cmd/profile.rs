@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use whittle_compress::latency::{self, LatencyTable};
+use whittle_compress::latency;
 use whittle_compress::{cleanup, merge};
-use whittle_core::Model;
-use whittle_deploy::{BenchConfig, RuntimeKind};
+use whittle_deploy::RuntimeKind;
 
 use crate::Outcome;
-use crate::progress::bar;
+use crate::progress::Bars;
 use crate::table::{Table, si};
 
 /// Arguments of `whittle profile`.
@@ -35,83 +34,11 @@ pub struct Args {
     merge: bool,
     /// Rounds of the side-by-side measurement of each merge candidate (more: steadier on a busy
     /// machine, slower).
-    #[arg(long, default_value_t = MERGE_ROUNDS)]
+    #[arg(long, default_value_t = latency::MERGE_ROUNDS)]
     merge_rounds: usize,
     /// Print the table as one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// Measure the latency table of a model as `whittle compress` sees it (after the lossless
-/// cleanup, so that layer names and weights match).
-pub fn measure_table(
-    model: &Model,
-    runtime: RuntimeKind,
-    threads: Option<usize>,
-    input_shapes: Vec<(String, Vec<usize>)>,
-    merge_rounds: Option<usize>,
-) -> Result<LatencyTable> {
-    let cfg = BenchConfig {
-        warmup: 3,
-        iters: 40,
-        max_seconds: Some(0.15),
-    };
-    let mut measure = latency::local_measure(runtime, threads, input_shapes.clone(), cfg);
-    let pb = bar("profile", 1);
-    let t = latency::profile(model, runtime.name(), threads, &mut measure, &mut |d, n| {
-        pb.set_length(n as u64);
-        pb.set_position(d as u64);
-    });
-    pb.finish_and_clear();
-    let mut t = t?;
-    if let Some(rounds) = merge_rounds {
-        t.merges = measure_merges(model, runtime, threads, input_shapes, rounds)?.1;
-    }
-    Ok(t)
-}
-
-/// Rounds of the side-by-side measurement of a merge candidate, by default.
-pub const MERGE_ROUNDS: usize = 11;
-
-/// How merge candidates and plans are measured beside the model: `rounds` side-by-side rounds
-/// of a few runs each.
-pub fn merge_measure(
-    runtime: RuntimeKind,
-    threads: Option<usize>,
-    input_shapes: Vec<(String, Vec<usize>)>,
-    rounds: usize,
-) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), whittle_compress::Error> {
-    let cfg = BenchConfig {
-        warmup: 2,
-        iters: 20,
-        max_seconds: Some(0.05),
-    };
-    latency::local_pair_measure(runtime, threads, input_shapes, rounds, cfg)
-}
-
-/// Each depth-merging candidate's latency in the model, merged and not (side by side, see
-/// `merge::SegmentLatency`), and the model's latency: the median of its measurements.
-pub fn measure_merges(
-    model: &Model,
-    runtime: RuntimeKind,
-    threads: Option<usize>,
-    input_shapes: Vec<(String, Vec<usize>)>,
-    rounds: usize,
-) -> Result<(f64, Vec<merge::SegmentLatency>)> {
-    let segs = merge::segments(model);
-    if segs.is_empty() {
-        bail!(merge::NOTHING_TO_MERGE);
-    }
-    let mut measure = merge_measure(runtime, threads, input_shapes, rounds);
-    let pb = bar("merges", segs.len());
-    let t = merge::measure_segments(model, &segs, &mut measure, &mut |d, _| {
-        pb.set_position(d as u64)
-    })?;
-    pb.finish_and_clear();
-    let mut all: Vec<f64> = t.iter().map(|s| s.before_ms).collect();
-    all.sort_by(f64::total_cmp);
-    let model_ms = all[all.len() / 2];
-    Ok((model_ms, t))
 }
 
 /// Run the command.
@@ -122,12 +49,13 @@ pub fn run(a: Args) -> Result<Outcome> {
     if a.merge && merge::segments(&model).is_empty() {
         bail!(merge::NOTHING_TO_MERGE);
     }
-    let table = measure_table(
+    let table = latency::measure_table(
         &model,
         a.runtime,
         a.threads,
         super::runtime_shapes(&overrides),
         a.merge.then_some(a.merge_rounds),
+        &Bars::default(),
     )?;
     if let Some(out) = &a.output {
         whittle_export::write_atomic(out, serde_json::to_string_pretty(&table)?.as_bytes())?;

@@ -1,26 +1,37 @@
-//! The depth-merging stage of `whittle compress` (`--merge`): each candidate segment's latency
-//! saving (measured now, or from a `whittle profile --merge` table) and damage (measured now
-//! after its refit, or from an earlier `--plan-out`), a dynamic programme's choice under the
-//! latency budget, and the chosen merges applied and refitted in sequence.
+//! Depth merging as a pipeline method (`--merge`, `method = "merge"`): each candidate segment's
+//! latency saving (measured now, or from a `whittle profile --merge` table) and damage (measured
+//! now after its refit, or from an earlier `--plan-out`), a dynamic programme's choice under the
+//! latency budget, and the chosen merges applied and refitted in sequence ([`crate::merge`] holds
+//! the merges themselves and the programmes).
+//!
+//! Accepts `latency=F` (the least damage keeping that latency fraction) and `damage=D` (the most
+//! latency saved within that output damage). Declines: nothing to merge, an unreachable budget
+//! (names the best reachable latency), a damage allowance no paying merge fits, a latency table
+//! without merges or of another model. Guarantees: exact merges stay exact; the plan records every
+//! candidate measured, so another budget can reuse the judged damages (`--candidates`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use serde::Serialize;
-use whittle_calib::capture::CaptureSpec;
-use whittle_calib::{Dataset, Preprocess};
-use whittle_compress::latency::LatencyTable;
-use whittle_compress::merge;
-use whittle_compress::prune::Budget;
-use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
+use serde::{Deserialize, Serialize};
 use whittle_core::Model;
 
-use super::{Args, Reference};
-use crate::progress::bar;
+use crate::Error;
+use crate::latency::LatencyTable;
+use crate::merge;
+use crate::pipeline::{Context, Method, Reference, SavedPlan, Shared};
+use crate::prune::Budget;
+use crate::refit::{self, RefitJob, RefitOptions, RefitReport};
+
+fn fail(reason: String) -> Error {
+    Error::Pass {
+        pass: "merge".into(),
+        reason,
+    }
+}
 
 /// What `--merge` aims at.
 #[derive(Clone, Copy)]
-pub(super) enum Goal {
+pub enum Goal {
     /// Keep this fraction of the latency, with the least damage.
     Latency(f64),
     /// Save the most latency with at most this output damage (summed over the merges).
@@ -28,25 +39,26 @@ pub(super) enum Goal {
 }
 
 /// The goal of `--merge`: `--target latency=F` or `--target damage=D`.
-pub(super) fn merge_goal(a: &Args) -> Result<Goal> {
-    let t = a.merge_target.as_deref().unwrap_or(&a.target);
+pub fn merge_goal(t: &str) -> Result<Goal, Error> {
     if let Some(d) = t.strip_prefix("damage=") {
         return match d.parse::<f64>() {
             Ok(d) if d > 0.0 && d.is_finite() => Ok(Goal::Damage(d)),
-            _ => bail!("--target damage=D takes a positive number, not '{d}'"),
+            _ => Err(Error::Budget(format!(
+                "--target damage=D takes a positive number, not '{d}'"
+            ))),
         };
     }
     match t.parse::<Budget>() {
         Ok(Budget::Latency(f)) => Ok(Goal::Latency(f)),
-        Ok(_) => bail!(
+        Ok(_) => Err(Error::Budget(format!(
             "--merge takes --target latency=F (the latency kept) or damage=D (the output damage allowed), not '{t}'"
-        ),
-        Err(e) => bail!("--target: {e}"),
+        ))),
+        Err(e) => Err(Error::Budget(format!("--target: {e}"))),
     }
 }
 
 /// One merge candidate, or one merged segment.
-#[derive(Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergedSegment {
     /// The convolutions merged (the result keeps the last one's name).
     pub convs: Vec<String>,
@@ -88,7 +100,7 @@ mod finite_or_null {
 }
 
 /// What `--merge` did.
-#[derive(Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeSummary {
     /// Candidate segments.
     pub candidates: usize,
@@ -122,87 +134,195 @@ fn yes() -> bool {
     true
 }
 
-/// The depth-merging part of a plan file written by `--plan-out`.
-fn read_plan(path: &Path) -> Result<MergeSummary> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let plan: super::SavedPlan = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a plan written by --plan-out", path.display()))?;
-    plan.merge
-        .with_context(|| format!("{} holds no depth-merging plan", path.display()))
+/// The depth-merging step of a plan file written by `--plan-out`.
+fn read_plan(path: &Path) -> Result<MergeSummary, Error> {
+    let plan = SavedPlan::read(path)?;
+    let v = plan
+        .plan_of(Merge::NAME, 0)
+        .ok_or_else(|| Error::Plan(format!("{} holds no depth-merging plan", path.display())))?;
+    serde_json::from_value(v.clone())
+        .map_err(|e| Error::Plan(format!("{}: its merge plan: {e}", path.display())))
 }
 
 /// Where each of `list` is among this model's candidates (by their convolutions' names).
-fn positions(list: &[MergedSegment], segs: &[merge::Segment], what: &str) -> Result<Vec<usize>> {
+fn positions(
+    list: &[MergedSegment],
+    segs: &[merge::Segment],
+    what: &str,
+) -> Result<Vec<usize>, Error> {
     list.iter()
         .map(|p| {
             segs.iter()
                 .position(|s| s.convs == p.convs && s.acts == p.acts && s.add == p.add)
-                .with_context(|| {
-                    format!(
+                .ok_or_else(|| {
+                    Error::Plan(format!(
                         "the {what} merges {}, which is not a merge candidate of this model",
                         p.convs.join(" + ")
-                    )
+                    ))
                 })
         })
         .collect()
 }
 
 /// A latency table with merge entries that fits `model`.
-fn merge_table(path: &Path, model: &Model) -> Result<LatencyTable> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("latency table {}", path.display()))?;
-    let t: LatencyTable = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "latency table {}: not a table written by `whittle profile`",
-            path.display()
-        )
-    })?;
+fn merge_table(path: &Path, model: &Model) -> Result<LatencyTable, Error> {
+    let t = LatencyTable::read(path)?;
     if t.merges.is_empty() {
-        bail!(
+        return Err(fail(format!(
             "latency table {} has no merge candidates: measure it with `whittle profile --merge`",
             path.display()
-        );
+        )));
     }
     t.check(model)
-        .with_context(|| format!("latency table {}", path.display()))?;
+        .map_err(|e| fail(format!("latency table {}: {e}", path.display())))?;
     Ok(t)
+}
+
+/// Depth merging.
+pub struct Merge;
+
+/// `--merge` and its settings.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeOptions {
+    /// Merge consecutive convolutions (removing activations between them where that pays), chosen
+    /// by a dynamic programme over measured latencies and damages: `--target latency=F` (the
+    /// least damage keeping that latency fraction) or `--target damage=D` (the most latency
+    /// saved within that output damage).
+    #[arg(id = "merge", long = "merge")]
+    #[serde(skip)]
+    pub enabled: bool,
+    /// Depth merging: take each candidate's damage from a plan written by `--plan-out` (skips
+    /// refitting and judging every candidate) and choose anew for `--target`.
+    #[arg(id = "candidates", long = "candidates", value_name = "PLAN")]
+    pub candidates: Option<PathBuf>,
+    /// Depth merging: rounds of each side-by-side measurement made now (candidates without a
+    /// latency table, and the chosen plan); more is steadier on a busy machine, and slower
+    /// (default 11).
+    #[arg(id = "merge_rounds", long = "merge-rounds")]
+    pub rounds: Option<usize>,
+    /// `latency=F` or `damage=D`.
+    #[arg(skip)]
+    pub target: Option<String>,
+    /// A latency table with merge candidates (`whittle profile --merge`).
+    #[arg(skip)]
+    pub latency_table: Option<PathBuf>,
+    /// Refit merged layers that removed an activation.
+    #[arg(skip)]
+    pub reconstruct: Option<bool>,
+    /// Ridge of the refits.
+    #[arg(skip)]
+    pub ridge: Option<f64>,
+}
+
+impl Method for Merge {
+    const NAME: &'static str = "merge";
+    type Options = MergeOptions;
+    type Plan = MergeSummary;
+    type Report = MergeSummary;
+
+    fn requested(o: &MergeOptions) -> bool {
+        o.enabled || o.candidates.is_some()
+    }
+
+    fn inherit(o: &mut MergeOptions, s: &Shared) {
+        o.target.get_or_insert_with(|| s.target.clone());
+        if o.latency_table.is_none() {
+            o.latency_table.clone_from(&s.latency_table);
+        }
+        o.reconstruct.get_or_insert(!s.no_reconstruct);
+        o.ridge.get_or_insert(s.ridge);
+    }
+
+    fn run(
+        o: &MergeOptions,
+        model: &mut Model,
+        cx: &Context,
+        replay: Option<MergeSummary>,
+    ) -> Result<(MergeSummary, MergeSummary), Error> {
+        let (out, summary) = merge_stage(o, model, cx, replay)?;
+        *model = out;
+        Ok((summary.clone(), summary))
+    }
+
+    fn describe(m: &MergeSummary) -> Vec<String> {
+        let mut out = vec![format!(
+            "depth merging: {} of {} candidate segments merged (model {:.3} ms before, fastest runs; latencies {})",
+            m.merged.len(),
+            m.candidates,
+            m.model_ms,
+            m.latency_from
+        )];
+        if let Some(k) = m.plan_latency {
+            out.push(format!(
+                "  the plan measured as a whole: latency={k:.3} of the model's (predicted {:.3})",
+                1.0 - m.merged.iter().map(|g| g.saved_ms).sum::<f64>() / m.model_ms.max(1e-12)
+            ));
+        }
+        if let Some(c) = m.combined_damage {
+            out.push(format!(
+                "  damage of the merges together {c:.4} (their damages alone sum to {:.4})",
+                m.merged.iter().map(|g| g.damage).sum::<f64>()
+            ));
+        }
+        for g in &m.merged {
+            out.push(format!(
+                "  {}{}: saves {:.3} ms alone, damage {:.4}{}",
+                g.convs.join(" + "),
+                g.add
+                    .as_ref()
+                    .map(|a| format!(" + {a}"))
+                    .unwrap_or_default(),
+                g.saved_ms,
+                g.damage,
+                if g.exact {
+                    " (exact)".to_string()
+                } else {
+                    format!(
+                        " (removed {}; {})",
+                        g.acts.join(", "),
+                        if g.refit { "refitted" } else { "as composed" }
+                    )
+                }
+            ));
+        }
+        out
+    }
 }
 
 /// Depth merging: each candidate's latency saving and damage (measured, or read back), a
 /// dynamic programme picks the set with the least damage that meets the latency budget (or the
 /// most saving within the damage allowed); apply and refit them.
-pub(super) fn merge_stage(
-    a: &Args,
+fn merge_stage(
+    o: &MergeOptions,
     model: &Model,
-    d: &Dataset,
-    calib_idx: &[usize],
-    pre: &Preprocess,
-) -> Result<(Model, MergeSummary)> {
+    cx: &Context,
+    replay: Option<MergeSummary>,
+) -> Result<(Model, MergeSummary), Error> {
     let segs = merge::segments(model);
     if segs.is_empty() {
-        bail!(merge::NOTHING_TO_MERGE);
+        return Err(fail(merge::NOTHING_TO_MERGE.into()));
     }
-    // the first items judge damage, the others fit (the same split when a plan is replayed)
-    let n_eval = 32.min(calib_idx.len() / 2).max(1);
-    let fit_spec = CaptureSpec {
-        dataset: d,
-        indices: &calib_idx[n_eval..],
-        pre,
-        batch: 16,
-        runtime: a.runtime,
-        threads: a.threads,
+    // a replayed plan needs no goal; a goal is checked before any work
+    let goal = match replay {
+        Some(_) => None,
+        None => Some(merge_goal(o.target.as_deref().unwrap_or_default())?),
     };
-    let reference = Reference::new(model, d, &calib_idx[..n_eval], pre, a.runtime, a.threads)?;
-    let refitted = !a.no_reconstruct;
-    if let Some(path) = &a.apply_plan {
-        let saved = read_plan(path)?;
+    let c = cx.data(Merge::NAME)?;
+    // the first items judge damage, the others fit (the same split when a plan is replayed)
+    let (judge, fit) = Context::judge_split(c, 32);
+    let fit_spec = cx.spec(c, fit);
+    let reference = cx.reference(model, judge)?;
+    let refitted = o.reconstruct.unwrap_or(true);
+    let ridge = o.ridge.unwrap_or(1e-3);
+    let rounds = o.rounds.unwrap_or(crate::latency::MERGE_ROUNDS).max(1);
+    if let Some(saved) = replay {
+        if o.candidates.is_some() {
+            return Err(Error::Plan(
+                "--apply-plan replays a plan, --candidates chooses anew from its measurements: give one".into(),
+            ));
+        }
         let chosen = positions(&saved.merged, &segs, "plan")?;
-        eprintln!(
-            "depth merging: replaying {} segment(s) from {}",
-            chosen.len(),
-            path.display()
-        );
         let summary = MergeSummary {
             candidates: segs.len(),
             model_ms: saved.model_ms,
@@ -214,24 +334,25 @@ pub(super) fn merge_stage(
             measured: saved.measured,
             refit: vec![],
         };
-        return apply_merges(a, model, &segs, &chosen, summary, &fit_spec, &reference);
+        return apply_merges(ridge, model, &segs, &chosen, summary, &fit_spec, &reference);
     }
-    let goal = merge_goal(a)?;
+    let goal = goal.expect("a goal unless replaying");
     // latency: from a table, or measured now
-    let (model_ms, saved_ms, latency_from, measured_here) = match a.merge_table() {
+    let (model_ms, saved_ms, latency_from, measured_here) = match &o.latency_table {
         Some(p) => {
             let t = merge_table(p, model)?;
             let saved = merge::table_savings(&t.merges, &segs)?;
-            let here = t.runtime == a.runtime.name() && t.threads == a.threads;
+            let here = t.runtime == cx.runtime.name() && t.threads == cx.threads;
             (t.model_ms, saved, p.display().to_string(), here)
         }
         None => {
-            let (model_ms, t) = super::super::profile::measure_merges(
+            let (model_ms, t) = crate::latency::measure_merges(
                 model,
-                a.runtime,
-                a.threads,
+                cx.runtime,
+                cx.threads,
                 vec![],
-                a.merge_rounds.max(1),
+                rounds,
+                cx.progress,
             )?;
             let saved = t.iter().map(merge::SegmentLatency::saved_ms).collect();
             (model_ms, saved, "measured".to_string(), true)
@@ -240,15 +361,15 @@ pub(super) fn merge_stage(
     // damage: from an earlier plan's candidates where it was judged there, else each paying
     // merge refitted and judged now
     let mut known: Vec<Option<MergedSegment>> = vec![None; segs.len()];
-    if let Some(p) = &a.merge_candidates {
+    if let Some(p) = &o.candidates {
         let old = read_plan(p)?;
         if old.refitted != refitted {
-            bail!(
+            return Err(Error::Plan(format!(
                 "{}: its damages were measured {} refit; this run {} (drop --candidates, or match --no-reconstruct)",
                 p.display(),
                 if old.refitted { "with" } else { "without" },
                 if refitted { "refits" } else { "does not refit" }
-            );
+            )));
         }
         let at = positions(&old.measured, &segs, "candidate list")?;
         for (c, i) in old.measured.into_iter().zip(at) {
@@ -256,7 +377,7 @@ pub(super) fn merge_stage(
         }
     }
     let refit_opts = RefitOptions {
-        ridge: a.ridge,
+        ridge,
         ..Default::default()
     };
     let todo = known
@@ -264,7 +385,8 @@ pub(super) fn merge_stage(
         .zip(&saved_ms)
         .filter(|(k, s)| k.is_none() && **s > 0.0)
         .count();
-    let pb = bar("merge damage", todo);
+    cx.start("merge damage", todo);
+    let mut judged_n = 0;
     let mut measured = Vec::with_capacity(segs.len());
     for ((seg, &saved), old) in segs.iter().zip(&saved_ms).zip(known) {
         let (exact, damage, refit) = match old {
@@ -282,7 +404,8 @@ pub(super) fn merge_stage(
                         judged = (false, fitted, true);
                     }
                 }
-                pb.inc(1);
+                judged_n += 1;
+                cx.progress.set(judged_n);
                 judged
             }
             None => (seg.acts.is_empty(), f64::INFINITY, false),
@@ -297,7 +420,7 @@ pub(super) fn merge_stage(
             refit,
         });
     }
-    pb.finish_and_clear();
+    cx.progress.finish();
     let cands: Vec<merge::Measured> = segs
         .iter()
         .zip(&measured)
@@ -311,24 +434,20 @@ pub(super) fn merge_stage(
     let chosen = match goal {
         Goal::Latency(f) => {
             let unreachable = |best: f64| {
-                anyhow::anyhow!(
+                Error::Budget(format!(
                     "latency={f} is unreachable by merging: the best reachable is latency={:.3} ({} candidate segments, {:.3} ms of {model_ms:.3} ms saved at most)",
                     (model_ms - best) / model_ms.max(1e-12),
                     segs.len(),
                     best
-                )
+                ))
             };
             let chosen = merge::choose(&cands, (1.0 - f) * model_ms).map_err(unreachable)?;
             if measured_here {
                 // the plan measured as a whole, beside the model: savings measured one merge at a
                 // time, the largest of noisy figures chosen, can promise more than they give
                 // together (growing the plan by the shortfall was tried: it chased the noise)
-                let mut measure = super::super::profile::merge_measure(
-                    a.runtime,
-                    a.threads,
-                    vec![],
-                    a.merge_rounds.max(1),
-                );
+                let mut measure =
+                    crate::latency::merge_measure(cx.runtime, cx.threads, vec![], rounds);
                 let mut m = model.clone();
                 for &i in &chosen {
                     merge::apply_segment(&mut m, &segs[i])?;
@@ -346,14 +465,14 @@ pub(super) fn merge_stage(
                     .filter(|c| c.saved_ms > 0.0)
                     .map(|c| c.damage)
                     .fold(f64::INFINITY, f64::min);
-                bail!(
+                return Err(Error::Budget(format!(
                     "no merge saves latency within damage={d}: {}",
                     if least.is_finite() {
                         format!("the least damaging merge that pays has damage {least:.4}")
                     } else {
                         "no merge is faster than the segment it replaces".to_string()
                     }
-                );
+                )));
             }
             chosen
         }
@@ -369,22 +488,22 @@ pub(super) fn merge_stage(
         measured,
         refit: vec![],
     };
-    apply_merges(a, model, &segs, &chosen, summary, &fit_spec, &reference)
+    apply_merges(ridge, model, &segs, &chosen, summary, &fit_spec, &reference)
 }
 
 /// Applies the chosen segments (`summary.merged`, in the same order as `chosen`), refits the
 /// merged layers that are not exact, measures the damage of the whole, and summarises.
 fn apply_merges(
-    a: &Args,
+    ridge: f64,
     model: &Model,
     segs: &[merge::Segment],
     chosen: &[usize],
     mut summary: MergeSummary,
-    fit_spec: &CaptureSpec,
+    fit_spec: &whittle_calib::CaptureSpec,
     reference: &Reference,
-) -> Result<(Model, MergeSummary)> {
+) -> Result<(Model, MergeSummary), Error> {
     let refit_opts = RefitOptions {
-        ridge: a.ridge,
+        ridge,
         ..Default::default()
     };
     // in graph order, each merge refitted before the next: the merged conv maps its input as the
@@ -421,15 +540,17 @@ fn apply_merges(
 }
 
 /// The refit of a merged segment: the merged conv against the original segment's output.
-fn merge_job(merged: &Model, seg: &merge::Segment) -> Result<RefitJob> {
+fn merge_job(merged: &Model, seg: &merge::Segment) -> Result<RefitJob, Error> {
     let last = seg.convs.last().expect("segments have two convs or more");
     let n = merged
         .graph()
         .node
         .iter()
         .find(|n| n.name() == last)
-        .context("merged conv")?;
-    let w = merged.initializer(&n.input[1]).context("merged weight")?;
+        .ok_or_else(|| fail(format!("the merged conv {last} is missing")))?;
+    let w = merged
+        .initializer(&n.input[1])
+        .ok_or_else(|| fail(format!("the merged conv {last} has no weight")))?;
     let group = n
         .attribute
         .iter()
