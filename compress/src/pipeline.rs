@@ -31,6 +31,7 @@ pub static METHODS: &[Entry] = &[
     entry::<crate::drop_blocks::DropBlocks>(),
     entry::<crate::prune_ffn::PruneFfn>(),
     entry::<crate::prune_heads::PruneHeads>(),
+    entry::<crate::drop_attention::DropAttention>(),
 ];
 
 /// A compression method: options, a plan that can be saved and replayed, and a report.
