@@ -54,9 +54,27 @@ pub enum Error {
     /// An input-shape override is malformed or names no input.
     #[error("input override: {0}")]
     Override(String),
+    /// A MAC count depends on dims no binding fixed.
+    #[error("{}", unknown_dims_message(dims, hint))]
+    UnknownDims {
+        /// The unknown dims, input symbols first.
+        dims: Vec<crate::cost::UnknownDim>,
+        /// The inputs to bind, `x=1x3x?x?`.
+        hint: String,
+    },
     /// The graph is not a valid DAG.
     #[error("invalid graph: {0}")]
     Graph(String),
+}
+
+fn unknown_dims_message(dims: &[crate::cost::UnknownDim], hint: &str) -> String {
+    let names: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    let noun = if dims.len() == 1 { "dim" } else { "dims" };
+    let mut s = format!("cannot count MACs: {noun} {} unknown", names.join(", "));
+    if !hint.is_empty() {
+        s += &format!("; bind them with the input shapes ({hint}, numbers for ?)");
+    }
+    s
 }
 
 /// Result with the IR's error.

@@ -8,7 +8,7 @@
 //! contradiction between known dimensions (a Conv whose weight does not fit its input, a MatMul
 //! with different inner sizes) is an error naming the node.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use serde::Serialize;
@@ -154,12 +154,76 @@ pub struct ShapeInfo {
     pub types: HashMap<String, TensorType>,
     /// Op types (with domain when not the default one) that have no shape rule.
     pub unknown_ops: BTreeSet<String>,
+    /// Every symbolic dim of the graph inputs as declared (before binding), in input and axis
+    /// order; a symbol shared by several inputs or axes is listed at each place.
+    pub input_dims: Vec<InputDim>,
+    /// The sizes the bindings gave to input symbols (`N = 4`, `x_dim2 = 48`).
+    pub bound: BTreeMap<String, i64>,
 }
 
 impl ShapeInfo {
     /// The shape of a tensor, if known.
     pub fn shape(&self, name: &str) -> Option<&[Dim]> {
         self.types.get(name).and_then(|t| t.shape.as_deref())
+    }
+
+    /// Input symbols no binding fixed, each once, in the order of [`ShapeInfo::input_dims`].
+    pub fn unbound_symbols(&self) -> Vec<&InputDim> {
+        let mut seen = BTreeSet::new();
+        self.input_dims
+            .iter()
+            .filter(|d| !self.bound.contains_key(&d.symbol) && seen.insert(d.symbol.as_str()))
+            .collect()
+    }
+
+    /// The symbols that are batch axes: each appears only at axis 0 of inputs of rank 2 or more
+    /// (never at another axis) and is not bound. Costs take them as 1, i.e. per item.
+    pub fn batch_symbols(&self) -> BTreeSet<&str> {
+        let elsewhere: BTreeSet<&str> = self
+            .input_dims
+            .iter()
+            .filter(|d| d.axis != 0 || d.rank < 2)
+            .map(|d| d.symbol.as_str())
+            .collect();
+        self.input_dims
+            .iter()
+            .filter(|d| d.axis == 0 && d.rank >= 2)
+            .map(|d| d.symbol.as_str())
+            .filter(|s| !elsewhere.contains(s) && !self.bound.contains_key(*s))
+            .collect()
+    }
+
+    /// The shape of each graph input as inferred (after binding; a symbol where still unknown):
+    /// what a cost is counted at.
+    pub fn input_shapes(&self, model: &Model) -> Vec<(String, Vec<Dim>)> {
+        model
+            .inputs()
+            .iter()
+            .filter_map(|v| Some((v.name().to_string(), self.shape(v.name())?.to_vec())))
+            .collect()
+    }
+}
+
+/// A symbolic dim of a graph input: the symbol and where it is declared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InputDim {
+    /// The symbol (`N`, or `x_dim2` for a dim declared as -1, 0 or without a name).
+    pub symbol: String,
+    /// The graph input.
+    pub input: String,
+    /// The axis.
+    pub axis: usize,
+    /// The input's rank.
+    pub rank: usize,
+}
+
+impl fmt::Display for InputDim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (input {} axis {})",
+            self.symbol, self.input, self.axis
+        )
     }
 }
 
@@ -184,7 +248,14 @@ pub fn parse_override(s: &str) -> Result<(String, Vec<i64>)> {
     Ok((name.to_string(), dims))
 }
 
-/// The declared type of a graph input/output/value_info.
+/// The symbol whittle gives a dynamic dim that has no name (declared as -1, 0 or empty) at `axis`
+/// of the tensor `tensor`: `x_dim2`.
+pub fn unnamed_dim(tensor: &str, axis: usize) -> String {
+    format!("{tensor}_dim{axis}")
+}
+
+/// The declared type of a graph input/output/value_info. A dim declared as -1 or 0 (how exporters
+/// write a dynamic size) or left empty is a symbol named by [`unnamed_dim`], never a size.
 pub fn value_info_type(v: &ValueInfoProto) -> Option<TensorType> {
     let t = match v.r#type.as_ref()?.value.as_ref()? {
         type_proto::Value::TensorType(t) => t,
@@ -195,11 +266,12 @@ pub fn value_info_type(v: &ValueInfoProto) -> Option<TensorType> {
             .iter()
             .enumerate()
             .map(|(i, d)| match &d.value {
-                Some(tensor_shape_proto::dimension::Value::DimValue(v)) => Dim::Known(*v),
+                // exporters write -1 (and some 0) for a dynamic size: never a real size of an input
+                Some(tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => Dim::Known(*v),
                 Some(tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
                     Dim::Sym(p.clone())
                 }
-                _ => Dim::Sym(format!("{}_d{i}", v.name())),
+                _ => Dim::Sym(unnamed_dim(v.name(), i)),
             })
             .collect()
     });
@@ -209,7 +281,13 @@ pub fn value_info_type(v: &ValueInfoProto) -> Option<TensorType> {
     })
 }
 
-/// Infer types and shapes for every tensor of the model, with optional input-shape overrides.
+/// Infer types and shapes for every tensor of the model, with input-shape bindings.
+///
+/// A binding (`("x", [1, 3, 48, 320])`) gives an input its concrete shape: it must have the
+/// declared rank and agree with every fixed dim; each symbolic dim it covers (`N`, or `x_dim2` for
+/// a dim declared as -1 or 0) takes its size everywhere that symbol appears, in the other inputs
+/// too. One symbol given two sizes is an error. With no bindings every symbol stays symbolic;
+/// [`ShapeInfo::unbound_symbols`] and `cost::count` say which remain.
 pub fn infer(model: &Model, overrides: &[(String, Vec<i64>)]) -> Result<ShapeInfo> {
     let mut cx = Cx {
         info: ShapeInfo::default(),
@@ -218,6 +296,7 @@ pub fn infer(model: &Model, overrides: &[(String, Vec<i64>)]) -> Result<ShapeInf
         opset: model.opset("").unwrap_or(13),
     };
     let inputs = model.inputs();
+    let mut given: BTreeSet<&str> = BTreeSet::new();
     for (name, _) in overrides {
         if !inputs.iter().any(|v| v.name() == name) {
             let names: Vec<&str> = inputs.iter().map(|v| v.name()).collect();
@@ -226,35 +305,82 @@ pub fn infer(model: &Model, overrides: &[(String, Vec<i64>)]) -> Result<ShapeInf
                 names.join(", ")
             )));
         }
+        if !given.insert(name) {
+            return Err(Error::Override(format!("input '{name}' is given twice")));
+        }
     }
-    for v in &inputs {
-        let mut ty = value_info_type(v).unwrap_or(TensorType {
-            dtype: DataType::Float as i32,
-            shape: None,
-        });
-        if let Some((_, dims)) = overrides.iter().find(|(n, _)| n == v.name()) {
-            if let Some(decl) = &ty.shape {
-                if decl.len() != dims.len() {
+    let declared: Vec<TensorType> = inputs
+        .iter()
+        .map(|v| {
+            value_info_type(v).unwrap_or(TensorType {
+                dtype: DataType::Float as i32,
+                shape: None,
+            })
+        })
+        .collect();
+    for (v, ty) in inputs.iter().zip(&declared) {
+        for (axis, d) in ty.shape.iter().flatten().enumerate() {
+            if let Dim::Sym(s) = d {
+                cx.info.input_dims.push(InputDim {
+                    symbol: s.clone(),
+                    input: v.name().to_string(),
+                    axis,
+                    rank: ty.shape.as_ref().map_or(0, Vec::len),
+                });
+            }
+        }
+    }
+    let mut bound_by: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    for (v, ty) in inputs.iter().zip(&declared) {
+        let Some((_, dims)) = overrides.iter().find(|(n, _)| n == v.name()) else {
+            continue;
+        };
+        let Some(decl) = &ty.shape else { continue };
+        if decl.len() != dims.len() {
+            return Err(Error::Override(format!(
+                "input '{}' has rank {} {}, the override gives {} dims",
+                v.name(),
+                decl.len(),
+                describe_shape(Some(decl)),
+                dims.len()
+            )));
+        }
+        for (i, (d, &o)) in decl.iter().zip(dims).enumerate() {
+            match d {
+                Dim::Known(k) if *k != o => {
                     return Err(Error::Override(format!(
-                        "input '{}' has rank {} {}, the override gives {} dims",
-                        v.name(),
-                        decl.len(),
-                        describe_shape(Some(decl)),
-                        dims.len()
+                        "input '{}' has fixed size {k} at axis {i}; the override gives {o}",
+                        v.name()
                     )));
                 }
-                for (i, (d, o)) in decl.iter().zip(dims).enumerate() {
-                    if let Dim::Known(k) = d
-                        && k != o
-                    {
+                Dim::Known(_) => {}
+                Dim::Sym(s) => match bound_by.get(s) {
+                    Some((prev, from)) if *prev != o => {
                         return Err(Error::Override(format!(
-                            "input '{}' has fixed size {k} at axis {i}; the override gives {o}",
+                            "input '{}' sets {s}={o} at axis {i}, but input '{from}' sets {s}={prev}",
                             v.name()
                         )));
                     }
+                    Some(_) => {}
+                    None => {
+                        bound_by.insert(s.clone(), (o, v.name().to_string()));
+                    }
+                },
+            }
+        }
+    }
+    cx.info.bound = bound_by.into_iter().map(|(s, (v, _))| (s, v)).collect();
+    for (v, mut ty) in inputs.iter().zip(declared) {
+        if let Some((_, dims)) = overrides.iter().find(|(n, _)| n == v.name()) {
+            ty.shape = Some(known_shape(dims));
+        } else if let Some(shape) = &mut ty.shape {
+            for d in shape.iter_mut() {
+                if let Dim::Sym(s) = d
+                    && let Some(&k) = cx.info.bound.get(s)
+                {
+                    *d = Dim::Known(k);
                 }
             }
-            ty.shape = Some(dims.iter().map(|&d| Dim::Known(d)).collect());
         }
         cx.info.types.insert(v.name().to_string(), ty);
     }
@@ -265,6 +391,113 @@ pub fn infer(model: &Model, overrides: &[(String, Vec<i64>)]) -> Result<ShapeInf
         cx.node(n)?;
     }
     Ok(cx.info)
+}
+
+/// Write bindings into the model itself: each bound input's declared shape becomes its concrete
+/// shape, and every symbol a binding fixed becomes that size wherever the graph's inputs, outputs
+/// and value_info declare it. Then `infer(model, &[])` (as passes call it) sees the bound shapes.
+/// Checks the bindings as [`infer`] does. Keep a copy of the declared shapes to restore them
+/// (for instance with [`declared_io`] and [`restore_io`]) before writing a model meant to stay
+/// dynamic.
+pub fn bind_inputs(model: &mut Model, overrides: &[(String, Vec<i64>)]) -> Result<()> {
+    use tensor_shape_proto::dimension::Value as D;
+    let info = infer(model, overrides)?;
+    let fix = |v: &mut ValueInfoProto, concrete: Option<&[i64]>| {
+        let name = v.name().to_string();
+        let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            return;
+        };
+        let Some(shape) = t.shape.as_mut() else {
+            return;
+        };
+        for (i, d) in shape.dim.iter_mut().enumerate() {
+            if let Some(c) = concrete.and_then(|c| c.get(i)) {
+                d.value = Some(D::DimValue(*c));
+                continue;
+            }
+            let sym = match &d.value {
+                Some(D::DimValue(k)) if *k > 0 => continue,
+                Some(D::DimParam(p)) if !p.is_empty() => p.clone(),
+                _ => unnamed_dim(&name, i),
+            };
+            if let Some(&k) = info.bound.get(&sym) {
+                d.value = Some(D::DimValue(k));
+            }
+        }
+    };
+    let inits: BTreeSet<String> = model
+        .graph()
+        .initializer
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    let g = model.graph_mut();
+    for v in g.input.iter_mut().filter(|v| !inits.contains(v.name())) {
+        let concrete = overrides
+            .iter()
+            .find(|(n, _)| n == v.name())
+            .map(|(_, d)| d.as_slice());
+        fix(v, concrete);
+    }
+    for v in g.output.iter_mut().chain(g.value_info.iter_mut()) {
+        fix(v, None);
+    }
+    Ok(())
+}
+
+/// The graph's declared inputs, outputs and value_info, to put back with [`restore_io`].
+pub fn declared_io(model: &Model) -> DeclaredIo {
+    let g = model.graph();
+    DeclaredIo {
+        input: g.input.clone(),
+        output: g.output.clone(),
+        value_info: g.value_info.clone(),
+    }
+}
+
+/// A copy of a graph's declared inputs, outputs and value_info (see [`declared_io`]).
+#[derive(Debug, Clone)]
+pub struct DeclaredIo {
+    input: Vec<ValueInfoProto>,
+    output: Vec<ValueInfoProto>,
+    value_info: Vec<ValueInfoProto>,
+}
+
+/// Make dynamic again the dims that were dynamic in the declarations saved by [`declared_io`]
+/// (matched by tensor name and axis, where the rank is unchanged); sizes a pass changed stay
+/// changed, entries a pass removed stay removed and entries it added stay as they are.
+pub fn restore_io(model: &mut Model, saved: &DeclaredIo) {
+    use tensor_shape_proto::dimension::Value as D;
+    fn dims(v: &mut ValueInfoProto) -> Option<&mut Vec<tensor_shape_proto::Dimension>> {
+        match v.r#type.as_mut()?.value.as_mut()? {
+            type_proto::Value::TensorType(t) => Some(&mut t.shape.as_mut()?.dim),
+            _ => None,
+        }
+    }
+    let put = |now: &mut Vec<ValueInfoProto>, old: &[ValueInfoProto]| {
+        for v in now.iter_mut() {
+            let Some(mut o) = old.iter().find(|o| o.name() == v.name()).cloned() else {
+                continue;
+            };
+            let (Some(now_dims), Some(old_dims)) = (dims(v), dims(&mut o)) else {
+                continue;
+            };
+            if now_dims.len() != old_dims.len() {
+                continue;
+            }
+            for (n, o) in now_dims.iter_mut().zip(old_dims.iter()) {
+                if !matches!(o.value, Some(D::DimValue(k)) if k > 0) {
+                    *n = o.clone();
+                }
+            }
+        }
+    };
+    let g = model.graph_mut();
+    put(&mut g.input, &saved.input);
+    put(&mut g.output, &saved.output);
+    put(&mut g.value_info, &saved.value_info);
 }
 
 struct Cx {
@@ -945,10 +1178,25 @@ impl Cx {
                 let st = *strides.get(i).unwrap_or(&1).max(&1);
                 let dl = *dil.get(i).unwrap_or(&1);
                 let Dim::Known(x) = d else {
-                    return if st == 1 && (auto.starts_with("SAME") || k[i] == 1) {
-                        d
+                    if st != 1 {
+                        return Dim::Sym(format!("{d}/{st}"));
+                    }
+                    if auto.starts_with("SAME") {
+                        return d;
+                    }
+                    // stride 1: the size changes by the padding less the dilated kernel's reach
+                    let (pb, pe) = if auto == "VALID" {
+                        (0, 0)
                     } else {
-                        Dim::Sym(format!("{d}/{st}"))
+                        (*pads.get(i).unwrap_or(&0), *pads.get(i + nsp).unwrap_or(&0))
+                    };
+                    let delta = pb
+                        .saturating_add(pe)
+                        .saturating_sub(dl.saturating_mul(k[i].saturating_sub(1)));
+                    return match delta {
+                        0 => d,
+                        n if n > 0 => Dim::Sym(format!("{d}+{n}")),
+                        n => Dim::Sym(format!("{d}-{}", n.saturating_neg())),
                     };
                 };
                 match auto.as_str() {

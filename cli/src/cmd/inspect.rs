@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::Serialize;
-use whittle_core::cost::{self, NodeCost};
+use whittle_core::cost::{self, NodeCost, UnknownDim};
 use whittle_core::shape::{self, describe_shape, value_info_type};
 use whittle_core::tensor::dtype_name;
 
@@ -17,7 +17,9 @@ use crate::table::{Table, si};
 pub struct Args {
     /// The ONNX model.
     model: PathBuf,
-    /// Fix an input's shape, e.g. `input=1x3x224x224` (repeatable); symbolic dims count as 1.
+    /// Give an input its shape, e.g. `input=1x3x224x224` (repeatable): binds its symbolic dims
+    /// (declared -1 or 0 too) everywhere they appear. Without it a batch axis counts as 1 (MACs
+    /// per item) and other symbolic dims are reported as unknown.
     #[arg(long = "input", value_name = "NAME=SHAPE")]
     inputs: Vec<String>,
     /// Print one JSON object instead of tables.
@@ -44,13 +46,46 @@ struct Report {
     inputs: Vec<Io>,
     outputs: Vec<Io>,
     params: u64,
-    macs: u64,
+    /// Null when a dim the count depends on is unknown (`unknown_dims`).
+    macs: Option<u64>,
+    /// The batch symbols counted as 1 (MACs per item).
+    per_item: Vec<String>,
+    /// The dims the MAC count needs that no `--input` bound.
+    unknown_dims: Vec<UnknownDim>,
+    /// The input shapes the MACs were counted at, `x=1x3x48x320`.
+    costed_at: String,
     nodes: usize,
     ops: BTreeMap<String, usize>,
     unknown_ops: Vec<String>,
-    layers: Vec<NodeCost>,
+    layers: Vec<Layer>,
     /// The transformer blocks found (empty when none is recognised).
     transformer_blocks: Vec<BlockRow>,
+}
+
+/// One node's cost as `inspect` lists it.
+#[derive(Serialize)]
+struct Layer {
+    name: String,
+    op: String,
+    output_shape: String,
+    params: u64,
+    /// Null when it depends on an unknown dim (named in `unknown_dims`).
+    macs: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unknown_dims: Vec<String>,
+}
+
+impl From<&NodeCost> for Layer {
+    fn from(c: &NodeCost) -> Layer {
+        Layer {
+            name: c.name.clone(),
+            op: c.op.clone(),
+            output_shape: c.output_shape.clone(),
+            params: c.params,
+            macs: c.unknown_dims.is_empty().then_some(c.macs),
+            unknown_dims: c.unknown_dims.clone(),
+        }
+    }
 }
 
 /// One transformer block as `inspect` lists it.
@@ -132,11 +167,14 @@ pub fn run(a: Args) -> Result<Outcome> {
         inputs: m.inputs().into_iter().map(io).collect(),
         outputs: m.graph().output.iter().map(io).collect(),
         params: c.params,
-        macs: c.macs,
+        macs: c.is_exact().then_some(c.macs),
+        per_item: c.per_item.clone(),
+        unknown_dims: c.unknown_dims.clone(),
+        costed_at: c.costed_at_text(),
         nodes: m.graph().node.len(),
         ops,
         unknown_ops: shapes.unknown_ops.iter().cloned().collect(),
-        layers: c.nodes,
+        layers: c.nodes.iter().map(Layer::from).collect(),
         transformer_blocks: block_rows(&m),
     };
     if a.json {
@@ -160,17 +198,22 @@ pub fn run(a: Args) -> Result<Outcome> {
             out += &format!("{title}  {}  {} {}\n", i.name, i.dtype, i.shape);
         }
     }
+    let macs = match report.macs {
+        Some(m) if report.per_item.is_empty() => {
+            format!("{m} ({}) at {}", si(m), report.costed_at)
+        }
+        Some(m) => format!(
+            "{m} ({}) per item ({} as 1) at {}",
+            si(m),
+            report.per_item.join(", "),
+            report.costed_at
+        ),
+        None => format!("unknown: {}", super::unknown_dims_text(&c)),
+    };
     out += &format!(
-        "params  {} ({})\nMACs    {} ({}{})\nnodes   {}\nops     {}\n",
+        "params  {} ({})\nMACs    {macs}\nnodes   {}\nops     {}\n",
         report.params,
         si(report.params),
-        report.macs,
-        si(report.macs),
-        if overrides.is_empty() {
-            ", symbolic dims counted as 1"
-        } else {
-            ""
-        },
         report.nodes,
         report
             .ops
@@ -216,7 +259,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     if !a.brief {
         let mut t = Table::new(&["#", "layer", "op", "output", "params", "MACs"]);
         for (i, l) in report.layers.iter().enumerate() {
-            if l.params == 0 && l.macs == 0 {
+            if l.params == 0 && l.macs == Some(0) {
                 continue;
             }
             t.row(vec![
@@ -225,7 +268,10 @@ pub fn run(a: Args) -> Result<Outcome> {
                 l.op.clone(),
                 l.output_shape.clone(),
                 l.params.to_string(),
-                l.macs.to_string(),
+                match l.macs {
+                    Some(m) => m.to_string(),
+                    None => format!("? ({})", l.unknown_dims.join(", ")),
+                },
             ]);
         }
         outln!();

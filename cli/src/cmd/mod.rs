@@ -63,3 +63,22 @@ pub fn runtime_shapes(ov: &[(String, Vec<i64>)]) -> Vec<(String, Vec<usize>)> {
         .map(|(n, d)| (n.clone(), d.iter().map(|&v| v as usize).collect()))
         .collect()
 }
+
+/// Why a cost cannot be counted, for one line of output: `dims x_dim2 (input x axis 2), x_dim3
+/// (input x axis 3) not bound; give --input x=1x3x?x? (numbers for ?)`. Empty when it can.
+pub fn unknown_dims_text(c: &whittle_core::cost::ModelCost) -> String {
+    if c.is_exact() {
+        return String::new();
+    }
+    let dims: Vec<String> = c.unknown_dims.iter().map(|d| d.to_string()).collect();
+    let noun = if dims.len() == 1 { "dim" } else { "dims" };
+    let hint = c.binding_hint();
+    if hint.is_empty() {
+        format!("{noun} {} not inferred", dims.join(", "))
+    } else {
+        format!(
+            "{noun} {} not bound; give --input {hint} (numbers for ?)",
+            dims.join(", ")
+        )
+    }
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use whittle_compress::latency;
 use whittle_compress::{cleanup, merge};
+use whittle_core::{cost, shape};
 use whittle_deploy::RuntimeKind;
 
 use crate::Outcome;
@@ -22,7 +23,9 @@ pub struct Args {
     /// Intra-op threads (ONNX Runtime); its default is one per core.
     #[arg(long)]
     threads: Option<usize>,
-    /// Fix an input's shape, e.g. `input=1x3x224x224` (repeatable); other symbolic dims are 1.
+    /// Give an input its shape, e.g. `input=1x3x224x224` (repeatable): binds its symbolic dims
+    /// (declared -1 or 0 too). A batch axis left symbolic runs as 1; any other symbolic dim a layer
+    /// needs must be bound.
     #[arg(long = "input", value_name = "NAME=SHAPE")]
     inputs: Vec<String>,
     /// Write the table as JSON here (atomically), for `whittle compress --latency-table`.
@@ -46,6 +49,15 @@ pub fn run(a: Args) -> Result<Outcome> {
     let overrides = super::parse_overrides(&a.inputs)?;
     let mut model = super::load_model(&a.model)?;
     cleanup::cleanup(&mut model).context("cleanup")?;
+    // The layers are measured at the model's declared shapes: write the bindings into it.
+    shape::bind_inputs(&mut model, &overrides)?;
+    let c = cost::count(&model, &shape::infer(&model, &[])?);
+    if !c.is_exact() {
+        bail!(
+            "cannot profile the layers: {}",
+            super::unknown_dims_text(&c)
+        );
+    }
     if a.merge && merge::segments(&model).is_empty() {
         bail!(merge::NOTHING_TO_MERGE);
     }

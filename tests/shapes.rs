@@ -1,0 +1,227 @@
+//! Dynamic input shapes through the binary (issue 17): a -1 batch inspects with `--input`,
+//! symbolic height and width are named as unknown until bound, MACs at the bound shape equal the
+//! fixed-shape copy's, profile measures at the bound shape, and the fixtures run in ONNX Runtime
+//! and tract at two sizes.
+
+mod common;
+
+#[path = "../core/tests/fixtures/dynamic.rs"]
+mod dynamic;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use dynamic::*;
+use serde_json::Value;
+
+fn write(dir: &Path, name: &str, m: &whittle_core::onnx::ModelProto) -> PathBuf {
+    let p = dir.join(name);
+    write_proto(&p, m);
+    p
+}
+
+fn inspect(model: &Path, extra: &[&str]) -> Value {
+    let mut a = vec!["inspect", "--json", "--brief"];
+    let m = s(model);
+    a.push(&m);
+    a.extend(extra);
+    run(&a).ok().json()
+}
+
+#[test]
+fn r17_minus_one_batch_inspects_with_input() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
+    let original = inspect(&src, &[])["macs"].as_u64().unwrap();
+
+    let v = inspect(&m, &["--input", "input=1x3x32x32"]);
+    assert_eq!(v["macs"].as_u64(), Some(original), "{v}");
+    assert_eq!(v["costed_at"], "input=1x3x32x32");
+    assert_eq!(v["per_item"].as_array().map(Vec::len), Some(0));
+    assert_eq!(v["inputs"][0]["shape"], "[1,3,32,32]");
+    let r = run(&["inspect", &s(&m), "--input", "input=2x3x32x32", "--brief"]).ok();
+    assert!(
+        r.stdout.contains(&format!("MACs    {} ", 2 * original))
+            && r.stdout.contains("at input=2x3x32x32"),
+        "{}",
+        r.dump()
+    );
+
+    // without --input the batch is a symbol counted per item, never a size of -1
+    let v = inspect(&m, &[]);
+    assert_eq!(v["macs"].as_u64(), Some(original), "{v}");
+    assert_eq!(v["per_item"][0], "input_dim0");
+    assert_eq!(v["inputs"][0]["shape"], "[input_dim0,3,32,32]");
+    let r = run(&["inspect", &s(&m), "--brief"]).ok();
+    assert!(
+        r.stdout
+            .contains("per item (input_dim0 as 1) at input=1x3x32x32"),
+        "{}",
+        r.dump()
+    );
+}
+
+#[test]
+fn r17_symbolic_height_and_width_are_named_until_bound() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
+
+    let v = inspect(&m, &[]);
+    assert!(
+        v["macs"].is_null(),
+        "MACs with H = W = 1 must not be printed: {v}"
+    );
+    let names: Vec<&str> = v["unknown_dims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["input_dim2", "input_dim3"], "{v}");
+    assert_eq!(v["unknown_dims"][0]["input"], "input");
+    assert_eq!(v["unknown_dims"][0]["axis"], 2);
+    assert_eq!(v["layers"][0]["op"], "Conv");
+    assert!(v["layers"][0]["macs"].is_null(), "{v}");
+    assert_eq!(
+        v["layers"][0]["output_shape"],
+        "[N,16,input_dim2,input_dim3]"
+    );
+    let r = run(&["inspect", &s(&m)]).ok();
+    assert!(
+        r.stdout.contains(
+            "MACs    unknown: dims input_dim2 (input input axis 2), input_dim3 (input input axis 3) \
+             not bound; give --input input=1x3x?x? (numbers for ?)"
+        ),
+        "{}",
+        r.dump()
+    );
+    // per layer: a conv's MACs are "?" with the dims they need
+    assert!(
+        r.stdout.contains("? (input_dim2, input_dim3)"),
+        "{}",
+        r.dump()
+    );
+
+    // bound: the same count as a copy declared at that shape
+    for shape in ["1x3x48x64", "2x3x16x40"] {
+        let dims: Vec<i64> = shape.split('x').map(|d| d.parse().unwrap()).collect();
+        let fixed = write(
+            dir.path(),
+            &format!("fixed{shape}.onnx"),
+            &fixed_at(&src, [dims[0], dims[1], dims[2], dims[3]]),
+        );
+        let bound = inspect(&m, &["--input", &format!("input={shape}")]);
+        let expected = inspect(&fixed, &[])["macs"].as_u64().unwrap();
+        assert_eq!(bound["macs"].as_u64(), Some(expected), "{shape}: {bound}");
+        assert_eq!(bound["costed_at"], format!("input={shape}"));
+    }
+    // a -1 dim is no longer a "fixed size -1"; a real contradiction still is
+    run(&["inspect", &s(&m), "--input", "input=1x4x48x64"]).error(&["fixed size 3 at axis 1"]);
+}
+
+#[test]
+fn r17_profile_measures_at_the_bound_shape() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
+    run(&["profile", &s(&m)]).error(&["input_dim2 (input input axis 2)", "--input input=1x3x?x?"]);
+
+    let t = run(&["profile", &s(&m), "--input", "input=1x3x48x64", "--json"])
+        .ok()
+        .json();
+    let layers = t["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 10, "{t}");
+    assert_eq!(layers[0]["input_shape"], serde_json::json!([1, 3, 48, 64]));
+    let total: u64 = layers.iter().map(|l| l["macs"].as_u64().unwrap()).sum();
+    let fixed = write(dir.path(), "fixed.onnx", &fixed_at(&src, [1, 3, 48, 64]));
+    assert_eq!(Some(total), inspect(&fixed, &[])["macs"].as_u64());
+
+    // a -1 batch profiles with and without --input (the batch runs as 1)
+    let b = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
+    for extra in [&[][..], &["--input", "input=1x3x32x32"][..]] {
+        let mut a = vec!["profile".to_string(), s(&b), "--json".into()];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let t = run(&a).ok().json();
+        assert_eq!(
+            t["layers"][0]["input_shape"],
+            serde_json::json!([1, 3, 32, 32])
+        );
+    }
+}
+
+#[test]
+fn r17_dynamic_fixtures_run_at_two_sizes_in_both_runtimes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, native) in CNNS {
+        let Some(src) = shared_model(file) else {
+            return;
+        };
+        let hw = write(
+            dir.path(),
+            &format!("hw-{file}"),
+            &symbolic_hw(&src, "-1", "-1"),
+        );
+        let b = write(
+            dir.path(),
+            &format!("b-{file}"),
+            &minus_one_batch(&src, native),
+        );
+        let other = format!("input=2x3x{}x{}", native + 16, native / 2 + 8);
+        let native = format!("input=1x3x{native}x{native}");
+        for rt in ["ort-cpu", "tract"] {
+            for (m, shape) in [(&hw, &native), (&hw, &other), (&b, &native)] {
+                let r = run(&[
+                    "bench",
+                    &s(m),
+                    "--runtime",
+                    rt,
+                    "--iters",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--input",
+                    shape,
+                    "--json",
+                ]);
+                assert_eq!(r.code, 0, "{file} {rt} {shape}\n{}", r.dump());
+            }
+        }
+    }
+}
+
+#[test]
+fn r17_the_fixtures_global_pool_matches_the_original() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let Some(data) = asset("data/cifar10/test-a") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // every copy has the global pool in place of the 8x8 average pool: the same outputs at 32x32
+    // (declared as the original is: verify compares the declarations)
+    let b = write(dir.path(), "g.onnx", &derive(&src, "N", "32", "32"));
+    let r = run(&[
+        "verify",
+        &s(&src),
+        &s(&b),
+        "--data",
+        &s(&data),
+        "--limit",
+        "64",
+        "--json",
+    ])
+    .ok();
+    let v = r.json();
+    for o in v["outputs"].as_array().unwrap() {
+        assert!(o["max_abs_diff"].as_f64().unwrap() < 1e-5, "{}", r.dump());
+    }
+}
