@@ -1,0 +1,21 @@
+//! The end-to-end tests through the built `whittle`: one test binary, a module a file (as
+//! ripgrep's tests/ does), so the binary links once and its tests share the machine.
+
+mod common;
+
+mod bad_input;
+mod cli_json;
+mod compress;
+mod deploy_host;
+mod deploy_qemu;
+mod deploy_serial;
+mod deploy_ssh;
+mod interrupt;
+mod low_rank;
+mod merge;
+mod profile;
+mod regression;
+mod roundtrip;
+mod text;
+mod transformer;
+mod verify;
