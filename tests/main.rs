@@ -19,3 +19,12 @@ mod roundtrip;
 mod text;
 mod transformer;
 mod verify;
+
+/// A file added to tests/ is a module here, or it would not run.
+#[test]
+fn every_test_file_is_a_module_of_this_binary() {
+    whittle_test_support::assert_every_file_is_a_module(
+        &common::repo_root().join("tests"),
+        include_str!("main.rs"),
+    );
+}

@@ -21,3 +21,23 @@ pub use onnx::{
 };
 pub use rng::{Lcg, noise, values};
 pub use runtime::{assert_same_outputs, max_abs, max_abs_diff, rel_diff, run_model};
+
+/// Every `*.rs` file directly in `dir` but `main.rs` is declared as a module (`mod <name>;`) in
+/// `main` (the text of `dir/main.rs`): a test file added beside a one-binary `main.rs` that is not
+/// declared there would not be compiled, and its tests would silently not run.
+pub fn assert_every_file_is_a_module(dir: &std::path::Path, main: &str) {
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let p = e.unwrap().path();
+        let Some(stem) = p.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if p.extension().is_some_and(|x| x == "rs") && stem != "main" {
+            assert!(
+                main.lines().any(|l| l.trim() == format!("mod {stem};")),
+                "{} is not a module of {}/main.rs: add `mod {stem};` there",
+                p.display(),
+                dir.display()
+            );
+        }
+    }
+}
