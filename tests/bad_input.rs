@@ -1,11 +1,9 @@
 //! Bad input through the binary: every case ends with exit code 2 and one `error: ...` line on
 //! stderr that names the cause, never a panic, and writes nothing.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use prost::Message;
 use whittle_core::onnx::{AttributeProto, ModelProto, attribute_proto};
 

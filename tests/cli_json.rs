@@ -1,9 +1,7 @@
 //! `--json`: each command prints exactly one JSON object on one stdout line, with the fields a
 //! script reads; and the ort-cuda provider rules (fail without fallback, say so with it).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn m() -> String {
     s(&resnet8())

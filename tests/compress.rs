@@ -1,11 +1,9 @@
 //! `whittle compress` end to end: every shared CNN prunes and still runs in ONNX Runtime and
 //! tract; ResNet-8 keeps its predictions; bad budgets, bad data and bad paths are refused.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use ndarray::ArrayD;
 
 /// A .npy of `n` items with the model's item shape, values uniform in [lo, hi).

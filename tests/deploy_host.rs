@@ -2,30 +2,13 @@
 //! ResNet-8, measures original and compressed on each runtime, and writes
 //! `<reports>/host/<stamp>/results.json` + `report.md` + `plot.svg` (+ the compressed model).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn deploy_host_measures_resnet8_on_both_runtimes() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run(&[
-        "deploy",
-        "--target",
-        "host",
-        "--iters",
-        "5",
-        "--warmup",
-        "1",
-        "--reports",
-        &s(dir.path()),
-    ])
-    .ok();
-    let rows: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("resnet8_cifar10"))
-        .collect();
+    let r = run(&deploy_args("host", 5, dir.path(), &[])).ok();
+    let rows = r.rows("resnet8_cifar10");
     assert_eq!(rows.len(), 4, "{}", r.dump());
     assert!(
         rows.iter()
@@ -41,17 +24,8 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
     );
 
     // Exactly one <stamp> folder, named YYYYMMDD-HHMMSS.
-    let host = dir.path().join("host");
-    let stamps: Vec<_> = std::fs::read_dir(&host)
-        .unwrap_or_else(|e| panic!("{}: {e}\n{}", host.display(), r.dump()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(stamps.len(), 1, "{stamps:?}");
-    let stamp = stamps[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let report = report_dir(&dir.path().join("host"), &r);
+    let stamp = report.file_name().unwrap().to_string_lossy().into_owned();
     let b = stamp.as_bytes();
     assert!(
         b.len() == 15
@@ -62,13 +36,12 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         "stamp {stamp:?} is not YYYYMMDD-HHMMSS"
     );
     assert!(
-        r.stderr.contains(&s(&stamps[0])),
+        r.stderr.contains(&s(&report)),
         "stderr should name the report folder\n{}",
         r.dump()
     );
 
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(stamps[0].join("results.json")).unwrap()).unwrap();
+    let results = results_json(&report);
     assert_eq!(results["target"].as_str(), Some("host"));
     assert_eq!(results["started"].as_str(), Some(stamp.as_str()));
     assert_eq!(results["complete"], true, "a finished run says so");
@@ -121,7 +94,7 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
             "{row:#}"
         );
     }
-    let md = std::fs::read_to_string(stamps[0].join("report.md")).unwrap();
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("host"), "{md}");
     assert!(md.contains("ort-cpu") && md.contains("tract"), "{md}");
     assert!(
@@ -141,7 +114,7 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
     );
 
     // The plot: well-formed SVG, one point (circle) per variant and runtime, each labelled.
-    let svg = std::fs::read_to_string(stamps[0].join("plot.svg")).unwrap();
+    let svg = std::fs::read_to_string(report.join("plot.svg")).unwrap();
     let elements = xml_elements(&svg).unwrap_or_else(|e| panic!("plot.svg is not XML: {e}"));
     assert_eq!(elements.first().map(String::as_str), Some("svg"), "{svg}");
     let circles = elements.iter().filter(|e| *e == "circle").count();
@@ -342,22 +315,7 @@ fn a_model_the_board_cannot_load_is_reported_and_the_others_are_measured() {
     let bad = dir.path().join("broken.onnx");
     std::fs::write(&bad, m.to_bytes()).unwrap();
     let reports = dir.path().join("reports");
-    let r = run_in(
-        Some(&repo_root()),
-        &[
-            "deploy",
-            "--target",
-            "host",
-            "--iters",
-            "3",
-            "--warmup",
-            "1",
-            "--reports",
-            &s(&reports),
-            &s(&resnet8()),
-            &s(&bad),
-        ],
-    );
+    let r = run(&deploy_args("host", 3, &reports, &[s(&resnet8()), s(&bad)]));
     // the good rows' table is printed, then one error line naming the bad model and the cause
     assert_ne!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("resnet8_cifar10.onnx"), "{}", r.stdout);
@@ -365,15 +323,8 @@ fn a_model_the_board_cannot_load_is_reported_and_the_others_are_measured() {
     for needle in ["2 of 4 measurements failed", "broken.onnx", "NoSuchOp"] {
         assert!(last.contains(needle), "{needle} in {last}");
     }
-    let folder = std::fs::read_dir(reports.join("host"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let res: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(folder.join("results.json")).unwrap())
-            .unwrap();
+    let folder = report_dir(&reports.join("host"), &r);
+    let res = results_json(&folder);
     assert_eq!(res["complete"], true);
     let rows = res["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "the good model on both runtimes");

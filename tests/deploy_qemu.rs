@@ -7,12 +7,10 @@
 //! `just build-runner` (the aarch64 runner). Without them the test is skipped, or fails when
 //! `CI=true`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use whittle_deploy::target::Target;
 
 const TRIPLE: &str = "aarch64-unknown-linux-gnu";
@@ -65,50 +63,16 @@ fn deploy_qemu_aarch64_runs_ort_cpu_and_matches_the_host() {
     let target = Target::load("qemu-aarch64", &repo_root().join("targets")).expect("target");
     let runner = aarch64_runner();
     let missing = missing_pieces(&target, &runner);
-    if !missing.is_empty() {
-        let what = format!(
-            "{}; run `just setup-cross` and `just build-runner`",
-            missing.join(", ")
-        );
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "missing: {what} (CI=true: a missing piece is a failure)"
-        );
-        eprintln!("skipped: missing {what}");
+    // (`ready` puts the recipe in backquotes: two recipes here)
+    let missing = (!missing.is_empty()).then(|| missing.join(", "));
+    if !ready(missing, "just setup-cross` and `just build-runner") {
         return;
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "deploy",
-        "--target",
-        "qemu-aarch64",
-        "--iters",
-        "5",
-        "--warmup",
-        "1",
-        "--reports",
-        &s(dir.path()),
-    ];
-    let out = Command::new(whittle())
-        .args(args)
-        .current_dir(repo_root())
-        .env("WHITTLE_RUNNER", &runner)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run whittle");
-    let r = Run {
-        cmd: format!("WHITTLE_RUNNER={} whittle {}", s(&runner), args.join(" ")),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-    .ok();
-    let rows: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("resnet8_cifar10"))
-        .collect();
+    let args = deploy_args("qemu-aarch64", 5, dir.path(), &[]);
+    let r = run_env(None, &args, &[("WHITTLE_RUNNER", Some(&runner))]).ok();
+    let rows = r.rows("resnet8_cifar10");
     assert_eq!(rows.len(), 2, "{}", r.dump());
     assert!(
         r.stderr.contains("qemu-aarch64 -L /usr/aarch64-linux-gnu"),
@@ -121,14 +85,8 @@ fn deploy_qemu_aarch64_runs_ort_cpu_and_matches_the_host() {
         r.dump()
     );
 
-    let stamps: Vec<PathBuf> = std::fs::read_dir(dir.path().join("qemu-aarch64"))
-        .unwrap_or_else(|e| panic!("{e}\n{}", r.dump()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(stamps.len(), 1, "{stamps:?}");
-    let report = &stamps[0];
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    let report = &report_dir(&dir.path().join("qemu-aarch64"), &r);
+    let results = results_json(report);
     assert_eq!(results["target"].as_str(), Some("qemu-aarch64"));
     assert_eq!(results["triple"].as_str(), Some(TRIPLE));
     assert_eq!(results["transport"].as_str(), Some("emulated"));

@@ -10,13 +10,11 @@
 //! Needs socat (`just setup-serial`) and ONNX Runtime (`just setup`). Without them the tests are
 //! skipped, or fail when `CI=true`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// What is missing to run socat and the runner here, if anything; `None` when all is there.
 fn missing() -> Option<String> {
@@ -30,7 +28,7 @@ fn missing() -> Option<String> {
     if !socat {
         gone.push("socat".to_string());
     }
-    if let Err(e) = whittle_deploy::locate_ort_library() {
+    if let Err(e) = locate_ort_library() {
         gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
     }
     (!gone.is_empty()).then(|| gone.join(", "))
@@ -38,7 +36,7 @@ fn missing() -> Option<String> {
 
 /// True when the test should go on (see [`common::ready`]).
 fn ready() -> bool {
-    common::ready(missing(), "just setup-serial")
+    crate::common::ready(missing(), "just setup-serial")
 }
 
 /// A socat pty pair with the links `A` and `B` in a folder; stopped (SIGTERM) on drop.
@@ -166,7 +164,7 @@ impl Drop for Runner {
 
 /// A serial target TOML for `device` at `baud`, written into `dir` as `<name>.toml`.
 fn target(dir: &Path, name: &str, device: &Path, baud: u32) -> PathBuf {
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = locate_ort_library().expect("ONNX Runtime");
     let toml = format!(
         "name = \"{name}\"\ntriple = \"host\"\nnotes = \"a socat pty pair started by tests/deploy_serial.rs\"\ntransport = \"serial\"\nruntimes = [\"ort-cpu\"]\ndevice = \"{}\"\nbaud = {baud}\ntimeout_s = 2\nreconnects = 5\nort_library = \"{}\"\n",
         s(device),
@@ -175,36 +173,6 @@ fn target(dir: &Path, name: &str, device: &Path, baud: u32) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml).unwrap();
     path
-}
-
-/// The arguments of `whittle deploy --target <toml> --iters 5 --warmup 1 --reports <reports>`,
-/// then `extra`.
-fn deploy_args(target: &Path, reports: &Path, extra: &[String]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "deploy",
-        "--target",
-        &s(target),
-        "--iters",
-        "5",
-        "--warmup",
-        "1",
-        "--reports",
-        &s(reports),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend_from_slice(extra);
-    args
-}
-
-/// The one `<stamp>` folder under `<reports>/<name>/`.
-fn report_dir(reports: &Path, name: &str, r: &Run) -> PathBuf {
-    let stamps: Vec<PathBuf> = std::fs::read_dir(reports.join(name))
-        .unwrap_or_else(|e| panic!("{e}\n{}", r.dump()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(stamps.len(), 1, "{stamps:?}");
-    stamps[0].clone()
 }
 
 #[test]
@@ -218,12 +186,8 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     let runner = Runner::start(&socat.b, 2_000_000, &uploads);
     let target = target(dir.path(), "serial-pty", &socat.a, 2_000_000);
     let reports = dir.path().join("reports");
-    let r = run(&deploy_args(&target, &reports, &[])).ok();
-    let rows: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("resnet8_cifar10"))
-        .collect();
+    let r = run(&deploy_args(&s(&target), 5, &reports, &[])).ok();
+    let rows = r.rows("resnet8_cifar10");
     assert_eq!(rows.len(), 2, "{}", r.dump());
     assert!(
         r.stderr.contains(&format!(
@@ -237,7 +201,7 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     );
     assert!(!r.stderr.contains("dropped"), "{}", r.dump());
 
-    let report = report_dir(&reports, "serial-pty", &r);
+    let report = report_dir(&reports.join("serial-pty"), &r);
     // What went over the line: both models, intact, and no partial file left.
     assert_eq!(
         std::fs::read(uploads.join("resnet8_cifar10.onnx")).unwrap(),
@@ -253,13 +217,12 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
         .collect();
     assert!(partial.is_empty(), "{partial:?}");
 
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    let results = results_json(&report);
     assert_eq!(results["target"].as_str(), Some("serial-pty"));
     assert_eq!(results["transport"].as_str(), Some("serial"));
     assert_eq!(results["complete"], true);
     assert!(results.get("link_events").is_none(), "{results:#}");
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = locate_ort_library().expect("ONNX Runtime");
     assert_rows_match_host_runner(&report, &results, &s(&lib), 1e-6, "over serial");
     // The plot holds one point per row, as on every transport.
     let svg = std::fs::read_to_string(report.join("plot.svg")).unwrap();
@@ -286,7 +249,7 @@ fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() 
     let reports = dir.path().join("reports");
     let model = resnet8();
     let size = std::fs::metadata(&model).unwrap().len();
-    let args = deploy_args(&target, &reports, &["--json".into(), s(&model)]);
+    let args = deploy_args(&s(&target), 5, &reports, &["--json".into(), s(&model)]);
     let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
     let mut deploy = Command::new(whittle())
         .args(&args)
@@ -395,7 +358,7 @@ fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() 
     assert_eq!(rows.len(), 1, "{j:#}");
     assert_eq!(rows[0]["agreement"].as_f64(), Some(1.0), "{j:#}");
     assert_eq!(rows[0]["bench"]["stats"]["iters"].as_u64(), Some(5));
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = locate_ort_library().expect("ONNX Runtime");
     let mut host = whittle_deploy::transport::Local::from_env().unwrap();
     use whittle_deploy::protocol::pb;
     use whittle_deploy::transport::Transport;
@@ -442,7 +405,7 @@ fn a_serial_device_that_does_not_exist_is_one_line_and_nothing_is_measured() {
     std::fs::write(&target, toml).unwrap();
     let reports = dir.path().join("reports");
     let started = Instant::now();
-    let r = run(&deploy_args(&target, &reports, &[]));
+    let r = run(&deploy_args(&s(&target), 5, &reports, &[]));
     r.error(&[
         &format!("serial {}", s(&device)),
         "cannot open the serial port",
@@ -470,7 +433,7 @@ fn a_serial_device_with_no_runner_behind_it_is_one_line() {
     let socat = Socat::start(dir.path());
     let target = target(dir.path(), "silent", &socat.a, 115_200);
     let reports = dir.path().join("reports");
-    let r = run(&deploy_args(&target, &reports, &[]));
+    let r = run(&deploy_args(&s(&target), 5, &reports, &[]));
     r.error(&[
         &format!("serial {}", s(&socat.a)),
         "no answer from the runner within 2.0 s",

@@ -8,13 +8,11 @@
 //! Needs /usr/sbin/sshd and the OpenSSH client (`just setup-ssh`) and ONNX Runtime (`just
 //! setup`). Without them the tests are skipped, or fail when `CI=true`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -35,7 +33,7 @@ fn missing() -> Option<String> {
             gone.push(tool.to_string());
         }
     }
-    if let Err(e) = whittle_deploy::locate_ort_library() {
+    if let Err(e) = locate_ort_library() {
         gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
     }
     (!gone.is_empty()).then(|| gone.join(", "))
@@ -43,7 +41,7 @@ fn missing() -> Option<String> {
 
 /// True when the test should go on (see [`common::ready`]).
 fn ready() -> bool {
-    common::ready(missing(), "just setup-ssh")
+    crate::common::ready(missing(), "just setup-ssh")
 }
 
 fn sh(program: &str, args: &[&str]) -> String {
@@ -155,7 +153,7 @@ impl Sshd {
     fn target(&self, name: &str, known_hosts: &str, identity: &Path, port: u16) -> PathBuf {
         let kh = self.path(&format!("{name}.known_hosts"));
         std::fs::write(&kh, format!("{known_hosts}\n")).unwrap();
-        let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+        let lib = locate_ort_library().expect("ONNX Runtime");
         let toml = format!(
             "name = \"{name}\"\ntriple = \"host\"\nnotes = \"sshd on 127.0.0.1 started by tests/deploy_ssh.rs\"\ntransport = \"ssh\"\nruntimes = [\"ort-cpu\"]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\nremote_dir = \"{}\"\nort_library = \"{}\"\n",
             self.user,
@@ -180,30 +178,8 @@ impl Drop for Sshd {
 /// `whittle deploy --target <toml> --iters 5 --warmup 1 --reports <reports>` from the repository
 /// root, with the runner found beside `whittle`.
 fn deploy(target: &Path, reports: &Path) -> Run {
-    let args = [
-        "deploy",
-        "--target",
-        &s(target),
-        "--iters",
-        "5",
-        "--warmup",
-        "1",
-        "--reports",
-        &s(reports),
-    ];
-    let out = Command::new(whittle())
-        .args(args)
-        .current_dir(repo_root())
-        .env_remove("WHITTLE_RUNNER")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run whittle");
-    Run {
-        cmd: format!("whittle {}", args.join(" ")),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let args = deploy_args(&s(target), 5, reports, &[]);
+    run_env(None, &args, &[("WHITTLE_RUNNER", None)])
 }
 
 #[test]
@@ -220,11 +196,7 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     );
     let reports = sshd.path("reports");
     let r = deploy(&target, &reports).ok();
-    let rows: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("resnet8_cifar10"))
-        .collect();
+    let rows = r.rows("resnet8_cifar10");
     assert_eq!(rows.len(), 2, "{}", r.dump());
     let board = sshd.path("board");
     assert!(
@@ -268,20 +240,14 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
         r2.dump()
     );
 
-    let stamps: Vec<PathBuf> = std::fs::read_dir(reports.join("ssh-loopback"))
-        .unwrap_or_else(|e| panic!("{e}\n{}", r.dump()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(stamps.len(), 1, "{stamps:?}");
-    let report = &stamps[0];
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    let report = &report_dir(&reports.join("ssh-loopback"), &r);
+    let results = results_json(report);
     assert_eq!(results["target"].as_str(), Some("ssh-loopback"));
     assert_eq!(results["transport"].as_str(), Some("ssh"));
     assert_eq!(results["complete"], true);
     assert!(results.get("timing_note").is_none(), "{results:#}");
 
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = locate_ort_library().expect("ONNX Runtime");
     assert_rows_match_host_runner(report, &results, &s(&lib), 1e-6, "over ssh");
 }
 

@@ -1,11 +1,9 @@
 //! An interrupted run (SIGINT) leaves no partial output and no stray temporary file.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn sigint_after(args: &[String], after: Duration) -> i32 {
     let mut child = Command::new(whittle())

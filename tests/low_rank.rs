@@ -2,9 +2,7 @@
 //! removed with data-aware factors (and they beat plain SVD there), recipes chain low rank with
 //! pruning in their order, and bad ranks, schemes and combinations are refused.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn agreement(original: &std::path::Path, candidate: &std::path::Path) -> f64 {
     let j = run(&[

@@ -2,9 +2,7 @@
 //! reaches names the best reachable latency, a graph with nothing to merge says so, and nothing
 //! is written in either case; a reachable budget on the VWW MobileNetV1 writes a model that runs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// `whittle compress` on the VWW MobileNet with a few imagenet photos, writing `out`, then `extra`.
 fn vww_compress(

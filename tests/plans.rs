@@ -1,9 +1,7 @@
 //! Every method's plan saves and replays: `--plan-out` then `--apply-plan` alone (the file's
 //! steps with their saved options) writes the same model.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Compress with `args`, saving the plan; replay it alone; the two models must be byte-identical
 /// and the replay's steps must name the same methods.

@@ -2,9 +2,7 @@
 //! `compress --target latency=` against a saved table or one measured on the spot, and the
 //! errors of a table that does not fit and a budget that cannot be met.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn check_table(t: &Value, runtime: &str, layers: usize) {

@@ -3,11 +3,9 @@
 //! budget, and verify. Any panic, invalid graph or runtime error fails; a model a method does not
 //! apply to is listed as skipped with the reason.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use ndarray::{Array2, ArrayD};
 
 /// Synthetic but valid inputs for each model: (data file, item count).
@@ -58,16 +56,9 @@ fn data_for(name: &str, dir: &Path) -> PathBuf {
 
 #[test]
 fn r8_every_shared_model_through_every_landed_method() {
-    let Some(assets) = shared_assets() else {
+    let Some(mut models) = shared_models() else {
         return;
     };
-    let mut models: Vec<PathBuf> = std::fs::read_dir(assets.join("models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "onnx") && !p.to_string_lossy().contains("noweights")
-        })
-        .collect();
     models.extend(minilm());
     models.sort();
     assert!(models.len() >= 7, "{models:?}");

@@ -2,11 +2,9 @@
 //! `convert` writes a model whose outputs are bit-identical to the input's (`verify` gives
 //! max |diff| = 0 on every output), inline and with `--external-data`.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use ndarray::Array2;
 use serde_json::Value;
 

@@ -3,14 +3,12 @@
 //! fixed-shape copy's, profile measures at the bound shape, and the fixtures run in ONNX Runtime
 //! and tract at two sizes.
 
-mod common;
-
 #[path = "../core/tests/fixtures/dynamic.rs"]
 mod dynamic;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use dynamic::*;
 use serde_json::Value;
 

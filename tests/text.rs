@@ -1,9 +1,7 @@
 //! Calibration text for transformer encoders: `whittle tokenize` turns STS-B sentences into an
 //! `.npz` of token ids, which `compress --calib` and `verify --data` read like any tensor data.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn tokenize_writes_encoder_inputs_and_refuses_bad_requests() {

@@ -1,9 +1,7 @@
 //! Transformers end to end on MiniLM: `inspect` lists the blocks, `compress --drop-blocks` with
 //! and without linear replacement, `verify --tokenizer` on STS-dev pairs, and the refusals.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn tokenizer() -> Option<std::path::PathBuf> {
     asset("models/minilm-l6-v2-tokenizer")

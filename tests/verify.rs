@@ -2,11 +2,9 @@
 //! the table, and `--min-agreement` (exit 1 when a candidate disagrees, exit 2 when the flag is
 //! not a fraction).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 fn test_a() -> Option<PathBuf> {
     asset("data/cifar10/test-a")

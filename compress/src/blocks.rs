@@ -600,18 +600,3 @@ pub fn write_weight(
     crate::cleanup::set_initializer(g, whittle_core::tensor::from_f32(&target, dims, values));
     target
 }
-
-/// The cosine similarity of two vectors, in f64 (1 for two zero vectors, 0 for one).
-pub fn cosine(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        let (a, b) = (f64::from(a), f64::from(b));
-        xy += a * b;
-        xx += a * a;
-        yy += b * b;
-    }
-    if xx == 0.0 || yy == 0.0 {
-        return if xx == yy { 1.0 } else { 0.0 };
-    }
-    xy / (xx.sqrt() * yy.sqrt())
-}

@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
+use whittle_core::stats::cosine;
 
 use crate::Error;
 use crate::blocks::{self, Block};
@@ -88,7 +89,7 @@ fn importance(
                 v[nb + b].as_slice().expect("contiguous"),
             );
             for &r in &rows {
-                *sum += 1.0 - blocks::cosine(&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                *sum += 1.0 - cosine(&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
             }
         }
         Ok(())

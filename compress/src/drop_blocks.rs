@@ -24,6 +24,7 @@ use serde::Serialize;
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
 use whittle_core::onnx::NodeProto;
+use whittle_core::stats::cosine;
 use whittle_core::tensor::from_f32;
 
 use crate::Error;
@@ -174,7 +175,7 @@ pub fn drop_blocks(
             .collect();
         for (k, &(p, q)) in pairs.iter().enumerate() {
             for (x, y) in states[p].iter().zip(&states[q]) {
-                dist[k].sum += 1.0 - blocks::cosine(x, y);
+                dist[k].sum += 1.0 - cosine(x, y);
                 dist[k].n += 1;
             }
         }

@@ -5,22 +5,7 @@ use whittle_compress::blocks::{self, Layout};
 use whittle_core::Model;
 
 fn minilm() -> Option<Model> {
-    let cache = std::env::var_os("WHITTLE_ASSETS_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/whittle/assets")
-        });
-    let p = cache.join("minilm-l6-v2.opset17.onnx");
-    if !p.exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI: MiniLM missing at {} (../shared/assets/fetch.sh)",
-            p.display()
-        );
-        return None;
-    }
-    Some(Model::load(&p).unwrap())
+    Some(Model::load(&whittle_test_support::minilm()?).unwrap())
 }
 
 #[test]
@@ -46,66 +31,58 @@ fn minilm_blocks_heads_and_sizes_from_the_onnx_file() {
 // Built fixtures: `blocks` encoder blocks of hidden 8, 2 heads of 4, FFN 16, on x [N, S, 8]
 // ---------------------------------------------------------------------------------------------
 
-use whittle_core::model::float_value_info;
-use whittle_core::onnx::attribute_proto::AttributeType;
-use whittle_core::onnx::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-};
+use std::ops::{Deref, DerefMut};
+
+use whittle_core::onnx::{AttributeProto, GraphProto};
 use whittle_core::tensor::{from_f32, from_i64};
+use whittle_test_support::runtime::{
+    RuntimeKind, RuntimeOptions, Value, load, probe_tensor, run_model,
+};
+use whittle_test_support::{
+    GraphBuilder, Lcg, attr_int, attr_ints, graph, max_abs_diff, model_with, value_info,
+};
 
 pub const D: usize = 8;
 
-#[derive(Default)]
-struct Builder {
-    nodes: Vec<NodeProto>,
-    inits: Vec<TensorProto>,
-    seed: u64,
+struct Builder(GraphBuilder);
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder::seeded(0)
+    }
+}
+
+impl Deref for Builder {
+    type Target = GraphBuilder;
+    fn deref(&self) -> &GraphBuilder {
+        &self.0
+    }
+}
+
+impl DerefMut for Builder {
+    fn deref_mut(&mut self) -> &mut GraphBuilder {
+        &mut self.0
+    }
 }
 
 impl Builder {
-    fn node(
-        &mut self,
-        op: &str,
-        name: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-    ) -> String {
-        let out = format!("{name}_out");
-        self.nodes.push(NodeProto {
-            name: Some(name.into()),
-            op_type: Some(op.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.clone()],
-            attribute: attrs,
-            ..Default::default()
-        });
-        out
+    fn seeded(seed: u64) -> Builder {
+        Builder(GraphBuilder::new("encoder", Lcg(seed)))
     }
 
     fn weight(&mut self, name: &str, dims: &[usize], scale: f32) -> String {
         let n: usize = dims.iter().product();
-        let vals: Vec<f32> = (0..n)
-            .map(|_| {
-                self.seed = self
-                    .seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((self.seed >> 40) as f32) / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect();
+        let vals: Vec<f32> = (0..n).map(|_| self.rng.symmetric(scale)).collect();
         let d: Vec<i64> = dims.iter().map(|&v| v as i64).collect();
-        self.inits.push(from_f32(name, &d, &vals));
-        name.to_string()
+        self.initializer(from_f32(name, &d, &vals))
     }
 
     fn ints(&mut self, name: &str, v: &[i64]) -> String {
-        self.inits.push(from_i64(name, &[v.len() as i64], v));
-        name.to_string()
+        self.initializer(from_i64(name, &[v.len() as i64], v))
     }
 
     fn scalar(&mut self, name: &str, v: f32) -> String {
-        self.inits.push(from_f32(name, &[], &[v]));
-        name.to_string()
+        self.initializer(from_f32(name, &[], &[v]))
     }
 
     fn linear(&mut self, name: &str, x: &str, i: usize, o: usize) -> String {
@@ -123,7 +100,7 @@ impl Builder {
                 "LayerNormalization",
                 name,
                 &[x, &g, &b],
-                vec![attr_i("axis", -1)],
+                vec![attr_int("axis", -1)],
             );
         }
         let mean = self.node("ReduceMean", &format!("{name}/mean"), &[x], vec![axes()]);
@@ -154,7 +131,7 @@ impl Builder {
                 "Transpose",
                 &format!("{name}/{which}/Transpose"),
                 &[&r],
-                vec![attr_is("perm", perm)],
+                vec![attr_ints("perm", perm)],
             )
         };
         let q = split(self, "query", &[0, 2, 1, 3]);
@@ -167,14 +144,14 @@ impl Builder {
             "Softmax",
             &format!("{name}/Softmax"),
             &[&s],
-            vec![attr_i("axis", -1)],
+            vec![attr_int("axis", -1)],
         );
         let c = self.node("MatMul", &format!("{name}/context"), &[&p, &v], vec![]);
         let c = self.node(
             "Transpose",
             &format!("{name}/merge"),
             &[&c],
-            vec![attr_is("perm", &[0, 2, 1, 3])],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
         );
         let c = self.node("Reshape", &format!("{name}/flat"), &[&c, &flat], vec![]);
         self.linear(&format!("{name}/output"), &c, D, D)
@@ -195,63 +172,35 @@ impl Builder {
     }
 
     fn model(self, last: &str) -> Model {
-        let mut nodes = self.nodes;
-        nodes.push(NodeProto {
-            name: Some("out".into()),
-            op_type: Some("Identity".into()),
-            input: vec![last.into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        });
+        let GraphProto {
+            mut node,
+            initializer,
+            ..
+        } = self.0.graph;
+        node.push(whittle_test_support::node(
+            "out",
+            "Identity",
+            &[last],
+            &["y"],
+        ));
+        let io = |name: &str| vec![value_info(name, &["N", "S", &D.to_string()])];
         Model {
-            proto: ModelProto {
-                ir_version: Some(8),
-                opset_import: vec![OperatorSetIdProto {
-                    domain: Some(String::new()),
-                    version: Some(17),
-                }],
-                graph: Some(GraphProto {
-                    name: Some("encoder".into()),
-                    node: nodes,
-                    initializer: self.inits,
-                    input: vec![float_value_info("x", &["N", "S", &D.to_string()])],
-                    output: vec![float_value_info("y", &["N", "S", &D.to_string()])],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
+            proto: model_with(
+                8,
+                &[("", 17)],
+                graph("encoder", node, io("x"), io("y"), initializer),
+            ),
         }
     }
 }
 
-fn attr_i(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-fn attr_is(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
 fn axes() -> AttributeProto {
-    attr_is("axes", &[-1])
+    attr_ints("axes", &[-1])
 }
 
 /// A post-norm encoder (BERT layout) of `n` blocks with fused or decomposed LayerNorms.
 pub fn post_norm(n: usize, fused: bool) -> Model {
-    let mut b = Builder {
-        seed: 7,
-        ..Default::default()
-    };
+    let mut b = Builder::seeded(7);
     let mut h = b.norm("embed_norm", "x", fused);
     for i in 0..n {
         let a = b.attention(&format!("l{i}/attn"), &h);
@@ -266,10 +215,7 @@ pub fn post_norm(n: usize, fused: bool) -> Model {
 
 /// A pre-norm encoder (ViT layout) of `n` blocks and a final norm.
 pub fn pre_norm(n: usize) -> Model {
-    let mut b = Builder {
-        seed: 11,
-        ..Default::default()
-    };
+    let mut b = Builder::seeded(11);
     let mut h = b.linear("embed", "x", D, D);
     for i in 0..n {
         let x = b.norm(&format!("l{i}/norm1"), &h, true);
@@ -283,19 +229,13 @@ pub fn pre_norm(n: usize) -> Model {
     b.model(&y)
 }
 
-fn run_ort(m: &Model, x: &whittle_deploy::Value) -> Vec<f32> {
-    let mut s = whittle_deploy::load(
-        whittle_deploy::RuntimeKind::OrtCpu,
-        &m.to_bytes(),
-        &Default::default(),
-    )
-    .unwrap();
-    s.run(std::slice::from_ref(x)).unwrap()[0].to_f32_vec()
+fn run_ort(m: &Model, x: &Value) -> Vec<f32> {
+    run_model(RuntimeKind::OrtCpu, m, std::slice::from_ref(x))[0].to_f32_vec()
 }
 
 #[test]
 fn built_post_norm_with_decomposed_layernorm_and_pre_norm_are_found() {
-    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[2, 5, D], -1.0, 1.0));
+    let x = Value::F32(probe_tensor(&[2, 5, D], -1.0, 1.0));
     for (m, layout, fused) in [
         (post_norm(3, false), Layout::PostNorm, false),
         (post_norm(2, true), Layout::PostNorm, true),
@@ -360,7 +300,7 @@ use whittle_compress::drop_blocks::{self, DropOptions, DropReport};
 /// Calibration data for the fixtures: `n` items of x [S, D].
 fn fixture_data(dir: &std::path::Path, n: usize, seq: usize) -> Dataset {
     let p = dir.join("x.npy");
-    let x = whittle_deploy::probe_tensor(&[n, seq, D], -2.0, 2.0);
+    let x = probe_tensor(&[n, seq, D], -2.0, 2.0);
     ndarray_npy::write_npy(&p, &x).unwrap();
     Dataset::open(&p).unwrap()
 }
@@ -377,7 +317,7 @@ fn drop(
         indices: &idx,
         pre: &pre,
         batch: 16,
-        runtime: whittle_deploy::RuntimeKind::OrtCpu,
+        runtime: RuntimeKind::OrtCpu,
         threads: Some(2),
     };
     drop_blocks::drop_blocks(m, &opts, &spec)
@@ -390,11 +330,6 @@ fn opts(count: usize, linear_replace: bool) -> DropOptions {
         start: None,
         ridge: 1e-6,
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |p, (x, y)| p.max((x - y).abs()))
 }
 
 #[test]
@@ -413,7 +348,7 @@ fn a_block_that_does_nothing_is_the_one_removed_and_the_outputs_stay() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 24, 6);
-    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[3, 7, D], -1.0, 1.0));
+    let x = Value::F32(probe_tensor(&[3, 7, D], -1.0, 1.0));
     let want = run_ort(&m, &x);
     for replace in [false, true] {
         let mut cut = m.clone();
@@ -427,9 +362,9 @@ fn a_block_that_does_nothing_is_the_one_removed_and_the_outputs_stay() {
         assert!(r.params.1 < r.params.0);
         let got = run_ort(&cut, &x);
         assert!(
-            max_diff(&want, &got) < 1e-4,
+            max_abs_diff(&want, &got) < 1e-4,
             "replace {replace}: {}",
-            max_diff(&want, &got)
+            max_abs_diff(&want, &got)
         );
         assert_eq!(blocks::find_blocks(&cut).unwrap().len(), 2);
     }
@@ -440,7 +375,7 @@ fn linear_replacement_beats_plain_removal_on_a_post_norm_encoder() {
     let m = post_norm(3, false);
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 48, 6);
-    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[2, 9, D], -2.0, 2.0));
+    let x = Value::F32(probe_tensor(&[2, 9, D], -2.0, 2.0));
     let want = run_ort(&m, &x);
     let err = |got: &[f32]| -> f64 {
         want.iter()
@@ -496,7 +431,6 @@ fn dropping_more_blocks_than_exist_is_refused() {
 
 use whittle_compress::prune_ffn::{self, WidthOptions};
 use whittle_compress::prune_heads;
-use whittle_deploy::{RuntimeKind, RuntimeOptions, Value};
 
 fn width(fraction: f64) -> WidthOptions {
     WidthOptions {
@@ -528,8 +462,7 @@ fn run_with(kind: RuntimeKind, m: &Model, inputs: &[(&str, Value)]) -> Vec<f32> 
             .collect(),
         ..Default::default()
     };
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &opts)
-        .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+    let mut s = load(kind, &m.to_bytes(), &opts).unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
     let feed: Vec<Value> = s
         .inputs()
         .iter()
@@ -564,10 +497,10 @@ fn pruned_heads_rewrite_the_shape_constants_and_run_at_any_batch_and_length() {
     let b = blocks::find_blocks(&cut).unwrap();
     assert_eq!(b[0].heads, Some(1));
     for (n, seq) in [(1, 3), (4, 11)] {
-        let x = Value::F32(whittle_deploy::probe_tensor(&[n, seq, D], -1.0, 1.0));
+        let x = Value::F32(probe_tensor(&[n, seq, D], -1.0, 1.0));
         let o = run_with(RuntimeKind::OrtCpu, &cut, &[("x", x.clone())]);
         let t = run_with(RuntimeKind::Tract, &cut, &[("x", x)]);
-        assert!(max_diff(&o, &t) < 1e-4);
+        assert!(max_abs_diff(&o, &t) < 1e-4);
     }
 }
 
@@ -576,7 +509,7 @@ fn ffn_pruning_keeps_the_best_neurons_and_the_refit_helps() {
     let m = post_norm(2, false);
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 48, 6);
-    let x = Value::F32(whittle_deploy::probe_tensor(&[2, 9, D], -2.0, 2.0));
+    let x = Value::F32(probe_tensor(&[2, 9, D], -2.0, 2.0));
     let want = run_ort(&m, &x);
     let err = |got: &[f32]| -> f64 {
         want.iter()
@@ -659,9 +592,9 @@ fn minilm_with_pruned_heads_runs_for_batch_1_and_8_sequence_16_and_128() {
         let t = run_with(RuntimeKind::Tract, &cut, &inputs);
         assert_eq!(o.len(), b * s * 384);
         assert!(
-            max_diff(&o, &t) < 1e-3,
+            max_abs_diff(&o, &t) < 1e-3,
             "batch {b} seq {s}: {}",
-            max_diff(&o, &t)
+            max_abs_diff(&o, &t)
         );
     }
 }
@@ -679,7 +612,7 @@ fn an_attention_that_adds_nothing_is_the_one_removed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 24, 6);
-    let x = Value::F32(whittle_deploy::probe_tensor(&[3, 7, D], -1.0, 1.0));
+    let x = Value::F32(probe_tensor(&[3, 7, D], -1.0, 1.0));
     let want = run_ort(&m, &x);
     let mut cut = m.clone();
     let r = spec_run(&data, |s| drop_attention::drop_attention(&mut cut, 1, s)).unwrap();
@@ -689,7 +622,7 @@ fn an_attention_that_adds_nothing_is_the_one_removed() {
         "{:?}",
         r.importance
     );
-    assert!(max_diff(&want, &run_ort(&cut, &x)) < 1e-4);
+    assert!(max_abs_diff(&want, &run_ort(&cut, &x)) < 1e-4);
     let softmaxes = cut
         .graph()
         .node

@@ -5,166 +5,70 @@
 //! in ONNX Runtime (CPU), and in tract where noted, on random inputs. The shared models in
 //! ../shared/assets/models are cleaned and compared the same way.
 
-use std::path::PathBuf;
+use std::ops::{Deref, DerefMut};
 
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_core::Model;
-use whittle_core::onnx::attribute_proto::AttributeType;
-use whittle_core::onnx::tensor_proto::DataType;
-use whittle_core::onnx::tensor_shape_proto::{Dimension, dimension};
-use whittle_core::onnx::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
-    TypeProto, ValueInfoProto, type_proto,
-};
+use whittle_core::onnx::{AttributeProto, ModelProto};
 use whittle_core::tensor::{from_f32, from_i64, to_i64};
-use whittle_deploy::{RuntimeKind, Value, synthetic_inputs};
+use whittle_test_support::runtime::{RuntimeKind, Value, load, synthetic_inputs};
+use whittle_test_support::{
+    CNN_MODELS, GraphBuilder, Lcg, assert_same_outputs, asset, attr_int, attr_ints, attr_str,
+    load_fixture, value_info,
+};
 
 // ---------------------------------------------------------------------------------------------
 // A tiny graph builder
 // ---------------------------------------------------------------------------------------------
 
-/// A 64-bit LCG: deterministic random values without a dependency.
-struct Lcg(u64);
+struct Net(GraphBuilder);
 
-impl Lcg {
-    fn unit(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * self.unit()
-    }
-
-    fn values(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
+impl Deref for Net {
+    type Target = GraphBuilder;
+    fn deref(&self) -> &GraphBuilder {
+        &self.0
     }
 }
 
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
+impl DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut GraphBuilder {
+        &mut self.0
     }
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
-fn attr_str(name: &str, v: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        s: Some(v.as_bytes().to_vec()),
-        r#type: Some(AttributeType::String as i32),
-        ..Default::default()
-    }
-}
-
-/// A tensor value info; `None` dims are the symbol `N`.
-fn value_info(name: &str, dtype: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|d| Dimension {
-            value: Some(match d {
-                Some(v) => dimension::Value::DimValue(*v),
-                None => dimension::Value::DimParam("N".into()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(dtype as i32),
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-struct Net {
-    g: GraphProto,
-    rng: Lcg,
 }
 
 impl Net {
     fn new(seed: u64) -> Net {
-        Net {
-            g: GraphProto {
-                name: Some("cleanup".into()),
-                ..Default::default()
-            },
-            rng: Lcg(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED),
-        }
+        Net(GraphBuilder::new("cleanup", Lcg::seeded(seed, 0x5EED)))
     }
 
     /// A float input `[N, dims...]`.
     fn input(&mut self, name: &str, dims: &[i64]) -> String {
         let mut d = vec![None];
         d.extend(dims.iter().map(|&v| Some(v)));
-        self.g.input.push(value_info(name, DataType::Float, &d));
-        name.to_string()
+        self.0.input(name, &d)
     }
 
     /// A float input of fixed dims.
     fn fixed_input(&mut self, name: &str, dims: &[i64]) -> String {
-        let d: Vec<Option<i64>> = dims.iter().map(|&v| Some(v)).collect();
-        self.g.input.push(value_info(name, DataType::Float, &d));
-        name.to_string()
+        self.0.input(name, dims)
     }
 
     /// A float output; `None` dims are the symbol `N`.
     fn output(&mut self, name: &str, dims: &[Option<i64>]) {
-        self.g.output.push(value_info(name, DataType::Float, dims));
+        self.0.output(name, dims);
     }
 
     /// A random float initializer with values in [lo, hi).
     fn param(&mut self, name: &str, dims: &[i64], lo: f32, hi: f32) -> String {
         let n: i64 = dims.iter().product();
         let v = self.rng.values(n as usize, lo, hi);
-        self.g.initializer.push(from_f32(name, dims, &v));
-        name.to_string()
+        self.initializer(from_f32(name, dims, &v))
     }
 
     fn int_param(&mut self, name: &str, dims: &[i64], v: &[i64]) -> String {
-        self.g.initializer.push(from_i64(name, dims, v));
-        name.to_string()
-    }
-
-    /// A node with one output named `<name>_out`.
-    fn node(
-        &mut self,
-        op: &str,
-        name: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-    ) -> String {
-        let out = format!("{name}_out");
-        self.g.node.push(NodeProto {
-            name: Some(name.into()),
-            op_type: Some(op.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.clone()],
-            attribute: attrs,
-            ..Default::default()
-        });
-        out
+        self.initializer(from_i64(name, dims, v))
     }
 
     /// BatchNormalization over `c` channels with random (non-trivial) parameters.
@@ -201,28 +105,13 @@ impl Net {
         self.node("Conv", name, &ins, attrs)
     }
 
-    fn bytes(self) -> Vec<u8> {
-        self.bytes_with(8, 13)
-    }
-
     /// The model with this IR version and default-domain opset.
-    fn bytes_with(self, ir_version: i64, opset: i64) -> Vec<u8> {
-        ModelProto {
-            ir_version: Some(ir_version),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(opset),
-            }],
-            producer_name: Some("whittle cleanup tests".into()),
-            graph: Some(self.g),
-            ..Default::default()
-        }
-        .encode_to_vec()
+    fn proto_with(self, ir_version: i64, opset: i64) -> ModelProto {
+        self.0.model(ir_version, &[("", opset)])
     }
 
     fn model(self) -> Model {
-        Model::from_bytes(&self.bytes(), None, "fixture", &Default::default())
-            .expect("the fixture loads")
+        load_fixture(self.proto_with(8, 13))
     }
 }
 
@@ -253,37 +142,6 @@ fn random_input(shape: &[usize], seed: u64) -> Value {
     let mut rng = Lcg(seed);
     let n = shape.iter().product();
     Value::F32(ArrayD::from_shape_vec(IxDyn(shape), rng.values(n, -2.0, 2.0)).expect("shape"))
-}
-
-fn run(kind: RuntimeKind, m: &Model, inputs: &[Value]) -> Vec<Value> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
-        .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
-    s.run(inputs)
-        .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))
-}
-
-/// Same outputs (shapes and values within 1e-4) in each runtime of `kinds`.
-fn assert_same_outputs(a: &Model, b: &Model, inputs: &[Value], kinds: &[RuntimeKind]) {
-    for &kind in kinds {
-        let x = run(kind, a, inputs);
-        let y = run(kind, b, inputs);
-        assert_eq!(x.len(), y.len(), "{}: output count", kind.name());
-        for (i, (x, y)) in x.iter().zip(&y).enumerate() {
-            assert_eq!(x.shape(), y.shape(), "{}: shape of output {i}", kind.name());
-            let (x, y) = (x.to_f32_vec(), y.to_f32_vec());
-            let peak = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(peak > 0.05, "{}: output {i} is degenerate", kind.name());
-            let diff = x
-                .iter()
-                .zip(&y)
-                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(
-                diff < 1e-4,
-                "{}: output {i} differs by {diff} after cleanup",
-                kind.name()
-            );
-        }
-    }
 }
 
 const BOTH: &[RuntimeKind] = &[RuntimeKind::OrtCpu, RuntimeKind::Tract];
@@ -480,7 +338,7 @@ fn constant_weight_and_reshape_shape_are_folded_exactly() {
 #[test]
 fn constants_fold_in_an_ir3_model_too() {
     // Before IR 4 every initializer is also listed as a graph input when saved.
-    let bytes = constant_subgraph().bytes_with(3, 8);
+    let bytes = constant_subgraph().proto_with(3, 8).encode_to_vec();
     let m = Model::from_bytes(&bytes, None, "ir3", &Default::default()).unwrap();
     let (cleaned, report) = clean(&m);
     assert_eq!(report.folded_constants, 3, "{report:?}");
@@ -516,12 +374,12 @@ fn overridable_initializers_are_not_constants() {
     let mut n = Net::new(16);
     let x = n.input("x", &[3]);
     let k = n.param("k", &[3], 0.5, 1.0);
-    n.g.input.push(value_info("k", DataType::Float, &[Some(3)]));
+    n.graph.input.push(value_info("k", &[Some(3)]));
     let k2 = n.node("Mul", "double_k", &[&k, &k], vec![]);
     let y = n.node("Add", "add", &[&x, &k2], vec![]);
     n.output(&y, &[None, Some(3)]);
     let mut m = Model {
-        proto: ModelProto::decode(n.bytes().as_slice()).unwrap(),
+        proto: n.proto_with(8, 13),
     };
     let report = cleanup::cleanup(&mut m).expect("cleanup");
     assert_eq!(report.folded_constants, 0);
@@ -632,30 +490,9 @@ fn constants_onnx_runtime_cannot_evaluate_are_left_with_a_reason() {
 // The shared models
 // ---------------------------------------------------------------------------------------------
 
-fn asset(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/assets")).join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "missing asset {} (CI=true)",
-        p.display()
-    );
-    eprintln!("skipped: {} not found", p.display());
-    None
-}
-
 #[test]
 fn shared_models_clean_to_the_same_outputs() {
-    for name in [
-        "resnet8_cifar10",
-        "resnet_large_cifar10",
-        "mobilenetv1_025_vww96",
-        "dscnn_kws",
-        "efficientnet_lite0_224",
-        "mnist-8",
-    ] {
+    for name in CNN_MODELS {
         let Some(p) = asset(&format!("models/{name}.onnx")) else {
             return;
         };
@@ -668,7 +505,7 @@ fn shared_models_clean_to_the_same_outputs() {
             counts(&report)
         );
         assert_eq!(report.constant_folding_skipped, None, "{name}");
-        let s = whittle_deploy::load(RuntimeKind::OrtCpu, &m.to_bytes(), &Default::default())
+        let s = load(RuntimeKind::OrtCpu, &m.to_bytes(), &Default::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let inputs = synthetic_inputs(s.inputs(), &[]).unwrap();
         let inputs: Vec<Value> = inputs

@@ -9,115 +9,58 @@
 //! (same shapes, max |diff| < 1e-4) in ONNX Runtime (CPU) and tract, and its measured MACs must
 //! be the plan's prediction.
 
-use prost::Message;
+use std::ops::{Deref, DerefMut};
+
 use whittle_compress::Error;
 use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_compress::groups::{self, Group, Groups, Role};
 use whittle_compress::prune::{self, Budget, Importance, Plan, PruneOptions};
 use whittle_core::attr::Attrs;
-use whittle_core::onnx::attribute_proto::AttributeType;
-use whittle_core::onnx::tensor_proto::DataType;
-use whittle_core::onnx::tensor_shape_proto::{Dimension, dimension};
-use whittle_core::onnx::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
-    TypeProto, ValueInfoProto, type_proto,
-};
+use whittle_core::onnx::NodeProto;
 use whittle_core::tensor::{from_f32, to_f32};
 use whittle_core::{Model, cost, shape};
-use whittle_deploy::{RuntimeKind, Value, probe_tensor};
+use whittle_test_support::runtime::{RuntimeKind, Value, probe_tensor};
+use whittle_test_support::{
+    GraphBuilder, Lcg, assert_same_outputs, attr_int, attr_ints, load_fixture,
+};
 
 // ---------------------------------------------------------------------------------------------
 // A tiny graph builder
 // ---------------------------------------------------------------------------------------------
 
-/// A 64-bit LCG: deterministic weights without a dependency.
-struct Lcg(u64);
-
-impl Lcg {
-    fn unit(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * self.unit()
-    }
-
-    /// A value with magnitude in [0.1, 1) times `scale` and a random sign: never 0.
-    fn nonzero(&mut self, scale: f32) -> f32 {
-        let m = self.uniform(0.1, 1.0) * scale;
-        if self.unit() < 0.5 { -m } else { m }
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
-/// A float tensor value info `[N, dims...]`.
-fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
-    let mut dim = vec![Dimension {
-        value: Some(dimension::Value::DimParam("N".into())),
-        ..Default::default()
-    }];
-    dim.extend(dims.iter().map(|&d| Dimension {
-        value: Some(dimension::Value::DimValue(d)),
-        ..Default::default()
-    }));
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 struct Net {
-    g: GraphProto,
-    rng: Lcg,
+    b: GraphBuilder,
     custom_domain: bool,
+}
+
+impl Deref for Net {
+    type Target = GraphBuilder;
+    fn deref(&self) -> &GraphBuilder {
+        &self.b
+    }
+}
+
+impl DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut GraphBuilder {
+        &mut self.b
+    }
 }
 
 impl Net {
     fn new(seed: u64) -> Net {
         Net {
-            g: GraphProto {
-                name: Some("fixture".into()),
-                ..Default::default()
-            },
-            rng: Lcg(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x1234_5678),
+            b: GraphBuilder::new("fixture", Lcg::seeded(seed, 0x1234_5678)),
             custom_domain: false,
         }
     }
 
+    /// A float tensor value info `[N, dims...]`.
     fn input(&mut self, name: &str, dims: &[i64]) {
-        self.g.input.push(value_info(name, dims));
+        self.b.input(name, &batched(dims));
     }
 
     fn output(&mut self, name: &str, dims: &[i64]) {
-        self.g.output.push(value_info(name, dims));
+        self.b.output(name, &batched(dims));
     }
 
     /// A random initializer; an element is 0 when its index along `axis` is in the set, for
@@ -142,28 +85,7 @@ impl Net {
             let dead = zero.iter().any(|(a, set)| set.contains(&idx[*a]));
             v.push(if dead { 0.0 } else { x });
         }
-        self.g.initializer.push(from_f32(name, dims, &v));
-        name.to_string()
-    }
-
-    /// A node with one output named `<name>_out`.
-    fn node(
-        &mut self,
-        op: &str,
-        name: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-    ) -> String {
-        let out = format!("{name}_out");
-        self.g.node.push(NodeProto {
-            name: Some(name.into()),
-            op_type: Some(op.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.clone()],
-            attribute: attrs,
-            ..Default::default()
-        });
-        out
+        self.initializer(from_f32(name, dims, &v))
     }
 
     /// Conv `cin -> cout`, square kernel `k`, "same" padding, with bias. Output channels in
@@ -224,7 +146,7 @@ impl Net {
             ("var", var),
         ] {
             let n = format!("{name}.{suffix}");
-            self.g.initializer.push(from_f32(&n, &[c as i64], &v));
+            self.graph.initializer.push(from_f32(&n, &[c as i64], &v));
             names.push(n);
         }
         let ins: Vec<&str> = std::iter::once(x)
@@ -247,31 +169,20 @@ impl Net {
         self.node("Gemm", name, &[x, &w, &b], vec![attr_int("transB", 1)])
     }
 
-    fn bytes(self) -> Vec<u8> {
-        let mut opset_import = vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }];
-        if self.custom_domain {
-            opset_import.push(OperatorSetIdProto {
-                domain: Some("com.example".into()),
-                version: Some(1),
-            });
-        }
-        ModelProto {
-            ir_version: Some(8),
-            opset_import,
-            producer_name: Some("whittle fixtures".into()),
-            graph: Some(self.g),
-            ..Default::default()
-        }
-        .encode_to_vec()
-    }
-
     fn model(self) -> Model {
-        Model::from_bytes(&self.bytes(), None, "fixture", &Default::default())
-            .expect("the fixture loads")
+        let mut opsets = vec![("", 13)];
+        if self.custom_domain {
+            opsets.push(("com.example", 1));
+        }
+        load_fixture(self.b.model(8, &opsets))
     }
+}
+
+/// `[N, dims...]`.
+fn batched(dims: &[i64]) -> Vec<Option<i64>> {
+    std::iter::once(None)
+        .chain(dims.iter().map(|&d| Some(d)))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,43 +325,14 @@ fn apply_and_compare(p: &Planned, input: &[usize]) -> Model {
         "measured MACs of the pruned model = plan.macs.1"
     );
     assert!(m < p.plan.macs.0, "pruning lowers the MACs");
-    assert_same_outputs(&p.original, &pruned, input);
-    pruned
-}
-
-fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<Value> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
-        .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
-    s.run(std::slice::from_ref(x))
-        .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))
-}
-
-fn assert_same_outputs(original: &Model, pruned: &Model, input: &[usize]) {
     let x = Value::F32(probe_tensor(input, -1.0, 1.0));
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
-        let a = run(kind, original, &x);
-        let b = run(kind, pruned, &x);
-        assert_eq!(a.len(), b.len(), "{}: output count", kind.name());
-        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-            assert_eq!(a.shape(), b.shape(), "{}: shape of output {i}", kind.name());
-            let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
-            let peak = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(
-                peak > 0.05,
-                "{}: output {i} is not degenerate (max |v| = {peak})",
-                kind.name()
-            );
-            let diff = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                diff < 1e-4,
-                "{}: output {i} differs from the original by {diff}",
-                kind.name()
-            );
-        }
-    }
+    assert_same_outputs(
+        &p.original,
+        &pruned,
+        &[x],
+        &[RuntimeKind::OrtCpu, RuntimeKind::Tract],
+    );
+    pruned
 }
 
 fn init_dims(m: &Model, name: &str) -> Vec<i64> {
@@ -818,7 +700,7 @@ fn channels_into_a_custom_op_are_frozen_and_nothing_is_pruned() {
     n.custom_domain = true;
     n.input("x", &[3, 8, 8]);
     let y = n.conv("conv", "x", 3, 8, 3, 1, &[1, 2], &[]);
-    n.g.node.push(NodeProto {
+    n.graph.node.push(NodeProto {
         name: Some("fancy".into()),
         op_type: Some("Fancy".into()),
         domain: Some("com.example".into()),

@@ -6,67 +6,23 @@ use faer::Mat;
 use whittle_compress::cleanup;
 use whittle_compress::lowrank::{self, LowRankOptions, RankRule, Scheme};
 use whittle_compress::prune::Budget;
-use whittle_core::model::float_value_info;
-use whittle_core::onnx::attribute_proto::AttributeType;
-use whittle_core::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use whittle_core::onnx::{NodeProto, TensorProto};
 use whittle_core::tensor::from_f32;
 use whittle_core::{Model, cost, shape};
-use whittle_deploy::{RuntimeKind, Value, probe_tensor};
+use whittle_test_support::{attr_int, attr_ints, graph, model, value_info, values};
 
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
-fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32) / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-fn one_node(
-    node: NodeProto,
-    x: &[&str],
-    y: &[&str],
-    inits: Vec<whittle_core::onnx::TensorProto>,
-) -> Model {
+fn one_node(node: NodeProto, x: &[&str], y: &[&str], inits: Vec<TensorProto>) -> Model {
     Model {
-        proto: ModelProto {
-            ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(13),
-            }],
-            graph: Some(GraphProto {
-                name: Some("g".into()),
-                node: vec![node],
-                initializer: inits,
-                input: vec![float_value_info("x", x)],
-                output: vec![float_value_info("y", y)],
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+        proto: model(
+            graph(
+                "g",
+                vec![node],
+                vec![value_info("x", x)],
+                vec![value_info("y", y)],
+                inits,
+            ),
+            &[],
+        ),
     }
 }
 
@@ -77,9 +33,9 @@ fn conv(o: usize, c: usize, k: usize, stride: i64, pad: i64) -> Model {
         input: vec!["x".into(), "w".into(), "b".into()],
         output: vec!["y".into()],
         attribute: vec![
-            ints("kernel_shape", &[k as i64, k as i64]),
-            ints("strides", &[stride, stride]),
-            ints("pads", &[pad, pad, pad, pad]),
+            attr_ints("kernel_shape", &[k as i64, k as i64]),
+            attr_ints("strides", &[stride, stride]),
+            attr_ints("pads", &[pad, pad, pad, pad]),
         ],
         ..Default::default()
     };
@@ -103,7 +59,7 @@ fn gemm(o: usize, d: usize, trans_b: bool) -> Model {
         op_type: Some("Gemm".into()),
         input: vec!["x".into(), "w".into(), "b".into()],
         output: vec!["y".into()],
-        attribute: vec![int("transB", trans_b as i64)],
+        attribute: vec![attr_int("transB", trans_b as i64)],
         ..Default::default()
     };
     let dims = if trans_b {
@@ -138,30 +94,9 @@ fn matmul(o: usize, d: usize) -> Model {
     )
 }
 
-fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<f32> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
-        .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
-    s.run(std::slice::from_ref(x))
-        .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))[0]
-        .to_f32_vec()
-}
-
 /// Max |a - b| relative to max |a|, in both runtimes.
 fn rel_diff(a: &Model, b: &Model, input: &[usize]) -> f32 {
-    let x = Value::F32(probe_tensor(input, -1.0, 1.0));
-    let mut worst = 0f32;
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
-        let (ya, yb) = (run(kind, a, &x), run(kind, b, &x));
-        assert_eq!(ya.len(), yb.len(), "{}: output size", kind.name());
-        let peak = ya.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(peak > 0.05, "degenerate output");
-        let d = ya
-            .iter()
-            .zip(&yb)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-        worst = worst.max(d / peak);
-    }
-    worst
+    whittle_test_support::rel_diff(a, b, input, 0.05)
 }
 
 /// A symmetric positive definite matrix, as input statistics stand-in.
@@ -218,8 +153,7 @@ fn full_rank_reproduces_every_layer_kind_and_scheme() {
 }
 
 fn resnet8() -> Model {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/resnet8_cifar10.onnx");
-    let mut m = Model::load(&p).unwrap();
+    let mut m = Model::load(&whittle_test_support::resnet8()).unwrap();
     cleanup::cleanup(&mut m).unwrap();
     m
 }
@@ -338,7 +272,7 @@ fn bad_ranks_and_schemes_are_refused_or_skipped() {
         op_type: Some("Conv".into()),
         input: vec!["x".into(), "w".into()],
         output: vec!["y".into()],
-        attribute: vec![ints("kernel_shape", &[3, 3]), int("group", 4)],
+        attribute: vec![attr_ints("kernel_shape", &[3, 3]), attr_int("group", 4)],
         ..Default::default()
     };
     let g = one_node(

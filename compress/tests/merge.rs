@@ -4,43 +4,13 @@
 
 use whittle_compress::{cleanup, merge};
 use whittle_core::Model;
-use whittle_core::model::float_value_info;
-use whittle_core::onnx::attribute_proto::AttributeType;
-use whittle_core::onnx::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-};
+use whittle_core::onnx::{NodeProto, TensorProto};
 use whittle_core::tensor::from_f32;
-use whittle_deploy::{RuntimeKind, Value, probe_tensor};
-
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
-fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32) / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use whittle_test_support::runtime::{RuntimeKind, Value, probe_tensor};
+use whittle_test_support::{
+    asset, attr_int, attr_ints, graph as graph_proto, max_abs, max_abs_diff, model, node,
+    run_model, value_info, values,
+};
 
 /// A conv layer spec: (out, in, k, stride, pad, group).
 type Spec = (usize, usize, usize, i64, i64, usize);
@@ -55,10 +25,10 @@ fn conv(name: &str, x: &str, y: &str, s: Spec, seed: u64) -> (NodeProto, Vec<Ten
         input: vec![x.into(), w.clone(), b.clone()],
         output: vec![y.into()],
         attribute: vec![
-            ints("kernel_shape", &[k as i64, k as i64]),
-            ints("strides", &[stride, stride]),
-            ints("pads", &[pad, pad, pad, pad]),
-            int("group", g as i64),
+            attr_ints("kernel_shape", &[k as i64, k as i64]),
+            attr_ints("strides", &[stride, stride]),
+            attr_ints("pads", &[pad, pad, pad, pad]),
+            attr_int("group", g as i64),
         ],
         ..Default::default()
     };
@@ -82,22 +52,16 @@ fn graph(nodes: Vec<(NodeProto, Vec<TensorProto>)>, c: usize, extra: Vec<NodePro
     }
     node.extend(extra);
     Model {
-        proto: ModelProto {
-            ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(13),
-            }],
-            graph: Some(GraphProto {
-                name: Some("g".into()),
+        proto: model(
+            graph_proto(
+                "g",
                 node,
-                initializer: init,
-                input: vec![float_value_info("x", &["N", &c.to_string(), "11", "10"])],
-                output: vec![float_value_info("y", &["N", "?", "?", "?"])],
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+                vec![value_info("x", &["N", &c.to_string(), "11", "10"])],
+                vec![value_info("y", &["N", "?", "?", "?"])],
+                init,
+            ),
+            &[],
+        ),
     }
 }
 
@@ -109,31 +73,9 @@ fn pair(a: Spec, b: Spec) -> Model {
     )
 }
 
-fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<Value> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
-        .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
-    s.run(std::slice::from_ref(x))
-        .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))
-}
-
 /// Max |a - b| / max |a| over every output, worst of both runtimes.
 fn rel_diff(a: &Model, b: &Model, input: &[usize]) -> f32 {
-    let x = Value::F32(probe_tensor(input, -1.0, 1.0));
-    let mut worst = 0f32;
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
-        for (ya, yb) in run(kind, a, &x).iter().zip(&run(kind, b, &x)) {
-            assert_eq!(ya.shape(), yb.shape(), "{}: shapes", kind.name());
-            let (ya, yb) = (ya.to_f32_vec(), yb.to_f32_vec());
-            let peak = ya.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(peak > 0.01, "degenerate output");
-            let d = ya
-                .iter()
-                .zip(&yb)
-                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            worst = worst.max(d / peak);
-        }
-    }
-    worst
+    whittle_test_support::rel_diff(a, b, input, 0.01)
 }
 
 fn merged(m: &Model, a: &str, b: &str) -> (Model, merge::MergeReport) {
@@ -216,13 +158,7 @@ fn residual_identity_folds_into_the_conv() {
         ("dense", (4, 4, 3, 1, 1, 1)),
         ("depthwise", (4, 4, 3, 1, 1, 4)),
     ] {
-        let add = NodeProto {
-            name: Some("add".into()),
-            op_type: Some("Add".into()),
-            input: vec!["t".into(), "x".into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        };
+        let add = node("add", "Add", &["t", "x"], &["y"]);
         let m = graph(vec![conv("c", "x", "t", spec, 3)], 4, vec![add]);
         let mut out = m.clone();
         assert_eq!(merge::fold_residual(&mut out, "c").unwrap(), "add");
@@ -231,13 +167,7 @@ fn residual_identity_folds_into_the_conv() {
         assert!(d < 1e-4, "{what}: {d}");
     }
     // a strided conv does not keep the shape
-    let add = NodeProto {
-        name: Some("add".into()),
-        op_type: Some("Add".into()),
-        input: vec!["t".into(), "x".into()],
-        output: vec!["y".into()],
-        ..Default::default()
-    };
+    let add = node("add", "Add", &["t", "x"], &["y"]);
     let mut m = graph(
         vec![conv("c", "x", "t", (4, 4, 3, 2, 1, 1), 3)],
         4,
@@ -252,7 +182,7 @@ fn a_pair_whose_middle_is_read_twice_is_refused() {
     let mut m = pair((6, 4, 3, 1, 1, 1), (5, 6, 1, 1, 0, 1));
     m.graph_mut()
         .output
-        .push(float_value_info("t", &["N", "6", "11", "10"]));
+        .push(value_info("t", &["N", "6", "11", "10"]));
     let e = merge::merge_pair(&mut m, "c1", "c2", false).unwrap_err();
     assert!(e.to_string().contains("read elsewhere"), "{e}");
     let e = merge::remove_activation(&mut m, "c1").unwrap_err();
@@ -260,17 +190,7 @@ fn a_pair_whose_middle_is_read_twice_is_refused() {
 }
 
 fn shared(name: &str) -> Option<Model> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/assets/models")
-        .join(name);
-    if !p.exists() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI: missing asset {}",
-            p.display()
-        );
-        return None;
-    }
+    let p = asset(&format!("models/{name}"))?;
     let mut m = Model::load(&p).unwrap();
     cleanup::cleanup(&mut m).unwrap();
     Some(m)
@@ -353,16 +273,13 @@ fn paired_runs_both_models_on_the_same_inputs() {
     assert_ne!(name, "y");
     both.graph_mut()
         .output
-        .push(float_value_info(&name, &["N", "?", "?", "?"]));
+        .push(value_info(&name, &["N", "?", "?", "?"]));
     let x = Value::F32(probe_tensor(&[2, 4, 11, 10], -1.0, 1.0));
     for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
-        let out = run(kind, &both, &x);
+        let out = run_model(kind, &both, std::slice::from_ref(&x));
         let (a, b) = (out[0].to_f32_vec(), out[1].to_f32_vec());
-        let peak = a.iter().fold(0f32, |p, v| p.max(v.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |p, (u, v)| p.max((u - v).abs()));
+        let peak = max_abs(&a);
+        let d = max_abs_diff(&a, &b);
         assert!(d <= 1e-4 * peak, "{}: {d} vs peak {peak}", kind.name());
     }
 }

@@ -1,34 +1,12 @@
 //! Channel pruning on the real models in ../shared/assets/models.
 
-use std::path::PathBuf;
-
 use whittle_compress::{cleanup, groups, prune};
 use whittle_core::Model;
-
-fn asset(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/assets")).join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "missing asset {} (CI=true)",
-        p.display()
-    );
-    eprintln!("skipped: {} not found", p.display());
-    None
-}
+use whittle_test_support::{CNN_MODELS, asset};
 
 #[test]
 fn every_conv_model_prunes_to_70_percent_macs() {
-    for name in [
-        "resnet8_cifar10",
-        "resnet_large_cifar10",
-        "mobilenetv1_025_vww96",
-        "dscnn_kws",
-        "efficientnet_lite0_224",
-        "mnist-8",
-    ] {
+    for name in CNN_MODELS {
         let Some(p) = asset(&format!("models/{name}.onnx")) else {
             return;
         };

@@ -12,6 +12,7 @@ pub mod cost;
 pub mod error;
 pub mod model;
 pub mod shape;
+pub mod stats;
 pub mod tensor;
 pub mod value;
 

@@ -2,60 +2,15 @@
 
 use std::path::PathBuf;
 
-use prost::Message;
-use whittle_core::onnx::ModelProto;
 use whittle_core::{Model, cost, shape};
-
-fn assets() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/assets"));
-    if p.is_dir() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "shared assets missing at {} (CI=true: a missing asset is a failure)",
-        p.display()
-    );
-    eprintln!("skipped: shared assets not found at {}", p.display());
-    None
-}
+use whittle_test_support::{minilm, shared_models, weight_elements};
 
 fn models() -> Vec<PathBuf> {
-    let Some(a) = assets() else { return vec![] };
-    let mut v: Vec<PathBuf> = std::fs::read_dir(a.join("models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "onnx") && !p.to_string_lossy().contains("noweights")
-        })
-        .collect();
-    v.sort();
+    let Some(v) = shared_models() else {
+        return vec![];
+    };
     assert!(v.len() >= 6, "expected the shared models, found {v:?}");
     v
-}
-
-/// Element count of every weight in the file as stored: initializers plus Constant-node tensors.
-fn raw_weight_elements(path: &PathBuf) -> u64 {
-    let m = ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
-    let g = m.graph.unwrap();
-    let mut n: u64 = g
-        .initializer
-        .iter()
-        .map(|t| t.dims.iter().product::<i64>() as u64)
-        .sum();
-    for node in &g.node {
-        if node.op_type() == "Constant" {
-            for a in &node.attribute {
-                if let Some(t) = &a.t {
-                    n += t.dims.iter().product::<i64>() as u64;
-                }
-                n += (a.floats.len() + a.ints.len()) as u64;
-                n += (a.f.is_some() && a.name() == "value_float") as u64;
-                n += (a.i.is_some() && a.name() == "value_int") as u64;
-            }
-        }
-    }
-    n
 }
 
 #[test]
@@ -67,7 +22,7 @@ fn every_model_loads_round_trips_and_counts() {
         assert_eq!(m, again, "{}: save/load is not a fixpoint", p.display());
         let shapes = shape::infer(&m, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let c = cost::count(&m, &shapes);
-        assert_eq!(c.params, raw_weight_elements(&p), "{}", p.display());
+        assert_eq!(c.params, weight_elements(&p), "{}", p.display());
         assert!(c.macs > 0, "{}", p.display());
         for o in &m.graph().output {
             assert!(
@@ -87,33 +42,13 @@ fn every_model_loads_round_trips_and_counts() {
     }
 }
 
-/// MiniLM is rebuilt into a cache by ../shared/assets/fetch.sh (`just setup` runs it).
-pub fn minilm() -> Option<PathBuf> {
-    let cache = std::env::var("WHITTLE_ASSETS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/whittle/assets")
-        });
-    let p = cache.join("minilm-l6-v2.opset17.onnx");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "MiniLM missing at {} (run ../shared/assets/fetch.sh; CI=true: a missing asset is a failure)",
-        p.display()
-    );
-    eprintln!("skipped: MiniLM not found at {}", p.display());
-    None
-}
-
 #[test]
 fn minilm_shapes_follow_the_sequence_length() {
     let Some(p) = minilm() else { return };
     let m = Model::load(&p).unwrap();
     assert_eq!(
         cost::count(&m, &shape::infer(&m, &[]).unwrap()).params,
-        raw_weight_elements(&p)
+        weight_elements(&p)
     );
     let ov: Vec<(String, Vec<i64>)> = ["input_ids", "attention_mask", "token_type_ids"]
         .iter()

@@ -3,62 +3,17 @@
 
 use prost::Message;
 use whittle_core::onnx::tensor_proto::DataType;
-use whittle_core::onnx::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
-    TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
-};
+use whittle_core::onnx::{NodeProto, TensorProto};
 use whittle_core::{LoadOptions, Model, shape};
-
-fn vi(name: &str, dims: &[i64]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
-}
+use whittle_test_support::{Lcg, graph, model as model_proto, node, value_info};
 
 fn relu(name: &str, x: &str, y: &str) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some("Relu".into()),
-        input: vec![x.into()],
-        output: vec![y.into()],
-        ..Default::default()
-    }
+    node(name, "Relu", &[x], &[y])
 }
 
 fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, out: &str) -> Vec<u8> {
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(GraphProto {
-            name: Some("g".into()),
-            node: nodes,
-            initializer: inits,
-            input: vec![vi("x", &[1, 4])],
-            output: vec![vi(out, &[1, 4])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    let io = |name: &str| vec![value_info(name, &[1, 4])];
+    model_proto(graph("g", nodes, io("x"), io(out), inits), &[]).encode_to_vec()
 }
 
 fn load(bytes: &[u8]) -> Result<Model, whittle_core::Error> {
@@ -170,16 +125,8 @@ fn r8_truncated_and_random_bytes_are_errors() {
     for cut in [1, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
         assert!(load(&bytes[..cut]).is_err(), "cut at {cut}");
     }
-    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut rng = Lcg(0x9e3779b97f4a7c15);
     for _ in 0..200 {
-        let junk: Vec<u8> = (0..256)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        let _ = load(&junk); // must not panic
+        let _ = load(&rng.bytes(256)); // must not panic
     }
 }

@@ -2,69 +2,30 @@
 //! opsets 8 to 21.
 
 use prost::Message;
-use whittle_core::onnx::tensor_proto::DataType;
-use whittle_core::onnx::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-    ValueInfoProto, tensor_shape_proto, type_proto,
-};
+use whittle_core::onnx::NodeProto;
 use whittle_core::{Model, shape};
-
-fn vi(name: &str, dims: &[&str]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension {
-            value: Some(match d.parse::<i64>() {
-                Ok(v) => tensor_shape_proto::dimension::Value::DimValue(v),
-                Err(_) => tensor_shape_proto::dimension::Value::DimParam(d.to_string()),
-            }),
-            denotation: None,
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
-}
+use whittle_test_support::{graph, model_with, value_info};
 
 #[test]
 fn ir_10_opset_21_loads_round_trips_and_infers() {
     for (ir, opset) in [(4, 9), (6, 11), (7, 13), (9, 19), (10, 21)] {
-        let m = ModelProto {
-            ir_version: Some(ir),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(opset),
-            }],
-            producer_name: Some("versions-test".into()),
-            graph: Some(GraphProto {
-                name: Some("g".into()),
-                node: vec![
-                    NodeProto {
-                        op_type: Some("Relu".into()),
-                        input: vec!["x".into()],
-                        output: vec!["r".into()],
-                        ..Default::default()
-                    },
-                    NodeProto {
-                        op_type: Some("Flatten".into()),
-                        input: vec!["r".into()],
-                        output: vec!["y".into()],
-                        ..Default::default()
-                    },
-                ],
-                input: vec![vi("x", &["N", "2", "3"])],
-                output: vec![vi("y", &["N", "6"])],
+        let nodes = vec![
+            NodeProto {
+                op_type: Some("Relu".into()),
+                input: vec!["x".into()],
+                output: vec!["r".into()],
                 ..Default::default()
-            }),
-            ..Default::default()
-        };
+            },
+            NodeProto {
+                op_type: Some("Flatten".into()),
+                input: vec!["r".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            },
+        ];
+        let x = vec![value_info("x", &["N", "2", "3"])];
+        let y = vec![value_info("y", &["N", "6"])];
+        let m = model_with(ir, &[("", opset)], graph("g", nodes, x, y, vec![]));
         let bytes = m.encode_to_vec();
         let loaded = Model::from_bytes(&bytes, None, "m", &Default::default()).unwrap();
         assert_eq!(

@@ -4,13 +4,12 @@
 //! Missing assets or a missing ONNX Runtime library skip a test with a note, except under `CI=true`,
 //! where they fail it.
 
-use std::path::PathBuf;
-
 use ndarray::{ArrayD, IxDyn};
 use whittle_deploy::{
     BenchConfig, Dim, Error, IoInfo, RuntimeKind, RuntimeOptions, Session, Value, bench, load,
     locate_ort_library, peak_rss_bytes, probe_tensor, synthetic_inputs,
 };
+use whittle_test_support::{asset, unavailable};
 
 const RESNET8_REFERENCE: [f32; 10] = [
     0.99916, 0.0, 0.0, 0.0008, 0.0, 1e-05, 0.0, 1e-05, 0.0, 1e-05,
@@ -19,29 +18,10 @@ const MNIST_REFERENCE: [f32; 10] = [
     -7.9711, -18.405, 2.2448, 4.7569, -28.3656, 6.5638, -18.5905, -4.5173, -6.9507, -17.286,
 ];
 
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
-/// Fails under CI, else prints why the test does not run.
-fn unavailable(what: String) {
-    if in_ci() {
-        panic!("{what} (CI=true, so this is a failure)");
-    }
-    eprintln!("SKIPPED: {what}");
-}
-
 /// The bytes of `shared/assets/models/<name>`, or `None` (skip) when the assets are missing.
 fn model(name: &str) -> Option<Vec<u8>> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/assets"));
-    let path = dir.join("models").join(name);
-    match std::fs::read(&path) {
-        Ok(bytes) => Some(bytes),
-        Err(e) => {
-            unavailable(format!("model {} cannot be read: {e}", path.display()));
-            None
-        }
-    }
+    let path = asset(&format!("models/{name}"))?;
+    Some(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
 /// True when the ONNX Runtime library can be found (else skip, or fail under CI).
@@ -49,7 +29,7 @@ fn ort_available() -> bool {
     match locate_ort_library() {
         Ok(_) => true,
         Err(e) => {
-            unavailable(e.to_string());
+            unavailable(&e.to_string());
             false
         }
     }

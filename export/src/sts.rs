@@ -13,6 +13,7 @@ use ndarray::{Array2, ArrayD};
 use serde::Serialize;
 use whittle_calib::text;
 use whittle_core::Value;
+use whittle_core::stats::cosine;
 use whittle_deploy::{RuntimeKind, RuntimeOptions, Session};
 
 use crate::{Error, VerifyOptions};
@@ -199,20 +200,6 @@ fn pad(a: &Array2<i64>, rows: usize, cols: usize) -> Array2<i64> {
         }
     }
     out
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(x), f64::from(y));
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        return 0.0;
-    }
-    ab / (aa.sqrt() * bb.sqrt())
 }
 
 /// Ranks from 1, ties given their mean rank.

@@ -8,6 +8,7 @@
 use serde::Serialize;
 use whittle_calib::{Dataset, Preprocess};
 use whittle_core::Value;
+use whittle_core::stats::cosine;
 use whittle_deploy::{IoInfo, RuntimeKind, RuntimeOptions, Session};
 
 use crate::Error;
@@ -79,22 +80,6 @@ fn argmax(row: &[f32]) -> usize {
         }
     }
     best
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += x as f64 * x as f64;
-        bb += y as f64 * y as f64;
-    }
-    if aa == 0.0 && bb == 0.0 {
-        1.0
-    } else if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt())
-    }
 }
 
 #[derive(Default)]

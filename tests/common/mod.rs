@@ -1,83 +1,20 @@
-//! Helpers shared by the end-to-end tests: running the built `whittle`, locating the shared
-//! assets, checking error output, and building tiny ONNX fixtures with the prost types.
+//! Helpers shared by the end-to-end tests: running the built `whittle` and checking its output
+//! (the assets, fixtures and RNG come from whittle-test-support).
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use prost::Message;
-use whittle_core::onnx::tensor_proto::{DataLocation, DataType};
-use whittle_core::onnx::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, ValueInfoProto, attribute_proto,
+pub use whittle_test_support::runtime::locate_ort_library;
+pub use whittle_test_support::{
+    asset, attr_int, graph, minilm, model, node, noise, ready, repo_root, resnet8, shared_assets,
+    shared_models, tensor_external, tensor_f32, value_info, weight_elements, write_model,
 };
 
 /// The built binary.
 pub fn whittle() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_whittle"))
-}
-
-/// The workspace root (the folder holding `models/`, `data/`, `targets/`).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cli/ has a parent")
-        .to_path_buf()
-}
-
-/// The bundled ResNet-8.
-pub fn resnet8() -> PathBuf {
-    repo_root().join("models/resnet8_cifar10.onnx")
-}
-
-/// A missing asset: a failure when `CI=true`, otherwise a note and `None` (the caller returns).
-/// `hint` (may be empty) says how to get it.
-fn missing(what: &str, p: &Path, hint: &str) -> Option<PathBuf> {
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{what} missing at {}{hint} (CI=true: a missing asset is a failure)",
-        p.display()
-    );
-    eprintln!("skipped: {what} not found at {}{hint}", p.display());
-    None
-}
-
-/// `../shared/assets` next to the workspace.
-pub fn shared_assets() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/assets");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        missing("shared assets", &p, "")
-    }
-}
-
-/// A file or folder inside the shared assets, e.g. `models/mnist-8.onnx`.
-pub fn asset(rel: &str) -> Option<PathBuf> {
-    let p = shared_assets()?.join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        missing("shared asset", &p, "")
-    }
-}
-
-/// MiniLM, rebuilt into `$WHITTLE_ASSETS_CACHE` (default `~/.cache/whittle/assets`) by
-/// `../shared/assets/fetch.sh`.
-pub fn minilm() -> Option<PathBuf> {
-    let cache = std::env::var_os("WHITTLE_ASSETS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/whittle/assets")
-        });
-    let p = cache.join("minilm-l6-v2.opset17.onnx");
-    if p.is_file() {
-        Some(p)
-    } else {
-        missing("MiniLM", &p, "; run ../shared/assets/fetch.sh")
-    }
 }
 
 /// What one run of the binary gave.
@@ -105,6 +42,14 @@ impl Run {
         assert_eq!(self.code, 0, "expected success\n{}", self.dump());
         assert!(!self.stderr.contains("panicked"), "{}", self.dump());
         self
+    }
+
+    /// The lines of stdout that start with `prefix` (a table's rows).
+    pub fn rows(&self, prefix: &str) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
     }
 
     /// stdout as exactly one JSON object on one line.
@@ -172,18 +117,43 @@ impl Run {
 
 /// Run `whittle args...` in `cwd` (the repository root when `None`).
 pub fn run_in<S: AsRef<std::ffi::OsStr>>(cwd: Option<&Path>, args: &[S]) -> Run {
+    run_env(cwd, args, &[])
+}
+
+/// Run `whittle args...` from the repository root.
+pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
+    run_in(None, args)
+}
+
+/// Run `whittle args...` in `cwd` (the repository root when `None`) with these environment
+/// variables set (`Some`) or removed (`None`).
+pub fn run_env<S: AsRef<std::ffi::OsStr>>(
+    cwd: Option<&Path>,
+    args: &[S],
+    env: &[(&str, Option<&Path>)],
+) -> Run {
     let root = repo_root();
     let dir = cwd.unwrap_or(&root);
-    let out = Command::new(whittle())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run whittle");
+    let mut cmd = Command::new(whittle());
+    cmd.args(args).current_dir(dir).env_remove("RUST_BACKTRACE");
+    let mut shown = Vec::new();
+    for &(k, v) in env {
+        match v {
+            Some(v) => {
+                cmd.env(k, v);
+                shown.push(format!("{k}={} ", v.display()));
+            }
+            None => {
+                cmd.env_remove(k);
+            }
+        }
+    }
+    let out = cmd.output().expect("run whittle");
     Run {
         cmd: format!(
-            "(cd {} && whittle {})",
+            "(cd {} && {}whittle {})",
             dir.display(),
+            shown.concat(),
             args.iter()
                 .map(|a| a.as_ref().to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
@@ -195,9 +165,40 @@ pub fn run_in<S: AsRef<std::ffi::OsStr>>(cwd: Option<&Path>, args: &[S]) -> Run 
     }
 }
 
-/// Run `whittle args...` from the repository root.
-pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
-    run_in(None, args)
+/// The arguments of `whittle deploy --target <target> --iters <iters> --warmup 1 --reports
+/// <reports>`, then `extra`.
+pub fn deploy_args(target: &str, iters: u32, reports: &Path, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "deploy",
+        "--target",
+        target,
+        "--iters",
+        &iters.to_string(),
+        "--warmup",
+        "1",
+        "--reports",
+        &s(reports),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The one `<stamp>` folder of a deploy in `dir` (`<reports>/<target name>`); `r` is the run,
+/// for the message.
+pub fn report_dir(dir: &Path, r: &Run) -> PathBuf {
+    let stamps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", dir.display(), r.dump()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(stamps.len(), 1, "{stamps:?}");
+    stamps[0].clone()
+}
+
+/// `results.json` of a deploy's report folder.
+pub fn results_json(report: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap()
 }
 
 /// Path as a string argument.
@@ -220,151 +221,6 @@ pub fn listing(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut v);
     v.sort();
     v
-}
-
-/// Element count of every weight stored in the file, decoded independently of whittle's IR:
-/// initializers plus the tensors held by `Constant` nodes (anywhere in the main graph).
-pub fn weight_elements(path: &Path) -> u64 {
-    let m = ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
-    let g = m.graph.unwrap();
-    let mut n: u64 = g
-        .initializer
-        .iter()
-        .map(|t| t.dims.iter().product::<i64>() as u64)
-        .sum();
-    for node in g.node.iter().filter(|n| n.op_type() == "Constant") {
-        for a in &node.attribute {
-            match a.name() {
-                "value" => {
-                    n +=
-                        a.t.as_ref()
-                            .map_or(0, |t| t.dims.iter().product::<i64>() as u64)
-                }
-                "value_floats" => n += a.floats.len() as u64,
-                "value_ints" => n += a.ints.len() as u64,
-                "value_float" | "value_int" => n += 1,
-                _ => {}
-            }
-        }
-    }
-    n
-}
-
-// ---- tiny ONNX fixtures -------------------------------------------------------------------
-
-/// A float tensor with inline raw data.
-pub fn tensor_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
-    assert_eq!(dims.iter().product::<i64>() as usize, values.len());
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-/// A float tensor whose data lives in an external file.
-pub fn tensor_external(name: &str, dims: &[i64], location: &str, length: usize) -> TensorProto {
-    let e = |k: &str, v: &str| StringStringEntryProto {
-        key: Some(k.into()),
-        value: Some(v.into()),
-    };
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Float as i32),
-        data_location: Some(DataLocation::External as i32),
-        external_data: vec![
-            e("location", location),
-            e("offset", "0"),
-            e("length", &length.to_string()),
-        ],
-        ..Default::default()
-    }
-}
-
-/// A float value info; a dim is a number or a symbol.
-pub fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
-    whittle_core::model::float_value_info(name, dims)
-}
-
-/// A node in the default domain.
-pub fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-/// An int attribute.
-pub fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(attribute_proto::AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-/// A model (IR 8, opset 13, plus any extra domains) around a graph.
-pub fn model(graph: GraphProto, extra_domains: &[(&str, i64)]) -> ModelProto {
-    let mut opset_import = vec![OperatorSetIdProto {
-        domain: Some(String::new()),
-        version: Some(13),
-    }];
-    for (d, v) in extra_domains {
-        opset_import.push(OperatorSetIdProto {
-            domain: Some(d.to_string()),
-            version: Some(*v),
-        });
-    }
-    ModelProto {
-        ir_version: Some(8),
-        producer_name: Some("whittle-tests".into()),
-        opset_import,
-        graph: Some(graph),
-        ..Default::default()
-    }
-}
-
-/// A graph.
-pub fn graph(
-    name: &str,
-    nodes: Vec<NodeProto>,
-    inputs: Vec<ValueInfoProto>,
-    outputs: Vec<ValueInfoProto>,
-    initializers: Vec<TensorProto>,
-) -> GraphProto {
-    GraphProto {
-        name: Some(name.into()),
-        node: nodes,
-        input: inputs,
-        output: outputs,
-        initializer: initializers,
-        ..Default::default()
-    }
-}
-
-/// Encode a model into a file.
-pub fn write_model(path: &Path, m: &ModelProto) {
-    std::fs::write(path, m.encode_to_vec()).unwrap();
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), so "random" fixtures are reproducible.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
 }
 
 /// The rows of a `whittle deploy` of the bundled ResNet-8 (`results.json` in `report`, original and
@@ -448,16 +304,4 @@ pub fn assert_rows_match_host_runner(
         }
     }
     host.close().unwrap();
-}
-
-/// True when a test's system pieces are all there (`missing` is `None`); else it prints
-/// "skipped: missing ..." naming `setup`, the recipe that installs them, or fails under `CI=true`.
-pub fn ready(missing: Option<String>, setup: &str) -> bool {
-    let Some(what) = missing else { return true };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "missing: {what}; run `{setup}` (CI=true: a missing piece is a failure)"
-    );
-    eprintln!("skipped: missing {what}; run `{setup}`");
-    false
 }
