@@ -37,6 +37,7 @@ pub mod prune_channels;
 pub mod prune_ffn;
 pub mod prune_heads;
 pub mod refit;
+pub mod report;
 
 /// Errors of the compression passes.
 #[derive(Debug, thiserror::Error)]

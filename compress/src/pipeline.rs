@@ -533,6 +533,29 @@ impl MethodFlags {
     }
 }
 
+/// The steps to run: a recipe's, else with a plan to replay and no method flags the plan's own
+/// steps, else the flags' (channel pruning when they name none); with the recipe's calibration
+/// settings (empty without a recipe).
+pub fn choose_steps(
+    recipe: Option<&Path>,
+    flags: &MethodFlags,
+    shared: &Shared,
+    replay: Option<&SavedPlan>,
+) -> Result<(Vec<Step>, CalibrationSection), Error> {
+    match (recipe, replay) {
+        (Some(_), _) if flags.any() => Err(Error::Recipe(format!(
+            "--recipe and method flags ({}) together: give the methods in the recipe or as flags",
+            flags.names().join(", ")
+        ))),
+        (Some(r), _) => {
+            let r = read_recipe(r)?;
+            Ok((r.steps, r.calibration))
+        }
+        (None, Some(p)) if !flags.any() => Ok((p.steps()?, CalibrationSection::default())),
+        _ => Ok((flags.steps(shared)?, CalibrationSection::default())),
+    }
+}
+
 /// `[calibration]` of a recipe.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! `whittle compress`: run a recipe's steps (or the one method the flags name) on a model, check
 //! the result, report its fidelity on held-apart items and write it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
@@ -10,8 +10,9 @@ use whittle_calib::{Dataset, Preprocess};
 use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_compress::groups::{self, Groups};
 use whittle_compress::pipeline::{
-    self, Calibration, Context, MethodFlags, SavedPlan, Shared, Step, StepRecord,
+    self, Calibration, Context, MethodFlags, SavedPlan, Shared, StepRecord,
 };
+use whittle_compress::report::{self, LayerChange};
 use whittle_core::{Model, cost, shape};
 use whittle_deploy::RuntimeKind;
 use whittle_export::{VerifyOptions, VerifyReport};
@@ -69,19 +70,6 @@ pub struct Args {
     json: bool,
 }
 
-/// One layer before and after.
-#[derive(Serialize)]
-pub struct Layer {
-    name: String,
-    op: String,
-    channels_before: usize,
-    channels_after: usize,
-    params_before: u64,
-    params_after: u64,
-    macs_before: u64,
-    macs_after: u64,
-}
-
 /// What a compression did.
 #[derive(Serialize)]
 pub struct Summary {
@@ -100,7 +88,7 @@ pub struct Summary {
     /// The result against the original on held-apart calibration items.
     pub fidelity: Option<VerifyReport>,
     /// Per layer before / after.
-    pub layers: Vec<Layer>,
+    pub layers: Vec<LayerChange>,
     /// Every step: method, options, plan, report.
     pub steps: Vec<StepRecord>,
     /// Each method's report under its name (the last step of that method).
@@ -151,56 +139,26 @@ pub fn with_recipe(model: &Path, out: &Path, calib: &Path, recipe: &Path) -> Res
     Ok(<Wrap as clap::Parser>::try_parse_from(args)?.a)
 }
 
-/// The steps to run (a recipe's, a plan's, or the flags'), the plan to replay, and the
-/// calibration settings (a recipe's replace the flags').
-fn steps(a: &Args) -> Result<(Vec<Step>, Option<SavedPlan>, CalibSettings)> {
-    let replay = a.apply_plan.as_deref().map(SavedPlan::read).transpose()?;
-    let mut cal = CalibSettings {
-        data: a.calib.clone(),
-        profile: a.profile.clone(),
-        items: a.calib_items,
-        holdout: a.holdout_items,
-    };
-    let steps = match (&a.recipe, &replay) {
-        (Some(r), _) => {
-            if a.methods.any() {
-                bail!(
-                    "--recipe and method flags ({}) together: give the methods in the recipe or as flags",
-                    a.methods.names().join(", ")
-                );
-            }
-            let r = pipeline::read_recipe(r).inspect_err(|e| {
-                if let whittle_compress::Error::OldRecipe { new_form, .. } = e {
-                    // the recipe in the new form, above the one-line error
-                    eprintln!("{new_form}\n");
-                }
-            })?;
-            let c = r.calibration;
-            cal.data = c.data.or(cal.data);
-            cal.profile = c.profile.or(cal.profile);
-            cal.items = c.items.unwrap_or(cal.items);
-            cal.holdout = c.holdout.unwrap_or(cal.holdout);
-            r.steps
-        }
-        (None, Some(p)) if !a.methods.any() => p.steps()?,
-        _ => a.methods.steps(&a.shared)?,
-    };
-    Ok((steps, replay, cal))
-}
-
-/// Calibration settings after a recipe.
-struct CalibSettings {
-    data: Option<PathBuf>,
-    profile: Option<String>,
-    items: usize,
-    holdout: usize,
-}
-
 /// Compress as the arguments say and return the summary (`None` for `--explain` alone).
 pub fn execute(a: &Args) -> Result<Option<Summary>> {
     let started = std::time::Instant::now();
     // everything that can be refused is refused before any work
-    let (steps, replay, cal) = steps(a)?;
+    let replay = a.apply_plan.as_deref().map(SavedPlan::read).transpose()?;
+    let recipe = a.recipe.as_deref();
+    let (steps, c) = pipeline::choose_steps(recipe, &a.methods, &a.shared, replay.as_ref())
+        .inspect_err(|e| {
+            if let whittle_compress::Error::OldRecipe { new_form, .. } = e {
+                // the recipe in the new form, above the one-line error
+                eprintln!("{new_form}\n");
+            }
+        })?;
+    // a recipe's calibration settings replace the flags'
+    let data = c.data.or(a.calib.clone());
+    let profile = c.profile.or(a.profile.clone());
+    let (items, holdout) = (
+        c.items.unwrap_or(a.calib_items),
+        c.holdout.unwrap_or(a.holdout_items),
+    );
     if let Some(out) = &a.output {
         let same = out == &a.model
             || matches!((out.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
@@ -213,18 +171,18 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     } else if !a.explain {
         bail!("give -o OUTPUT (or --explain to only list the channel groups)");
     }
-    if cal.data.is_none() && a.output.is_some() {
+    if data.is_none() && a.output.is_some() {
         for s in &steps {
             if let Some(why) = s.needs_data()? {
                 bail!("--calib DATA is needed for {}: {why}", s.method());
             }
         }
     }
-    let pre = match &cal.data {
-        Some(c) => super::resolve_profile(cal.profile.as_deref(), &a.model, c)?,
+    let pre = match &data {
+        Some(c) => super::resolve_profile(profile.as_deref(), &a.model, c)?,
         None => Preprocess::default(),
     };
-    let data = cal.data.as_ref().map(|p| Dataset::open(p)).transpose()?;
+    let data = data.as_ref().map(|p| Dataset::open(p)).transpose()?;
     let original = super::load_model(&a.model)?;
     let mut model = original.clone();
     let clean = cleanup::cleanup(&mut model).context("cleanup")?;
@@ -237,11 +195,11 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     }
     let calib = data
         .as_ref()
-        .map(|d| Calibration::split(d, &pre, cal.items))
+        .map(|d| Calibration::split(d, &pre, items))
         .transpose()?;
     let holdout: Vec<usize> = calib
         .as_ref()
-        .map(|c| c.held_apart.iter().copied().take(cal.holdout).collect())
+        .map(|c| c.held_apart.iter().copied().take(holdout).collect())
         .unwrap_or_default();
     let held_apart = calib
         .as_ref()
@@ -279,7 +237,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         macs: (before.macs, after.macs),
         macs_kept: after.macs as f64 / before.macs.max(1) as f64,
         fidelity,
-        layers: layer_table(&model, &current)?,
+        layers: report::layer_changes(&model, &current)?,
         reports: records
             .iter()
             .map(|r| (r.method, r.report.clone()))
@@ -314,57 +272,6 @@ fn fidelity(
         &opts,
         &mut |_, _| {},
     )?)
-}
-
-fn out_channels(m: &Model, n: &whittle_core::onnx::NodeProto) -> usize {
-    let Some(w) = n.input.get(1).and_then(|w| m.initializer(w)) else {
-        return 0;
-    };
-    let trans_b = n
-        .attribute
-        .iter()
-        .any(|a| a.name() == "transB" && a.i == Some(1));
-    match n.op_type() {
-        "Gemm" if !trans_b => w.dims.get(1).copied().unwrap_or(0) as usize,
-        "MatMul" => w.dims.get(1).copied().unwrap_or(0) as usize,
-        _ => w.dims.first().copied().unwrap_or(0) as usize,
-    }
-}
-
-fn layer_table(before: &Model, after: &Model) -> Result<Vec<Layer>> {
-    let cb = cost::count(before, &shape::infer(before, &[])?);
-    let ca = cost::count(after, &shape::infer(after, &[])?);
-    // by name: a factorised layer keeps its name for the second factor, the first is
-    // `<name>/lowrank_a`
-    let after_by_name: HashMap<&str, (usize, &cost::NodeCost)> = after
-        .graph()
-        .node
-        .iter()
-        .zip(&ca.nodes)
-        .enumerate()
-        .map(|(i, (n, c))| (n.name(), (i, c)))
-        .collect();
-    let mut rows = Vec::new();
-    for (nb, b) in before.graph().node.iter().zip(&cb.nodes) {
-        if !matches!(nb.op_type(), "Conv" | "Gemm" | "MatMul" | "ConvTranspose") {
-            continue;
-        }
-        let Some(&(ia, a)) = after_by_name.get(nb.name()) else {
-            continue;
-        };
-        let first = after_by_name.get(format!("{}/lowrank_a", nb.name()).as_str());
-        rows.push(Layer {
-            name: b.name.clone(),
-            op: b.op.clone(),
-            channels_before: out_channels(before, nb),
-            channels_after: out_channels(after, &after.graph().node[ia]),
-            params_before: b.params,
-            params_after: a.params + first.map_or(0, |f| f.1.params),
-            macs_before: b.macs,
-            macs_after: a.macs + first.map_or(0, |f| f.1.macs),
-        });
-    }
-    Ok(rows)
 }
 
 fn print_groups(gs: &Groups, json: bool) {
