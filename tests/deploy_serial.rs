@@ -30,7 +30,7 @@ fn missing() -> Option<String> {
     if !socat {
         gone.push("socat".to_string());
     }
-    if let Err(e) = whittle_deploy::locate_ort_library() {
+    if let Err(e) = whittle_runtime::locate_ort_library() {
         gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
     }
     (!gone.is_empty()).then(|| gone.join(", "))
@@ -166,7 +166,7 @@ impl Drop for Runner {
 
 /// A serial target TOML for `device` at `baud`, written into `dir` as `<name>.toml`.
 fn target(dir: &Path, name: &str, device: &Path, baud: u32) -> PathBuf {
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = whittle_runtime::locate_ort_library().expect("ONNX Runtime");
     let toml = format!(
         "name = \"{name}\"\ntriple = \"host\"\nnotes = \"a socat pty pair started by tests/deploy_serial.rs\"\ntransport = \"serial\"\nruntimes = [\"ort-cpu\"]\ndevice = \"{}\"\nbaud = {baud}\ntimeout_s = 2\nreconnects = 5\nort_library = \"{}\"\n",
         s(device),
@@ -259,7 +259,7 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     assert_eq!(results["transport"].as_str(), Some("serial"));
     assert_eq!(results["complete"], true);
     assert!(results.get("link_events").is_none(), "{results:#}");
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = whittle_runtime::locate_ort_library().expect("ONNX Runtime");
     assert_rows_match_host_runner(&report, &results, &s(&lib), 1e-6, "over serial");
     // The plot holds one point per row, as on every transport.
     let svg = std::fs::read_to_string(report.join("plot.svg")).unwrap();
@@ -395,7 +395,7 @@ fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() 
     assert_eq!(rows.len(), 1, "{j:#}");
     assert_eq!(rows[0]["agreement"].as_f64(), Some(1.0), "{j:#}");
     assert_eq!(rows[0]["bench"]["stats"]["iters"].as_u64(), Some(5));
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = whittle_runtime::locate_ort_library().expect("ONNX Runtime");
     let mut host = whittle_deploy::transport::Local::from_env().unwrap();
     use whittle_deploy::protocol::pb;
     use whittle_deploy::transport::Transport;

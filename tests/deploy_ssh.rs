@@ -35,7 +35,7 @@ fn missing() -> Option<String> {
             gone.push(tool.to_string());
         }
     }
-    if let Err(e) = whittle_deploy::locate_ort_library() {
+    if let Err(e) = whittle_runtime::locate_ort_library() {
         gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
     }
     (!gone.is_empty()).then(|| gone.join(", "))
@@ -155,7 +155,7 @@ impl Sshd {
     fn target(&self, name: &str, known_hosts: &str, identity: &Path, port: u16) -> PathBuf {
         let kh = self.path(&format!("{name}.known_hosts"));
         std::fs::write(&kh, format!("{known_hosts}\n")).unwrap();
-        let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+        let lib = whittle_runtime::locate_ort_library().expect("ONNX Runtime");
         let toml = format!(
             "name = \"{name}\"\ntriple = \"host\"\nnotes = \"sshd on 127.0.0.1 started by tests/deploy_ssh.rs\"\ntransport = \"ssh\"\nruntimes = [\"ort-cpu\"]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\nremote_dir = \"{}\"\nort_library = \"{}\"\n",
             self.user,
@@ -281,7 +281,7 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     assert_eq!(results["complete"], true);
     assert!(results.get("timing_note").is_none(), "{results:#}");
 
-    let lib = whittle_deploy::locate_ort_library().expect("ONNX Runtime");
+    let lib = whittle_runtime::locate_ort_library().expect("ONNX Runtime");
     assert_rows_match_host_runner(report, &results, &s(&lib), 1e-6, "over ssh");
 }
 

@@ -283,9 +283,9 @@ pub fn pre_norm(n: usize) -> Model {
     b.model(&y)
 }
 
-fn run_ort(m: &Model, x: &whittle_deploy::Value) -> Vec<f32> {
-    let mut s = whittle_deploy::load(
-        whittle_deploy::RuntimeKind::OrtCpu,
+fn run_ort(m: &Model, x: &whittle_runtime::Value) -> Vec<f32> {
+    let mut s = whittle_runtime::load(
+        whittle_runtime::RuntimeKind::OrtCpu,
         &m.to_bytes(),
         &Default::default(),
     )
@@ -295,7 +295,7 @@ fn run_ort(m: &Model, x: &whittle_deploy::Value) -> Vec<f32> {
 
 #[test]
 fn built_post_norm_with_decomposed_layernorm_and_pre_norm_are_found() {
-    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[2, 5, D], -1.0, 1.0));
+    let x = whittle_runtime::Value::F32(whittle_runtime::probe_tensor(&[2, 5, D], -1.0, 1.0));
     for (m, layout, fused) in [
         (post_norm(3, false), Layout::PostNorm, false),
         (post_norm(2, true), Layout::PostNorm, true),
@@ -360,7 +360,7 @@ use whittle_compress::drop_blocks::{self, DropOptions, DropReport};
 /// Calibration data for the fixtures: `n` items of x [S, D].
 fn fixture_data(dir: &std::path::Path, n: usize, seq: usize) -> Dataset {
     let p = dir.join("x.npy");
-    let x = whittle_deploy::probe_tensor(&[n, seq, D], -2.0, 2.0);
+    let x = whittle_runtime::probe_tensor(&[n, seq, D], -2.0, 2.0);
     ndarray_npy::write_npy(&p, &x).unwrap();
     Dataset::open(&p).unwrap()
 }
@@ -377,7 +377,7 @@ fn drop(
         indices: &idx,
         pre: &pre,
         batch: 16,
-        runtime: whittle_deploy::RuntimeKind::OrtCpu,
+        runtime: whittle_runtime::RuntimeKind::OrtCpu,
         threads: Some(2),
     };
     drop_blocks::drop_blocks(m, &opts, &spec)
@@ -413,7 +413,7 @@ fn a_block_that_does_nothing_is_the_one_removed_and_the_outputs_stay() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 24, 6);
-    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[3, 7, D], -1.0, 1.0));
+    let x = whittle_runtime::Value::F32(whittle_runtime::probe_tensor(&[3, 7, D], -1.0, 1.0));
     let want = run_ort(&m, &x);
     for replace in [false, true] {
         let mut cut = m.clone();
@@ -440,7 +440,7 @@ fn linear_replacement_beats_plain_removal_on_a_post_norm_encoder() {
     let m = post_norm(3, false);
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 48, 6);
-    let x = whittle_deploy::Value::F32(whittle_deploy::probe_tensor(&[2, 9, D], -2.0, 2.0));
+    let x = whittle_runtime::Value::F32(whittle_runtime::probe_tensor(&[2, 9, D], -2.0, 2.0));
     let want = run_ort(&m, &x);
     let err = |got: &[f32]| -> f64 {
         want.iter()
@@ -496,7 +496,7 @@ fn dropping_more_blocks_than_exist_is_refused() {
 
 use whittle_compress::prune_ffn::{self, WidthOptions};
 use whittle_compress::prune_heads;
-use whittle_deploy::{RuntimeKind, RuntimeOptions, Value};
+use whittle_runtime::{RuntimeKind, RuntimeOptions, Value};
 
 fn width(fraction: f64) -> WidthOptions {
     WidthOptions {
@@ -528,7 +528,7 @@ fn run_with(kind: RuntimeKind, m: &Model, inputs: &[(&str, Value)]) -> Vec<f32> 
             .collect(),
         ..Default::default()
     };
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &opts)
+    let mut s = whittle_runtime::load(kind, &m.to_bytes(), &opts)
         .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
     let feed: Vec<Value> = s
         .inputs()
@@ -564,7 +564,7 @@ fn pruned_heads_rewrite_the_shape_constants_and_run_at_any_batch_and_length() {
     let b = blocks::find_blocks(&cut).unwrap();
     assert_eq!(b[0].heads, Some(1));
     for (n, seq) in [(1, 3), (4, 11)] {
-        let x = Value::F32(whittle_deploy::probe_tensor(&[n, seq, D], -1.0, 1.0));
+        let x = Value::F32(whittle_runtime::probe_tensor(&[n, seq, D], -1.0, 1.0));
         let o = run_with(RuntimeKind::OrtCpu, &cut, &[("x", x.clone())]);
         let t = run_with(RuntimeKind::Tract, &cut, &[("x", x)]);
         assert!(max_diff(&o, &t) < 1e-4);
@@ -576,7 +576,7 @@ fn ffn_pruning_keeps_the_best_neurons_and_the_refit_helps() {
     let m = post_norm(2, false);
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 48, 6);
-    let x = Value::F32(whittle_deploy::probe_tensor(&[2, 9, D], -2.0, 2.0));
+    let x = Value::F32(whittle_runtime::probe_tensor(&[2, 9, D], -2.0, 2.0));
     let want = run_ort(&m, &x);
     let err = |got: &[f32]| -> f64 {
         want.iter()
@@ -679,7 +679,7 @@ fn an_attention_that_adds_nothing_is_the_one_removed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 24, 6);
-    let x = Value::F32(whittle_deploy::probe_tensor(&[3, 7, D], -1.0, 1.0));
+    let x = Value::F32(whittle_runtime::probe_tensor(&[3, 7, D], -1.0, 1.0));
     let want = run_ort(&m, &x);
     let mut cut = m.clone();
     let r = spec_run(&data, |s| drop_attention::drop_attention(&mut cut, 1, s)).unwrap();

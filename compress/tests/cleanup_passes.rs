@@ -19,7 +19,7 @@ use whittle_core::onnx::{
     TypeProto, ValueInfoProto, type_proto,
 };
 use whittle_core::tensor::{from_f32, from_i64, to_i64};
-use whittle_deploy::{RuntimeKind, Value, synthetic_inputs};
+use whittle_runtime::{RuntimeKind, Value, synthetic_inputs};
 
 // ---------------------------------------------------------------------------------------------
 // A tiny graph builder
@@ -256,7 +256,7 @@ fn random_input(shape: &[usize], seed: u64) -> Value {
 }
 
 fn run(kind: RuntimeKind, m: &Model, inputs: &[Value]) -> Vec<Value> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
+    let mut s = whittle_runtime::load(kind, &m.to_bytes(), &Default::default())
         .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
     s.run(inputs)
         .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))
@@ -668,7 +668,7 @@ fn shared_models_clean_to_the_same_outputs() {
             counts(&report)
         );
         assert_eq!(report.constant_folding_skipped, None, "{name}");
-        let s = whittle_deploy::load(RuntimeKind::OrtCpu, &m.to_bytes(), &Default::default())
+        let s = whittle_runtime::load(RuntimeKind::OrtCpu, &m.to_bytes(), &Default::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let inputs = synthetic_inputs(s.inputs(), &[]).unwrap();
         let inputs: Vec<Value> = inputs

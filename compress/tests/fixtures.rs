@@ -24,7 +24,7 @@ use whittle_core::onnx::{
 };
 use whittle_core::tensor::{from_f32, to_f32};
 use whittle_core::{Model, cost, shape};
-use whittle_deploy::{RuntimeKind, Value, probe_tensor};
+use whittle_runtime::{RuntimeKind, Value, probe_tensor};
 
 // ---------------------------------------------------------------------------------------------
 // A tiny graph builder
@@ -419,7 +419,7 @@ fn apply_and_compare(p: &Planned, input: &[usize]) -> Model {
 }
 
 fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<Value> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
+    let mut s = whittle_runtime::load(kind, &m.to_bytes(), &Default::default())
         .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
     s.run(std::slice::from_ref(x))
         .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))

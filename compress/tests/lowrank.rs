@@ -11,7 +11,7 @@ use whittle_core::onnx::attribute_proto::AttributeType;
 use whittle_core::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use whittle_core::tensor::from_f32;
 use whittle_core::{Model, cost, shape};
-use whittle_deploy::{RuntimeKind, Value, probe_tensor};
+use whittle_runtime::{RuntimeKind, Value, probe_tensor};
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
@@ -139,7 +139,7 @@ fn matmul(o: usize, d: usize) -> Model {
 }
 
 fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<f32> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
+    let mut s = whittle_runtime::load(kind, &m.to_bytes(), &Default::default())
         .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
     s.run(std::slice::from_ref(x))
         .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))[0]

@@ -10,7 +10,7 @@ use whittle_core::onnx::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
 };
 use whittle_core::tensor::from_f32;
-use whittle_deploy::{RuntimeKind, Value, probe_tensor};
+use whittle_runtime::{RuntimeKind, Value, probe_tensor};
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
@@ -110,7 +110,7 @@ fn pair(a: Spec, b: Spec) -> Model {
 }
 
 fn run(kind: RuntimeKind, m: &Model, x: &Value) -> Vec<Value> {
-    let mut s = whittle_deploy::load(kind, &m.to_bytes(), &Default::default())
+    let mut s = whittle_runtime::load(kind, &m.to_bytes(), &Default::default())
         .unwrap_or_else(|e| panic!("{}: load: {e}", kind.name()));
     s.run(std::slice::from_ref(x))
         .unwrap_or_else(|e| panic!("{}: run: {e}", kind.name()))

@@ -7,7 +7,7 @@ use whittle_compress::refit::{LayerRef, RefitJob, RefitOptions, collect, refit};
 use whittle_core::Model;
 use whittle_core::onnx::{AttributeProto, NodeProto, attribute_proto};
 use whittle_core::tensor;
-use whittle_deploy::{RuntimeKind, RuntimeOptions};
+use whittle_runtime::{RuntimeKind, RuntimeOptions};
 
 /// The shared assets folder, or `None` (after a skip note) when it is missing outside CI.
 fn assets(test: &str) -> Option<PathBuf> {
@@ -60,7 +60,7 @@ fn predictions(model: &Model, data: &Dataset, pre: &Preprocess, indices: &[usize
         ..Default::default()
     };
     let mut session =
-        whittle_deploy::load(RuntimeKind::OrtCpu, &model.to_bytes(), &opts).expect("loads");
+        whittle_runtime::load(RuntimeKind::OrtCpu, &model.to_bytes(), &opts).expect("loads");
     let (specs, bs) = input_specs(session.inputs(), 50, None).expect("specs");
     let mut out = Vec::new();
     for chunk in indices.chunks(bs) {

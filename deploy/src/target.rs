@@ -3,8 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-
-use crate::runtime::RuntimeKind;
+use whittle_runtime::RuntimeKind;
 
 /// How whittle reaches a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -705,7 +704,7 @@ mod tests {
         }
         // `just setup-cross` installs the version `just setup` pins (ORT_VERSION).
         let q = Target::load("qemu-aarch64", &dir).unwrap();
-        let v = crate::ORT_VERSION;
+        let v = whittle_runtime::ORT_VERSION;
         let lib = q.ort_library.expect("qemu-aarch64 names its library");
         assert!(
             lib.ends_with(format!("ort-aarch64/{v}/libonnxruntime.so.{v}")),

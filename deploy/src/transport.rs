@@ -14,7 +14,6 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::one_line;
 use crate::protocol::{MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, pb, write_frame};
 use crate::target::Target;
 
@@ -91,11 +90,17 @@ pub enum TransportError {
     },
 }
 
+/// Flattens a (possibly multi-line) message to one line.
+pub(crate) fn one_line(message: impl std::fmt::Display) -> String {
+    let text = message.to_string();
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn stderr_note(stderr: &str) -> String {
     if stderr.is_empty() {
         String::new()
     } else {
-        format!("; its stderr ends: {}", crate::error::one_line(stderr))
+        format!("; its stderr ends: {}", one_line(stderr))
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use whittle_deploy::protocol::{output_checksum, pb};
 use whittle_deploy::transport::{Local, Transport, TransportError};
-use whittle_deploy::{RuntimeKind, RuntimeOptions, load, locate_ort_library, synthetic_inputs};
+use whittle_runtime::{RuntimeKind, RuntimeOptions, load, locate_ort_library, synthetic_inputs};
 
 fn resnet8() -> PathBuf {
     PathBuf::from(concat!(

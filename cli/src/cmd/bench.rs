@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::Serialize;
-use whittle_deploy::{BenchConfig, BenchStats, ProviderInfo, RuntimeKind, RuntimeOptions};
+use whittle_runtime::{BenchConfig, BenchStats, ProviderInfo, RuntimeKind, RuntimeOptions};
 
 use crate::Outcome;
 use crate::progress::bar;
@@ -64,8 +64,8 @@ pub fn measure(
     opts: &RuntimeOptions,
     cfg: &BenchConfig,
 ) -> Result<BenchReport> {
-    let mut s = whittle_deploy::load(runtime, model_bytes, opts)?;
-    let inputs = whittle_deploy::synthetic_inputs(s.inputs(), &opts.input_shapes)?;
+    let mut s = whittle_runtime::load(runtime, model_bytes, opts)?;
+    let inputs = whittle_runtime::synthetic_inputs(s.inputs(), &opts.input_shapes)?;
     let input_shapes = s
         .inputs()
         .iter()
@@ -73,7 +73,7 @@ pub fn measure(
         .map(|(io, v)| (io.name.clone(), v.shape().to_vec()))
         .collect();
     let pb = bar(runtime.name(), cfg.warmup + cfg.iters);
-    let stats = whittle_deploy::bench(s.as_mut(), &inputs, cfg, &mut |d, _| {
+    let stats = whittle_runtime::bench(s.as_mut(), &inputs, cfg, &mut |d, _| {
         pb.set_position(d as u64)
     });
     pb.finish_and_clear();

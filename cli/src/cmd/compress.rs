@@ -18,8 +18,8 @@ use whittle_compress::prune_ffn::{self, WidthOptions, WidthReport};
 use whittle_compress::prune_heads;
 use whittle_compress::refit::{self, RefitJob, RefitOptions, RefitReport};
 use whittle_core::{Model, cost, shape};
-use whittle_deploy::RuntimeKind;
 use whittle_export::{VerifyOptions, VerifyReport};
+use whittle_runtime::RuntimeKind;
 
 use crate::Outcome;
 use crate::progress::bar;
@@ -1050,11 +1050,11 @@ fn channel_moments(
 }
 
 fn check_runs(original: &Model, candidate: &[u8], runtime: RuntimeKind) -> Result<()> {
-    let opts = whittle_deploy::RuntimeOptions::default();
-    let mut r = whittle_deploy::load(runtime, &original.to_bytes(), &opts)?;
-    let mut c = whittle_deploy::load(runtime, candidate, &opts)
+    let opts = whittle_runtime::RuntimeOptions::default();
+    let mut r = whittle_runtime::load(runtime, &original.to_bytes(), &opts)?;
+    let mut c = whittle_runtime::load(runtime, candidate, &opts)
         .context("the compressed model does not load; nothing was written")?;
-    let inputs = whittle_deploy::synthetic_inputs(r.inputs(), &[])?;
+    let inputs = whittle_runtime::synthetic_inputs(r.inputs(), &[])?;
     let ro = r.run(&inputs)?;
     let co = c
         .run(&inputs)
@@ -1391,11 +1391,11 @@ impl Reference {
         runtime: RuntimeKind,
         threads: Option<usize>,
     ) -> Result<Reference> {
-        let ropts = whittle_deploy::RuntimeOptions {
+        let ropts = whittle_runtime::RuntimeOptions {
             threads,
             ..Default::default()
         };
-        let mut s = whittle_deploy::load(runtime, &model.to_bytes(), &ropts)?;
+        let mut s = whittle_runtime::load(runtime, &model.to_bytes(), &ropts)?;
         let (specs, bs) = whittle_calib::input_specs(s.inputs(), 16, Some(d))?;
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
@@ -1403,7 +1403,7 @@ impl Reference {
             if chunk.len() < bs
                 && matches!(
                     s.inputs().first().and_then(|i| i.dims.first()),
-                    Some(whittle_deploy::Dim::Fixed(_))
+                    Some(whittle_runtime::Dim::Fixed(_))
                 )
             {
                 break;
@@ -1423,11 +1423,11 @@ impl Reference {
 
     /// Sum over outputs of ||y - y'||^2 / ||y - mean(y)||^2 (0: identical outputs).
     fn damage(&self, candidate: &Model) -> Result<f64> {
-        let ropts = whittle_deploy::RuntimeOptions {
+        let ropts = whittle_runtime::RuntimeOptions {
             threads: self.threads,
             ..Default::default()
         };
-        let mut s = whittle_deploy::load(self.runtime, &candidate.to_bytes(), &ropts)?;
+        let mut s = whittle_runtime::load(self.runtime, &candidate.to_bytes(), &ropts)?;
         let n_out = self.outputs.first().map_or(0, |o| o.len());
         let (mut err, mut var, mut sum, mut count) = (
             vec![0f64; n_out],

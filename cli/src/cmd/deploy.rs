@@ -22,8 +22,8 @@ use whittle_deploy::protocol::pb;
 use whittle_deploy::serial::Serial;
 use whittle_deploy::target::{Target, Transport};
 use whittle_deploy::transport::{Emulated, Local, Ssh, Transport as RunnerTransport};
-use whittle_deploy::{BenchConfig, RuntimeKind};
 use whittle_export::VerifyOptions;
+use whittle_runtime::{BenchConfig, RuntimeKind};
 
 use super::bench::BenchReport;
 use crate::Outcome;

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use whittle_compress::latency::{self, LatencyTable};
 use whittle_compress::{cleanup, merge};
 use whittle_core::Model;
-use whittle_deploy::{BenchConfig, RuntimeKind};
+use whittle_runtime::{BenchConfig, RuntimeKind};
 
 use crate::Outcome;
 use crate::progress::bar;

@@ -7,7 +7,7 @@ use serde::Serialize;
 use whittle_core::Value;
 
 use crate::error::Error;
-use crate::runtime::{Dim, IoInfo, Session, resolve_shapes};
+use crate::session::{Dim, IoInfo, Session, resolve_shapes};
 
 /// How long to benchmark.
 #[derive(Debug, Clone, PartialEq, Serialize)]

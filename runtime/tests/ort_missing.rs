@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use whittle_deploy::{Error, RuntimeKind, RuntimeOptions, load};
+use whittle_runtime::{Error, RuntimeKind, RuntimeOptions, load};
 
 #[test]
 fn missing_ort_library_is_a_typed_error_every_time_and_tract_still_runs() {
