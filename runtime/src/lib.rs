@@ -26,7 +26,9 @@ pub mod session;
 #[cfg(feature = "tract")]
 mod tract_session;
 
-pub use bench::{BenchConfig, BenchStats, bench, probe_tensor, probe_value, synthetic_inputs};
+pub use bench::{
+    BenchConfig, BenchReport, BenchStats, bench, probe_tensor, probe_value, synthetic_inputs,
+};
 pub use error::Error;
 pub use ort_lib::{ORT_VERSION, init_ort, init_ort_from, locate_ort_library};
 pub use rss::peak_rss_bytes;

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use serde::Serialize;
-use whittle_runtime::{BenchConfig, BenchStats, ProviderInfo, RuntimeKind, RuntimeOptions};
+use whittle_runtime::{BenchConfig, BenchReport, RuntimeKind, RuntimeOptions};
 
 use crate::Outcome;
 use crate::progress::bar;
@@ -39,21 +38,6 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-/// One benchmark result, as printed with `--json`.
-#[derive(Serialize)]
-pub struct BenchReport {
-    /// The model file.
-    pub model: String,
-    /// The runtime.
-    pub runtime: RuntimeKind,
-    /// The execution provider asked for and the one that ran.
-    pub provider: ProviderInfo,
-    /// The input shapes used.
-    pub input_shapes: Vec<(String, Vec<usize>)>,
-    /// Latency statistics.
-    pub stats: BenchStats,
 }
 
 /// Load and benchmark one model in this process.
