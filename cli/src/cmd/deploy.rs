@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
-use whittle_deploy::protocol::pb;
 use whittle_deploy::report::{self, Failure, OutputSum, Row};
 use whittle_deploy::serial::Serial;
-use whittle_deploy::target::{Target, Transport};
-use whittle_deploy::transport::{Emulated, Local, Ssh, Transport as RunnerTransport};
+use whittle_deploy::target::{Connection, Target};
+use whittle_deploy::transport::{
+    Emulated, Local, ModelSource, RunRequest, Ssh, Transport as RunnerTransport,
+};
 use whittle_export::VerifyOptions;
 use whittle_runtime::{BenchConfig, BenchReport, RuntimeKind};
 
@@ -115,7 +116,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     let mut results = Results {
         target: target.name.clone(),
         triple: target.triple.clone(),
-        transport: format!("{:?}", target.transport).to_lowercase(),
+        transport: target.transport().name().to_string(),
         started: started.clone(),
         timing_note: timing_note.clone(),
         compression,
@@ -239,19 +240,18 @@ pub fn run(a: Args) -> Result<Outcome> {
 
 /// The transport the target names, and a note for the report when its timings are emulated.
 fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)> {
-    match target.transport {
-        Transport::Local => Ok((Box::new(Local::from_env()?), None)),
-        Transport::Emulated => {
+    match &target.connection {
+        Connection::Local(_) => Ok((Box::new(Local::from_env()?), None)),
+        Connection::Emulated(link) => {
             let emulated = Emulated::for_target(target)?;
             eprintln!("runner: {}", emulated.command_line());
             let note = format!(
                 "timings are emulated ({} on this machine): they are not meaningful for a real {} board",
-                target.qemu.as_deref().unwrap_or("qemu-user"),
-                target.triple
+                link.qemu, target.triple
             );
             Ok((Box::new(emulated), Some(note)))
         }
-        Transport::Ssh => {
+        Connection::Ssh(_) => {
             let mut ssh = Ssh::for_target(target)?;
             // Reach the board now (copy the runner, start it): a board that cannot be reached
             // fails here, with one line, before any compression or report folder.
@@ -259,7 +259,7 @@ fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)
             eprintln!("runner: {}", ssh.command_line());
             Ok((Box::new(ssh), None))
         }
-        Transport::Serial => {
+        Connection::Serial(_) => {
             let mut serial = Serial::for_target(target)?;
             // Open the port and ping the runner now: a missing device or a silent board fails
             // here, with one line, before any compression or report folder.
@@ -289,36 +289,17 @@ fn measure_in_runner(
     target: &Target,
     cfg: &BenchConfig,
 ) -> Result<Measured> {
-    let count = |what: &str, n: usize| {
-        u32::try_from(n).with_context(|| format!("{what} {n} is too large for the runner"))
-    };
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let upload = bar("upload", len as usize);
     let model = runner.send_file_with_progress(path, &mut |done, _| upload.set_position(done));
     upload.finish_and_clear();
     let model = model?;
-    let req = pb::Request {
-        id: 1,
-        name: name.to_string(),
-        model: Some(pb::request::Model::ModelPath(model.display().to_string())),
-        runtime: runtime.name().to_string(),
-        threads: target.threads.map(|n| count("threads", n)).transpose()?,
-        warmup: count("warmup", cfg.warmup)?,
-        iters: count("iters", cfg.iters)?,
-        max_seconds: cfg.max_seconds,
-        input_shapes: Vec::new(),
-        allow_fallback: target.allow_fallback,
-        ort_library: target
-            .ort_library
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        tensorrt_fp16: target.tensorrt_fp16,
-        tensorrt_cache_dir: target.tensorrt_cache_dir.clone().unwrap_or_default(),
-        tensorrt_workspace_bytes: target.tensorrt_workspace_bytes(),
+    let req = RunRequest {
+        bench: cfg.clone(),
+        ..RunRequest::for_target(target, 1, name, ModelSource::Path(model), runtime)
     };
     let progress = bar(runtime.name(), cfg.warmup + cfg.iters);
-    let result = runner.request(req, &mut |done, _| progress.set_position(done));
+    let result = runner.request(&req, &mut |done, _| progress.set_position(done));
     progress.finish_and_clear();
     let result = result?;
     let report = BenchReport {
