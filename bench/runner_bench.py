@@ -5,10 +5,11 @@ What is measured (issue 7: "The aarch64 runner binary is at most 40 MB stripped;
 time of a cross build are reported by `just bench`"):
 
   cross build  (not with --quick) `cargo clean --release --target aarch64-unknown-linux-gnu -p
-               whittle-runner -p whittle-deploy -p whittle-core`, then the wall time of `cargo build
+               whittle-runner -p whittle-deploy -p whittle-runtime -p whittle-core`, then the wall
+               time of `cargo build
                --release -p whittle-runner --no-default-features --target aarch64-unknown-linux-gnu`
                (what `just build-runner` runs: the ONNX Runtime-only runner, tract left out). The
-               timing covers whittle's own three crates rebuilt from scratch for aarch64 (and their
+               timing covers whittle's own four crates rebuilt from scratch for aarch64 (and their
                build scripts' outputs); the third-party dependencies are whatever the target
                directory already holds (cached after the first build; when they are not, the time
                includes building them, and the report lists every crate compiled). A build that
@@ -44,7 +45,7 @@ TRIPLE = "aarch64-unknown-linux-gnu"
 LINKER = "aarch64-linux-gnu-gcc"  # .cargo/config.toml
 STRIPS = ["aarch64-linux-gnu-strip", "llvm-strip"]
 LIMIT_BYTES = 40_000_000
-CRATES = ["whittle-runner", "whittle-deploy", "whittle-core"]
+CRATES = ["whittle-runner", "whittle-deploy", "whittle-runtime", "whittle-core"]
 BUILD_CMD = ["cargo", "build", "--release", "-p", "whittle-runner", "--no-default-features", "--target", TRIPLE]
 CLEAN_CMD = ["cargo", "clean", "--release", "--target", TRIPLE] + [x for c in CRATES for x in ("-p", c)]
 BUILD_TIMEOUT_S = 3600

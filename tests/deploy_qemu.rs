@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::*;
-use whittle_deploy::target::Target;
+use whittle_deploy::target::{Connection, Target};
 
 const TRIPLE: &str = "aarch64-unknown-linux-gnu";
 
@@ -36,13 +36,16 @@ fn qemu_major(program: &str) -> Option<u32> {
 /// What is missing to run the emulated target, if anything.
 fn missing_pieces(target: &Target, runner: &Path) -> Vec<String> {
     let mut missing = Vec::new();
-    let qemu = target.qemu.as_deref().unwrap_or("qemu-aarch64");
+    let Connection::Emulated(link) = &target.connection else {
+        return vec![format!("an emulated target ({} is not one)", target.name)];
+    };
+    let qemu = link.qemu.as_str();
     match qemu_major(qemu) {
         Some(m) if m >= 10 => {}
         Some(m) => missing.push(format!("{qemu} >= 10 (found {m}.x)")),
         None => missing.push(format!("{qemu} (qemu-user)")),
     }
-    if let Some(root) = &target.sysroot
+    if let Some(root) = &link.sysroot
         && !root.join("lib/ld-linux-aarch64.so.1").is_file()
     {
         missing.push(format!("the aarch64 sysroot {}", root.display()));

@@ -360,23 +360,20 @@ fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() 
     assert_eq!(rows[0]["bench"]["stats"]["iters"].as_u64(), Some(5));
     let lib = locate_ort_library().expect("ONNX Runtime");
     let mut host = whittle_deploy::transport::Local::from_env().unwrap();
-    use whittle_deploy::protocol::pb;
-    use whittle_deploy::transport::Transport;
-    let expected = host
-        .request(
-            pb::Request {
-                id: 1,
-                name: "resnet8".into(),
-                model: Some(pb::request::Model::ModelPath(s(&model))),
-                runtime: "ort-cpu".into(),
-                iters: 1,
-                ort_library: s(&lib),
-                ..Default::default()
-            },
-            &mut |_, _| {},
-        )
-        .unwrap()
-        .outputs;
+    use whittle_deploy::transport::{ModelSource, RunRequest, Transport};
+    let mut req = RunRequest::new(
+        1,
+        "resnet8",
+        ModelSource::Path(model.clone()),
+        whittle_runtime::RuntimeKind::OrtCpu,
+    );
+    req.bench = whittle_runtime::BenchConfig {
+        warmup: 0,
+        iters: 1,
+        max_seconds: None,
+    };
+    req.ort_library = Some(lib.clone());
+    let expected = host.request(&req, &mut |_, _| {}).unwrap().outputs;
     host.close().unwrap();
     let got = rows[0]["outputs"].as_array().unwrap();
     assert_eq!(got.len(), expected.len());

@@ -12,7 +12,7 @@ use whittle_core::Model;
 use whittle_core::Value;
 use whittle_core::onnx::tensor_proto::DataType;
 use whittle_core::onnx::{TypeProto, ValueInfoProto, type_proto};
-use whittle_deploy::{Dim, IoInfo, RuntimeKind, RuntimeOptions};
+use whittle_runtime::{Dim, IoInfo, RuntimeKind, RuntimeOptions};
 
 use crate::dataset::{Dataset, InputSpec};
 use crate::error::Error;
@@ -167,9 +167,9 @@ pub fn capture(
         threads: spec.threads,
         ..Default::default()
     };
-    let runtime = |e: whittle_deploy::Error| Error::Runtime(e.to_string());
+    let runtime = |e: whittle_runtime::Error| Error::Runtime(e.to_string());
     let mut session =
-        whittle_deploy::load(spec.runtime, &extended.to_bytes(), &opts).map_err(runtime)?;
+        whittle_runtime::load(spec.runtime, &extended.to_bytes(), &opts).map_err(runtime)?;
     let sources: Vec<Source> = tensors
         .iter()
         .map(|name| {

@@ -16,11 +16,12 @@ macro_rules! outln {
 
 mod cmd;
 mod progress;
-mod table;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+// `crate::table`: the text tables every command prints are the ones deploy's reports quote.
+use whittle_deploy::table;
 
 /// Compress ONNX models without retraining and measure them where they will run.
 #[derive(Parser)]

@@ -36,7 +36,7 @@ use whittle_core::onnx::{GraphProto, ModelProto, NodeProto, TensorProto, ValueIn
 use whittle_core::shape;
 use whittle_core::tensor::{dtype_size, element_count, from_f32, from_i64, to_f32};
 use whittle_core::{Model, Value};
-use whittle_deploy::{RuntimeKind, RuntimeOptions};
+use whittle_runtime::{RuntimeKind, RuntimeOptions};
 
 use crate::Error;
 use crate::index::Index;
@@ -826,13 +826,13 @@ fn evaluate(model: &Model, plan: &FoldPlan) -> Result<Vec<Value>, EvalFailed> {
             ..Default::default()
         },
     };
-    let skip = |what: &str, e: whittle_deploy::Error| {
+    let skip = |what: &str, e: whittle_runtime::Error| {
         EvalFailed::Skip(format!(
             "ONNX Runtime could not {what} the {} constant nodes: {e}",
             plan.nodes.len()
         ))
     };
-    let mut s = whittle_deploy::load(
+    let mut s = whittle_runtime::load(
         RuntimeKind::OrtCpu,
         &sub.to_bytes(),
         &RuntimeOptions::default(),

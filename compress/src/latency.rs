@@ -30,7 +30,7 @@ use whittle_core::attr::Attrs;
 use whittle_core::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
 use whittle_core::tensor::from_f32;
 use whittle_core::{cost, shape};
-use whittle_deploy::{BenchConfig, RuntimeKind, RuntimeOptions};
+use whittle_runtime::{BenchConfig, RuntimeKind, RuntimeOptions};
 
 use crate::Error;
 
@@ -498,11 +498,11 @@ pub fn local_measure(
     move |m: &Model| {
         let opts = runtime_options(m, threads, &input_shapes);
         let fail = |e| measure_failed(runtime, m, e);
-        let mut s = whittle_deploy::load(runtime, &m.to_bytes(), &opts).map_err(fail)?;
+        let mut s = whittle_runtime::load(runtime, &m.to_bytes(), &opts).map_err(fail)?;
         let inputs =
-            whittle_deploy::synthetic_inputs(s.inputs(), &opts.input_shapes).map_err(fail)?;
+            whittle_runtime::synthetic_inputs(s.inputs(), &opts.input_shapes).map_err(fail)?;
         let stats =
-            whittle_deploy::bench(s.as_mut(), &inputs, &cfg, &mut |_, _| {}).map_err(fail)?;
+            whittle_runtime::bench(s.as_mut(), &inputs, &cfg, &mut |_, _| {}).map_err(fail)?;
         Ok(stats.min_ms)
     }
 }
@@ -526,7 +526,7 @@ fn runtime_options(
     }
 }
 
-fn measure_failed(runtime: RuntimeKind, m: &Model, e: whittle_deploy::Error) -> Error {
+fn measure_failed(runtime: RuntimeKind, m: &Model, e: whittle_runtime::Error) -> Error {
     Error::Pass {
         pass: "profile".into(),
         reason: format!("{} in {}: {e}", runtime.name(), m.graph().name()),
@@ -560,7 +560,7 @@ pub fn local_pair_measure(
         let bytes = [a.to_bytes(), b.to_bytes()];
         let models = [a, b];
         let load = |k: usize| {
-            whittle_deploy::load(runtime, &bytes[k], &opts).map_err(|e| fail(models[k], e))
+            whittle_runtime::load(runtime, &bytes[k], &opts).map_err(|e| fail(models[k], e))
         };
         let keep = runtime == RuntimeKind::Tract;
         let mut live = if keep {
@@ -580,12 +580,12 @@ pub fn local_pair_measure(
                 };
                 if inputs.is_none() {
                     inputs = Some(
-                        whittle_deploy::synthetic_inputs(s.inputs(), &opts.input_shapes)
+                        whittle_runtime::synthetic_inputs(s.inputs(), &opts.input_shapes)
                             .map_err(|e| fail(a, e))?,
                     );
                 }
                 let x = inputs.as_ref().expect("set above");
-                p[k] = whittle_deploy::bench(s.as_mut(), x, &cfg, &mut |_, _| {})
+                p[k] = whittle_runtime::bench(s.as_mut(), x, &cfg, &mut |_, _| {})
                     .map_err(|e| fail(models[k], e))?
                     .p50_ms;
             }

@@ -93,7 +93,7 @@ pub enum Error {
     Plan(String),
     /// A runtime failed (loading, running, measuring).
     #[error(transparent)]
-    Runtime(#[from] whittle_deploy::Error),
+    Runtime(#[from] whittle_runtime::Error),
     /// Calibration data could not be read or captured.
     #[error(transparent)]
     Calib(#[from] whittle_calib::Error),

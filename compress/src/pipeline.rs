@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use whittle_calib::{CaptureSpec, Dataset, Preprocess};
 use whittle_core::Model;
-use whittle_deploy::RuntimeKind;
+use whittle_runtime::RuntimeKind;
 
 use crate::Error;
 
@@ -228,11 +228,11 @@ impl Reference {
         runtime: RuntimeKind,
         threads: Option<usize>,
     ) -> Result<Reference, Error> {
-        let ropts = whittle_deploy::RuntimeOptions {
+        let ropts = whittle_runtime::RuntimeOptions {
             threads,
             ..Default::default()
         };
-        let mut s = whittle_deploy::load(runtime, &model.to_bytes(), &ropts)?;
+        let mut s = whittle_runtime::load(runtime, &model.to_bytes(), &ropts)?;
         let (specs, bs) = whittle_calib::input_specs(s.inputs(), 16, Some(d))?;
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
@@ -240,7 +240,7 @@ impl Reference {
             if chunk.len() < bs
                 && matches!(
                     s.inputs().first().and_then(|i| i.dims.first()),
-                    Some(whittle_deploy::Dim::Fixed(_))
+                    Some(whittle_runtime::Dim::Fixed(_))
                 )
             {
                 break;
@@ -260,11 +260,11 @@ impl Reference {
 
     /// Sum over outputs of ‖y − y'‖² / ‖y − mean(y)‖² (0: identical outputs).
     pub fn damage(&self, candidate: &Model) -> Result<f64, Error> {
-        let ropts = whittle_deploy::RuntimeOptions {
+        let ropts = whittle_runtime::RuntimeOptions {
             threads: self.threads,
             ..Default::default()
         };
-        let mut s = whittle_deploy::load(self.runtime, &candidate.to_bytes(), &ropts)?;
+        let mut s = whittle_runtime::load(self.runtime, &candidate.to_bytes(), &ropts)?;
         let n_out = self.outputs.first().map_or(0, |o| o.len());
         let (mut err, mut sq, mut sum, mut count) = (
             vec![0f64; n_out],
@@ -828,9 +828,9 @@ struct Checker {
 
 impl Checker {
     fn new(original: &Model, cx: &Context) -> Result<Checker, Error> {
-        let opts = whittle_deploy::RuntimeOptions::default();
-        let mut s = whittle_deploy::load(cx.runtime, &original.to_bytes(), &opts)?;
-        let inputs = whittle_deploy::synthetic_inputs(s.inputs(), &[])?;
+        let opts = whittle_runtime::RuntimeOptions::default();
+        let mut s = whittle_runtime::load(cx.runtime, &original.to_bytes(), &opts)?;
+        let inputs = whittle_runtime::synthetic_inputs(s.inputs(), &[])?;
         let out = s.run(&inputs)?;
         let shapes = s
             .outputs()
@@ -853,8 +853,8 @@ impl Checker {
             .map_err(|e| bad("graph check", e.to_string()))?;
         whittle_core::shape::infer(m, &[]).map_err(|e| bad("shape inference", e.to_string()))?;
         let flushed = flush_subnormals(m)?;
-        let opts = whittle_deploy::RuntimeOptions::default();
-        let mut s = whittle_deploy::load(self.runtime, &m.to_bytes(), &opts)
+        let opts = whittle_runtime::RuntimeOptions::default();
+        let mut s = whittle_runtime::load(self.runtime, &m.to_bytes(), &opts)
             .map_err(|e| bad("the model does not load", e.to_string()))?;
         let out = s
             .run(&self.inputs)

@@ -1532,7 +1532,7 @@ mod tests {
     use whittle_core::onnx::{
         AttributeProto, ModelProto, OperatorSetIdProto, ValueInfoProto, attribute_proto,
     };
-    use whittle_deploy::RuntimeKind;
+    use whittle_runtime::RuntimeKind;
 
     /// Deterministic values in [-1, 1).
     fn noise(n: usize, seed: u64) -> Vec<f32> {

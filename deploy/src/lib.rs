@@ -1,40 +1,16 @@
-//! whittle's runtimes and benchmarking: load an ONNX model into ONNX Runtime (CPU, CUDA, TensorRT)
-//! or tract (cargo feature `tract`, on by default) behind one [`Session`] trait, run it on
-//! [`Value`]s, and measure latency and memory.
+//! whittle's deployment to boards: target descriptions (`targets/*.toml`), the runner protocol,
+//! the transports that start a runner and exchange frames with it (local, emulated, ssh, serial),
+//! and the reports of a deployment (results table, `report.md`, plots).
 //!
-//! ```no_run
-//! use whittle_deploy::{BenchConfig, RuntimeKind, RuntimeOptions, bench, load, synthetic_inputs};
-//! # fn main() -> Result<(), whittle_deploy::Error> {
-//! let bytes = std::fs::read("model.onnx").expect("model");
-//! let mut session = load(RuntimeKind::OrtCpu, &bytes, &RuntimeOptions::default())?;
-//! let inputs = synthetic_inputs(session.inputs(), &[])?;
-//! let outputs = session.run(&inputs)?;
-//! let stats = bench(session.as_mut(), &inputs, &BenchConfig::default(), &mut |_, _| {})?;
-//! println!("{} outputs, p50 {:.3} ms", outputs.len(), stats.p50_ms);
-//! # Ok(())
-//! # }
-//! ```
+//! The runtimes themselves (the `Session` trait, ONNX Runtime, tract, benchmarking) are in
+//! `whittle-runtime`.
 
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod error;
-pub mod ort_lib;
-mod ort_session;
+pub mod plot;
 pub mod protocol;
-pub mod rss;
-pub mod runtime;
+pub mod report;
 pub mod serial;
+pub mod table;
 pub mod target;
-#[cfg(feature = "tract")]
-mod tract_session;
 pub mod transport;
-
-pub use bench::{BenchConfig, BenchStats, bench, probe_tensor, probe_value, synthetic_inputs};
-pub use error::Error;
-pub use ort_lib::{ORT_VERSION, init_ort, init_ort_from, locate_ort_library};
-pub use rss::peak_rss_bytes;
-pub use runtime::{
-    Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, declared_inputs, load,
-};
-pub use whittle_core::Value;

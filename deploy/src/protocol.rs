@@ -15,9 +15,7 @@ use std::io::{Read, Write};
 
 use prost::Message as _;
 use whittle_core::Value;
-
-use crate::bench::BenchStats;
-use crate::runtime::ProviderInfo;
+use whittle_runtime::{BenchStats, ProviderInfo};
 
 /// Types generated from `deploy/proto/runner.proto` (package `whittle.runner`).
 #[allow(clippy::all, missing_docs)]

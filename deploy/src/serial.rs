@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serialport::{ClearBuffer, SerialPort};
 
 use crate::protocol::{MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, encode_frame, pb};
-use crate::target::Target;
-use crate::transport::{Transport, TransportError, safe_name};
+use crate::target::{Connection, Target};
+use crate::transport::{RunRequest, Transport, TransportError, safe_name, wrong_transport};
 
 /// An open serial device that carries frames.
 ///
@@ -209,13 +209,10 @@ impl Serial {
     /// The transport for a serial target: its `device`, `baud`, timeouts, reconnects and chunk
     /// size.
     pub fn for_target(target: &Target) -> Result<Self, TransportError> {
-        let device = target.device.clone().ok_or_else(|| {
-            TransportError::Unexpected(format!(
-                "target '{}' names no serial device (the `device` field)",
-                target.name
-            ))
-        })?;
-        Ok(Serial::new(device, target.serial_options()))
+        let Connection::Serial(c) = &target.connection else {
+            return Err(wrong_transport(target, "serial"));
+        };
+        Ok(Serial::new(c.device.clone(), c.options()))
     }
 
     /// What answered the last ping: `whittle-runner <version>, uploads in <folder>`.
@@ -575,9 +572,10 @@ impl Transport for Serial {
     /// again (at most `reconnects` times).
     fn request(
         &mut self,
-        mut req: pb::Request,
+        req: &RunRequest,
         on_progress: &mut dyn FnMut(u64, u64),
     ) -> Result<pb::Result, TransportError> {
+        let mut req = req.to_proto()?;
         self.start()?;
         let caller_id = req.id;
         let mut drops = 0;

@@ -3,12 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use whittle_runtime::RuntimeKind;
 
-use crate::runtime::RuntimeKind;
-
-/// How whittle reaches a target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How whittle reaches a target (the `transport` key), without the fields that go with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// This machine: the runner as a child process ([`crate::transport::Local`]).
     Local,
@@ -22,93 +20,210 @@ pub enum Transport {
     Serial,
 }
 
-/// A board description.
+impl Transport {
+    /// The name a target file gives it (`local`, `emulated`, `ssh`, `serial`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Local => "local",
+            Transport::Emulated => "emulated",
+            Transport::Ssh => "ssh",
+            Transport::Serial => "serial",
+        }
+    }
+}
+
+/// How whittle reaches a target, with the fields of its transport: a target file's `transport`
+/// key picks the variant, and a field of another transport is refused.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "transport", rename_all = "lowercase")]
+pub enum Connection {
+    /// `transport = "local"`.
+    Local(LocalConnection),
+    /// `transport = "emulated"`.
+    Emulated(EmulatedConnection),
+    /// `transport = "ssh"`.
+    Ssh(SshConnection),
+    /// `transport = "serial"`.
+    Serial(SerialConnection),
+}
+
+/// `transport = "local"`: no fields of its own.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConnection {}
+
+/// `transport = "emulated"`: the runner under a user-mode emulator on this machine.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatedConnection {
+    /// The user-mode emulator that runs the runner (`qemu-aarch64`).
+    pub qemu: String,
+    /// The folder holding the target's dynamic loader and libraries, given to the emulator as
+    /// `-L` (`/usr/aarch64-linux-gnu`).
+    #[serde(default)]
+    pub sysroot: Option<PathBuf>,
+}
+
+/// `transport = "ssh"`: a board reached with the system OpenSSH client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConnection {
+    /// The board's host name or address (`raspberrypi.local`).
+    pub host: String,
+    /// The board's ssh port (default [`DEFAULT_SSH_PORT`], see [`SshConnection::port`]).
+    #[serde(default, deserialize_with = "port")]
+    pub port: Option<u16>,
+    /// The user to log in as (default: ssh's own choice, this user or `~/.ssh/config`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The private key file on this machine (`ssh -i`; default: ssh's own keys). A leading `~/`
+    /// stands for `$HOME`.
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+    /// The known_hosts file on this machine holding the board's host key (default:
+    /// `~/.ssh/known_hosts`). Unknown and changed host keys are always refused.
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+    /// The folder on the board that the runner and models are copied into (default
+    /// [`DEFAULT_REMOTE_DIR`], see [`SshConnection::remote_dir`]).
+    #[serde(default)]
+    pub remote_dir: Option<String>,
+}
+
+/// `transport = "serial"`: a runner listening on a serial port of the board.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConnection {
+    /// The serial device on this machine that reaches the board (`/dev/ttyUSB0`).
+    pub device: PathBuf,
+    /// The line rate, 50 to 16000000 (default [`DEFAULT_BAUD`]).
+    #[serde(default, deserialize_with = "baud")]
+    pub baud: Option<u32>,
+    /// Seconds to wait for an acknowledgement before the link counts as dropped (default
+    /// [`DEFAULT_SERIAL_TIMEOUT_S`]).
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// The longest silence, in seconds, from a runner loading and measuring a model (default
+    /// [`DEFAULT_RUN_TIMEOUT_S`]).
+    #[serde(default)]
+    pub run_timeout_s: Option<f64>,
+    /// Times the port is reopened after the link drops, per upload or measurement, 0 to 100
+    /// (default [`DEFAULT_RECONNECTS`]).
+    #[serde(default, deserialize_with = "reconnects")]
+    pub reconnects: Option<u32>,
+    /// Bytes per upload chunk, 64 to 1048576 (default [`DEFAULT_CHUNK_BYTES`]).
+    #[serde(default, deserialize_with = "chunk_bytes")]
+    pub chunk_bytes: Option<usize>,
+}
+
+/// The fields of each transport, for the message that refuses one under another transport.
+const CONNECTION_FIELDS: [(Transport, &[&str]); 3] = [
+    (Transport::Emulated, &["qemu", "sysroot"]),
+    (
+        Transport::Ssh,
+        &[
+            "host",
+            "port",
+            "user",
+            "identity",
+            "known_hosts",
+            "remote_dir",
+        ],
+    ),
+    (
+        Transport::Serial,
+        &[
+            "device",
+            "baud",
+            "timeout_s",
+            "run_timeout_s",
+            "reconnects",
+            "chunk_bytes",
+        ],
+    ),
+];
+
+/// The field each transport cannot do without, and what to put there.
+const REQUIRED: [(&str, &str); 3] = [
+    (
+        "qemu",
+        "transport \"emulated\" needs `qemu`, the emulator to run the runner with (e.g. \"qemu-aarch64\")",
+    ),
+    (
+        "host",
+        "transport \"ssh\" needs `host`, the board's host name or address (e.g. \"raspberrypi.local\")",
+    ),
+    (
+        "device",
+        "transport \"serial\" needs `device`, the serial device on this machine that reaches the board (e.g. \"/dev/ttyUSB0\")",
+    ),
+];
+
+impl Connection {
+    /// Which transport this is.
+    pub fn transport(&self) -> Transport {
+        match self {
+            Connection::Local(_) => Transport::Local,
+            Connection::Emulated(_) => Transport::Emulated,
+            Connection::Ssh(_) => Transport::Ssh,
+            Connection::Serial(_) => Transport::Serial,
+        }
+    }
+}
+
+/// The fields every target has, whatever its transport: a target file's keys that are not its
+/// transport's.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct Common {
+    name: String,
+    triple: String,
+    #[serde(default)]
+    notes: String,
+    runtimes: Vec<RuntimeKind>,
+    #[serde(default)]
+    threads: Option<usize>,
+    #[serde(default)]
+    allow_fallback: bool,
+    #[serde(default)]
+    ort_library: Option<PathBuf>,
+    #[serde(default)]
+    tensorrt_fp16: Option<bool>,
+    #[serde(default)]
+    tensorrt_cache_dir: Option<String>,
+    #[serde(default, deserialize_with = "workspace_mb")]
+    tensorrt_workspace_mb: Option<u64>,
+}
+
+/// A board description.
+#[derive(Debug, Clone)]
 pub struct Target {
     /// Short name (the file stem).
     pub name: String,
     /// Rust target triple of the board (`host` for this machine).
     pub triple: String,
     /// Free text: OS, glibc, JetPack version.
-    #[serde(default)]
     pub notes: String,
-    /// How to reach the board.
-    pub transport: Transport,
+    /// How to reach the board, with that transport's fields.
+    pub connection: Connection,
     /// Runtimes to measure, in order.
     pub runtimes: Vec<RuntimeKind>,
     /// Intra-op threads (`None`: the runtime's default).
-    #[serde(default)]
     pub threads: Option<usize>,
     /// Run on CPU when a requested execution provider is missing, and report it.
-    #[serde(default)]
     pub allow_fallback: bool,
     /// Where ONNX Runtime's library lives on the board (`None`: whittle's own lookup). A leading
     /// `{cache}` stands for whittle's cache on this machine (`$WHITTLE_CACHE`, default
     /// `~/.cache/whittle`), where `just setup-cross` puts the emulated targets' libraries.
-    #[serde(default)]
     pub ort_library: Option<PathBuf>,
-    /// `emulated` only, required: the user-mode emulator that runs the runner (`qemu-aarch64`).
-    #[serde(default)]
-    pub qemu: Option<String>,
-    /// `emulated` only: the folder holding the target's dynamic loader and libraries, given to the
-    /// emulator as `-L` (`/usr/aarch64-linux-gnu`).
-    #[serde(default)]
-    pub sysroot: Option<PathBuf>,
-    /// `ssh` only, required: the board's host name or address (`raspberrypi.local`).
-    #[serde(default)]
-    pub host: Option<String>,
-    /// `ssh` only: the board's ssh port (default 22, see [`Target::ssh_port`]).
-    #[serde(default, deserialize_with = "port")]
-    pub port: Option<u16>,
-    /// `ssh` only: the user to log in as (default: ssh's own choice, this user or `~/.ssh/config`).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// `ssh` only: the private key file on this machine (`ssh -i`; default: ssh's own keys). A
-    /// leading `~/` stands for `$HOME`.
-    #[serde(default)]
-    pub identity: Option<PathBuf>,
-    /// `ssh` only: the known_hosts file on this machine holding the board's host key (default:
-    /// `~/.ssh/known_hosts`). Unknown and changed host keys are always refused.
-    #[serde(default)]
-    pub known_hosts: Option<PathBuf>,
-    /// `ssh` only: the folder on the board that the runner and models are copied into (default
-    /// [`DEFAULT_REMOTE_DIR`], see [`Target::ssh_remote_dir`]).
-    #[serde(default)]
-    pub remote_dir: Option<String>,
     /// For `ort-tensorrt` only: build fp16 engines (default `true`).
-    #[serde(default)]
     pub tensorrt_fp16: Option<bool>,
     /// For `ort-tensorrt` only: the folder, on the board, where TensorRT caches its engines
     /// (created when missing; default: no cache, every session builds its engine again).
-    #[serde(default)]
     pub tensorrt_cache_dir: Option<String>,
     /// For `ort-tensorrt` only: the most memory TensorRT may use while building an engine, in MiB
     /// (default: ONNX Runtime's).
-    #[serde(default, deserialize_with = "workspace_mb")]
     pub tensorrt_workspace_mb: Option<u64>,
-    /// `serial` only, required: the serial device on this machine that reaches the board
-    /// (`/dev/ttyUSB0`).
-    #[serde(default)]
-    pub device: Option<PathBuf>,
-    /// `serial` only: the line rate, 50 to 16000000 (default [`DEFAULT_BAUD`]).
-    #[serde(default, deserialize_with = "baud")]
-    pub baud: Option<u32>,
-    /// `serial` only: seconds to wait for an acknowledgement before the link counts as dropped
-    /// (default [`DEFAULT_SERIAL_TIMEOUT_S`]).
-    #[serde(default)]
-    pub timeout_s: Option<f64>,
-    /// `serial` only: the longest silence, in seconds, from a runner loading and measuring a model
-    /// (default [`DEFAULT_RUN_TIMEOUT_S`]).
-    #[serde(default)]
-    pub run_timeout_s: Option<f64>,
-    /// `serial` only: times the port is reopened after the link drops, per upload or measurement
-    /// 0 to 100 (default [`DEFAULT_RECONNECTS`]).
-    #[serde(default, deserialize_with = "reconnects")]
-    pub reconnects: Option<u32>,
-    /// `serial` only: bytes per upload chunk, 64 to 1048576 (default [`DEFAULT_CHUNK_BYTES`]).
-    #[serde(default, deserialize_with = "chunk_bytes")]
-    pub chunk_bytes: Option<usize>,
 }
 
 /// The serial line rate when a target names none.
@@ -267,91 +382,90 @@ impl Target {
     }
 
     /// Parse a target file's text (`path` names it in errors).
+    ///
+    /// The keys of the transport (`transport` and the fields of [`Connection`]'s variants) are read as
+    /// a [`Connection`]; the others are the fields every target has, and an unknown key is refused there.
     pub fn parse(text: &str, path: &Path) -> Result<Target, TargetError> {
         let invalid = |reason: String| TargetError::Invalid {
             path: path.to_path_buf(),
             reason,
         };
-        let mut t: Target = toml::from_str(text).map_err(|e| invalid(e.message().to_string()))?;
-        if t.runtimes.is_empty() {
-            return Err(invalid("runtimes is empty".into()));
-        }
-        if t.transport == Transport::Emulated {
-            if t.qemu.as_deref().is_none_or(str::is_empty) {
-                return Err(invalid(
-                    "transport \"emulated\" needs `qemu`, the emulator to run the runner with (e.g. \"qemu-aarch64\")".into(),
-                ));
-            }
-            if t.triple == "host" {
-                return Err(invalid(
-                    "transport \"emulated\" needs the board's triple (e.g. \"aarch64-unknown-linux-gnu\"), not \"host\"".into(),
-                ));
-            }
-        } else {
-            for (key, set) in [("qemu", t.qemu.is_some()), ("sysroot", t.sysroot.is_some())] {
-                if set {
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| invalid(e.message().to_string()))?;
+        let is_link_key = |k: &str| {
+            k == "transport" || CONNECTION_FIELDS.iter().any(|(_, keys)| keys.contains(&k))
+        };
+        let (link, common): (toml::Table, toml::Table) =
+            table.into_iter().partition(|(k, _)| is_link_key(k));
+        let common: Common = toml::Value::Table(common)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.message().to_string()))?;
+        // A field of another transport: say whose it is (the variant would only call it unknown).
+        if let Some(name) = link.get("transport").and_then(toml::Value::as_str) {
+            for (transport, keys) in CONNECTION_FIELDS {
+                if transport.name() == name {
+                    continue;
+                }
+                if let Some(key) = keys.iter().find(|k| link.contains_key(**k)) {
+                    let hint = if *key == "port" && name == Transport::Serial.name() {
+                        " (a serial target names its device in `device`)"
+                    } else {
+                        ""
+                    };
                     return Err(invalid(format!(
-                        "`{key}` is only for transport \"emulated\""
+                        "`{key}` is only for transport \"{}\"{hint}",
+                        transport.name()
                     )));
                 }
             }
         }
-        let ssh_fields = [
-            ("host", t.host.is_some()),
-            ("port", t.port.is_some()),
-            ("user", t.user.is_some()),
-            ("identity", t.identity.is_some()),
-            ("known_hosts", t.known_hosts.is_some()),
-            ("remote_dir", t.remote_dir.is_some()),
-        ];
-        if t.transport == Transport::Ssh {
-            let host = t.host.as_deref().unwrap_or_default();
-            if host.is_empty() {
-                return Err(invalid(
-                    "transport \"ssh\" needs `host`, the board's host name or address (e.g. \"raspberrypi.local\")".into(),
-                ));
-            }
-            if host.starts_with('-') || host.contains(|c: char| c.is_whitespace() || c == '@') {
-                return Err(invalid(format!(
-                    "`host` {host:?} is not a host name or address (put the user in `user`)"
-                )));
-            }
-            if let Some(user) = &t.user
-                && (user.starts_with('-') || !shell_safe(user) || user.contains('/'))
-            {
-                return Err(invalid(format!(
-                    "`user` {user:?} is not a user name (letters, digits, `._-+`)"
-                )));
-            }
-            if let Some(dir) = &t.remote_dir
-                && (!dir.starts_with('/') || !shell_safe(dir))
-            {
-                return Err(invalid(format!(
-                    "`remote_dir` {dir:?} must be an absolute path of letters, digits and `._/-+` (it goes through the board's shell)"
-                )));
-            }
-            for key in ["identity", "known_hosts"] {
-                let field = if key == "identity" {
-                    &mut t.identity
-                } else {
-                    &mut t.known_hosts
-                };
-                if let Some(p) = field.as_mut()
-                    && let Ok(rest) = p.strip_prefix("~")
-                {
-                    let home = std::env::var_os("HOME")
-                        .filter(|h| !h.is_empty())
-                        .ok_or_else(|| {
-                            invalid(format!("`{key}` starts with ~, but HOME is not set"))
-                        })?;
-                    *p = PathBuf::from(home).join(rest);
+        let mut connection: Connection =
+            toml::Value::Table(link)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    let message = e.message();
+                    let needs = REQUIRED
+                        .iter()
+                        .find(|(key, _)| message == format!("missing field `{key}`"));
+                    invalid(
+                        needs.map_or_else(|| message.to_string(), |(_, needs)| needs.to_string()),
+                    )
+                })?;
+        let needs = |key: &str| {
+            let (_, needs) = REQUIRED.iter().find(|(k, _)| *k == key).expect("listed");
+            invalid(needs.to_string())
+        };
+        if common.runtimes.is_empty() {
+            return Err(invalid("runtimes is empty".into()));
+        }
+        match &mut connection {
+            Connection::Local(_) => {}
+            Connection::Emulated(e) => {
+                if e.qemu.is_empty() {
+                    return Err(needs("qemu"));
+                }
+                if common.triple == "host" {
+                    return Err(invalid(
+                        "transport \"emulated\" needs the board's triple (e.g. \"aarch64-unknown-linux-gnu\"), not \"host\"".into(),
+                    ));
                 }
             }
-        } else if let Some((key, _)) = ssh_fields.iter().find(|(_, set)| *set) {
-            return Err(invalid(format!("`{key}` is only for transport \"ssh\"")));
+            Connection::Ssh(s) => {
+                if s.host.is_empty() {
+                    return Err(needs("host"));
+                }
+                s.check().map_err(invalid)?;
+            }
+            Connection::Serial(s) => {
+                if s.device.as_os_str().is_empty() {
+                    return Err(needs("device"));
+                }
+                s.check().map_err(invalid)?;
+            }
         }
-        if matches!(t.transport, Transport::Ssh | Transport::Serial)
-            && t.ort_library
+        if matches!(connection, Connection::Ssh(_) | Connection::Serial(_))
+            && common
+                .ort_library
                 .as_ref()
                 .is_some_and(|l| l.starts_with(CACHE_PLACEHOLDER))
         {
@@ -359,12 +473,14 @@ impl Target {
                 "`ort_library` is a path on the board: {CACHE_PLACEHOLDER} (this machine's cache) means nothing there"
             )));
         }
-        t.check_serial().map_err(invalid)?;
-        if !t.runtimes.contains(&RuntimeKind::OrtTensorRt) {
+        if !common.runtimes.contains(&RuntimeKind::OrtTensorRt) {
             for (key, set) in [
-                ("tensorrt_fp16", t.tensorrt_fp16.is_some()),
-                ("tensorrt_cache_dir", t.tensorrt_cache_dir.is_some()),
-                ("tensorrt_workspace_mb", t.tensorrt_workspace_mb.is_some()),
+                ("tensorrt_fp16", common.tensorrt_fp16.is_some()),
+                ("tensorrt_cache_dir", common.tensorrt_cache_dir.is_some()),
+                (
+                    "tensorrt_workspace_mb",
+                    common.tensorrt_workspace_mb.is_some(),
+                ),
             ] {
                 if set {
                     return Err(invalid(format!(
@@ -373,10 +489,15 @@ impl Target {
                 }
             }
         }
-        if t.tensorrt_cache_dir.as_deref().is_some_and(str::is_empty) {
+        if common
+            .tensorrt_cache_dir
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
             return Err(invalid("`tensorrt_cache_dir` is empty".into()));
         }
-        if let Some(lib) = &t.ort_library
+        let mut ort_library = common.ort_library;
+        if let Some(lib) = &ort_library
             && let Ok(rest) = lib.strip_prefix(CACHE_PLACEHOLDER)
         {
             let cache = cache_dir().ok_or_else(|| {
@@ -384,36 +505,88 @@ impl Target {
                     "ort_library starts with {CACHE_PLACEHOLDER}, but neither WHITTLE_CACHE nor HOME is set"
                 ))
             })?;
-            t.ort_library = Some(cache.join(rest));
+            ort_library = Some(cache.join(rest));
         }
-        Ok(t)
+        Ok(Target {
+            name: common.name,
+            triple: common.triple,
+            notes: common.notes,
+            connection,
+            runtimes: common.runtimes,
+            threads: common.threads,
+            allow_fallback: common.allow_fallback,
+            ort_library,
+            tensorrt_fp16: common.tensorrt_fp16,
+            tensorrt_cache_dir: common.tensorrt_cache_dir,
+            tensorrt_workspace_mb: common.tensorrt_workspace_mb,
+        })
     }
 
-    /// The serial fields: required and in range for `serial`, absent for the other transports.
-    fn check_serial(&self) -> Result<(), String> {
-        let fields = [
-            ("device", self.device.is_some()),
-            ("baud", self.baud.is_some()),
-            ("timeout_s", self.timeout_s.is_some()),
-            ("run_timeout_s", self.run_timeout_s.is_some()),
-            ("reconnects", self.reconnects.is_some()),
-            ("chunk_bytes", self.chunk_bytes.is_some()),
-        ];
-        if self.transport != Transport::Serial {
-            return match fields.iter().find(|(_, set)| *set) {
-                Some((key, _)) => Err(format!("`{key}` is only for transport \"serial\"")),
-                None => Ok(()),
-            };
+    /// Which transport reaches the board.
+    pub fn transport(&self) -> Transport {
+        self.connection.transport()
+    }
+
+    /// The TensorRT workspace in bytes, from `tensorrt_workspace_mb`.
+    pub fn tensorrt_workspace_bytes(&self) -> Option<u64> {
+        self.tensorrt_workspace_mb.map(|mb| mb << 20)
+    }
+}
+
+impl SshConnection {
+    /// What serde cannot say about the ssh fields: the host, user and folder go through a shell,
+    /// and a leading `~` in the key files stands for `$HOME` (replaced here).
+    fn check(&mut self) -> Result<(), String> {
+        let host = &self.host;
+        if host.starts_with('-') || host.contains(|c: char| c.is_whitespace() || c == '@') {
+            return Err(format!(
+                "`host` {host:?} is not a host name or address (put the user in `user`)"
+            ));
         }
-        if self
-            .device
-            .as_ref()
-            .is_none_or(|d| d.as_os_str().is_empty())
+        if let Some(user) = &self.user
+            && (user.starts_with('-') || !shell_safe(user) || user.contains('/'))
         {
-            return Err(
-                "transport \"serial\" needs `device`, the serial device on this machine that reaches the board (e.g. \"/dev/ttyUSB0\")".into(),
-            );
+            return Err(format!(
+                "`user` {user:?} is not a user name (letters, digits, `._-+`)"
+            ));
         }
+        if let Some(dir) = &self.remote_dir
+            && (!dir.starts_with('/') || !shell_safe(dir))
+        {
+            return Err(format!(
+                "`remote_dir` {dir:?} must be an absolute path of letters, digits and `._/-+` (it goes through the board's shell)"
+            ));
+        }
+        for (key, field) in [
+            ("identity", &mut self.identity),
+            ("known_hosts", &mut self.known_hosts),
+        ] {
+            if let Some(p) = field.as_mut()
+                && let Ok(rest) = p.strip_prefix("~")
+            {
+                let home = std::env::var_os("HOME")
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| format!("`{key}` starts with ~, but HOME is not set"))?;
+                *p = PathBuf::from(home).join(rest);
+            }
+        }
+        Ok(())
+    }
+
+    /// The ssh port: `port`, else [`DEFAULT_SSH_PORT`].
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or(DEFAULT_SSH_PORT)
+    }
+
+    /// The folder on the board: `remote_dir`, else [`DEFAULT_REMOTE_DIR`].
+    pub fn remote_dir_or_default(&self) -> &str {
+        self.remote_dir.as_deref().unwrap_or(DEFAULT_REMOTE_DIR)
+    }
+}
+
+impl SerialConnection {
+    /// The timeouts' ranges (the integer fields are checked as they are read).
+    fn check(&self) -> Result<(), String> {
         for (key, v, max) in [
             ("timeout_s", self.timeout_s, 3600.0),
             ("run_timeout_s", self.run_timeout_s, 86_400.0),
@@ -429,9 +602,8 @@ impl Target {
         Ok(())
     }
 
-    /// How the serial transport waits, retries and cuts uploads: the target's fields, or the
-    /// defaults.
-    pub fn serial_options(&self) -> crate::serial::SerialOptions {
+    /// How the serial transport waits, retries and cuts uploads: the fields, or the defaults.
+    pub fn options(&self) -> crate::serial::SerialOptions {
         crate::serial::SerialOptions {
             baud: self.baud.unwrap_or(DEFAULT_BAUD),
             timeout: std::time::Duration::from_secs_f64(
@@ -443,21 +615,6 @@ impl Target {
             reconnects: self.reconnects.unwrap_or(DEFAULT_RECONNECTS),
             chunk_bytes: self.chunk_bytes.unwrap_or(DEFAULT_CHUNK_BYTES),
         }
-    }
-
-    /// The TensorRT workspace in bytes, from `tensorrt_workspace_mb`.
-    pub fn tensorrt_workspace_bytes(&self) -> Option<u64> {
-        self.tensorrt_workspace_mb.map(|mb| mb << 20)
-    }
-
-    /// The ssh port: `port`, else [`DEFAULT_SSH_PORT`].
-    pub fn ssh_port(&self) -> u16 {
-        self.port.unwrap_or(DEFAULT_SSH_PORT)
-    }
-
-    /// The folder on an ssh board: `remote_dir`, else [`DEFAULT_REMOTE_DIR`].
-    pub fn ssh_remote_dir(&self) -> &str {
-        self.remote_dir.as_deref().unwrap_or(DEFAULT_REMOTE_DIR)
     }
 }
 
@@ -494,10 +651,13 @@ mod tests {
         let p = Path::new("q.toml");
         let ok = "name = \"q\"\ntriple = \"aarch64-unknown-linux-gnu\"\ntransport = \"emulated\"\nruntimes = [\"ort-cpu\"]\nqemu = \"qemu-aarch64\"\nsysroot = \"/usr/aarch64-linux-gnu\"\nort_library = \"{cache}/ort-aarch64/lib.so\"\n";
         let t = Target::parse(ok, p).unwrap();
-        assert_eq!(t.transport, Transport::Emulated);
-        assert_eq!(t.qemu.as_deref(), Some("qemu-aarch64"));
+        assert_eq!(t.transport(), Transport::Emulated);
+        let Connection::Emulated(e) = &t.connection else {
+            panic!("{:?}", t.connection)
+        };
+        assert_eq!(e.qemu, "qemu-aarch64");
         assert_eq!(
-            t.sysroot.as_deref(),
+            e.sysroot.as_deref(),
             Some(Path::new("/usr/aarch64-linux-gnu"))
         );
         let lib = t.ort_library.unwrap();
@@ -522,20 +682,23 @@ mod tests {
     fn ssh_targets_need_a_host_and_keep_ssh_fields_to_themselves() {
         let p = Path::new("s.toml");
         let ok = "name = \"s\"\ntriple = \"aarch64-unknown-linux-gnu\"\ntransport = \"ssh\"\nruntimes = [\"ort-cpu\"]\nhost = \"raspberrypi.local\"\n";
-        let t = Target::parse(ok, p).unwrap();
-        assert_eq!(t.transport, Transport::Ssh);
-        assert_eq!(t.ssh_port(), 22);
-        assert_eq!(t.ssh_remote_dir(), "/tmp/whittle");
-        assert_eq!(t.user, None);
+        let ssh = |text: &str| match Target::parse(text, p).unwrap().connection {
+            Connection::Ssh(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let s = ssh(ok);
+        assert_eq!(s.port_or_default(), 22);
+        assert_eq!(s.remote_dir_or_default(), "/tmp/whittle");
+        assert_eq!(s.user, None);
 
         let full = format!(
             "{ok}port = 2222\nuser = \"pi\"\nidentity = \"~/.ssh/id_ed25519\"\nknown_hosts = \"/k/known_hosts\"\nremote_dir = \"/home/pi/whittle\"\n"
         );
-        let t = Target::parse(&full, p).unwrap();
-        assert_eq!(t.ssh_port(), 2222);
-        assert_eq!(t.user.as_deref(), Some("pi"));
-        assert_eq!(t.ssh_remote_dir(), "/home/pi/whittle");
-        let key = t.identity.unwrap();
+        let s = ssh(&full);
+        assert_eq!(s.port_or_default(), 2222);
+        assert_eq!(s.user.as_deref(), Some("pi"));
+        assert_eq!(s.remote_dir_or_default(), "/home/pi/whittle");
+        let key = s.identity.unwrap();
         assert!(key.ends_with(".ssh/id_ed25519"), "{}", key.display());
         if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
             assert!(key.starts_with(home), "{}", key.display());
@@ -588,9 +751,11 @@ mod tests {
     fn serial_targets_need_a_device_and_keep_serial_fields_to_themselves() {
         let p = Path::new("serial.toml");
         let ok = "name = \"b\"\ntriple = \"aarch64-unknown-linux-gnu\"\ntransport = \"serial\"\nruntimes = [\"ort-cpu\"]\ndevice = \"/dev/ttyUSB0\"\n";
-        let t = Target::parse(ok, p).unwrap();
-        assert_eq!(t.transport, Transport::Serial);
-        let o = t.serial_options();
+        let options = |text: &str| match Target::parse(text, p).unwrap().connection {
+            Connection::Serial(s) => s.options(),
+            other => panic!("{other:?}"),
+        };
+        let o = options(ok);
         assert_eq!(o.baud, 115_200);
         assert_eq!(o.timeout, std::time::Duration::from_secs(5));
         assert_eq!(o.reconnects, 5);
@@ -598,7 +763,7 @@ mod tests {
         let full = format!(
             "{ok}baud = 921600\ntimeout_s = 0.5\nrun_timeout_s = 60\nreconnects = 2\nchunk_bytes = 1024\n"
         );
-        let o = Target::parse(&full, p).unwrap().serial_options();
+        let o = options(&full);
         assert_eq!(
             (o.baud, o.timeout.as_millis(), o.run_timeout.as_secs()),
             (921_600, 500, 60)
@@ -705,7 +870,7 @@ mod tests {
         }
         // `just setup-cross` installs the version `just setup` pins (ORT_VERSION).
         let q = Target::load("qemu-aarch64", &dir).unwrap();
-        let v = crate::ORT_VERSION;
+        let v = whittle_runtime::ORT_VERSION;
         let lib = q.ort_library.expect("qemu-aarch64 names its library");
         assert!(
             lib.ends_with(format!("ort-aarch64/{v}/libonnxruntime.so.{v}")),
@@ -713,9 +878,11 @@ mod tests {
             lib.display()
         );
         let pi = Target::load("raspberry-pi-5", &dir).unwrap();
-        assert_eq!(pi.transport, Transport::Ssh);
+        let Connection::Ssh(s) = &pi.connection else {
+            panic!("{:?}", pi.connection)
+        };
         assert_eq!(pi.triple, "aarch64-unknown-linux-gnu");
-        assert_eq!(pi.host.as_deref(), Some("raspberrypi.local"));
+        assert_eq!(s.host, "raspberrypi.local");
         assert_eq!(pi.runtimes, vec![RuntimeKind::OrtCpu]);
         let lib = pi.ort_library.expect("the Pi names its library");
         assert!(
@@ -724,7 +891,7 @@ mod tests {
             lib.display()
         );
         let orin = Target::load("jetson-orin-nano", &dir).unwrap();
-        assert_eq!(orin.transport, Transport::Ssh);
+        assert_eq!(orin.transport(), Transport::Ssh);
         assert_eq!(
             orin.runtimes,
             vec![
@@ -745,8 +912,60 @@ mod tests {
         assert_eq!(armv7.triple, "armv7-unknown-linux-gnueabihf");
         assert_eq!(armv7.runtimes, vec![RuntimeKind::Tract]);
         let serial = Target::load("serial-board", &dir).unwrap();
-        assert_eq!(serial.transport, Transport::Serial);
-        assert_eq!(serial.device.as_deref(), Some(Path::new("/dev/ttyUSB0")));
-        assert_eq!(serial.serial_options().baud, 115_200);
+        let Connection::Serial(s) = &serial.connection else {
+            panic!("{:?}", serial.connection)
+        };
+        assert_eq!(s.device, Path::new("/dev/ttyUSB0"));
+        assert_eq!(s.options().baud, 115_200);
+        let host = Target::load("host", &dir).unwrap();
+        assert_eq!(host.connection, Connection::Local(LocalConnection {}));
+    }
+
+    #[test]
+    fn a_transport_is_named_and_known_and_its_fields_are_listed() {
+        let p = Path::new("t.toml");
+        let base =
+            "name = \"b\"\ntriple = \"aarch64-unknown-linux-gnu\"\nruntimes = [\"ort-cpu\"]\n";
+        let e = Target::parse(base, p).unwrap_err().to_string();
+        assert_eq!(e, "target t.toml: missing field `transport`");
+        let e = Target::parse(&format!("{base}transport = \"usb\"\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("target t.toml: unknown variant `usb`"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        // every field CONNECTION_FIELDS lists is one its variant takes (deny_unknown_fields would refuse
+        // any other)
+        let values = [
+            ("qemu", "\"qemu-aarch64\""),
+            ("sysroot", "\"/usr/aarch64-linux-gnu\""),
+            ("host", "\"pi\""),
+            ("port", "22"),
+            ("user", "\"pi\""),
+            ("identity", "\"/k\""),
+            ("known_hosts", "\"/k\""),
+            ("remote_dir", "\"/tmp/w\""),
+            ("device", "\"/dev/ttyUSB0\""),
+            ("baud", "9600"),
+            ("timeout_s", "1"),
+            ("run_timeout_s", "1"),
+            ("reconnects", "1"),
+            ("chunk_bytes", "512"),
+        ];
+        for (transport, keys) in CONNECTION_FIELDS {
+            let mut text = format!("{base}transport = \"{}\"\n", transport.name());
+            for key in keys {
+                let (_, v) = values.iter().find(|(k, _)| k == key).expect("a value");
+                text.push_str(&format!("{key} = {v}\n"));
+            }
+            let t = Target::parse(&text, p).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(t.transport(), transport);
+        }
+        let e = Target::parse(&format!("{base}transport = \"local\"\nsdk = 1\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("target t.toml: unknown field `sdk`, expected one of `name`"),
+            "{e}"
+        );
     }
 }

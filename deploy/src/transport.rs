@@ -14,9 +14,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::one_line;
 use crate::protocol::{MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, pb, write_frame};
-use crate::target::Target;
+use whittle_runtime::{BenchConfig, RuntimeKind, RuntimeOptions};
+
+use crate::target::{Connection, Target};
 
 /// The runner binary's file name.
 pub const RUNNER_NAME: &str = "whittle-runner";
@@ -72,6 +73,19 @@ pub enum TransportError {
     /// The runner sent a frame that does not belong here.
     #[error("unexpected answer from the runner: {0}")]
     Unexpected(String),
+    /// A request the protocol cannot carry (a count too large for it).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The transport was made for a target of another transport.
+    #[error("target '{target}' uses transport \"{transport}\", not \"{expected}\"")]
+    WrongTransport {
+        /// The target's name.
+        target: String,
+        /// Its transport.
+        transport: &'static str,
+        /// The transport asked for.
+        expected: &'static str,
+    },
     /// The serial port could not be opened, the runner on it did not answer, or the link dropped
     /// and did not come back.
     #[error("serial {}: {message}", device.display())]
@@ -91,11 +105,140 @@ pub enum TransportError {
     },
 }
 
+/// Flattens a (possibly multi-line) message to one line.
+pub(crate) fn one_line(message: impl std::fmt::Display) -> String {
+    let text = message.to_string();
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The error of a transport made for a target of another transport.
+pub(crate) fn wrong_transport(target: &Target, expected: &'static str) -> TransportError {
+    TransportError::WrongTransport {
+        target: target.name.clone(),
+        transport: target.transport().name(),
+        expected,
+    }
+}
+
 fn stderr_note(stderr: &str) -> String {
     if stderr.is_empty() {
         String::new()
     } else {
-        format!("; its stderr ends: {}", crate::error::one_line(stderr))
+        format!("; its stderr ends: {}", one_line(stderr))
+    }
+}
+
+/// The model a [`RunRequest`] measures.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// The model itself, sent inside the request.
+    Bytes(Vec<u8>),
+    /// A path to the model on the board (what [`Transport::send_file`] returned).
+    Path(PathBuf),
+}
+
+/// One measurement for the runner: load a model into a runtime, time it, and answer with a
+/// [`pb::Result`].
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// Chosen by the host; echoed in every answer to this request.
+    pub id: u64,
+    /// The model's name, for messages.
+    pub name: String,
+    /// The model.
+    pub model: ModelSource,
+    /// The runtime to measure it in.
+    pub runtime: RuntimeKind,
+    /// Warmup and timed runs.
+    pub bench: BenchConfig,
+    /// Threads, fallback, input shapes and the TensorRT options; `tensorrt_cache_dir` is a folder
+    /// on the board.
+    pub options: RuntimeOptions,
+    /// Where ONNX Runtime's library is on the board (`None`: `ORT_DYLIB_PATH` there, or whittle's
+    /// cache).
+    pub ort_library: Option<PathBuf>,
+}
+
+impl RunRequest {
+    /// A request with the runtime's default options.
+    pub fn new(id: u64, name: impl Into<String>, model: ModelSource, runtime: RuntimeKind) -> Self {
+        RunRequest {
+            id,
+            name: name.into(),
+            model,
+            runtime,
+            bench: BenchConfig::default(),
+            options: RuntimeOptions::default(),
+            ort_library: None,
+        }
+    }
+
+    /// A request with the target's options: threads, fallback, ONNX Runtime's library and the
+    /// TensorRT options.
+    pub fn for_target(
+        target: &Target,
+        id: u64,
+        name: impl Into<String>,
+        model: ModelSource,
+        runtime: RuntimeKind,
+    ) -> Self {
+        RunRequest {
+            options: RuntimeOptions {
+                threads: target.threads,
+                allow_fallback: target.allow_fallback,
+                tensorrt_cache_dir: target.tensorrt_cache_dir.as_ref().map(PathBuf::from),
+                tensorrt_fp16: target.tensorrt_fp16,
+                tensorrt_workspace_bytes: target
+                    .tensorrt_workspace_bytes()
+                    .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                input_shapes: Vec::new(),
+            },
+            ort_library: target.ort_library.clone(),
+            ..RunRequest::new(id, name, model, runtime)
+        }
+    }
+
+    /// The request as the runner reads it; counts the protocol cannot carry are refused.
+    pub fn to_proto(&self) -> Result<pb::Request, TransportError> {
+        let count = |what: &str, n: usize| {
+            u32::try_from(n).map_err(|_| {
+                TransportError::InvalidRequest(format!("{what} {n} is too large for the runner"))
+            })
+        };
+        let path = |p: &Path| p.display().to_string();
+        Ok(pb::Request {
+            id: self.id,
+            name: self.name.clone(),
+            model: Some(match &self.model {
+                ModelSource::Bytes(b) => pb::request::Model::ModelBytes(b.clone()),
+                ModelSource::Path(p) => pb::request::Model::ModelPath(path(p)),
+            }),
+            runtime: self.runtime.name().to_string(),
+            threads: self
+                .options
+                .threads
+                .map(|n| count("threads", n))
+                .transpose()?,
+            warmup: count("warmup", self.bench.warmup)?,
+            iters: count("iters", self.bench.iters)?,
+            max_seconds: self.bench.max_seconds,
+            input_shapes: self
+                .options
+                .input_shapes
+                .iter()
+                .map(|(name, dims)| pb::InputShape::new(name, dims))
+                .collect(),
+            allow_fallback: self.options.allow_fallback,
+            ort_library: self.ort_library.as_deref().map(path).unwrap_or_default(),
+            tensorrt_fp16: self.options.tensorrt_fp16,
+            tensorrt_cache_dir: self
+                .options
+                .tensorrt_cache_dir
+                .as_deref()
+                .map(path)
+                .unwrap_or_default(),
+            tensorrt_workspace_bytes: self.options.tensorrt_workspace_bytes.map(|b| b as u64),
+        })
     }
 }
 
@@ -134,9 +277,10 @@ pub trait Transport {
     /// then the Result, or [`TransportError::Remote`] with the runner's error text.
     fn request(
         &mut self,
-        req: pb::Request,
+        req: &RunRequest,
         on_progress: &mut dyn FnMut(u64, u64),
     ) -> Result<pb::Result, TransportError> {
+        let req = req.to_proto()?;
         self.start()?;
         let id = req.id;
         self.send(&Message::Request(req))?;
@@ -434,14 +578,15 @@ impl Emulated {
     /// The transport for an emulated target: its `qemu` emulator and `sysroot`, and the runner
     /// built for its triple ([`Local::find_runner_for`]).
     pub fn for_target(target: &Target) -> Result<Self, TransportError> {
-        let emulator = target.qemu.clone().ok_or_else(|| {
-            TransportError::Unexpected(format!(
-                "target '{}' names no emulator (the `qemu` field)",
-                target.name
-            ))
-        })?;
+        let Connection::Emulated(link) = &target.connection else {
+            return Err(wrong_transport(target, "emulated"));
+        };
         let runner = Local::find_runner_for(&target.triple)?;
-        Ok(Emulated::new(emulator, target.sysroot.as_deref(), runner))
+        Ok(Emulated::new(
+            link.qemu.clone(),
+            link.sysroot.as_deref(),
+            runner,
+        ))
     }
 
     /// The command line that starts the runner.
@@ -551,14 +696,16 @@ impl Ssh {
     /// The transport for an ssh target: its `host`, `port`, `user`, `identity`, `known_hosts` and
     /// `remote_dir`, and the runner built for its triple ([`Local::find_runner_for`]).
     pub fn for_target(target: &Target) -> Result<Self, TransportError> {
-        let host = target.host.clone().unwrap_or_default();
+        let Connection::Ssh(link) = &target.connection else {
+            return Err(wrong_transport(target, "ssh"));
+        };
         let ssh = Ssh::new(
-            host,
-            target.ssh_port(),
-            target.user.clone(),
-            target.identity.clone(),
-            target.known_hosts.clone(),
-            target.ssh_remote_dir(),
+            link.host.clone(),
+            link.port_or_default(),
+            link.user.clone(),
+            link.identity.clone(),
+            link.known_hosts.clone(),
+            link.remote_dir_or_default(),
             PathBuf::new(),
         );
         for (what, file) in [
@@ -878,12 +1025,14 @@ impl Transport for Ssh {
 mod tests {
     use super::*;
 
+    fn any_request() -> RunRequest {
+        RunRequest::new(1, "m", ModelSource::Bytes(Vec::new()), RuntimeKind::OrtCpu)
+    }
+
     #[test]
     fn a_missing_runner_is_a_spawn_error_naming_it() {
         let mut t = Local::new("/nonexistent/whittle-runner");
-        let err = t
-            .request(pb::Request::default(), &mut |_, _| {})
-            .unwrap_err();
+        let err = t.request(&any_request(), &mut |_, _| {}).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("/nonexistent/whittle-runner"), "{msg}");
         assert!(matches!(t.recv(), Err(TransportError::NotRunning)));
@@ -906,9 +1055,7 @@ mod tests {
                 .expect("chmod");
         }
         let mut t = Local::new(&script);
-        let err = t
-            .request(pb::Request::default(), &mut |_, _| {})
-            .unwrap_err();
+        let err = t.request(&any_request(), &mut |_, _| {}).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("exit status: 3"), "{msg}");
         assert!(msg.contains("cannot load libonnxruntime"), "{msg}");
@@ -929,7 +1076,7 @@ mod tests {
         );
         let mut t = t;
         let msg = t
-            .request(pb::Request::default(), &mut |_, _| {})
+            .request(&any_request(), &mut |_, _| {})
             .unwrap_err()
             .to_string();
         assert!(msg.contains("/nonexistent/qemu-aarch64"), "{msg}");
@@ -947,7 +1094,7 @@ mod tests {
             child: None,
         });
         let msg = t
-            .request(pb::Request::default(), &mut |_, _| {})
+            .request(&any_request(), &mut |_, _| {})
             .unwrap_err()
             .to_string();
         assert!(msg.contains("args: -L /r/whittle-runner"), "{msg}");

@@ -27,7 +27,7 @@ pub enum Error {
     Model(Box<whittle_core::Error>),
     /// A runtime error.
     #[error(transparent)]
-    Runtime(Box<whittle_deploy::Error>),
+    Runtime(Box<whittle_runtime::Error>),
     /// A dataset error.
     #[error(transparent)]
     Data(Box<whittle_calib::Error>),
@@ -42,8 +42,8 @@ impl From<whittle_core::Error> for Error {
     }
 }
 
-impl From<whittle_deploy::Error> for Error {
-    fn from(e: whittle_deploy::Error) -> Self {
+impl From<whittle_runtime::Error> for Error {
+    fn from(e: whittle_runtime::Error) -> Self {
         Error::Runtime(Box::new(e))
     }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use whittle_calib::text;
 use whittle_core::Value;
 use whittle_core::stats::cosine;
-use whittle_deploy::{RuntimeKind, RuntimeOptions, Session};
+use whittle_runtime::{RuntimeKind, RuntimeOptions, Session};
 
 use crate::{Error, VerifyOptions};
 
@@ -68,13 +68,13 @@ pub fn sts(
     // tract plans for fixed shapes: pad every batch to `bs` x MAX_LEN
     let fixed = opts.runtime == RuntimeKind::Tract;
     if fixed {
-        ropts.input_shapes = whittle_deploy::declared_inputs(reference)?
+        ropts.input_shapes = whittle_runtime::declared_inputs(reference)?
             .into_iter()
             .map(|io| (io.name, vec![bs, MAX_LEN]))
             .collect();
     }
-    let mut r = whittle_deploy::load(opts.runtime, reference, &ropts)?;
-    let mut c = whittle_deploy::load(opts.runtime, candidate, &ropts)?;
+    let mut r = whittle_runtime::load(opts.runtime, reference, &ropts)?;
+    let mut c = whittle_runtime::load(opts.runtime, candidate, &ropts)?;
     let (out, pooled) = embedding_output(r.as_ref())?;
     let name = r.outputs()[out].name.clone();
     let (mut er, mut ec) = (Vec::new(), Vec::new());

@@ -9,7 +9,7 @@ use serde::Serialize;
 use whittle_calib::{Dataset, Preprocess};
 use whittle_core::Value;
 use whittle_core::stats::cosine;
-use whittle_deploy::{IoInfo, RuntimeKind, RuntimeOptions, Session};
+use whittle_runtime::{IoInfo, RuntimeKind, RuntimeOptions, Session};
 
 use crate::Error;
 
@@ -126,7 +126,7 @@ pub fn verify_items(
     if opts.runtime == RuntimeKind::Tract {
         // tract plans for fixed shapes: give it the padded batch's (some graphs, a transformer's
         // attention over batch x sequence symbols, do not optimise with symbols at all)
-        let declared = whittle_deploy::declared_inputs(reference)?;
+        let declared = whittle_runtime::declared_inputs(reference)?;
         let (specs, bs) = whittle_calib::input_specs(&declared, opts.batch, Some(data))?;
         ropts.input_shapes = specs
             .into_iter()
@@ -136,8 +136,8 @@ pub fn verify_items(
             })
             .collect();
     }
-    let mut r = whittle_deploy::load(opts.runtime, reference, &ropts)?;
-    let mut c = whittle_deploy::load(opts.runtime, candidate, &ropts)?;
+    let mut r = whittle_runtime::load(opts.runtime, reference, &ropts)?;
+    let mut c = whittle_runtime::load(opts.runtime, candidate, &ropts)?;
     check_same_interface(r.as_ref(), c.as_ref())?;
     let (specs, bs) = whittle_calib::input_specs(r.inputs(), opts.batch, Some(data))?;
     if indices.is_empty() {

@@ -3,7 +3,7 @@
 //! It reads [`Request`](whittle_deploy::protocol::pb::Request) frames on its input, and for each
 //! loads the model in the requested runtime, builds synthetic inputs (the shapes asked for, other
 //! symbolic dims 1), runs the model once for the output checksums, then warm-up and timed runs with
-//! [`whittle_deploy::bench`]. Session creation (with TensorRT: the engine build, unless cached) and
+//! [`whittle_runtime::bench`]. Session creation (with TensorRT: the engine build, unless cached) and
 //! the first run are timed apart from those runs (`load_ms`, `first_run_ms`). It answers with Progress frames and one Result, or one Error frame
 //! with the runtime's own text, and then serves the next request, until its input closes. Its
 //! output carries frames only; anything it has to say goes to stderr.
@@ -21,7 +21,7 @@ use whittle_deploy::protocol::{
     MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, output_checksum, pb, write_frame,
 };
 use whittle_deploy::serial::{Link, LinkError, valid_upload_name};
-use whittle_deploy::{BenchConfig, RuntimeKind, RuntimeOptions};
+use whittle_runtime::{BenchConfig, RuntimeKind, RuntimeOptions};
 
 /// The most elements one synthetic input may have (a bad shape must not exhaust the board).
 pub const MAX_INPUT_ELEMENTS: usize = 1 << 28;
@@ -296,7 +296,7 @@ pub fn handle(
         None => return Err("the request carries no model (neither bytes nor a path)".into()),
     };
     if !req.ort_library.is_empty() && runtime != RuntimeKind::Tract {
-        whittle_deploy::init_ort_from(Path::new(&req.ort_library)).map_err(|e| e.to_string())?;
+        whittle_runtime::init_ort_from(Path::new(&req.ort_library)).map_err(|e| e.to_string())?;
     }
     let input_shapes: Vec<(String, Vec<usize>)> = req
         .input_shapes
@@ -339,7 +339,7 @@ pub fn handle(
     };
     reset_peak_rss();
     let loading = std::time::Instant::now();
-    let mut session = whittle_deploy::load(runtime, &bytes, &opts).map_err(|e| {
+    let mut session = whittle_runtime::load(runtime, &bytes, &opts).map_err(|e| {
         if req.name.is_empty() {
             e.to_string()
         } else {
@@ -348,7 +348,7 @@ pub fn handle(
     })?;
     let load_ms = loading.elapsed().as_secs_f64() * 1e3;
     drop(bytes);
-    let inputs = whittle_deploy::synthetic_inputs(session.inputs(), &input_shapes)
+    let inputs = whittle_runtime::synthetic_inputs(session.inputs(), &input_shapes)
         .map_err(|e| e.to_string())?;
     for (info, value) in session.inputs().iter().zip(&inputs) {
         let n: usize = value.shape().iter().product();
@@ -371,7 +371,7 @@ pub fn handle(
     drop(outputs);
     let total = (cfg.warmup + cfg.iters) as u64;
     let step = total.div_ceil(PROGRESS_FRAMES).max(1);
-    let stats = whittle_deploy::bench(session.as_mut(), &inputs, &cfg, &mut |done, total| {
+    let stats = whittle_runtime::bench(session.as_mut(), &inputs, &cfg, &mut |done, total| {
         let (done, total) = (done as u64, total as u64);
         if done % step == 0 || done == total {
             on_progress(done, total);
@@ -388,7 +388,7 @@ pub fn handle(
         min_ms: stats.min_ms,
         max_ms: stats.max_ms,
         fps: stats.fps,
-        peak_rss_bytes: whittle_deploy::peak_rss_bytes(),
+        peak_rss_bytes: whittle_runtime::peak_rss_bytes(),
         provider: Some(session.provider().into()),
         input_shapes: session
             .inputs()

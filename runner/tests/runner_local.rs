@@ -6,9 +6,9 @@
 //! where it fails.
 
 use whittle_deploy::protocol::{output_checksum, pb};
-use whittle_deploy::transport::{Local, Transport, TransportError};
+use whittle_deploy::transport::{Local, ModelSource, RunRequest, Transport, TransportError};
 use whittle_test_support::runtime::{
-    RuntimeKind, RuntimeOptions, load, locate_ort_library, synthetic_inputs,
+    BenchConfig, RuntimeKind, RuntimeOptions, load, locate_ort_library, synthetic_inputs,
 };
 use whittle_test_support::{resnet8, unavailable};
 
@@ -30,18 +30,16 @@ fn runtimes() -> Vec<RuntimeKind> {
     kinds
 }
 
-fn request(id: u64, runtime: RuntimeKind, model: pb::request::Model) -> pb::Request {
-    pb::Request {
-        id,
-        name: "resnet8_cifar10.onnx".into(),
-        model: Some(model),
-        runtime: runtime.name().into(),
-        threads: Some(2),
+fn request(id: u64, runtime: RuntimeKind, model: ModelSource) -> RunRequest {
+    let mut r = RunRequest::new(id, "resnet8_cifar10.onnx", model, runtime);
+    r.bench = BenchConfig {
         warmup: 2,
         iters: 10,
-        input_shapes: vec![pb::InputShape::new("input", &[1, 3, 32, 32])],
-        ..Default::default()
-    }
+        max_seconds: None,
+    };
+    r.options.threads = Some(2);
+    r.options.input_shapes = vec![("input".into(), vec![1, 3, 32, 32])];
+    r
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -98,8 +96,8 @@ fn resnet8_through_the_local_runner_matches_in_process() {
     for (i, runtime) in runtimes().into_iter().enumerate() {
         // By path for one request, by bytes for the next: both ways must give the same model.
         for (j, model) in [
-            pb::request::Model::ModelPath(path.display().to_string()),
-            pb::request::Model::ModelBytes(bytes.clone()),
+            ModelSource::Path(path.clone()),
+            ModelSource::Bytes(bytes.clone()),
         ]
         .into_iter()
         .enumerate()
@@ -107,7 +105,7 @@ fn resnet8_through_the_local_runner_matches_in_process() {
             let mut progress = Vec::new();
             let r = t
                 .request(
-                    request((2 * i + j) as u64 + 1, runtime, model),
+                    &request((2 * i + j) as u64 + 1, runtime, model),
                     &mut |d, n| progress.push((d, n)),
                 )
                 .unwrap_or_else(|e| panic!("{runtime}: {e}"));
@@ -131,13 +129,9 @@ fn a_garbage_model_is_an_error_frame_and_the_runner_serves_on() {
     let bytes = std::fs::read(resnet8()).expect("the bundled ResNet-8");
     let mut t = runner();
     for runtime in runtimes() {
-        let mut bad = request(
-            1,
-            runtime,
-            pb::request::Model::ModelBytes(b"garbage".to_vec()),
-        );
+        let mut bad = request(1, runtime, ModelSource::Bytes(b"garbage".to_vec()));
         bad.name = "garbage.onnx".into();
-        let err = t.request(bad, &mut |_, _| {}).unwrap_err();
+        let err = t.request(&bad, &mut |_, _| {}).unwrap_err();
         let TransportError::Remote(msg) = &err else {
             panic!("{runtime}: expected an Error frame, got {err}");
         };
@@ -151,7 +145,7 @@ fn a_garbage_model_is_an_error_frame_and_the_runner_serves_on() {
         let mut progress = Vec::new();
         let r = t
             .request(
-                request(2, runtime, pb::request::Model::ModelBytes(bytes.clone())),
+                &request(2, runtime, ModelSource::Bytes(bytes.clone())),
                 &mut |d, n| progress.push((d, n)),
             )
             .unwrap_or_else(|e| panic!("{runtime} after an error: {e}"));
@@ -172,17 +166,13 @@ fn tensorrt_options_reach_the_runner_and_a_missing_provider_is_named() {
     };
     let cache = std::env::temp_dir().join(format!("whittle-trt-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
-    let mut req = request(
-        1,
-        RuntimeKind::OrtTensorRt,
-        pb::request::Model::ModelPath(resnet8().display().to_string()),
-    );
-    req.ort_library = lib.display().to_string();
-    req.tensorrt_fp16 = Some(true);
-    req.tensorrt_cache_dir = cache.display().to_string();
-    req.tensorrt_workspace_bytes = Some(256 << 20);
+    let mut req = request(1, RuntimeKind::OrtTensorRt, ModelSource::Path(resnet8()));
+    req.ort_library = Some(lib);
+    req.options.tensorrt_fp16 = Some(true);
+    req.options.tensorrt_cache_dir = Some(cache.clone());
+    req.options.tensorrt_workspace_bytes = Some(256 << 20);
     let mut t = runner();
-    let err = t.request(req.clone(), &mut |_, _| {}).unwrap_err();
+    let err = t.request(&req, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, TransportError::Remote(_)), "{err}");
     assert!(err.to_string().contains("TensorRT"), "{err}");
     assert!(
@@ -190,8 +180,8 @@ fn tensorrt_options_reach_the_runner_and_a_missing_provider_is_named() {
         "the cache folder is made before the session"
     );
 
-    req.allow_fallback = true;
-    let r = t.request(req, &mut |_, _| {}).expect("falls back to CPU");
+    req.options.allow_fallback = true;
+    let r = t.request(&req, &mut |_, _| {}).expect("falls back to CPU");
     let p = r.provider_info();
     assert_eq!(p.requested, "TensorrtExecutionProvider");
     assert_eq!(p.actual, "CPUExecutionProvider");

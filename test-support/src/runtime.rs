@@ -1,9 +1,9 @@
 //! Running a model in a runtime. Tests take the runtime types from here (re-exported), so that
 //! where the runtimes live is written once.
 
-pub use whittle_deploy::{
-    RuntimeKind, RuntimeOptions, Session, Value, load, locate_ort_library, probe_tensor,
-    synthetic_inputs,
+pub use whittle_runtime::{
+    BenchConfig, RuntimeKind, RuntimeOptions, Session, Value, load, locate_ort_library,
+    probe_tensor, synthetic_inputs,
 };
 
 use whittle_core::Model;

@@ -235,8 +235,7 @@ pub fn assert_rows_match_host_runner(
     rel_tol: f64,
     how: &str,
 ) {
-    use whittle_deploy::protocol::pb;
-    use whittle_deploy::transport::{Local, Transport};
+    use whittle_deploy::transport::{Local, ModelSource, RunRequest, Transport};
     let jrows = results["rows"].as_array().unwrap();
     assert_eq!(jrows.len(), 2, "{results:#}");
     let mut host = Local::find_runner()
@@ -267,17 +266,20 @@ pub fn assert_rows_match_host_runner(
         } else {
             report.join(model_name)
         };
-        let req = pb::Request {
-            id: 1,
-            name: model_name.to_string(),
-            model: Some(pb::request::Model::ModelPath(s(&model))),
-            runtime: "ort-cpu".into(),
+        let mut req = RunRequest::new(
+            1,
+            model_name,
+            ModelSource::Path(model.clone()),
+            whittle_runtime::RuntimeKind::OrtCpu,
+        );
+        req.bench = whittle_runtime::BenchConfig {
+            warmup: 0,
             iters: 1,
-            ort_library: ort_library.to_string(),
-            ..Default::default()
+            max_seconds: None,
         };
+        req.ort_library = (!ort_library.is_empty()).then(|| PathBuf::from(ort_library));
         let expected = host
-            .request(req, &mut |_, _| {})
+            .request(&req, &mut |_, _| {})
             .unwrap_or_else(|e| panic!("host runner on {}: {e}", model.display()))
             .outputs;
         let got = row["outputs"].as_array().expect("output checksums");

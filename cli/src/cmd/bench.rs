@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use serde::Serialize;
-use whittle_deploy::{BenchConfig, BenchStats, ProviderInfo, RuntimeKind, RuntimeOptions};
+use whittle_runtime::{BenchConfig, BenchReport, RuntimeKind, RuntimeOptions};
 
 use crate::Outcome;
 use crate::progress::bar;
@@ -41,21 +40,6 @@ pub struct Args {
     json: bool,
 }
 
-/// One benchmark result, as printed with `--json`.
-#[derive(Serialize)]
-pub struct BenchReport {
-    /// The model file.
-    pub model: String,
-    /// The runtime.
-    pub runtime: RuntimeKind,
-    /// The execution provider asked for and the one that ran.
-    pub provider: ProviderInfo,
-    /// The input shapes used.
-    pub input_shapes: Vec<(String, Vec<usize>)>,
-    /// Latency statistics.
-    pub stats: BenchStats,
-}
-
 /// Load and benchmark one model in this process.
 pub fn measure(
     model_bytes: &[u8],
@@ -64,8 +48,8 @@ pub fn measure(
     opts: &RuntimeOptions,
     cfg: &BenchConfig,
 ) -> Result<BenchReport> {
-    let mut s = whittle_deploy::load(runtime, model_bytes, opts)?;
-    let inputs = whittle_deploy::synthetic_inputs(s.inputs(), &opts.input_shapes)?;
+    let mut s = whittle_runtime::load(runtime, model_bytes, opts)?;
+    let inputs = whittle_runtime::synthetic_inputs(s.inputs(), &opts.input_shapes)?;
     let input_shapes = s
         .inputs()
         .iter()
@@ -73,7 +57,7 @@ pub fn measure(
         .map(|(io, v)| (io.name.clone(), v.shape().to_vec()))
         .collect();
     let pb = bar(runtime.name(), cfg.warmup + cfg.iters);
-    let stats = whittle_deploy::bench(s.as_mut(), &inputs, cfg, &mut |d, _| {
+    let stats = whittle_runtime::bench(s.as_mut(), &inputs, cfg, &mut |d, _| {
         pb.set_position(d as u64)
     });
     pb.finish_and_clear();

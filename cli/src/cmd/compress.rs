@@ -14,8 +14,8 @@ use whittle_compress::pipeline::{
 };
 use whittle_compress::report::{self, LayerChange};
 use whittle_core::{Model, cost, shape};
-use whittle_deploy::RuntimeKind;
 use whittle_export::{VerifyOptions, VerifyReport};
+use whittle_runtime::RuntimeKind;
 
 use crate::Outcome;
 use crate::progress::Bars;

@@ -10,25 +10,22 @@
 //! chunks, resumed after a dropped link. Agreement and accuracy are checked in this process. The
 //! report folder holds `results.json`, `report.md` and `plot.svg` (p50 latency against agreement).
 
-mod plot;
-
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use whittle_calib::Dataset;
 use whittle_core::{cost, shape};
-use whittle_deploy::protocol::pb;
+use whittle_deploy::report::{self, Failure, OutputSum, Row};
 use whittle_deploy::serial::Serial;
-use whittle_deploy::target::{Target, Transport};
-use whittle_deploy::transport::{Emulated, Local, Ssh, Transport as RunnerTransport};
-use whittle_deploy::{BenchConfig, RuntimeKind};
+use whittle_deploy::target::{Connection, Target};
+use whittle_deploy::transport::{
+    Emulated, Local, ModelSource, RunRequest, Ssh, Transport as RunnerTransport,
+};
 use whittle_export::VerifyOptions;
+use whittle_runtime::{BenchConfig, BenchReport, RuntimeKind};
 
-use super::bench::BenchReport;
 use crate::Outcome;
 use crate::progress::bar;
-use crate::table::{Table, pct, si};
 
 /// Arguments of `whittle deploy`.
 #[derive(clap::Args)]
@@ -58,72 +55,8 @@ pub struct Args {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct Row {
-    model: String,
-    variant: String,
-    params: u64,
-    macs: u64,
-    bench: BenchReport,
-    /// p50 of the original on the same runtime divided by this row's p50.
-    speedup: Option<f64>,
-    /// Top-1 agreement with the original on the held-apart items (compressed variants).
-    agreement: Option<f64>,
-    accuracy: Option<f64>,
-    items: usize,
-    /// Peak resident memory of the runner while it served this row's model (where known).
-    peak_rss_bytes: Option<u64>,
-    /// The runner's output checksums for its synthetic inputs (compare across boards).
-    outputs: Vec<OutputSum>,
-    /// Milliseconds to create the session in the runner (with TensorRT and no cached engine: the
-    /// engine build) and of its first run, apart from the timed runs.
-    load_ms: Option<f64>,
-    first_run_ms: Option<f64>,
-}
-
-/// One output checksum from the runner (see `whittle_deploy::protocol::output_checksum`).
-#[derive(Serialize)]
-struct OutputSum {
-    name: String,
-    dtype: String,
-    shape: Vec<u64>,
-    sum: f64,
-    sum_squares: f64,
-}
-
-#[derive(Serialize)]
-struct Results {
-    target: String,
-    triple: String,
-    transport: String,
-    started: String,
-    /// Set when the latencies cannot stand for the board's (measured under emulation).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timing_note: Option<String>,
-    /// The compression of the main job, when it ran.
-    compression: Option<super::compress::Summary>,
-    /// What happened to the link (serial: drops, reopenings, resumed uploads), one line each.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    link_events: Vec<String>,
-    /// False while rows are still being measured: `results.json` is rewritten (atomically) after
-    /// each row, so an interrupted or failed run keeps the rows it finished.
-    complete: bool,
-    rows: Vec<Row>,
-    /// Models the board could not run (the board's error text), while the others went on.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    failures: Vec<Failure>,
-}
-
-/// A model and runtime that failed on the board or in the check against the original.
-#[derive(Serialize)]
-struct Failure {
-    model: String,
-    runtime: String,
-    error: String,
-}
-
-/// The plot in the report folder.
-const PLOT_FILE: &str = "plot.svg";
+/// The report's results, with the summary of the main job's compression.
+type Results = report::Results<super::compress::Summary>;
 
 /// The repository root: the current folder when it holds targets/, else the build's source tree.
 fn repo_root() -> PathBuf {
@@ -182,7 +115,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     let mut results = Results {
         target: target.name.clone(),
         triple: target.triple.clone(),
-        transport: format!("{:?}", target.transport).to_lowercase(),
+        transport: target.transport().name().to_string(),
         started: started.clone(),
         timing_note: timing_note.clone(),
         compression,
@@ -273,87 +206,14 @@ pub fn run(a: Args) -> Result<Outcome> {
     }
     runner.close()?;
     results.complete = true;
-    let table = render(&results);
+    let rendered = report::render(&results, eval_idx.len()).context("drawing the plot")?;
+    let table = rendered.table;
     save(&results)?;
-    let note = timing_note
-        .as_ref()
-        .map(|n| format!("**Note: {n}.**\n\n"))
-        .unwrap_or_default();
-    let points: Vec<plot::Point> = results
-        .rows
-        .iter()
-        .filter_map(|r| {
-            Some(plot::Point {
-                variant: r.variant.clone(),
-                runtime: r.bench.runtime.to_string(),
-                agreement: r.agreement?,
-                p50_ms: r.bench.stats.p50_ms,
-            })
-        })
-        .collect();
-    let unplotted = results.rows.len() - points.len();
-    let svg = plot::svg(
-        &format!("whittle deploy: {} ({})", results.target, results.started),
-        &points,
-    )
-    .context("drawing the plot")?;
-    whittle_export::write_atomic(&dir.join(PLOT_FILE), svg.as_bytes())?;
-    let link = if results.link_events.is_empty() {
-        String::new()
-    } else {
-        let lines: Vec<String> = results
-            .link_events
-            .iter()
-            .map(|e| format!("- {e}\n"))
-            .collect();
-        format!("\nThe link:\n\n{}", lines.concat())
-    };
-    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
-    let startup_rows: Vec<String> = results
-        .rows
-        .iter()
-        .map(|r| {
-            format!(
-                "| {} | {} | {} | {} | {} |\n",
-                r.model,
-                r.bench.runtime,
-                r.bench.provider.actual,
-                ms(r.load_ms),
-                ms(r.first_run_ms)
-            )
-        })
-        .collect();
-    let startup = format!(
-        "\nStartup, apart from the timed runs: session creation (with TensorRT and no cached engine, the engine build) and the first run.\n\n| model | runtime | EP | session ms | first run ms |\n|---|---|---|---|---|\n{}",
-        startup_rows.concat()
-    );
-    let unplotted = if unplotted > 0 {
-        format!(" ({unplotted} rows without an agreement are not plotted)")
-    } else {
-        String::new()
-    };
-    let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {} held-apart images.\n\n```\n{}```\n{startup}{link}\n![p50 latency against top-1 agreement, one point per variant and runtime]({PLOT_FILE}){unplotted}\n",
-        results.target,
-        results.triple,
-        results.started,
-        eval_idx.len(),
-        table
-    );
-    let failed: Vec<String> = results
-        .failures
-        .iter()
-        .map(|f| format!("- {} on {}: {}\n", f.model, f.runtime, f.error))
-        .collect();
-    let md = if failed.is_empty() {
-        md
-    } else {
-        format!(
-            "{md}\nFailed on the board (the other rows were measured):\n\n{}",
-            failed.concat()
-        )
-    };
-    whittle_export::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    whittle_export::write_atomic(&dir.join(report::PLOT_FILE), rendered.svg.as_bytes())?;
+    whittle_export::write_atomic(
+        &dir.join(report::MARKDOWN_FILE),
+        rendered.markdown.as_bytes(),
+    )?;
     if a.json {
         outln!("{}", serde_json::to_string(&results)?);
     } else {
@@ -379,19 +239,18 @@ pub fn run(a: Args) -> Result<Outcome> {
 
 /// The transport the target names, and a note for the report when its timings are emulated.
 fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)> {
-    match target.transport {
-        Transport::Local => Ok((Box::new(Local::from_env()?), None)),
-        Transport::Emulated => {
+    match &target.connection {
+        Connection::Local(_) => Ok((Box::new(Local::from_env()?), None)),
+        Connection::Emulated(link) => {
             let emulated = Emulated::for_target(target)?;
             eprintln!("runner: {}", emulated.command_line());
             let note = format!(
                 "timings are emulated ({} on this machine): they are not meaningful for a real {} board",
-                target.qemu.as_deref().unwrap_or("qemu-user"),
-                target.triple
+                link.qemu, target.triple
             );
             Ok((Box::new(emulated), Some(note)))
         }
-        Transport::Ssh => {
+        Connection::Ssh(_) => {
             let mut ssh = Ssh::for_target(target)?;
             // Reach the board now (copy the runner, start it): a board that cannot be reached
             // fails here, with one line, before any compression or report folder.
@@ -399,7 +258,7 @@ fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)
             eprintln!("runner: {}", ssh.command_line());
             Ok((Box::new(ssh), None))
         }
-        Transport::Serial => {
+        Connection::Serial(_) => {
             let mut serial = Serial::for_target(target)?;
             // Open the port and ping the runner now: a missing device or a silent board fails
             // here, with one line, before any compression or report folder.
@@ -429,36 +288,17 @@ fn measure_in_runner(
     target: &Target,
     cfg: &BenchConfig,
 ) -> Result<Measured> {
-    let count = |what: &str, n: usize| {
-        u32::try_from(n).with_context(|| format!("{what} {n} is too large for the runner"))
-    };
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let upload = bar("upload", len as usize);
     let model = runner.send_file_with_progress(path, &mut |done, _| upload.set_position(done));
     upload.finish_and_clear();
     let model = model?;
-    let req = pb::Request {
-        id: 1,
-        name: name.to_string(),
-        model: Some(pb::request::Model::ModelPath(model.display().to_string())),
-        runtime: runtime.name().to_string(),
-        threads: target.threads.map(|n| count("threads", n)).transpose()?,
-        warmup: count("warmup", cfg.warmup)?,
-        iters: count("iters", cfg.iters)?,
-        max_seconds: cfg.max_seconds,
-        input_shapes: Vec::new(),
-        allow_fallback: target.allow_fallback,
-        ort_library: target
-            .ort_library
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        tensorrt_fp16: target.tensorrt_fp16,
-        tensorrt_cache_dir: target.tensorrt_cache_dir.clone().unwrap_or_default(),
-        tensorrt_workspace_bytes: target.tensorrt_workspace_bytes(),
+    let req = RunRequest {
+        bench: cfg.clone(),
+        ..RunRequest::for_target(target, 1, name, ModelSource::Path(model), runtime)
     };
     let progress = bar(runtime.name(), cfg.warmup + cfg.iters);
-    let result = runner.request(req, &mut |done, _| progress.set_position(done));
+    let result = runner.request(&req, &mut |done, _| progress.set_position(done));
     progress.finish_and_clear();
     let result = result?;
     let report = BenchReport {
@@ -485,44 +325,6 @@ fn measure_in_runner(
         outputs,
         (result.load_ms, result.first_run_ms),
     ))
-}
-
-fn render(r: &Results) -> String {
-    let mut t = Table::new(&[
-        "model",
-        "variant",
-        "params",
-        "MACs",
-        "runtime",
-        "EP",
-        "p50 ms",
-        "p90 ms",
-        "fps",
-        "speedup",
-        "agreement",
-        "accuracy",
-    ]);
-    let opt = |v: Option<f64>| v.map(pct).unwrap_or_else(|| "-".into());
-    for row in &r.rows {
-        let b = &row.bench;
-        t.row(vec![
-            row.model.clone(),
-            row.variant.clone(),
-            si(row.params),
-            si(row.macs),
-            b.runtime.to_string(),
-            b.provider.actual.clone(),
-            format!("{:.3}", b.stats.p50_ms),
-            format!("{:.3}", b.stats.p90_ms),
-            format!("{:.1}", b.stats.fps),
-            row.speedup
-                .map(|v| format!("{v:.2}x"))
-                .unwrap_or_else(|| "-".into()),
-            opt(row.agreement),
-            opt(row.accuracy),
-        ]);
-    }
-    t.render()
 }
 
 /// UTC time as `YYYYMMDD-HHMMSS` (folder names sort by time).

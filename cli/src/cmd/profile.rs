@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use whittle_compress::latency;
 use whittle_compress::{cleanup, merge};
 use whittle_core::{cost, shape};
-use whittle_deploy::RuntimeKind;
+use whittle_runtime::RuntimeKind;
 
 use crate::Outcome;
 use crate::progress::Bars;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use whittle_calib::Dataset;
-use whittle_deploy::RuntimeKind;
 use whittle_export::{VerifyOptions, VerifyReport};
+use whittle_runtime::RuntimeKind;
 
 use crate::Outcome;
 use crate::progress::bar;

@@ -1,8 +1,9 @@
 //! The deploy report's plot: p50 latency against top-1 agreement with the original, one point per
 //! model variant and runtime, drawn as SVG with plotters (text as SVG `<text>`; no fonts needed).
 
-use anyhow::Result;
 use plotters::prelude::*;
+
+use crate::report::PlotError;
 
 /// One measured row.
 pub struct Point {
@@ -18,7 +19,11 @@ pub struct Point {
 
 /// The SVG text of the plot: one filled circle per point, coloured by runtime (a legend names the
 /// runtimes), labelled with its variant.
-pub fn svg(title: &str, points: &[Point]) -> Result<String> {
+pub fn svg(title: &str, points: &[Point]) -> Result<String, PlotError> {
+    draw(title, points).map_err(|e| PlotError(e.to_string()))
+}
+
+fn draw(title: &str, points: &[Point]) -> Result<String, Box<dyn std::error::Error>> {
     let mut runtimes: Vec<&str> = Vec::new();
     for p in points {
         if !runtimes.contains(&p.runtime.as_str()) {

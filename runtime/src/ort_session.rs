@@ -11,7 +11,7 @@ use whittle_core::Value;
 
 use crate::error::{Error, one_line};
 use crate::ort_lib::{OrtRuntime, ort_runtime};
-use crate::runtime::{
+use crate::session::{
     CPU_EP, Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, check_inputs,
     onnx_dtype_name, resolve_shapes,
 };

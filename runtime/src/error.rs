@@ -1,4 +1,4 @@
-//! The error type of `whittle-deploy`.
+//! The error type of `whittle-runtime`.
 
 use std::path::PathBuf;
 
@@ -79,7 +79,7 @@ pub enum Error {
     RuntimeNotBuilt {
         /// The runtime's name (`tract`).
         runtime: &'static str,
-        /// The cargo feature of `whittle-deploy` that brings it.
+        /// The cargo feature of `whittle-runtime` that brings it.
         feature: &'static str,
     },
 

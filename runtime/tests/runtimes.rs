@@ -5,7 +5,7 @@
 //! where they fail it.
 
 use ndarray::{ArrayD, IxDyn};
-use whittle_deploy::{
+use whittle_runtime::{
     BenchConfig, Dim, Error, IoInfo, RuntimeKind, RuntimeOptions, Session, Value, bench, load,
     locate_ort_library, peak_rss_bytes, probe_tensor, synthetic_inputs,
 };

@@ -7,7 +7,7 @@ use serde::Serialize;
 use whittle_core::Value;
 
 use crate::error::Error;
-use crate::runtime::{Dim, IoInfo, Session, resolve_shapes};
+use crate::session::{Dim, IoInfo, ProviderInfo, RuntimeKind, Session, resolve_shapes};
 
 /// How long to benchmark.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,6 +29,22 @@ impl Default for BenchConfig {
             max_seconds: None,
         }
     }
+}
+
+/// One benchmark of one model in one runtime: what `whittle bench --json` prints, and a row of a
+/// deployment report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// The model file.
+    pub model: String,
+    /// The runtime.
+    pub runtime: RuntimeKind,
+    /// The execution provider asked for and the one that ran.
+    pub provider: ProviderInfo,
+    /// The input shapes used.
+    pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// Latency statistics.
+    pub stats: BenchStats,
 }
 
 /// Latency statistics over the timed runs, in milliseconds per `run` call.

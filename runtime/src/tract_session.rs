@@ -9,7 +9,7 @@ use tract_onnx::tract_hir::infer::{DimFact, ShapeFactoid};
 use whittle_core::Value;
 
 use crate::error::Error;
-use crate::runtime::{
+use crate::session::{
     Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, check_inputs, onnx_dtype_name,
     resolve_shapes,
 };
