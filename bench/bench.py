@@ -51,6 +51,7 @@ import benchlib
 import lowrank_bench
 import merge_bench
 import prune_bench
+import readme
 import runner_bench
 import transformer_bench
 from benchlib import ASSETS, HERE, REPO, fmt
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, help="timed runs per contestant run (default 100; --quick 20)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and iterations (a smoke run)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--readme", nargs="?", const=REPO / "README.md", type=Path, metavar="FILE",
+                    help="then rewrite the benchmark tables of FILE (default README.md) from this run's "
+                         "result (bench/readme.py; with --quick, the sections a quick run measures)")
     ap.add_argument("--skip-prune", action="store_true",
                     help="skip the channel pruning rows (bench/prune_bench.py; they take minutes, 15+ without --quick)")
     ap.add_argument("--skip-lowrank", action="store_true",
@@ -297,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {SUBS[name][2]}: {r['error']}", file=sys.stderr)
         elif name == "runner" and st:
             print("bench: runner: the cross build or the strip failed (see above)", file=sys.stderr)
+    if a.readme:
+        done = readme.rewrite(a.readme, result)
+        log(f"{a.readme}: rewrote the tables {', '.join(done) or '(none: no marker matched)'}")
     return 1 if failed or any(st for _, st in subs.values()) else 0
 
 
