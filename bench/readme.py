@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     ap.add_argument("--machine", help="what to call the machine (default: N-core machine (CPU model) "
                                       "from the result)")
+    ap.add_argument("--date", help="when it was measured, for a result without its date (default: the "
+                                   "result's date, else the file's time)")
     ap.add_argument("--note", help="one more sentence for each block's first line")
     a = ap.parse_args(argv)
     only = [x.strip() for x in a.only.split(",") if x.strip()] if a.only else None
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = json.loads(a.result.read_text())
         a.readme.read_text()
+        if a.date:
+            result["date"] = datetime.datetime.fromisoformat(a.date).isoformat()
     except (OSError, ValueError) as e:
         print(f"readme: {e}", file=sys.stderr)
         return 2
