@@ -70,7 +70,7 @@ build-runner triple="aarch64-unknown-linux-gnu":
 setup-bench:
     bash bench/setup_venv.sh
 
-# whittle (ort-cpu, tract) vs ONNX Runtime's Python API, then channel pruning, low-rank and MiniLM (transformer) rows, then the aarch64 runner's stripped size and cross build time (--quick, --json, --threads N, --skip-prune, --skip-lowrank, --skip-transformer, --skip-runner).
+# whittle (ort-cpu, tract) vs ONNX Runtime's Python API, then channel pruning, low-rank and MiniLM (transformer) rows, then the aarch64 runner's stripped size and cross build time (--quick, --json, --threads N, --skip-prune, --skip-lowrank, --skip-transformer, --skip-merge, --skip-runner; --readme rewrites README.md's tables from the run, bench/readme.py).
 bench *args: setup build setup-bench
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv/bin/python" bench/bench.py --whittle "{{whittle}}" {{args}}
 

@@ -38,23 +38,23 @@ Run it with the bench venv's python (`just bench`, which also builds whittle and
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import benchlib
 import lowrank_bench
 import merge_bench
 import prune_bench
+import readme
 import runner_bench
 import transformer_bench
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
+from benchlib import ASSETS, HERE, REPO, fmt
 
 # (name, path, note). efficientnet_lite0_224 stands in for MobileNetV2, which could not be had.
 MODELS = [
@@ -64,21 +64,26 @@ MODELS = [
 ]
 CONTESTANTS = ["whittle-ort", "python-ort", "whittle-tract"]
 TRACT_ROUNDS = 3
-# Per run, beyond the expected time: loading, and a loaded machine.
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = benchlib.RUN_TIMEOUT_S
 
 
-def default_whittle() -> Path:
-    target = os.environ.get("CARGO_TARGET_DIR") or str(REPO / "target")
-    return Path(target) / "release" / "whittle"
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform says, else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def machine() -> dict:
-    load = os.getloadavg()
     return {
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg": [round(x, 2) for x in load],
+        "loadavg": benchlib.loadavg(),
+        "cpu": cpu_model(),
     }
 
 
@@ -93,13 +98,7 @@ def command(contestant: str, model: Path, a: argparse.Namespace) -> list[str]:
 def run_one(contestant: str, model: Path, a: argparse.Namespace) -> dict:
     """Runs one contestant once; returns its JSON report, or raises RuntimeError saying why not."""
     cmd = command(contestant, model, a)
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"timed out after {RUN_TIMEOUT_S} s: {' '.join(cmd)}")
-    except OSError as e:
-        raise RuntimeError(f"could not start {cmd[0]}: {e}")
+    p = benchlib.spawn(cmd, RUN_TIMEOUT_S, RuntimeError)
     if p.returncode != 0:
         tail = (p.stderr.strip() or p.stdout.strip())[-2000:]
         raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)}\n{tail}")
@@ -109,10 +108,9 @@ def run_one(contestant: str, model: Path, a: argparse.Namespace) -> dict:
         float(stats["p50_ms"])
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise RuntimeError(f"unreadable output ({e}): {' '.join(cmd)}\n{p.stdout[-2000:]}")
-    prov = report.get("provider") or {}
-    if contestant != "whittle-tract" and (prov.get("actual") != "CPUExecutionProvider" or prov.get("fallback")):
-        raise RuntimeError(f"ran on {prov.get('actual')!r} (fallback {prov.get('fallback')}), "
-                           f"not CPUExecutionProvider: {' '.join(cmd)}")
+    why = contestant != "whittle-tract" and benchlib.on_cpu_provider(report)
+    if why:
+        raise RuntimeError(f"{why}: {' '.join(cmd)}")
     return report
 
 
@@ -121,22 +119,15 @@ def paired_ratio(runs: list[dict]) -> float | None:
     by_round: dict[int, dict[str, float]] = {}
     for r in runs:
         by_round.setdefault(r["round"], {})[r["contestant"]] = r["stats"]["p50_ms"]
-    rs = [v["whittle-ort"] / v["python-ort"] for v in by_round.values()
-          if "whittle-ort" in v and v.get("python-ort")]
-    return statistics.median(rs) if rs else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+    return benchlib.paired_ratio([(v["whittle-ort"], v.get("python-ort")) for v in by_round.values()
+                                  if "whittle-ort" in v])
 
 
 def bench_model(name: str, path: Path, note: str, a: argparse.Namespace, log) -> dict:
     p50s: dict[str, list[float]] = {c: [] for c in CONTESTANTS}
     runs: list[dict] = []
     failed: dict[str, str] = {}
-    for r in range(a.rounds):
-        k = r % len(CONTESTANTS)
-        order = CONTESTANTS[k:] + CONTESTANTS[:k]
+    for r, order in benchlib.rotations(a.rounds, CONTESTANTS):
         for c in order:
             if c in failed:
                 continue
@@ -158,7 +149,7 @@ def bench_model(name: str, path: Path, note: str, a: argparse.Namespace, log) ->
             log(f"  round {r + 1}/{a.rounds} {c:<13} p50 {st['p50_ms']:9.3f} ms  "
                 f"(min {st['min_ms']:.3f}, p90 {st['p90_ms']:.3f}, load {os.getloadavg()[0]:.2f})")
     med = {c: (statistics.median(v) if v and c not in failed else None) for c, v in p50s.items()}
-    spread = {c: ([min(v), max(v)] if v and c not in failed else None) for c, v in p50s.items()}
+    spread = {c: (benchlib.spread(v) if c not in failed else None) for c, v in p50s.items()}
     return {
         "model": name,
         "path": str(path),
@@ -168,14 +159,10 @@ def bench_model(name: str, path: Path, note: str, a: argparse.Namespace, log) ->
         "p50_range_ms": spread,
         # paired: whittle and Python ran back to back in the same round, under the same load
         "ratio_whittle_ort_over_python_ort": paired_ratio(runs),
-        "ratio_tract_over_python_ort": ratio(med["whittle-tract"], med["python-ort"]),
+        "ratio_tract_over_python_ort": benchlib.ratio(med["whittle-tract"], med["python-ort"]),
         "failed": failed,
         "runs": runs,
     }
-
-
-def fmt(x: float | None, spec: str, missing: str = "FAILED") -> str:
-    return missing if x is None else format(x, spec)
 
 
 def table(results: list[dict]) -> str:
@@ -185,19 +172,32 @@ def table(results: list[dict]) -> str:
         m = res["median_p50_ms"]
         rows.append([
             res["model"],
-            fmt(m["whittle-ort"], ".3f") + " ms" * (m["whittle-ort"] is not None),
-            fmt(m["python-ort"], ".3f") + " ms" * (m["python-ort"] is not None),
-            fmt(res["ratio_whittle_ort_over_python_ort"], ".3f", "n/a"),
-            fmt(m["whittle-tract"], ".3f") + " ms" * (m["whittle-tract"] is not None),
-            fmt(res["ratio_tract_over_python_ort"], ".2f", "n/a"),
+            fmt(m["whittle-ort"], ".3f", " ms", "FAILED"),
+            fmt(m["python-ort"], ".3f", " ms", "FAILED"),
+            fmt(res["ratio_whittle_ort_over_python_ort"], ".3f"),
+            fmt(m["whittle-tract"], ".3f", " ms", "FAILED"),
+            fmt(res["ratio_tract_over_python_ort"], ".2f"),
         ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(benchlib.layout(rows, left=1))
+
+
+def spreads(results: list[dict]) -> list[str]:
+    """Per model, each contestant's per-round p50 range."""
+    out = []
+    for r in results:
+        spread = ", ".join(f"{c} {v[0]:.3f}-{v[1]:.3f}" for c, v in r["p50_range_ms"].items() if v)
+        out.append(f"  {r['model']}: per-round p50 range (ms): {spread}")
+    return out
+
+
+def render(result: dict) -> str:
+    """The latency table as the bench prints it, from its --json result."""
+    s = result["settings"]
+    return "\n".join([
+        f"median over {s['rounds']} rounds of p50 latency (tract: first {min(TRACT_ROUNDS, s['rounds'])}; "
+        f"{s['threads']} threads; whittle/python is the median of per-round ratios; "
+        "ratios < 1 mean faster than ONNX Runtime's Python API):",
+        table(result["results"]), *spreads(result["results"])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, help="timed runs per contestant run (default 100; --quick 20)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and iterations (a smoke run)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--readme", nargs="?", const=REPO / "README.md", type=Path, metavar="FILE",
+                    help="then rewrite the benchmark tables of FILE (default README.md) from this run's "
+                         "result (bench/readme.py; with --quick, the sections a quick run measures)")
     ap.add_argument("--skip-prune", action="store_true",
                     help="skip the channel pruning rows (bench/prune_bench.py; they take minutes, 15+ without --quick)")
     ap.add_argument("--skip-lowrank", action="store_true",
@@ -220,20 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-runner", action="store_true",
                     help="skip the aarch64 runner's size and timed cross build (bench/runner_bench.py; "
                          "the build takes a minute or so; --quick measures the size only)")
-    ap.add_argument("--whittle", type=Path, default=default_whittle(),
+    ap.add_argument("--whittle", type=Path, default=benchlib.default_whittle(),
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
     a = ap.parse_args(argv)
-    quick = {"rounds": 3, "warmup": 3, "iters": 20}
-    full = {"rounds": 11, "warmup": 10, "iters": 100}
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    benchlib.settle(a, quick={"rounds": 3, "warmup": 3, "iters": 20}, full={"rounds": 11, "warmup": 10, "iters": 100})
     if a.rounds < 1 or a.iters < 1 or a.warmup < 0 or a.threads < 1:
         ap.error("--rounds, --iters and --threads must be >= 1, --warmup >= 0")
-
-    def log(msg: str) -> None:
-        # Progress goes to stderr with --json (stdout is the one JSON object), to stdout otherwise.
-        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
+    log = benchlib.logger(a.json)
 
     if not ASSETS.is_dir():
         print(f"bench: the shared assets are missing: expected them at {ASSETS.resolve()} "
@@ -255,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.monotonic()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     mach = machine()
     log(f"machine: {mach['cores']} cores ({mach['cores_usable']} usable), load average "
         f"{' '.join(f'{x:.2f}' for x in mach['loadavg'])} (1/5/15 min)")
@@ -272,36 +269,30 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     mach_end = machine()
     failed = any(r["failed"] for r in results)
+    result = {
+        "date": date, "machine": mach, "loadavg_end": mach_end["loadavg"],
+        "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
+                     "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version,
+                     "quick": a.quick},
+        "results": results, "elapsed_s": round(elapsed, 1),
+    }
 
-    if a.json:
-        subs = {name: run_sub(name, a, log) for name in SUBS}
-        print(json.dumps({
-            "machine": mach, "loadavg_end": mach_end["loadavg"],
-            "settings": {"threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
-                         "whittle": str(a.whittle), "python": sys.executable, "onnxruntime_python": ort_version},
-            "results": results, "elapsed_s": round(elapsed, 1),
-            "ok": not failed and all(st == 0 for _, st in subs.values()),
-            **{name: r for name, (r, _) in subs.items()},
-        }))
-    else:
+    subs = {}
+    if not a.json:
         print()
-        print(f"median over {a.rounds} rounds of p50 latency (tract: first {min(TRACT_ROUNDS, a.rounds)}; "
-              f"{a.threads} threads; whittle/python is the median of per-round ratios; "
-              "ratios < 1 mean faster than ONNX Runtime's Python API):")
-        print(table(results))
-        for r in results:
-            rng = r["p50_range_ms"]
-            spread = ", ".join(f"{c} {v[0]:.3f}-{v[1]:.3f}" for c, v in rng.items() if v)
-            print(f"  {r['model']}: per-round p50 range (ms): {spread}")
+        print(render(result))
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in mach_end['loadavg'])}; "
               f"took {elapsed:.0f} s")
-        subs = {}
-        for name, (module, _, _) in SUBS.items():
-            subs[name] = run_sub(name, a, log)
-            r = subs[name][0]
-            if r is not None and "error" not in r:
-                print()
-                print(module.render(r))
+    for name, (module, _, _) in SUBS.items():
+        subs[name] = run_sub(name, a, log)
+        r = subs[name][0]
+        if not a.json and r is not None and "error" not in r:
+            print()
+            print(module.render(r))
+    result["ok"] = not failed and all(st == 0 for _, st in subs.values())
+    result.update({name: r for name, (r, _) in subs.items()})
+    if a.json:
+        print(json.dumps(result))
     for r in results:
         for c, why in r["failed"].items():
             print(f"bench: {r['model']}: {c} failed: {why}", file=sys.stderr)
@@ -310,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {SUBS[name][2]}: {r['error']}", file=sys.stderr)
         elif name == "runner" and st:
             print("bench: runner: the cross build or the strip failed (see above)", file=sys.stderr)
+    if a.readme:
+        done = readme.rewrite(a.readme, result)
+        log(f"{a.readme}: rewrote the tables {', '.join(done) or '(none: no marker matched)'}")
     return 1 if failed or any(st for _, st in subs.values()) else 0
 
 

@@ -16,7 +16,7 @@ For each model and runtime (ort-cpu, tract):
   no refit    the same plan replayed without the least-squares refit (`--apply-plan PLAN
               --no-reconstruct`): the merged convs as composed, with the activations simply gone
   latency     `whittle bench --json` p50 on the plan's runtime, original and merged INTERLEAVED in
-              the same run (prune_bench.bench_pair: each round runs both once, a fresh process
+              the same run (benchlib.bench_pair: each round runs both once, a fresh process
               each time, the one going first alternating); the median over rounds of each one's
               p50; speedup = original / merged. The plan without refit has the same graph, hence
               the same latency: it is not measured again
@@ -25,7 +25,7 @@ For each model and runtime (ort-cpu, tract):
   size        MACs and params before/after (`whittle compress --json`)
 
 Models and data (../shared/assets beside the repo), imagenet/ split in two by sorted class folder,
-alternating (prune_bench.split_image_folder: even folders calibrate, odd ones evaluate):
+alternating (benchlib.split_image_folder: even folders calibrate, odd ones evaluate):
   efficientnet_lite0_224  stands in for MobileNetV2 (which could not be had), profile efficientnet
   mobilenetv1_025_vww96   the VWW MobileNetV1, profile vww (photos resized to 96x96; VWW's own
                           images are not in the assets)
@@ -42,14 +42,14 @@ verify run failed, 2 when the binary, models or data are missing.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
+from functools import partial
 import time
 from pathlib import Path
 
+import benchlib
 import prune_bench
-from prune_bench import ASSETS, RunError, first_line, fmt
+from benchlib import ASSETS, COMPRESS_TIMEOUT_S, RunError, first_line, fmt, kept, run_json
 
 BUDGETS = [0.97, 0.94, 0.9, 0.85, 0.8]  # fraction of the latency kept
 QUICK_BUDGETS = [0.9]
@@ -77,7 +77,7 @@ def profile(spec: dict, runtime: str, out: Path, a) -> dict:
     if rounds:
         cmd[-1:-1] = ["--merge-rounds", str(rounds)]
     t0 = time.monotonic()
-    t = prune_bench.run_json(cmd, prune_bench.COMPRESS_TIMEOUT_S)
+    t = run_json(cmd, COMPRESS_TIMEOUT_S)
     ms = t["model_ms"]
     saved = sorted(((m["before_ms"] - m["after_ms"]) / ms, " + ".join(m["convs"])) for m in t["merges"])
     paying = [s for s in saved if s[0] > 0]
@@ -91,12 +91,11 @@ def compress(spec: dict, calib: Path, out: Path, extra: list[str], a) -> dict:
     cmd = [str(a.whittle), "compress", str(spec["path"]), "-o", str(out), "--calib", str(calib),
            "--profile", spec["profile"], "--merge", "--calib-items", str(a.calib_items),
            "--threads", str(a.threads), "--json", *extra]
-    rep = prune_bench.run_json(cmd, prune_bench.COMPRESS_TIMEOUT_S)
+    rep = run_json(cmd, COMPRESS_TIMEOUT_S)
     m = rep["merge"]
-    (macs0, macs1), (params0, params1) = rep["macs"], rep["params"]
     predicted = sum(g["saved_ms"] for g in m["merged"])
-    return {"command": cmd, "seconds": rep.get("seconds"), "macs": [macs0, macs1], "params": [params0, params1],
-            "macs_kept": macs1 / macs0 if macs0 else None, "params_kept": params1 / params0 if params0 else None,
+    return {"command": cmd, "seconds": rep.get("seconds"), "macs": list(rep["macs"]), "params": list(rep["params"]),
+            "macs_kept": kept(rep["macs"]), "params_kept": kept(rep["params"]),
             "merged": [" + ".join(g["convs"]) for g in m["merged"]],
             "inexact": sum(1 for g in m["merged"] if not g["exact"]),
             "refitted": sum(1 for g in m["merged"] if g.get("refit") and not g["exact"]),
@@ -143,7 +142,7 @@ def point(spec: dict, rt: str, keep: float, table: Path, calib: Path, evald: Pat
         if not model.exists():
             continue
         try:
-            row[key] = prune_bench.verify(spec, evald, model, a)
+            row[key] = benchlib.verify(spec, evald, model, a)
         except (RunError, KeyError, IndexError, TypeError) as e:
             row[key + "_error"] = first_line(str(e))
             row["ok"] = False
@@ -152,7 +151,7 @@ def point(spec: dict, rt: str, keep: float, table: Path, calib: Path, evald: Pat
         f"no refit {fmt(vn.get('top1_agreement'), '.3f')}")
     iters = spec["ort_iters"] if rt == "ort-cpu" else spec["tract_iters"]
     try:
-        row["latency"] = prune_bench.bench_pair(spec["path"], out, rt, iters, a, log)
+        row["latency"] = benchlib.bench_pair(spec["path"], out, rt, iters, a, log)
     except (RunError, KeyError, TypeError) as e:
         row["bench_error"] = first_line(str(e))
         row["ok"] = False
@@ -170,7 +169,7 @@ def refit_verdict(points: list[dict]) -> dict:
         if p["refit"].get("inexact") == 0:
             outcome = "exact"  # only exact merges: nothing to refit, the two models are one
         else:
-            outcome = "unmeasured" if r is None or n is None else "beats" if r > n else "ties" if r == n else "loses"
+            outcome = benchlib.outcome(r, n)
         per.append({"target_latency": p["target_latency"], "refit": r, "no_refit": n, "outcome": outcome})
     judged = [x for x in per if x["outcome"] != "exact"]
     return {"beats_at_every_point": bool(judged) and all(x["outcome"] == "beats" for x in judged),
@@ -215,7 +214,7 @@ def table(rt_result: dict) -> str:
         if "same_plan_as" in p:
             cells[1] += f" (= latency={p['same_plan_as']})"
         rows.append(cells)
-    return "\n".join(prune_bench.layout(rows))
+    return "\n".join(benchlib.layout(rows))
 
 
 def table_line(t: dict) -> str:
@@ -267,31 +266,21 @@ def render(result: dict) -> str:
                                                     f"latency={b['target_latency']}, {b['speedup']:.3f}x, {b['agreement']:.1%}")
         out.append(f"some ort-cpu plan ran >= 1.1x faster than its original with >= 85% agreement: NO ({best}; "
                    "the latency tables above show what merging can save on each runtime)")
-    out.append(f"took {result['elapsed_s']:.0f} s; load average at the end: "
-               f"{' '.join(f'{x:.2f}' for x in result['loadavg_end'])}")
+    out.append(benchlib.took_line(result))
     return "\n".join(out)
 
 
-def budget_list(text: str) -> list[float]:
-    return prune_bench.budget_list(text)
-
-
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads everywhere (default 2)")
-    ap.add_argument("--rounds", type=int, help="interleaved latency rounds per plan (default 5; --quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed runs per bench run (default 5; --quick 2)")
-    ap.add_argument("--iters", type=int, help="timed runs per bench run (default 50; --quick 20), times 10 for "
-                                              "the VWW model; tract on efficientnet at most 10")
-    ap.add_argument("--calib-items", type=int, default=128, help="default 128")
-    ap.add_argument("--budgets", type=budget_list, help="comma-separated latency fractions kept "
-                                                         "(default 0.97,0.94,0.9,0.85,0.8; --quick 0.9)")
+    benchlib.add_measure_args(ap, rounds="interleaved latency rounds per plan (default 5; --quick 3)",
+                              iters="timed runs per bench run (default 50; --quick 20), times 10 for "
+                                    "the VWW model; tract on efficientnet at most 10")
+    ap.add_argument("--budgets", type=benchlib.budget_list, help="comma-separated latency fractions kept "
+                                                                  "(default 0.97,0.94,0.9,0.85,0.8; --quick 0.9)")
     ap.add_argument("--models", help="comma-separated subset of: efficientnet_lite0_224, mobilenetv1_025_vww96")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of: ort-cpu, tract")
-    ap.add_argument("--keep", type=Path, help="keep the tables, plans and models here (default: a temporary folder)")
-    ap.add_argument("--quick", action="store_true", help="only latency=0.9, fewer bench iterations")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
-    ap.add_argument("--whittle", type=Path, default=prune_bench.default_whittle(),
-                    help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
+    benchlib.add_output_args(ap, keep="keep the tables, plans and models here (default: a temporary folder)",
+                             quick="only latency=0.9, fewer bench iterations",
+                             json_help="print one JSON object instead of the tables")
 
 
 def settle(a: argparse.Namespace) -> None:
@@ -299,34 +288,24 @@ def settle(a: argparse.Namespace) -> None:
 
 
 def run(a: argparse.Namespace, log) -> tuple[dict, int]:
-    specs = model_specs()
-    if a.models:
-        want = [m.strip() for m in a.models.split(",") if m.strip()]
-        unknown = [m for m in want if m not in {s["name"] for s in specs}]
-        if unknown:
-            return {"error": f"unknown model(s): {', '.join(unknown)}"}, 2
-        specs = [s for s in specs if s["name"] in want]
+    specs, why = benchlib.select(model_specs(), a.models)
+    if why:
+        return {"error": why}, 2
     runtimes = [r.strip() for r in a.runtimes.split(",") if r.strip()]
     if not runtimes or any(r not in RUNTIMES for r in runtimes):
         return {"error": f"--runtimes: a subset of {', '.join(RUNTIMES)}"}, 2
-    why = prune_bench.check(a, [dict(s, calib=None, eval=None) for s in specs])
+    why = benchlib.check(a, [dict(s, calib=None, eval=None) for s in specs])
     if why:
         return {"error": why}, 2
     budgets = a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)
-    started, load0 = time.monotonic(), [round(x, 2) for x in os.getloadavg()]
+    started, load0 = time.monotonic(), benchlib.loadavg()
     log(f"depth merging bench: budgets {', '.join(f'latency={b}' for b in budgets)} on {', '.join(runtimes)}; "
         f"{a.threads} threads, {a.rounds} interleaved rounds per plan; load average {' '.join(map(str, load0))}")
     models, status = [], 0
-    with prune_bench.workdir(a.keep, "whittle-merge-bench-") as work:
+    with benchlib.workdir(a.keep, "whittle-merge-bench-") as work:
         for s in specs:
-            split_dir = work / f"{s['name']}_split"
-            if split_dir.exists():
-                shutil.rmtree(split_dir)
-            calib, evald, info = prune_bench.split_image_folder(s["split"], split_dir)
-            ort_iters = a.iters * s["iters_scale"]
-            cap = s["tract_iters"]
-            spec = dict(s, ort_iters=ort_iters,
-                        tract_iters=ort_iters if cap is None else min(ort_iters, max(1, cap // 2) if a.quick else cap))
+            calib, evald, info = prune_bench.fresh_split(s, work)
+            spec = prune_bench.with_iters(s, a)
             log(f"{s['name']} ({s['note']}):")
             state = {"candidates": None}
             per_rt = {}
@@ -357,19 +336,16 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
             models.append({"model": s["name"], "note": s["note"], "profile": s["profile"], "split": info,
                            "calib_desc": f"{info['calib_images']} photos (even class folders)",
                            "eval_desc": f"the other {info['eval_images']}", "runtimes": per_rt})
-    result = {"settings": {"budgets_latency_kept": budgets, "runtimes": runtimes, "calib_items": a.calib_items,
-                           "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
-                           "quick": a.quick, "whittle": str(a.whittle), "work": str(work) if a.keep else None},
-              "loadavg_start": load0, "loadavg_end": [round(x, 2) for x in os.getloadavg()], "models": models,
+    result = {"settings": benchlib.settings(a, work, budgets_latency_kept=budgets, runtimes=runtimes),
+              "loadavg_start": load0, "loadavg_end": benchlib.loadavg(), "models": models,
               "goal": goal(models), "elapsed_s": round(time.monotonic() - started, 1), "ok": status == 0}
     return result, status
 
 
-def main(argv: list[str] | None = None) -> int:
-    return prune_bench.cli_main("merge_bench", "Depth merging: latency-versus-agreement curves on ort-cpu and tract, "
-                                "refit and not (reports; asserts nothing)",
-                                add_args, settle, run, render, argv)
-
+# the command line: parse, run, print the tables or --json
+main = partial(benchlib.cli_main, "merge_bench", "Depth merging: latency-versus-agreement curves on ort-cpu and tract, "
+               "refit and not (reports; asserts nothing)",
+               add_args, settle, run, render)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,8 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from benchlib import REPO, first_line, logger
 TRIPLE = "aarch64-unknown-linux-gnu"
 LINKER = "aarch64-linux-gnu-gcc"  # .cargo/config.toml
 STRIPS = ["aarch64-linux-gnu-strip", "llvm-strip"]
@@ -53,13 +52,6 @@ BUILD_TIMEOUT_S = 3600
 
 def target_dir() -> Path:
     return Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
-
-
-def first_line(text: str) -> str:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return text.strip()
 
 
 def error_line(text: str) -> str:
@@ -199,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="no timed cross build: the size of the existing binary")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the lines")
     a = ap.parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
-
-    result, status = run(a, log)
+    result, status = run(a, logger(a.json))
     print(json.dumps(result) if a.json else render(result))
     return status
 

@@ -5,21 +5,8 @@
 set -euo pipefail
 ORT_VERSION=1.31.1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${WHITTLE_CACHE:-$HOME/.cache/whittle}/bench-venv"
-py="$venv/bin/python"
-req="$here/requirements.txt"
-stamp="$venv/.whittle-requirements"
-
-if [ ! -x "$py" ]; then
-  echo "setup-bench: creating $venv" >&2
-  python3 -m venv "$venv"
-fi
-# Reinstall only when requirements.txt changed since the last successful install.
-if ! cmp -s "$req" "$stamp"; then
-  echo "setup-bench: installing $(grep -v '^#' "$req" | xargs) (wheels only)" >&2
-  "$py" -m pip install --quiet --disable-pip-version-check --only-binary=:all: -r "$req" >&2
-  cp "$req" "$stamp"
-fi
+. "$here/venv.sh"
+make_venv setup-bench bench-venv "$here/requirements.txt"
 have="$("$py" -c 'import onnxruntime; print(onnxruntime.__version__)')" || {
   echo "setup-bench: onnxruntime does not import in $venv (remove it and rerun)" >&2
   exit 2

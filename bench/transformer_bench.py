@@ -32,7 +32,7 @@ Columns:
                (`--input input_ids=1,128` and the same for attention_mask and token_type_ids; `whittle
                bench` feeds synthetic inputs: every token id 1 and a full mask, which costs what any
                128-token sentence costs in this dense encoder), original and compressed measured
-               INTERLEAVED in one run (prune_bench.bench_pair: each round runs both once, a fresh
+               INTERLEAVED in one run (benchlib.bench_pair: each round runs both once, a fresh
                process every time, the one going first alternating); speedup = median p50 of the
                original / median p50 of the compressed model (> 1: faster). In the JSON, bench_pair's
                "pruned" key is the compressed model.
@@ -56,12 +56,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
+from functools import partial
 import time
 from pathlib import Path
 
+import benchlib
 import prune_bench
-from prune_bench import ASSETS, RunError, first_line, fmt
+from benchlib import ASSETS, COMPRESS_TIMEOUT_S, RUN_TIMEOUT_S, RunError, first_line, fmt, minilm_path, run_json
 
 SEQ = 128  # tokens per sentence in the latency runs
 CALIB_ITEMS = 2048
@@ -70,11 +71,6 @@ QUICK_VERIFY_LIMIT = 300
 STS = ASSETS / "data" / "sts"
 TOKENIZER = ASSETS / "models" / "minilm-l6-v2-tokenizer"
 BENCH_ARGS = tuple(x for n in ("input_ids", "attention_mask", "token_type_ids") for x in ("--input", f"{n}=1,{SEQ}"))
-
-
-def minilm_path() -> Path:
-    cache = os.environ.get("WHITTLE_ASSETS_CACHE") or str(Path.home() / ".cache" / "whittle" / "assets")
-    return Path(cache) / "minilm-l6-v2.opset17.onnx"
 
 
 def variants(quick: bool) -> list[dict]:
@@ -88,7 +84,7 @@ def variants(quick: bool) -> list[dict]:
                         "flags": ["--drop-blocks", str(k)] + ["--linear-replace"] * replace})
     for k in ((1,) if quick else (1, 2)):
         out.append({"name": f"attention of {k} block{'s' * (k > 1)} removed", "kind": "drop-attention",
-                    "blocks": k, "stem": f"drop_attention{k}", "flags": ["--drop-attention", str(k)]})
+               "blocks": k, "stem": f"drop_attention{k}", "flags": ["--drop-attention", str(k)]})
     for flag, what in (("--prune-ffn", "FFN"), ("--prune-heads", "heads")):
         for frac in ((0.25,) if quick else (0.25, 0.5)):
             out.append({"name": f"{what} {frac:.0%} pruned", "kind": flag[2:], "fraction": frac,
@@ -101,7 +97,7 @@ def compress(model: Path, calib: Path, out: Path, v: dict, a) -> dict:
            "--calib-items", str(a.calib_items), "--holdout-items", "0", *v["flags"],
            "--threads", str(a.threads), "--json"]
     t0 = time.monotonic()
-    rep = prune_bench.run_json(cmd, prune_bench.COMPRESS_TIMEOUT_S)
+    rep = run_json(cmd, COMPRESS_TIMEOUT_S)
     wall = time.monotonic() - t0
     params0, params1 = rep["params"]
     # the blocks a row removed: whole blocks, or their attention sub-modules
@@ -112,7 +108,7 @@ def compress(model: Path, calib: Path, out: Path, v: dict, a) -> dict:
         "seconds": rep.get("seconds"),
         "wall_s": round(wall, 2),
         "params": [params0, params1],
-        "params_kept": params1 / params0 if params0 else None,
+        "params_kept": benchlib.kept([params0, params1]),
         "macs": rep.get("macs"),
         "blocks": db.get("blocks") or len(db.get("importance") or []) or None,
         "removed": db.get("removed"),
@@ -126,7 +122,7 @@ def verify(model: Path, candidate: Path, a) -> dict:
            "--tokenizer", str(TOKENIZER), "--threads", str(a.threads), "--json"]
     if a.verify_limit:
         cmd[-1:-1] = ["--limit", str(a.verify_limit)]
-    rep = prune_bench.run_json(cmd, prune_bench.RUN_TIMEOUT_S)
+    rep = run_json(cmd, RUN_TIMEOUT_S)
     return {"pairs": rep["pairs"], "reference_spearman": rep["reference_spearman"],
             "candidate_spearman": rep["candidate_spearman"], "kept": rep["kept"],
             "mean_cosine": rep["mean_cosine"], "embedding": rep.get("embedding")}
@@ -140,10 +136,7 @@ def run_row(model: Path, calib: Path, v: dict, work: Path, a, log) -> dict:
     try:
         row["compress"] = c = compress(model, calib, out, v, a)
     except (RunError, KeyError, TypeError, ValueError) as e:
-        row["compress_error"] = first_line(str(e))
-        row["compress_error_full"] = str(e)[-4000:]
-        log(f"    compress FAILED: {row['compress_error']}")
-        return row
+        return benchlib.compress_failed(row, e, log)
     log(f"    compress {fmt(c['seconds'], '.1f')} s: params kept {fmt(c['params_kept'], '.1%')}"
         + (f", blocks removed {c['removed']} of {c['blocks']}" if c["removed"] is not None else ""))
     try:
@@ -151,17 +144,8 @@ def run_row(model: Path, calib: Path, v: dict, work: Path, a, log) -> dict:
         log(f"    verify on {r['pairs']} STS-dev pairs: Spearman {r['reference_spearman']:.4f} -> "
             f"{r['candidate_spearman']:.4f} (kept {r['kept']:.1%}), mean cosine {r['mean_cosine']:.4f}")
     except (RunError, KeyError, TypeError) as e:
-        row["verify_error"] = str(e)[-4000:]
-        row["ok"] = False
-        log(f"    verify FAILED: {first_line(str(e))}")
-    row["latency"] = {}
-    for runtime in ("ort-cpu", "tract"):
-        try:
-            row["latency"][runtime] = prune_bench.bench_pair(model, out, runtime, a.iters, a, log, BENCH_ARGS)
-        except (RunError, KeyError, TypeError) as e:
-            row.setdefault("bench_errors", {})[runtime] = str(e)[-4000:]
-            row["ok"] = False
-            log(f"      {runtime} bench FAILED: {first_line(str(e))}")
+        benchlib.verify_failed(row, e, log)
+    benchlib.latency(row, model, out, a.iters, a, log, BENCH_ARGS)
     return row
 
 
@@ -220,32 +204,19 @@ def table(result: dict) -> str:
     head = ["variant", "blocks removed", "params", "params kept", "ort orig p50", "ort comp p50", "ort speedup",
             "tract orig p50", "tract comp p50", "tract speedup", "Spearman", "kept", "cosine", "compress s"]
     o = result["original"]
-    rows = [head, ["original", "-", fmt(o["params"], ",d"), "100.0%", fmt(o["ort_p50_ms"], ".2f", " ms"), "-",
-                   "1.00x", fmt(o["tract_p50_ms"], ".2f", " ms"), "-", "1.00x", fmt(o["spearman"], ".4f"),
-                   "100.0%", "1.0000", "-"]]
-    notes = []
-    for r in result["rows"]:
-        cells = [r["name"]]
-        if "compress_error" in r:
-            rows.append(cells + ["compress failed: " + r["compress_error"]])
-            continue
-        c, v, lat = r["compress"], r.get("verify") or {}, r.get("latency") or {}
-        ol, tl = lat.get("ort-cpu") or {}, lat.get("tract") or {}
-        om, tm = ol.get("median_p50_ms") or {}, tl.get("median_p50_ms") or {}
+    original = [["original", "-", fmt(o["params"], ",d"), "100.0%", fmt(o["ort_p50_ms"], ".2f", " ms"), "-",
+               "1.00x", fmt(o["tract_p50_ms"], ".2f", " ms"), "-", "1.00x", fmt(o["spearman"], ".4f"),
+               "100.0%", "1.0000", "-"]]
+
+    def cells(r: dict) -> list[str]:
+        c, v = r["compress"], r.get("verify") or {}
         removed = c.get("removed")
-        cells += [
-            ",".join(map(str, removed)) if removed else "-", fmt(c["params"][1], ",d"), fmt(c["params_kept"], ".1%"),
-            fmt(om.get("original"), ".2f", " ms"), fmt(om.get("pruned"), ".2f", " ms"), fmt(ol.get("speedup"), ".2f", "x"),
-            fmt(tm.get("original"), ".2f", " ms"), fmt(tm.get("pruned"), ".2f", " ms"), fmt(tl.get("speedup"), ".2f", "x"),
-            fmt(v.get("candidate_spearman"), ".4f"), fmt(v.get("kept"), ".1%"), fmt(v.get("mean_cosine"), ".4f"),
-            fmt(c.get("seconds"), ".1f"),
-        ]
-        rows.append(cells)
-        if "verify_error" in r:
-            notes.append(f"  {r['name']}: verify failed: {first_line(r['verify_error'])}")
-        for rt, why in (r.get("bench_errors") or {}).items():
-            notes.append(f"  {r['name']}: {rt} bench failed: {first_line(why)}")
-    return "\n".join(prune_bench.layout(rows) + notes)
+        return [",".join(map(str, removed)) if removed else "-", fmt(c["params"][1], ",d"), fmt(c["params_kept"], ".1%"),
+                *benchlib.latency_cells(r.get("latency") or {}, ort=".2f", tract=".2f"),
+                fmt(v.get("candidate_spearman"), ".4f"), fmt(v.get("kept"), ".1%"),
+                fmt(v.get("mean_cosine"), ".4f"), fmt(c.get("seconds"), ".1f")]
+
+    return benchlib.rows_table(head, result["rows"], lambda r: [r["name"]], cells, first=original)
 
 
 def render(result: dict) -> str:
@@ -262,27 +233,21 @@ def render(result: dict) -> str:
            "median of the rows' interleaved original runs):",
            table(result), ""]
     out += statement_lines(result["statements"])
-    out.append(f"took {result['elapsed_s']:.0f} s; load average at the end: "
-               f"{' '.join(f'{x:.2f}' for x in result['loadavg_end'])}")
+    out.append(benchlib.took_line(result))
     return "\n".join(out)
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads everywhere (default 2)")
-    ap.add_argument("--rounds", type=int, help="interleaved latency rounds per row (default 3)")
-    ap.add_argument("--warmup", type=int, help="untimed runs per bench run (default 5; --quick 2)")
-    ap.add_argument("--iters", type=int, help="timed runs per bench run, ort-cpu and tract (default 50; --quick 20)")
-    ap.add_argument("--calib-items", type=int, default=CALIB_ITEMS, help=f"default {CALIB_ITEMS}")
+    benchlib.add_measure_args(ap, rounds="interleaved latency rounds per row (default 3)",
+                              iters="timed runs per bench run, ort-cpu and tract (default 50; --quick 20)",
+                              calib_items=CALIB_ITEMS)
     ap.add_argument("--verify-limit", type=int,
                     help=f"STS-dev pairs for verify (default all 1500; --quick {QUICK_VERIFY_LIMIT})")
-    ap.add_argument("--keep", type=Path, help="write the compressed models and data here and keep them "
-                                              "(default: a temporary folder, removed)")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"only 3 blocks (plain and replaced), FFN and heads at 25 %%, {QUICK_VERIFY_LIMIT} STS-dev "
-                         "pairs, fewer bench iterations")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--whittle", type=Path, default=prune_bench.default_whittle(),
-                    help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle)")
+    benchlib.add_output_args(ap, keep="write the compressed models and data here and keep them "
+                                      "(default: a temporary folder, removed)",
+                             quick=f"only 3 blocks (plain and replaced), FFN and heads at 25 %%, {QUICK_VERIFY_LIMIT} "
+                                   "STS-dev pairs, fewer bench iterations",
+                             json_help="print one JSON object instead of the table")
 
 
 def settle(a: argparse.Namespace) -> None:
@@ -305,36 +270,26 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     for p in (STS / "sts-train.tsv", STS / "sts-dev.tsv", TOKENIZER):
         if not p.exists():
             return {"error": f"minilm-l6-v2: missing {p.resolve()}"}, 2
-    if a.rounds < 1 or a.iters < 1 or a.warmup < 0 or a.threads < 1 or a.calib_items < 1:
-        return {"error": "--rounds, --iters, --threads, --calib-items must be >= 1, --warmup >= 0"}, 2
+    why = benchlib.counts_error(a)
+    if why:
+        return {"error": why}, 2
     started = time.monotonic()
-    load0 = [round(x, 2) for x in os.getloadavg()]
+    load0 = benchlib.loadavg()
     vs = variants(a.quick)
     log(f"transformer bench (minilm-l6-v2): {len(vs)} compressed variants, --calib-items {a.calib_items}; "
         f"{a.threads} threads, {a.rounds} interleaved rounds x (warmup {a.warmup} + {a.iters} timed runs) per row "
         f"at batch 1, sequence {SEQ}; load average {' '.join(map(str, load0))}")
-    tmp = None
-    if a.keep:
-        work = a.keep
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="whittle-transformer-bench-")
-        work = Path(tmp.name)
-    status = 0
-    try:
-        calib = work / "sts-train-calib.npz"
-        tok = prune_bench.run_json([str(a.whittle), "tokenize", str(STS / "sts-train.tsv"), "--tokenizer",
-                                    str(TOKENIZER), "--max-length",
-                                    str(CALIB_MAX_LENGTH), "-o", str(calib), "--json"], prune_bench.RUN_TIMEOUT_S)
-        log(f"  calibration: {tok['sentences']} sentences of sts-train.tsv, {tok['seq_len']} tokens each "
-            f"({tok['mean_tokens']:.1f} before padding, {tok['truncated']} truncated)")
-        rows = [run_row(model, calib, v, work, a, log) for v in vs]
-        status = 0 if all(r["ok"] for r in rows) else 1
-    except RunError as e:
-        return {"error": f"tokenize: {first_line(str(e))}"}, 1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    with benchlib.workdir(a.keep, "whittle-transformer-bench-") as work:
+        try:
+            calib = work / "sts-train-calib.npz"
+            tok = run_json([str(a.whittle), "tokenize", str(STS / "sts-train.tsv"), "--tokenizer", str(TOKENIZER),
+                            "--max-length", str(CALIB_MAX_LENGTH), "-o", str(calib), "--json"], RUN_TIMEOUT_S)
+            log(f"  calibration: {tok['sentences']} sentences of sts-train.tsv, {tok['seq_len']} tokens each "
+                f"({tok['mean_tokens']:.1f} before padding, {tok['truncated']} truncated)")
+            rows = [run_row(model, calib, v, work, a, log) for v in vs]
+            status = 0 if all(r["ok"] for r in rows) else 1
+        except RunError as e:
+            return {"error": f"tokenize: {first_line(str(e))}"}, 1
     params0 = next((r["compress"]["params"][0] for r in rows if "compress" in r), None)
     ver = next((r["verify"] for r in rows if "verify" in r), {})
     orig_p50 = {rt: [r["latency"][rt]["median_p50_ms"]["original"] for r in rows
@@ -348,19 +303,17 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                      "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                      "verify_limit": a.verify_limit, "quick": a.quick, "whittle": str(a.whittle),
                      "work": str(work) if a.keep else None},
-        "calibration": tok, "loadavg_start": load0, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "calibration": tok, "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
         "original": original, "rows": rows, "statements": statements(rows),
         "elapsed_s": round(time.monotonic() - started, 1), "ok": status == 0,
     }
     return result, status
 
 
-def main(argv: list[str] | None = None) -> int:
-    return prune_bench.cli_main("transformer_bench", "MiniLM: blocks removed (plain, linear replacement), FFN neurons "
-                                "and heads pruned: params, latency, STS-dev Spearman (reports; "
-                                "asserts nothing)",
-                                add_args, settle, run, render, argv)
-
+# the command line: parse, run, print the tables or --json
+main = partial(benchlib.cli_main, "transformer_bench", "MiniLM: blocks removed (plain, linear replacement), FFN neurons "
+               "and heads pruned: params, latency, STS-dev Spearman (reports; asserts nothing)",
+               add_args, settle, run, render)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,7 +70,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +81,9 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
-import prune_bench as pb  # noqa: E402  (bench/prune_bench.py: models, data split, compress, verify, bench)
+import benchlib  # noqa: E402  (bench/benchlib.py: running whittle, interleaved latency, work folders)
+import prune_bench as pb  # noqa: E402  (bench/prune_bench.py: models, budgets, compress)
+from benchlib import RUN_TIMEOUT_S, RunError, first_line, fmt, run_json, verify  # noqa: E402
 
 WORKER = HERE / "onnxsim_worker.py"
 PINNED = ("onnxsim", "onnx", "onnxruntime", "numpy", "pillow")  # requirements.txt: versions go in the report
@@ -105,8 +106,7 @@ PROFILES = {
 
 
 def default_whittle() -> Path:
-    target = os.environ.get("CARGO_TARGET_DIR") or str(Path.home() / ".cache" / "whittle" / "target")
-    return Path(target) / "release" / "whittle"
+    return benchlib.default_whittle(Path.home() / ".cache" / "whittle" / "target")
 
 
 # ---------------------------------------------------------------- calibration data, as whittle reads it
@@ -194,7 +194,7 @@ def check_preprocessing(spec: dict, calib: Path, x: np.ndarray, work: Path, a) -
     ref, cand = probe(False), probe(True)
     cmd = [str(a.whittle), "verify", str(ref), str(cand), "--data", str(calib), "--profile", spec["profile"],
            "--limit", str(k), "--batch", str(k), "--threads", str(a.threads), "--json"]
-    rep = pb.run_json(cmd, pb.RUN_TIMEOUT_S)
+    rep = run_json(cmd, RUN_TIMEOUT_S)
     ref.unlink()
     cand.unlink()
     got = {o["name"]: o["max_abs_diff"] for o in rep["outputs"]}
@@ -229,7 +229,7 @@ def architecture(path: Path) -> str:
 
 
 def count(path: Path, a) -> dict:
-    rep = pb.run_json([str(a.whittle), "inspect", str(path), "--json", "--brief"], pb.RUN_TIMEOUT_S)
+    rep = run_json([str(a.whittle), "inspect", str(path), "--json", "--brief"], RUN_TIMEOUT_S)
     return {"macs": rep["macs"], "params": rep["params"]}
 
 
@@ -237,8 +237,8 @@ def measure(row: dict, spec: dict, evald: Path, path: Path, base: dict, caches: 
     """Fills row with counts, verify and latency; a failure marks the row failed with its reason."""
     try:
         c = count(path, a)
-    except (pb.RunError, KeyError) as e:
-        row["error"] = f"whittle inspect: {pb.first_line(str(e))}"
+    except (RunError, KeyError) as e:
+        row["error"] = f"whittle inspect: {first_line(str(e))}"
         return
     row.update(macs=[base["macs"], c["macs"]], params=[base["params"], c["params"]],
                macs_removed=1 - c["macs"] / base["macs"])
@@ -247,9 +247,9 @@ def measure(row: dict, spec: dict, evald: Path, path: Path, base: dict, caches: 
         row["verify"], row["verify_shared_with"] = caches["verify"][digest]
     else:
         try:
-            row["verify"] = pb.verify(spec, evald, path, a)
-        except (pb.RunError, KeyError, IndexError, TypeError) as e:
-            row["error"] = f"whittle verify: {pb.first_line(str(e))}"
+            row["verify"] = verify(spec, evald, path, a)
+        except (RunError, KeyError, IndexError, TypeError) as e:
+            row["error"] = f"whittle verify: {first_line(str(e))}"
             return
         caches["verify"][digest] = (row["verify"], row["label"])
     v = row["verify"]
@@ -261,9 +261,9 @@ def measure(row: dict, spec: dict, evald: Path, path: Path, base: dict, caches: 
         row["latency"], row["latency_shared_with"] = caches["latency"][arch]
         return
     try:
-        row["latency"] = pb.bench_pair(spec["path"], path, "ort-cpu", spec["ort_iters"], a, log)
-    except (pb.RunError, KeyError, TypeError) as e:
-        row["error"] = f"whittle bench: {pb.first_line(str(e))}"
+        row["latency"] = benchlib.bench_pair(spec["path"], path, "ort-cpu", spec["ort_iters"], a, log)
+    except (RunError, KeyError, TypeError) as e:
+        row["error"] = f"whittle bench: {first_line(str(e))}"
         return
     caches["latency"][arch] = (row["latency"], row["label"])
 
@@ -278,8 +278,8 @@ def whittle_row(spec: dict, calib: Path, evald: Path, keep: float, base: dict, c
     log(f"  whittle compress --target macs={keep} ...")
     try:
         rep = pb.compress(spec, calib, out, keep, True, a)
-    except (pb.RunError, KeyError, TypeError, ValueError) as e:
-        row["error"] = f"whittle compress: {pb.first_line(str(e))}"
+    except (RunError, KeyError, TypeError, ValueError) as e:
+        row["error"] = f"whittle compress: {first_line(str(e))}"
         return row
     row["command"] = rep["command"]
     row["tool_seconds"] = rep["seconds"]
@@ -386,7 +386,7 @@ def budget_verdicts(rows: list[dict]) -> list[dict]:
 def verdict_line(model: str, v: dict) -> str:
     head = f"{model}, {v['target_removed']:.0%} MACs removed:"
     if v["best_peer"] is None:
-        return f"{head} no onnxsim row measured; whittle {pb.fmt(v['whittle_agreement'], '.3f')}"
+        return f"{head} no onnxsim row measured; whittle {fmt(v['whittle_agreement'], '.3f')}"
     peer = (f"best onnxsim row {v['best_peer']} (agreement {v['best_peer_agreement']:.3f} at "
             f"{v['best_peer_macs_removed']:.1%} MACs removed)")
     if v["whittle_agreement"] is None:
@@ -408,12 +408,12 @@ def table(model: dict) -> str:
             cells += ["failed: " + r["error"].replace("|", "/")] + [""] * (len(head) - 4)
         else:
             lat = r.get("latency") or {}
-            speed = pb.fmt(lat.get("speedup"), ".2f", "x")
+            speed = fmt(lat.get("speedup"), ".2f", "x")
             if r.get("latency_shared_with"):
                 speed += f" [{shared.setdefault(r['latency_shared_with'], len(shared) + 1)}]"
             v = r["verify"]
             cells += [f"{r['macs_removed']:.1%}", f"{r['params'][1]:,}", f"{v['top1_agreement']:.3f}",
-                      f"{v['candidate_accuracy']:.3f}", speed, pb.fmt(r.get("tool_seconds"), ".1f"),
+                      f"{v['candidate_accuracy']:.3f}", speed, fmt(r.get("tool_seconds"), ".1f"),
                       f"{r['sparsity']:.4f} ({r['steps']})" if "sparsity" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     if shared:
@@ -459,7 +459,7 @@ def render(result: dict) -> str:
         out += ["", f"## {m['model']}", "",
                 f"profile {m['profile']}; calibration {m['calib_desc']}; evaluation {m['eval_desc']}; original "
                 f"{m['base']['macs']:,} MACs, {m['base']['params']:,} params, accuracy "
-                f"{pb.fmt(m['reference_accuracy'], '.3f')}; ort-cpu timed runs per bench run {m['ort_iters']}",
+                f"{fmt(m['reference_accuracy'], '.3f')}; ort-cpu timed runs per bench run {m['ort_iters']}",
                 "", check_line(m["preprocessing_check"]), ""]
         sim = m["simplify"]
         if "error" in sim:
@@ -547,7 +547,7 @@ def svg_plot(result: dict) -> str:
 def prepare_model(s: dict, work: Path, a, log) -> dict:
     """Data split, calibration arrays and their check, the base counts and the simplified model."""
     if s["split"] is not None:
-        calib, evald, info = pb.split_image_folder(s["split"], work / f"{s['name']}_split")
+        calib, evald, info = benchlib.split_image_folder(s["split"], work / f"{s['name']}_split")
         calib_desc = f"{a.calib_items} of the {info['calib_images']} images in the even sorted class folders of " \
                      f"{s['split'].resolve()}"
         eval_desc = f"the other {info['eval_images']} (odd class folders)"
@@ -559,18 +559,18 @@ def prepare_model(s: dict, work: Path, a, log) -> dict:
     np.save(calib_npy, x)
     try:
         check = check_preprocessing(s, calib, x, work, a)
-    except (pb.RunError, KeyError, IndexError) as e:
-        check = {"ok": False, "error": pb.first_line(str(e))}
+    except (RunError, KeyError, IndexError) as e:
+        check = {"ok": False, "error": first_line(str(e))}
     log(f"  {check_line(check)}")
     sim_path = work / f"{s['name']}_simplified.onnx"
     try:
         lift = [] if a.no_lift_constants else ["--lift-constants"]
         sim = run_worker(["simplify", str(s["path"]), str(sim_path), *lift]) | {"path": sim_path}
-        sim["verify"] = pb.verify(s, evald, sim_path, a)
+        sim["verify"] = verify(s, evald, sim_path, a)
         log(f"  onnxsim.simplify: {sim['seconds']:.2f} s, {sim['constants_lifted']} Constant nodes lifted; against "
             f"the original: {simplify_line(sim)}")
-    except (WorkerError, pb.RunError, KeyError, IndexError, TypeError) as e:
-        sim = {"error": pb.first_line(str(e)), "seconds": None}
+    except (WorkerError, RunError, KeyError, IndexError, TypeError) as e:
+        sim = {"error": first_line(str(e)), "seconds": None}
         log(f"  onnxsim.simplify FAILED: {sim['error']}")
     return {"calib": calib, "eval": evald, "calib_desc": calib_desc, "eval_desc": eval_desc, "calib_npy": calib_npy,
             "calib_files": [str(p) for p in picked], "check": check, "simplify": sim,
@@ -578,35 +578,22 @@ def prepare_model(s: dict, work: Path, a, log) -> dict:
 
 
 def run(a: argparse.Namespace, log) -> tuple[dict, int]:
-    specs = pb.model_specs()
-    if a.models:
-        want = [m.strip() for m in a.models.split(",") if m.strip()]
-        unknown = sorted(set(want) - {s["name"] for s in specs})
-        if unknown:
-            return {"error": f"unknown model(s): {', '.join(unknown)}"}, 2
-        specs = [s for s in specs if s["name"] in want]
-    elif a.quick:
-        specs = [s for s in specs if s["name"] == "resnet8_cifar10"]
-    why = pb.check(a, specs)
+    specs, why = benchlib.select(pb.model_specs(), a.models, sort=True)
     if why:
         return {"error": why}, 2
-    if a.rounds < 1 or a.iters < 1 or a.warmup < 0 or a.threads < 1 or a.calib_items < 1 or a.steps < 1:
-        return {"error": "--rounds, --iters, --threads, --calib-items, --steps must be >= 1, --warmup >= 0"}, 2
+    if a.quick and not a.models:
+        specs = [s for s in specs if s["name"] == "resnet8_cifar10"]
+    why = benchlib.check(a, specs) or benchlib.counts_error(a, "steps")
+    if why:
+        return {"error": why}, 2
     budgets = a.budgets or (pb.QUICK_BUDGETS if a.quick else pb.BUDGETS)
     started = time.monotonic()
-    load0 = [round(x, 2) for x in os.getloadavg()]
+    load0 = benchlib.loadavg()
     now = datetime.datetime.now(datetime.timezone.utc)
     report_dir = a.reports / now.strftime("%Y%m%d-%H%M%S")
-    tmp = None
-    if a.keep:
-        work = a.keep
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="whittle-peers-bench-")
-        work = Path(tmp.name)
     status = 0
     models = []
-    try:
+    with benchlib.workdir(a.keep, "whittle-peers-bench-") as work:
         binary = work / "whittle"
         shutil.copy2(a.whittle, binary)
         origin, a.whittle = a.whittle, binary
@@ -641,9 +628,6 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                            "base": prep["base"], "reference_accuracy": ref_acc, "ort_iters": s["ort_iters"],
                            "rows": rows, "verdicts": budget_verdicts(rows)})
         whittle_sha = sha256(binary)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     result = {
         "date": now.isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, os.path.relpath(Path(sys.argv[0]).resolve(), REPO),
@@ -655,7 +639,7 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                      "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters, "quick": a.quick,
                      "work": str(work) if a.keep else None},
         "models": models, "elapsed_s": round(time.monotonic() - started, 1), "report_dir": str(report_dir),
-        "loadavg_start": load0, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "table.md").write_text(render(result) + "\n")
@@ -664,18 +648,16 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     return result, status
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="whittle's channel pruning beside onnxsim's pruning API at equal MAC "
-                                             "budgets: agreement, accuracy, latency, time (reports; asserts nothing)")
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="resnet8 at the 25 %% budget only, fewer bench iterations")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--whittle", type=Path, default=default_whittle(),
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle, else "
                          "~/.cache/whittle/target/release/whittle)")
     ap.add_argument("--models", help="comma-separated subset of: resnet8_cifar10, efficientnet_lite0_224")
-    ap.add_argument("--budgets", type=pb.budget_list,
+    ap.add_argument("--budgets", type=benchlib.budget_list,
                     help="comma-separated fractions of MACs kept (default 0.9,0.75,0.6,0.5; --quick 0.75)")
-    ap.add_argument("--calib-items", type=int, default=pb.CALIB_ITEMS, help=f"every tool (default {pb.CALIB_ITEMS})")
+    ap.add_argument("--calib-items", type=int, default=benchlib.CALIB_ITEMS, help=f"every tool (default {benchlib.CALIB_ITEMS})")
     ap.add_argument("--steps", type=int, default=STEPS, help=f"onnxsim sparsity bisection steps (default {STEPS})")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for whittle's runs (default 2)")
     ap.add_argument("--rounds", type=int, help="interleaved latency rounds per architecture (default 3)")
@@ -686,23 +668,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="keep the pruned models and data here (default: a temporary folder)")
     ap.add_argument("--reports", type=Path, default=REPO / "reports" / "peers",
                     help="a <UTC time>/ folder is made here (default reports/peers)")
-    a = ap.parse_args(argv)
-    pb.settle(a)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
-    result, status = run(a, log)
-    if "error" in result:
-        print(f"peers_bench: {result['error']}", file=sys.stderr)
-        return status
-    if a.json:
-        print(json.dumps(result))
-    else:
-        print()
-        print(render(result))
-        print(f"\nwritten: {result['report_dir']}/table.md, results.json, plot.svg")
-    return status
+def printed(result: dict) -> str:
+    """The tables, then where the report was written."""
+    return render(result) + f"\n\nwritten: {result['report_dir']}/table.md, results.json, plot.svg"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return benchlib.cli_main("peers_bench", "whittle's channel pruning beside onnxsim's pruning API at equal MAC "
+                             "budgets: agreement, accuracy, latency, time (reports; asserts nothing)",
+                             add_args, pb.settle, run, printed, argv)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,9 @@
 # PyPI, and check that every pinned package imports at its pinned version.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${WHITTLE_CACHE:-$HOME/.cache/whittle}/peers-venv"
-py="$venv/bin/python"
 req="$here/requirements.txt"
-stamp="$venv/.whittle-requirements"
-
-if [ ! -x "$py" ]; then
-  echo "setup-peers: creating $venv" >&2
-  python3 -m venv "$venv"
-fi
-# Reinstall only when requirements.txt changed since the last successful install.
-if ! cmp -s "$req" "$stamp"; then
-  echo "setup-peers: installing $(grep -v '^#' "$req" | xargs) (wheels only)" >&2
-  "$py" -m pip install --quiet --disable-pip-version-check --only-binary=:all: -r "$req" >&2
-  cp "$req" "$stamp"
-fi
+. "$here/../venv.sh"
+make_venv setup-peers peers-venv "$req"
 "$py" - "$req" <<'PY' || { echo "setup-peers: $venv does not match $req (remove it and rerun)" >&2; exit 2; }
 import importlib, importlib.metadata, sys
 wrong = []
