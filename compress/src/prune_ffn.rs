@@ -468,6 +468,28 @@ pub struct WidthPlan {
     pub keep: Vec<Vec<usize>>,
 }
 
+/// Run a width pass on the calibration data (keeping a replayed plan's units) and read its plan
+/// off the report.
+pub(crate) fn run_width(
+    name: &str,
+    cx: &crate::pipeline::Context,
+    replay: Option<WidthPlan>,
+    pass: impl FnOnce(&CaptureSpec, Option<&[Vec<usize>]>) -> Result<WidthReport, Error>,
+) -> Result<(WidthPlan, WidthReport), Error> {
+    let c = cx.data(name)?;
+    cx.start(name, 0);
+    let r = pass(
+        &cx.spec(c, &c.fit),
+        replay.as_ref().map(|p| p.keep.as_slice()),
+    );
+    cx.progress.finish();
+    let r = r?;
+    let plan = WidthPlan {
+        keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
+    };
+    Ok((plan, r))
+}
+
 /// A width report in a line.
 pub(crate) fn describe_width(what: &str, r: &WidthReport) -> Vec<String> {
     let per: Vec<String> = r
@@ -536,21 +558,10 @@ impl crate::pipeline::Method for PruneFfn {
         cx: &crate::pipeline::Context,
         replay: Option<WidthPlan>,
     ) -> Result<(WidthPlan, WidthReport), Error> {
-        let c = cx.data(Self::NAME)?;
-        let spec = cx.spec(c, &c.fit);
-        cx.start("ffn", 0);
-        let r = prune_ffn_keeping(
-            model,
-            &o.settings.width(o.fraction),
-            &spec,
-            replay.as_ref().map(|p| p.keep.as_slice()),
-        );
-        cx.progress.finish();
-        let r = r?;
-        let plan = WidthPlan {
-            keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
-        };
-        Ok((plan, r))
+        let opts = o.settings.width(o.fraction);
+        run_width(Self::NAME, cx, replay, |spec, keep| {
+            prune_ffn_keeping(model, &opts, spec, keep)
+        })
     }
 
     fn describe(r: &WidthReport) -> Vec<String> {

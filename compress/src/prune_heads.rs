@@ -25,7 +25,8 @@ use crate::blocks::{self, Linear};
 use crate::index::Index;
 use crate::prune_ffn::{
     WidthLayer, WidthOptions, WidthPlan, WidthReport, WidthSettings, check_fraction,
-    check_given_fraction, describe_width, fail, keep_columns, keep_rows_refitted, top, weights,
+    check_given_fraction, describe_width, fail, keep_columns, keep_rows_refitted, run_width, top,
+    weights,
 };
 use crate::refit::AffineFit;
 
@@ -343,17 +344,10 @@ impl crate::pipeline::Method for PruneHeads {
         cx: &crate::pipeline::Context,
         replay: Option<WidthPlan>,
     ) -> Result<(WidthPlan, WidthReport), Error> {
-        let c = cx.data(Self::NAME)?;
-        let spec = cx.spec(c, &c.fit);
-        cx.start("heads", 0);
-        let keep = replay.as_ref().map(|p| p.keep.as_slice());
-        let r = prune_heads_keeping(model, &o.settings.width(o.fraction), &spec, keep);
-        cx.progress.finish();
-        let r = r?;
-        let plan = WidthPlan {
-            keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
-        };
-        Ok((plan, r))
+        let opts = o.settings.width(o.fraction);
+        run_width(Self::NAME, cx, replay, |spec, keep| {
+            prune_heads_keeping(model, &opts, spec, keep)
+        })
     }
 
     fn describe(r: &WidthReport) -> Vec<String> {

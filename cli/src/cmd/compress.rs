@@ -13,7 +13,7 @@ use whittle_compress::pipeline::{
     self, Calibration, Context, MethodFlags, SavedPlan, Shared, StepRecord,
 };
 use whittle_compress::report::{self, LayerChange};
-use whittle_core::{Model, cost, shape};
+use whittle_core::{cost, shape};
 use whittle_export::{VerifyOptions, VerifyReport};
 use whittle_runtime::RuntimeKind;
 
@@ -213,9 +213,23 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         progress: &bars,
     };
     let (current, records) = pipeline::run(&model, &steps, &cx, replay.as_ref())?;
-    let bytes = current.to_bytes();
+    let opts = VerifyOptions {
+        runtime: a.runtime,
+        threads: a.threads,
+        batch: 32,
+        limit: None,
+    };
+    let (o, c) = (original.to_bytes(), current.to_bytes());
     let fidelity = match &data {
-        Some(d) if !holdout.is_empty() => Some(fidelity(&original, &bytes, d, &holdout, &pre, a)?),
+        Some(d) if !holdout.is_empty() => Some(whittle_export::verify::verify_items(
+            &o,
+            &c,
+            d,
+            &holdout,
+            &pre,
+            &opts,
+            &mut |_, _| {},
+        )?),
         _ => None,
     };
     if let Some(out) = &a.output {
@@ -246,32 +260,6 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         seconds: started.elapsed().as_secs_f64(),
         held_apart,
     }))
-}
-
-fn fidelity(
-    original: &Model,
-    candidate: &[u8],
-    d: &Dataset,
-    idx: &[usize],
-    pre: &Preprocess,
-    a: &Args,
-) -> Result<VerifyReport> {
-    let opts = VerifyOptions {
-        runtime: a.runtime,
-        threads: a.threads,
-        batch: 32,
-        limit: None,
-    };
-    let (o, c) = (original.to_bytes(), candidate);
-    Ok(whittle_export::verify::verify_items(
-        &o,
-        c,
-        d,
-        idx,
-        pre,
-        &opts,
-        &mut |_, _| {},
-    )?)
 }
 
 fn print_groups(gs: &Groups, json: bool) {
