@@ -130,28 +130,13 @@ fn depth_merging_plans_replay() {
 
 #[test]
 fn transformer_plans_replay() {
-    let (Some(m), Some(tok), Some(train)) = (
+    let dir = tempfile::tempdir().unwrap();
+    let (Some(m), Some(calib)) = (
         minilm(),
-        asset("models/minilm-l6-v2-tokenizer"),
-        asset("data/sts/sts-train.tsv"),
+        sts_calibration(dir.path(), &["--limit", "56", "--max-length", "32"]),
     ) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let calib = dir.path().join("train.npz");
-    run(&[
-        "tokenize",
-        &s(&train),
-        "--tokenizer",
-        &s(&tok),
-        "--limit",
-        "56",
-        "--max-length",
-        "32",
-        "-o",
-        &s(&calib),
-    ])
-    .ok();
     for (args, method) in [
         (
             &["--drop-blocks", "2", "--linear-replace"][..],

@@ -25,27 +25,15 @@ fn inspect_lists_minilm_blocks() {
 
 #[test]
 fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
-    let (Some(m), Some(tok), Some(train), Some(dev)) = (
+    let dir = tempfile::tempdir().unwrap();
+    let (Some(m), Some(tok), Some(dev), Some(calib)) = (
         minilm(),
         tokenizer(),
-        asset("data/sts/sts-train.tsv"),
         asset("data/sts/sts-dev.tsv"),
+        sts_calibration(dir.path(), &["--limit", "512"]),
     ) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let calib = dir.path().join("train.npz");
-    run(&[
-        "tokenize",
-        &s(&train),
-        "--tokenizer",
-        &s(&tok),
-        "--limit",
-        "512",
-        "-o",
-        &s(&calib),
-    ])
-    .ok();
     let mut kept = vec![];
     for replace in [true, false] {
         let out = dir.path().join(format!("drop3_{replace}.onnx"));

@@ -307,3 +307,24 @@ pub fn assert_rows_match_host_runner(
     }
     host.close().unwrap();
 }
+
+/// STS-B training sentences tokenised into `dir/train.npz` for MiniLM (`whittle tokenize`,
+/// `extra` flags such as `--limit N`), or `None` (after a skip note) without the shared assets.
+pub fn sts_calibration(dir: &Path, extra: &[&str]) -> Option<PathBuf> {
+    let (tok, train) = (
+        asset("models/minilm-l6-v2-tokenizer")?,
+        asset("data/sts/sts-train.tsv")?,
+    );
+    let calib = dir.join("train.npz");
+    let mut args = vec![
+        "tokenize".to_string(),
+        s(&train),
+        "--tokenizer".into(),
+        s(&tok),
+        "-o".into(),
+        s(&calib),
+    ];
+    args.extend(extra.iter().map(|x| x.to_string()));
+    run(&args).ok();
+    Some(calib)
+}
