@@ -85,3 +85,7 @@ setup-peers:
 # whittle's channel pruning beside onnxsim 0.8.1's at the same MAC budgets and images (--quick, --json); writes reports/peers/<time>/.
 bench-peers *args: setup build setup-peers
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/peers-venv/bin/python" bench/peers/peers_bench.py --whittle "{{whittle}}" {{args}}
+
+# whittle's INT8 quantization beside ONNX Runtime's quantize_static and onnxsim 0.8.1's (--quick, --json, --models); writes reports/peers-quant/<time>/.
+bench-peers-quant *args: setup build setup-peers
+    "${WHITTLE_CACHE:-$HOME/.cache/whittle}/peers-venv/bin/python" bench/peers/quant_bench.py --whittle "{{whittle}}" {{args}}

@@ -15,6 +15,7 @@ mod low_rank;
 mod merge;
 mod plans;
 mod profile;
+mod quantize;
 mod regression;
 mod roundtrip;
 mod shapes;

@@ -71,19 +71,20 @@ fn channel_pruning_and_low_rank_plans_replay() {
         &["--low-rank", "--rank-fraction", "0.5", "--data-aware"],
         &["low_rank"],
     );
+    saves_and_replays(&r8, &data, &["--quantize", "int8"], &["quantize"]);
     // a recipe of two steps replays as two steps
     let dir = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("r.toml");
     std::fs::write(
         &recipe,
-        "[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs=0.9\"\nsensitivity = false\n\n[[step]]\nmethod = \"low_rank\"\nrank_fraction = 0.5\n",
+        "[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs=0.9\"\nsensitivity = false\n\n[[step]]\nmethod = \"low_rank\"\nrank_fraction = 0.5\n\n[[step]]\nmethod = \"quantize\"\nprecision = \"int8\"\n",
     )
     .unwrap();
     saves_and_replays(
         &r8,
         &data,
         &["--recipe", &s(&recipe)],
-        &["prune_channels", "low_rank"],
+        &["prune_channels", "low_rank", "quantize"],
     );
 }
 

@@ -15,9 +15,10 @@
 //! | attention sub-module removal (2SSP stage 2) | `drop_attention.rs` |
 //! | feed-forward neuron pruning with a refit of the down projection (2SSP) | `prune_ffn.rs` |
 //! | attention head pruning with a refit of the output projection (Minitron) | `prune_heads.rs` |
+//! | INT8 quantization (QDQ), calibrated, bias-corrected | `quantize.rs` (ranges: `ranges.rs`) |
 //!
 //! The methods a recipe step names (`prune_channels.rs`, `lowrank.rs`, `merging.rs`,
-//! `drop_blocks.rs`, `prune_ffn.rs`, `prune_heads.rs`, `drop_attention.rs`) implement
+//! `drop_blocks.rs`, `prune_ffn.rs`, `prune_heads.rs`, `drop_attention.rs`, `quantize.rs`) implement
 //! [`pipeline::Method`] and are listed in [`pipeline::METHODS`]; `pipeline.rs` runs them in order
 //! and checks the model after each.
 
@@ -36,6 +37,8 @@ pub mod prune;
 pub mod prune_channels;
 pub mod prune_ffn;
 pub mod prune_heads;
+pub mod quantize;
+pub mod ranges;
 pub mod refit;
 pub mod report;
 
@@ -61,14 +64,14 @@ pub enum Error {
     #[error("nothing to prune: {0}")]
     NothingToPrune(String),
     /// A step of the pipeline failed; nothing was written.
-    #[error("step {step} ({method}): {source}")]
+    #[error("step {step} ({method}): {cause}")]
     Step {
         /// The step, from 1.
         step: usize,
         /// Its method.
         method: String,
-        /// What failed.
-        source: Box<Error>,
+        /// What failed (in the message, not a `source`: the CLI would print it twice).
+        cause: Box<Error>,
     },
     /// The model after a step fails a check (graph, shapes, numbers, a run in the runtime).
     #[error("the result fails a check: {0}")]

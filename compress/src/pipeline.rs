@@ -32,6 +32,7 @@ pub static METHODS: &[Entry] = &[
     entry::<crate::prune_ffn::PruneFfn>(),
     entry::<crate::prune_heads::PruneHeads>(),
     entry::<crate::drop_attention::DropAttention>(),
+    entry::<crate::quantize::Quantize>(),
 ];
 
 /// A compression method: options, a plan that can be saved and replayed, and a report.
@@ -800,7 +801,7 @@ pub fn run(
         let step_err = |e: Error| Error::Step {
             step: i + 1,
             method: name.into(),
-            source: Box::new(e),
+            cause: Box::new(e),
         };
         let mut next = current.clone();
         let out = (s.entry.run)(&s.options, &mut next, cx, plan).map_err(step_err)?;

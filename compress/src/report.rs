@@ -30,7 +30,7 @@ pub struct LayerChange {
 }
 
 fn out_channels(m: &Model, n: &whittle_core::onnx::NodeProto) -> usize {
-    let Some(w) = n.input.get(1).and_then(|w| m.initializer(w)) else {
+    let Some(w) = n.input.get(1).and_then(|w| m.stored_weight(w)) else {
         return 0;
     };
     let trans_b = n

@@ -1,5 +1,6 @@
 //! Typed access to a node's attributes.
 
+use crate::onnx::attribute_proto::AttributeType;
 use crate::onnx::{AttributeProto, NodeProto, TensorProto};
 
 /// Attribute look-ups on a `NodeProto`; a missing attribute gives `None`.
@@ -48,5 +49,43 @@ pub fn node_label(n: &NodeProto) -> String {
         o.clone()
     } else {
         n.op_type().to_string()
+    }
+}
+
+/// An integer attribute.
+pub fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+/// An integer-list attribute.
+pub fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
+}
+
+/// A node of the default domain.
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute,
+        ..Default::default()
     }
 }

@@ -11,7 +11,7 @@
 //! exact-looking figure: it is listed in [`ModelCost::unknown_dims`] and [`ModelCost::exact_macs`]
 //! refuses to give a number.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -239,12 +239,33 @@ pub fn count(model: &Model, shapes: &ShapeInfo) -> ModelCost {
     let sizes = Sizes { batch, inputs };
     let mut seen: HashSet<&str> = HashSet::new();
     let mut all_unknown = BTreeSet::new();
+    // a quantized weight (a DequantizeLinear of an initializer) counts at the node that reads
+    // the DequantizeLinear's output; scales and zero points are not params
+    let mut dequantized: HashMap<&str, &str> = HashMap::new();
+    let mut qparams: HashSet<&str> = HashSet::new();
+    for n in &model.graph().node {
+        if matches!(n.op_type(), "DequantizeLinear" | "QuantizeLinear") {
+            qparams.extend(n.input.iter().skip(1).map(String::as_str));
+            if n.op_type() == "DequantizeLinear"
+                && let (Some(x), Some(y)) = (n.input.first(), n.output.first())
+                && inits.contains_key(x.as_str())
+            {
+                dequantized.insert(y.as_str(), x.as_str());
+            }
+        }
+    }
     let mut nodes = Vec::with_capacity(model.graph().node.len());
     for n in &model.graph().node {
         let mut params = 0u64;
-        for x in &n.input {
-            if let Some(t) = inits.get(x.as_str())
-                && seen.insert(x.as_str())
+        let own = n.op_type() != "DequantizeLinear"
+            || n.output
+                .first()
+                .is_none_or(|o| !dequantized.contains_key(o.as_str()));
+        for x in n.input.iter().filter(|_| own) {
+            let x = dequantized.get(x.as_str()).copied().unwrap_or(x.as_str());
+            if let Some(t) = inits.get(x)
+                && !qparams.contains(x)
+                && seen.insert(x)
             {
                 params += element_count(t).unwrap_or(0);
             }
@@ -266,6 +287,7 @@ pub fn count(model: &Model, shapes: &ShapeInfo) -> ModelCost {
         .graph()
         .initializer
         .iter()
+        .filter(|t| !qparams.contains(t.name()))
         .map(|t| element_count(t).unwrap_or(0))
         .sum();
     let macs = nodes

@@ -65,6 +65,16 @@ pub enum Error {
     /// The graph is not a valid DAG.
     #[error("invalid graph: {0}")]
     Graph(String),
+    /// The opset cannot be raised.
+    #[error("the model's opset {from} cannot be raised to {to}: {reason}")]
+    Opset {
+        /// The model's opset.
+        from: i64,
+        /// The opset asked for.
+        to: i64,
+        /// Why not.
+        reason: String,
+    },
 }
 
 fn unknown_dims_message(dims: &[crate::cost::UnknownDim], hint: &str) -> String {

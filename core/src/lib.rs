@@ -11,6 +11,7 @@ pub mod check;
 pub mod cost;
 pub mod error;
 pub mod model;
+pub mod opset;
 pub mod shape;
 pub mod stats;
 pub mod tensor;

@@ -165,6 +165,17 @@ impl Model {
         self.graph().initializer.iter().find(|t| t.name() == name)
     }
 
+    /// The stored weight behind `name`: the initializer itself, or the quantized initializer a
+    /// DequantizeLinear reads when `name` is that DequantizeLinear's output.
+    pub fn stored_weight(&self, name: &str) -> Option<&TensorProto> {
+        self.initializer(name).or_else(|| {
+            let dq = self.graph().node.iter().find(|n| {
+                n.op_type() == "DequantizeLinear" && n.output.first().is_some_and(|o| o == name)
+            })?;
+            self.initializer(dq.input.first()?)
+        })
+    }
+
     /// A name → initializer map (for passes that look many up).
     pub fn initializer_map(&self) -> HashMap<&str, &TensorProto> {
         self.graph()

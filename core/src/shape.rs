@@ -680,6 +680,16 @@ impl Cx {
                 }
             }
             "IsNaN" | "IsInf" => self.set(n, 0, DataType::Bool as i32, s0),
+            "QuantizeLinear" => {
+                // the zero point's type, uint8 without one
+                let dt = if n.input.get(2).is_some_and(|z| !z.is_empty()) {
+                    self.dtype(n, 2)
+                } else {
+                    DataType::Uint8 as i32
+                };
+                self.set(n, 0, dt, s0);
+            }
+            "DequantizeLinear" => self.set(n, 0, self.dtype(n, 1), s0),
             "Cast" => {
                 let to = n.attr_int("to").unwrap_or(1) as i32;
                 self.set(n, 0, to, s0);

@@ -212,6 +212,37 @@ pub fn from_i64(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     }
 }
 
+/// An int8 tensor.
+pub fn from_i8(name: &str, dims: &[i64], values: &[i8]) -> TensorProto {
+    raw(
+        name,
+        dims,
+        DataType::Int8,
+        values.iter().map(|v| *v as u8).collect(),
+    )
+}
+
+/// A uint8 tensor.
+pub fn from_u8(name: &str, dims: &[i64], values: &[u8]) -> TensorProto {
+    raw(name, dims, DataType::Uint8, values.to_vec())
+}
+
+/// An int32 tensor stored as little-endian raw data.
+pub fn from_i32(name: &str, dims: &[i64], values: &[i32]) -> TensorProto {
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw(name, dims, DataType::Int32, bytes)
+}
+
+fn raw(name: &str, dims: &[i64], dtype: DataType, bytes: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.to_vec(),
+        data_type: Some(dtype as i32),
+        raw_data: Some(bytes),
+        ..Default::default()
+    }
+}
+
 fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) & 1) as u32;
     let exp = ((h >> 10) & 0x1f) as u32;

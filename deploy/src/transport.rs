@@ -452,13 +452,24 @@ impl Transport for Local {
             path: PathBuf::from(&program),
             message: format!("{e}{}", self.spawn_hint),
         };
-        let mut child = Command::new(&program)
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
+        // a runner written a moment ago can be "busy" (ETXTBSY) while another thread's fork
+        // still holds its write descriptor until that child execs: try again briefly
+        let mut tries = 0;
+        let mut child = loop {
+            match Command::new(&program)
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                r => break r.map_err(spawn_err)?,
+            }
+        };
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {

@@ -342,3 +342,38 @@ fn from_ort(value: &DynValue, name: &str) -> Result<Value, Error> {
     };
     Ok(out)
 }
+
+/// The operators ONNX Runtime's CPU provider runs after its graph optimisations (level 2, where
+/// QuantizeLinear / DequantizeLinear groups fuse into QLinearConv, QGemm and the like), by op
+/// type: what tells a quantized model that runs on int8 kernels from one that runs in float.
+pub fn ort_cpu_kernels(
+    model_bytes: &[u8],
+) -> Result<std::collections::BTreeMap<String, usize>, Error> {
+    use prost::Message as _;
+    let rt = ort_runtime()?;
+    let path = std::env::temp_dir().join(format!(
+        "whittle-kernels-{}-{:?}.onnx",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let builder = OrtInner::builder(&rt.env)
+        .map_err(|e| Error::ort("creating session options", e))?
+        .with_optimization_level(GraphOptimizationLevel::Level2)
+        .map_err(|e| Error::ort("setting the graph optimisation level", e))?
+        .with_optimized_model_path(&path)
+        .map_err(|e| Error::ort("asking for the optimised model", e))?;
+    let session = commit(builder, model_bytes, "optimising the model");
+    let bytes = std::fs::read(&path);
+    let _ = std::fs::remove_file(&path);
+    drop(session?);
+    let bytes = bytes
+        .map_err(|e| Error::InvalidModel(format!("reading ONNX Runtime's optimised model: {e}")))?;
+    let model = whittle_core::onnx::ModelProto::decode(bytes.as_slice()).map_err(|e| {
+        Error::InvalidModel(format!("decoding ONNX Runtime's optimised model: {e}"))
+    })?;
+    let mut ops = std::collections::BTreeMap::new();
+    for n in &model.graph.unwrap_or_default().node {
+        *ops.entry(n.op_type().to_string()).or_default() += 1;
+    }
+    Ok(ops)
+}

@@ -1,0 +1,628 @@
+#!/usr/bin/env python3
+"""whittle's INT8 quantization beside ONNX Runtime's and onnxsim 0.8.1's: same models, calibration
+items and evaluation images.
+
+Rows per model, each measured against the fp32 original:
+
+  fp32        the original model (the reference; speedup 1 by definition)
+  ort         `onnxruntime.quantization.quantize_static`, QDQ format, per_channel=True, activations
+              QUInt8, weights QInt8, calibrate_method MinMax, Percentile or Entropy (three rows),
+              after `onnxruntime.quantization.shape_inference.quant_pre_process` (shape inference
+              and ONNX Runtime's graph optimisation, which folds BatchNormalization); where
+              pre-processing fails the original is quantized as it is and the rows say so. ONNX
+              Runtime's Entropy defaults (128 histogram bins, 128 quantized bins) leave its KL search
+              one candidate, the full range, so Entropy reproduces MinMax; the defaults are kept
+  onnxsim     `onnxsim.full_qdq.quantize_full_qdq` on the `onnxsim.simplify`d model: uint8
+              activations, per-channel int8 weights, `remove_qdq_after=("Relu", "Clip")` with
+              `fold_activation=True` (a Relu / ReLU6 Clip folded into its producer's output
+              quantization: the best setting PEERS.md found), calibration method minmax and
+              percentile (two rows)
+  onnxsim     `onnxsim.quark_compat` (the Quark-API shim): preset INT8_CNN_DEFAULT with
+  quark       `extra_options["PerChannel"] = True` and `BiasCorrectionConfig()`, on the original
+  whittle     `whittle compress MODEL --calib CALIB --profile P --calib-items 128 --quantize int8`
+              (per-channel int8 weights, uint8 activations; its calibrator chosen among minmax,
+              percentile, mse and entropy on held-out calibration items; bias correction)
+
+Calibration: whittle compress's own 128 items (`Dataset::split(128 / n, seed 0)`), preprocessed in
+numpy as whittle's built-in profile does, for every peer, in batches of 16 (bench/peers/peers_bench.py's
+`calibration_arrays`, and its `check_preprocessing` against whittle's own input tensors before any
+row). whittle reads the same items from the image folder itself.
+
+Per row:
+  agreement, accuracy   `whittle verify ORIGINAL QUANT --data EVAL --profile P --json`: top-1
+                        agreement with fp32, top-1 accuracy against the labels
+  output MSE            mean over the evaluation items and output elements of (quant - fp32)^2, both
+                        run in ONNX Runtime (Python, default optimisation, in a worker process) on the
+                        evaluation images preprocessed in numpy (resnet8's output is a Softmax, so
+                        there it is probabilities; efficientnet's output is logits)
+  ort-cpu speedup       `whittle bench --runtime ort-cpu --threads N --json` p50, fp32 / quantized,
+                        for N = 1 and 2: every distinct model (ops, attributes, tensor shapes; rows
+                        that share one say so) and fp32 run once per round per thread count, the order
+                        rotating from round to round; the speedup is the median over --rounds rounds
+                        of the per-round ratio, [min-max] its spread over rounds
+  tool s                whittle: the `seconds` of `whittle compress --json`; ort: pre-processing +
+                        quantize_static; onnxsim: simplify + quantize_full_qdq, or quantize_model;
+                        time inside the tool's calls only (loading and saving excluded for the peers)
+
+Models and data are bench/prune_bench.py's: resnet8_cifar10 calibrates on cifar10/test-b and is
+evaluated on test-a; efficientnet_lite0_224 splits imagenet/ by alternating sorted class folders.
+Every peer step runs in its own process (this file with `worker` as first argument), so a crash, an
+exception or a model ONNX Runtime or whittle refuses is a row saying "failed: <reason>".
+
+Writes reports/peers-quant/<UTC time>/ (table.md, results.json). The whittle binary is copied into
+the work folder first. Exit status: 0 when the bench ran (whatever it found), 1 when a whittle row's
+compress, verify or bench failed or the preprocessing check did not pass, 2 when the binary, models
+or data are missing.
+
+    python bench/peers/quant_bench.py [--quick] [--json] [--models M,..] [--whittle PATH] [--reports DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import benchlib  # noqa: E402  (bench/benchlib.py: running whittle, work folders)
+import peers_bench as peers  # noqa: E402  (calibration items, preprocessing and its check)
+import prune_bench as pb  # noqa: E402  (models, data, measuring defaults)
+from benchlib import RUN_TIMEOUT_S, RunError, first_line, fmt, run_json, verify  # noqa: E402
+
+PINNED = ("onnxsim", "onnx", "onnxruntime", "numpy", "pillow")
+CALIB_BATCH = 16
+EVAL_BATCH = 32
+THREADS = (1, 2)  # ort-cpu intra-op threads the latency is measured at
+WORKER_TIMEOUT_S = 1800
+ORT_METHODS = ("MinMax", "Percentile", "Entropy")
+FULL_QDQ_METHODS = ("minmax", "percentile")
+
+
+def default_whittle() -> Path:
+    return benchlib.default_whittle(Path.home() / ".cache" / "whittle" / "target")
+
+
+# ---------------------------------------------------------------- worker: one peer step in its own process
+
+def _input_name(model) -> str:
+    inits = {t.name for t in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def _batches(npy: Path, name: str) -> list[dict]:
+    x = np.load(npy)
+    return [{name: np.ascontiguousarray(x[i:i + CALIB_BATCH])} for i in range(0, len(x), CALIB_BATCH)]
+
+
+def worker_ort_pre(a) -> dict:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    t0 = time.monotonic()
+    quant_pre_process(str(a.model), str(a.out))
+    return {"seconds": round(time.monotonic() - t0, 3)}
+
+
+def worker_ort(a) -> dict:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, batches):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    reader = Reader(_batches(a.calib, _input_name(onnx.load(str(a.model)))))
+    t0 = time.monotonic()
+    quantize_static(str(a.model), str(a.out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, a.method))
+    return {"seconds": round(time.monotonic() - t0, 3)}
+
+
+def worker_full_qdq(a) -> dict:
+    import onnx
+    import onnxsim
+    from onnxsim.full_qdq import quantize_full_qdq
+    t0 = time.monotonic()
+    sim, check_ok = onnxsim.simplify(onnx.load(str(a.model)))
+    t_sim = time.monotonic() - t0
+    batches = _batches(a.calib, _input_name(sim))
+    t0 = time.monotonic()
+    q = quantize_full_qdq(sim, batches, activation_dtype="uint8", per_channel=True, method=a.method,
+                          remove_qdq_after=("Relu", "Clip"), fold_activation=True)
+    t_q = time.monotonic() - t0
+    onnx.save(q, str(a.out))
+    return {"seconds": round(t_sim + t_q, 3), "simplify_seconds": round(t_sim, 3), "simplify_check": bool(check_ok)}
+
+
+def worker_quark(a) -> dict:
+    import onnx
+    from onnxsim.quark_compat import BiasCorrectionConfig, ModelQuantizer, QConfig
+    model = onnx.load(str(a.model))
+    cfg = QConfig.get_default_config("INT8_CNN_DEFAULT")
+    cfg.extra_options["PerChannel"] = True
+    cfg.algo_config = [BiasCorrectionConfig()]
+    quantizer = ModelQuantizer(cfg)
+    batches = _batches(a.calib, _input_name(model))
+    t0 = time.monotonic()
+    q = quantizer.quantize_model(model, None, batches)
+    seconds = time.monotonic() - t0
+    onnx.save(q, str(a.out))
+    return {"seconds": round(seconds, 3), "approximations": list(quantizer.last_approximations)}
+
+
+def worker_outputs(a) -> dict:
+    """The model's first output on every evaluation item (saved as .npy)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = a.threads
+    sess = ort.InferenceSession(str(a.model), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = np.load(a.eval)
+    out = np.concatenate([sess.run(None, {name: x[i:i + EVAL_BATCH]})[0] for i in range(0, len(x), EVAL_BATCH)])
+    np.save(a.out, out.astype(np.float32))
+    return {"items": len(out)}
+
+
+def worker_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="quant_bench.py worker", description="One peer step (JSON on stdout)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for cmd in ("ort-pre", "ort", "full-qdq", "quark", "outputs"):
+        p = sub.add_parser(cmd)
+        p.add_argument("model", type=Path)
+        p.add_argument("out", type=Path)
+        if cmd in ("ort", "full-qdq", "quark"):
+            p.add_argument("--calib", type=Path, required=True, help="calibration items (.npy, NCHW float32)")
+        if cmd in ("ort", "full-qdq"):
+            p.add_argument("--method", required=True)
+        if cmd == "outputs":
+            p.add_argument("--eval", type=Path, required=True)
+            p.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    step = {"ort-pre": worker_ort_pre, "ort": worker_ort, "full-qdq": worker_full_qdq, "quark": worker_quark,
+            "outputs": worker_outputs}[a.cmd]
+    try:
+        rep = step(a)
+    except Exception as e:  # any failure of the tool is this step's one-line reason
+        text = " ".join(str(e).split()) or "(no message)"
+        print(f"{type(e).__name__}: {text[:500]}", file=sys.stderr)
+        return 1
+    print(json.dumps(rep))
+    return 0
+
+
+class WorkerError(RuntimeError):
+    """A peer step that gave no result; the message is its one-line reason."""
+
+
+def run_worker(args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", *args]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"timed out after {WORKER_TIMEOUT_S} s")
+    last = next((ln.strip() for ln in reversed(p.stderr.splitlines()) if ln.strip()), "")
+    if p.returncode < 0:
+        raise WorkerError(f"crashed ({signal.Signals(-p.returncode).name})" + (f": {last}" if last else ""))
+    if p.returncode != 0:
+        raise WorkerError(last or f"exit {p.returncode} with no output")
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise WorkerError(f"unreadable worker output: {p.stdout[-300:]!r}")
+
+
+# ---------------------------------------------------------------- the rows
+
+def new_row(spec: dict, tool: str, config: str) -> dict:
+    return {"model": spec["name"], "tool": tool, "config": config, "label": f"{tool} {config}".strip()}
+
+
+def whittle_row(spec: dict, calib: Path, work: Path, a, log) -> dict:
+    row = new_row(spec, "whittle", "--quantize int8")
+    out = work / f"{spec['name']}_whittle.onnx"
+    cmd = [str(a.whittle), "compress", str(spec["path"]), "-o", str(out), "--calib", str(calib),
+           "--profile", spec["profile"], "--calib-items", str(a.calib_items), "--quantize", "int8",
+           "--threads", str(a.threads), "--json"]
+    log("  whittle compress --quantize int8 ...")
+    try:
+        rep, figures = benchlib.compress_json(cmd)
+    except (RunError, KeyError, TypeError, ValueError) as e:
+        row["error"] = f"whittle compress: {first_line(str(e))}"
+        return row
+    q = rep.get("quantize") or {}
+    row.update(command=cmd, tool_seconds=figures["seconds"], path=out, quantize=q)
+    if q.get("calibrator"):
+        row["config"] += (f" (calibrator chosen: {q['calibrator']}; bias corrected in {q.get('bias_corrected')} "
+                          f"layers; {q.get('items')} items calibrate)")
+    return row
+
+
+def peer_rows(spec: dict, calib_npy: Path, work: Path, log) -> list[dict]:
+    """The ONNX Runtime and onnxsim rows: each quantized in a worker (a failure is the row's error)."""
+    rows = []
+    name = spec["name"]
+    log("  onnxruntime quant_pre_process ...")
+    pre = work / f"{name}_ort_pre.onnx"
+    try:
+        pre_s = run_worker(["ort-pre", str(spec["path"]), str(pre)])["seconds"]
+        src, pre_note = pre, "quant_pre_process"
+    except WorkerError as e:
+        pre_s, src, pre_note = 0.0, spec["path"], f"without quant_pre_process (it failed: {e})"
+        log(f"    quant_pre_process failed, quantizing the original: {e}")
+    for method in ORT_METHODS:
+        row = new_row(spec, "ort", f"QDQ U8S8 per-channel {method}")
+        row["preprocess"] = pre_note
+        out = work / f"{name}_ort_{method}.onnx"
+        log(f"  onnxruntime quantize_static {method} ...")
+        try:
+            rep = run_worker(["ort", str(src), str(out), "--calib", str(calib_npy), "--method", method])
+            row.update(path=out, tool_seconds=round(pre_s + rep["seconds"], 3))
+        except WorkerError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    for method in FULL_QDQ_METHODS:
+        row = new_row(spec, "onnxsim", f"full_qdq {method} fold_activation")
+        out = work / f"{name}_fullqdq_{method}.onnx"
+        log(f"  onnxsim quantize_full_qdq {method} ...")
+        try:
+            rep = run_worker(["full-qdq", str(spec["path"]), str(out), "--calib", str(calib_npy), "--method", method])
+            row.update(path=out, tool_seconds=rep["seconds"], simplify_seconds=rep["simplify_seconds"])
+        except WorkerError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    row = new_row(spec, "onnxsim", "quark_compat INT8_CNN_DEFAULT per-channel bias correction")
+    out = work / f"{name}_quark.onnx"
+    log("  onnxsim quark_compat INT8_CNN_DEFAULT ...")
+    try:
+        rep = run_worker(["quark", str(spec["path"]), str(out), "--calib", str(calib_npy)])
+        row.update(path=out, tool_seconds=rep["seconds"], approximations=rep["approximations"])
+    except WorkerError as e:
+        row["error"] = str(e)
+    rows.append(row)
+    return rows
+
+
+def quality(row: dict, spec: dict, evald: Path, eval_npy: Path, ref_out: np.ndarray | None, caches: dict, work: Path,
+            a, log) -> None:
+    """Verify (agreement, accuracy) and output MSE of a quantized row; failures mark the row."""
+    path = row["path"]
+    digest = peers.sha256(path)
+    if digest in caches:
+        row["verify"], row["mse"], row["same_file_as"] = caches[digest]
+    else:
+        try:
+            row["verify"] = verify(spec, evald, path, a)
+        except (RunError, KeyError, IndexError, TypeError) as e:
+            row["error"] = f"whittle verify: {first_line(str(e))}"
+            return
+        row["mse"] = None
+        if ref_out is not None:
+            try:
+                out_npy = work / f"{path.stem}_out.npy"
+                run_worker(["outputs", str(path), str(out_npy), "--eval", str(eval_npy), "--threads", str(a.threads)])
+                out = np.load(out_npy)
+                row["mse"] = float(np.mean((out.astype(np.float64) - ref_out) ** 2))
+            except (WorkerError, ValueError) as e:
+                row["mse_error"] = str(e)
+        caches[digest] = (row["verify"], row["mse"], row["label"])
+    v = row["verify"]
+    log(f"    {row['label']}: agreement {v['top1_agreement']:.3f}, accuracy {v['candidate_accuracy']:.3f}, "
+        f"output MSE {fmt(row['mse'], '.3g')}" + (f" (same file as {row['same_file_as']})"
+                                                  if row.get("same_file_as") else ""))
+
+
+# ---------------------------------------------------------------- latency: every model, interleaved
+
+def latency(rows: list[dict], spec: dict, a, log) -> dict:
+    """Per thread count, every distinct model and fp32 once per round (order rotating); each row's
+    speedup is the median of its per-round fp32 / row p50 ratios. Returns the fp32 figures."""
+    archs: dict[str, str] = {}  # architecture digest -> label of the row measured for it
+    contestants = {"fp32": spec["path"]}
+    for r in rows:
+        if r["tool"] == "fp32" or "error" in r or "path" not in r:
+            continue
+        arch = peers.architecture(r["path"])
+        if arch in archs:
+            r["latency_shared_with"] = archs[arch]
+        else:
+            archs[arch] = r["label"]
+            contestants[r["label"]] = r["path"]
+    p50 = {(c, t): [] for c in contestants for t in THREADS}
+    failed: dict[str, str] = {}
+    names = list(contestants)
+    log(f"  latency: {len(names)} models x threads {', '.join(map(str, THREADS))}, {a.rounds} interleaved rounds, "
+        f"{spec['ort_iters']} timed runs each")
+    for rnd, order in benchlib.rotations(a.rounds, names):
+        for t in THREADS:
+            at = argparse.Namespace(**{**vars(a), "threads": t})
+            for c in order:
+                if c in failed:
+                    continue
+                try:
+                    p50[(c, t)].append(benchlib.bench_once(contestants[c], "ort-cpu", spec["ort_iters"], at)["p50_ms"])
+                except (RunError, KeyError, TypeError) as e:
+                    failed[c] = f"whittle bench: {first_line(str(e))}"
+                    log(f"    {c}: bench failed: {failed[c]}")
+        log(f"    round {rnd + 1}: " + "; ".join(
+            f"{c} {'/'.join(fmt(p50[(c, t)][-1] if p50[(c, t)] else None, '.3f') for t in THREADS)} ms"
+            for c in names))
+
+    def figures(c: str) -> dict:
+        out = {}
+        for t in THREADS:
+            base, mine = p50[("fp32", t)], p50[(c, t)]
+            ratios = [x / y for x, y in zip(base, mine) if y] if len(base) == len(mine) else []
+            out[str(t)] = {"median_p50_ms": statistics.median(mine) if mine else None, "round_p50_ms": mine,
+                           "speedup": statistics.median(ratios) if ratios else None,
+                           "spread": benchlib.spread(ratios)}
+        return out
+
+    measured = {c: figures(c) for c in names if c not in failed}
+    for r in rows:
+        src = "fp32" if r["tool"] == "fp32" else r.get("latency_shared_with", r["label"])
+        if src in failed:
+            r["error"] = failed[src]
+        elif src in measured and "error" not in r:
+            r["latency"] = measured[src]
+    return measured.get("fp32") or {}
+
+
+# ---------------------------------------------------------------- report
+
+def ok(row: dict) -> bool:
+    return "error" not in row
+
+
+def speed_cell(lat: dict, t: int) -> str:
+    f = (lat or {}).get(str(t)) or {}
+    if f.get("speedup") is None:
+        return "n/a"
+    lo, hi = f["spread"]
+    return f"{f['speedup']:.2f}x [{lo:.2f}-{hi:.2f}]"
+
+
+def table(model: dict) -> str:
+    head = ["tool", "config", "agreement", "accuracy", "output MSE", "ort-cpu speedup, 1 thread", "2 threads",
+            "tool s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    shared = {}
+    for r in model["rows"]:
+        cells = [r["tool"], r["config"]]
+        if "error" in r:
+            cells += ["failed: " + r["error"].replace("|", "/")] + [""] * (len(head) - 3)
+        else:
+            v = r["verify"]
+            mse = fmt(r.get("mse"), ".3g") if r["tool"] != "fp32" else "0"
+            if r["tool"] == "fp32":
+                speeds = [fmt(((r.get("latency") or {}).get(str(t)) or {}).get("median_p50_ms"), ".3f", " ms p50")
+                          for t in THREADS]
+            else:
+                speeds = [speed_cell(r.get("latency"), t) for t in THREADS]
+            if r.get("latency_shared_with"):
+                n = shared.setdefault(r["latency_shared_with"], len(shared) + 1)
+                speeds = [s + f" [{n}]" for s in speeds]
+            agreement = f"{v['top1_agreement']:.3f}" + (f" (= {r['same_file_as']})" if r.get("same_file_as") else "")
+            cells += [agreement, f"{v['candidate_accuracy']:.3f}", mse, *speeds, fmt(r.get("tool_seconds"), ".1f", "", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if shared:
+        lines.append("")
+    lines += [f"[{n}] same ops and tensor shapes as {label}: latency measured once for both  "
+              for label, n in shared.items()]
+    return "\n".join(lines)
+
+
+def render(result: dict) -> str:
+    s = result["settings"]
+    out = [f"# INT8 quantization: whittle vs ONNX Runtime {result['versions']['onnxruntime']} and onnxsim "
+           f"{result['versions']['onnxsim']}", "",
+           f"- date: {result['date']}",
+           f"- command: `{result['command']}`",
+           f"- whittle: {result['versions']['whittle']} (sha256 {result['whittle_sha256'][:16]}); numpy "
+           f"{result['versions']['numpy']}, Pillow {result['versions']['pillow']}, onnx {result['versions']['onnx']}",
+           f"- {s['calib_items']} calibration items (whittle compress's own split) for every tool, batches of "
+           f"{CALIB_BATCH} for the peers; agreement = top-1 agreement with fp32 on the evaluation images "
+           "(`whittle verify`); accuracy = top-1 vs labels; output MSE = mean (quant - fp32)^2 over the evaluation "
+           "items' first output, ONNX Runtime in Python on numpy-preprocessed images",
+           f"- ort-cpu speedup = fp32 p50 / quantized p50 (`whittle bench`), median over {s['rounds']} interleaved "
+           f"rounds of the per-round ratio, [min-max] over rounds; warmup {s['warmup']}",
+           f"- total wall time {result['elapsed_s'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
+           f"{' '.join(map(str, result['loadavg_start']))}, at the end {' '.join(map(str, result['loadavg_end']))}"]
+    for m in result["models"]:
+        fp = m.get("fp32_latency") or {}
+        p50s = ", ".join(f"{t} thread{'s' if t > 1 else ''} {fmt((fp.get(str(t)) or {}).get('median_p50_ms'), '.3f')} ms"
+                         for t in THREADS)
+        out += ["", f"## {m['model']}", "",
+                f"profile {m['profile']}; calibration {m['calib_desc']}; evaluation {m['eval_desc']}; fp32 p50 "
+                f"{p50s}; ort-cpu timed runs per bench run {m['ort_iters']}", "",
+                peers.check_line(m["preprocessing_check"]), ""]
+        if m["model"].startswith("resnet8"):
+            out += ["resnet8's output is a Softmax: its MSE is of probabilities.", ""]
+        out += [table(m), ""]
+        notes = sorted({r["preprocess"] for r in m["rows"] if r.get("preprocess", "").startswith("without")})
+        out += [f"- ort rows: {n}" for n in notes]
+        out += [f"- {r['label']}: onnxsim approximations: {'; '.join(r['approximations'])}"
+                for r in m["rows"] if r.get("approximations")]
+        out += [f"- {r['label']}: output MSE not computed: {first_line(r['mse_error'])}"
+                for r in m["rows"] if r.get("mse_error")]
+        w = next((r for r in m["rows"] if r["tool"] == "whittle" and ok(r)), None)
+        peers_ok = [r for r in m["rows"] if r["tool"] in ("ort", "onnxsim") and ok(r)]
+        best = max(peers_ok, key=lambda r: r["verify"]["top1_agreement"], default=None)
+        if w and best:
+            margin = 100 * (w["verify"]["top1_agreement"] - best["verify"]["top1_agreement"])
+            out.append(f"- best peer by agreement: {best['label']} {best['verify']['top1_agreement']:.3f}; whittle "
+                       f"{w['verify']['top1_agreement']:.3f} ({margin:+.1f} points"
+                       f"{'' if margin > 0 else ': whittle does NOT win here'})")
+    return "\n".join(out)
+
+
+def printed(result: dict) -> str:
+    return render(result) + f"\n\nwritten: {result['report_dir']}/table.md, results.json"
+
+
+# ---------------------------------------------------------------- the run
+
+def prepare(s: dict, work: Path, a, log) -> dict:
+    """Data split, calibration and evaluation arrays, and the preprocessing check."""
+    if s["split"] is not None:
+        shutil.rmtree(work / f"{s['name']}_split", ignore_errors=True)  # an earlier --keep run's links
+        calib, evald, info = benchlib.split_image_folder(s["split"], work / f"{s['name']}_split")
+        calib_desc = f"{a.calib_items} of the {info['calib_images']} images in the even sorted class folders of " \
+                     f"{s['split'].resolve()}"
+        eval_desc = f"the other {info['eval_images']} (odd class folders)"
+    else:
+        calib, evald = s["calib"], s["eval"]
+        calib_desc, eval_desc = f"{a.calib_items} of {calib.resolve()}", str(evald.resolve())
+    x, picked = peers.calibration_arrays(s, calib, a.calib_items)
+    calib_npy = work / f"{s['name']}_calib.npy"
+    np.save(calib_npy, x)
+    try:
+        check = peers.check_preprocessing(s, calib, x, work, a)
+    except (RunError, KeyError, IndexError) as e:
+        check = {"ok": False, "error": first_line(str(e))}
+    log(f"  {peers.check_line(check)}")
+    prof = peers.PROFILES[s["profile"]]
+    eval_npy = work / f"{s['name']}_eval.npy"
+    np.save(eval_npy, np.stack([peers.preprocess(p, prof) for p in peers.image_folder(evald)]))
+    return {"calib": calib, "eval": evald, "calib_desc": calib_desc, "eval_desc": eval_desc, "calib_npy": calib_npy,
+            "eval_npy": eval_npy, "calib_files": [str(p) for p in picked], "check": check}
+
+
+def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict, int]:
+    status = 0
+    rows = []
+    base = new_row(s, "fp32", "original")
+    base["path"] = s["path"]
+    ref_out = None
+    try:
+        ref_npy = work / f"{s['name']}_fp32_out.npy"
+        run_worker(["outputs", str(s["path"]), str(ref_npy), "--eval", str(prep["eval_npy"]),
+                    "--threads", str(a.threads)])
+        ref_out = np.load(ref_npy).astype(np.float64)
+    except WorkerError as e:
+        log(f"  fp32 outputs failed (no MSE column): {e}")
+    try:
+        base["verify"] = verify(s, prep["eval"], s["path"], a)
+        base["mse"] = 0.0
+    except (RunError, KeyError, IndexError, TypeError) as e:
+        base["error"] = f"whittle verify: {first_line(str(e))}"
+    rows.append(base)
+    w = whittle_row(s, prep["calib"], work, a, log)
+    rows += peer_rows(s, prep["calib_npy"], work, log)
+    rows.insert(1, w)
+    caches: dict = {}
+    log("  verify and output MSE:")
+    for r in rows[1:]:
+        if "error" not in r:
+            quality(r, s, prep["eval"], prep["eval_npy"], ref_out, caches, work, a, log)
+    fp32 = latency(rows, s, a, log)
+    if "error" in w or "error" in base:
+        status = 1
+    for r in rows:
+        r.pop("path", None)
+    return rows, fp32, status
+
+
+def run(a: argparse.Namespace, log) -> tuple[dict, int]:
+    specs, why = benchlib.select(pb.model_specs(), a.models, sort=True)
+    if why:
+        return {"error": why}, 2
+    if a.quick and not a.models:
+        specs = [s for s in specs if s["name"] == "resnet8_cifar10"]
+    why = benchlib.check(a, specs) or benchlib.counts_error(a)
+    if why:
+        return {"error": why}, 2
+    started = time.monotonic()
+    load0 = benchlib.loadavg()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    report_dir = a.reports / now.strftime("%Y%m%d-%H%M%S")
+    status = 0
+    models = []
+    with benchlib.workdir(a.keep, "whittle-quant-bench-") as work:
+        binary = work / "whittle"
+        shutil.copy2(a.whittle, binary)
+        origin, a.whittle = a.whittle, binary
+        whittle_version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip()
+        log(f"quant bench: {len(specs)} model(s); {origin} copied to {binary}; load average {' '.join(map(str, load0))}")
+        for s in specs:
+            log(f"{s['name']}:")
+            s = dict(s, ort_iters=a.iters * s["iters_scale"])
+            prep = prepare(s, work, a, log)
+            rows, fp32 = [], {}
+            if not prep["check"]["ok"]:
+                status = 1
+                log("  the calibration arrays are not shown to match whittle's inputs: no rows for this model")
+            else:
+                rows, fp32, st = run_model(s, prep, work, a, log)
+                status = max(status, st)
+                if any(r["tool"] == "whittle" and "error" in r for r in rows):
+                    status = 1
+            models.append({"model": s["name"], "path": str(s["path"].resolve()), "profile": s["profile"],
+                           "calib_desc": prep["calib_desc"], "eval_desc": prep["eval_desc"],
+                           "calib_files": prep["calib_files"], "preprocessing_check": prep["check"],
+                           "ort_iters": s["ort_iters"], "fp32_latency": fp32, "rows": rows})
+        whittle_sha = peers.sha256(binary)
+    result = {
+        "date": now.isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, os.path.relpath(Path(sys.argv[0]).resolve(), REPO),
+                               *sys.argv[1:]]),
+        "versions": {"whittle": whittle_version, **{k: importlib.metadata.version(k) for k in PINNED}},
+        "whittle_sha256": whittle_sha, "whittle_binary": str(origin),
+        "settings": {"calib_items": a.calib_items, "calib_batch": CALIB_BATCH, "threads": a.threads,
+                     "latency_threads": list(THREADS), "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
+                     "quick": a.quick, "work": str(work) if a.keep else None},
+        "models": models, "elapsed_s": round(time.monotonic() - started, 1), "report_dir": str(report_dir),
+        "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
+    }
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "table.md").write_text(render(result) + "\n")
+    (report_dir / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return result, status
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="resnet8 only, fewer bench iterations")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--whittle", type=Path, default=default_whittle(),
+                    help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle, else "
+                         "~/.cache/whittle/target/release/whittle)")
+    ap.add_argument("--models", help="comma-separated subset of: resnet8_cifar10, efficientnet_lite0_224")
+    ap.add_argument("--calib-items", type=int, default=benchlib.CALIB_ITEMS, help=f"every tool (default {benchlib.CALIB_ITEMS})")
+    ap.add_argument("--threads", type=int, default=2, help="threads for whittle compress / verify and the MSE runs "
+                                                           "(default 2; latency is taken at 1 and 2)")
+    ap.add_argument("--rounds", type=int, help="interleaved latency rounds (default 3)")
+    ap.add_argument("--warmup", type=int, help="untimed runs per bench run (default 5; --quick 2)")
+    ap.add_argument("--iters", type=int, help="timed runs per bench run (default 50; --quick 20), times 10 for resnet8")
+    ap.add_argument("--keep", type=Path, help="keep the quantized models and data here (default: a temporary folder)")
+    ap.add_argument("--reports", type=Path, default=REPO / "reports" / "peers-quant",
+                    help="a <UTC time>/ folder is made here (default reports/peers-quant)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker_main(argv[1:])
+    return benchlib.cli_main("quant_bench", "whittle's INT8 quantization beside ONNX Runtime's and onnxsim's on the "
+                             "same calibration items and images: agreement, accuracy, output MSE, latency, time "
+                             "(reports; asserts nothing)", add_args, pb.settle, run, printed, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,994 @@
+//! INT8 quantization as QuantizeLinear / DequantizeLinear (QDQ) pairs, calibrated on data,
+//! repaired without training.
+//!
+//! Weights of Conv, Gemm and MatMul (constant weights) become int8, symmetric, one scale per
+//! output channel (a DequantizeLinear with `axis`), their biases int32 at the input scale times
+//! the weight scale, as ONNX Runtime's QDQ fusion and TensorRT's explicit quantization want.
+//! Activations become uint8 per tensor: every float input of a quantized op (Conv, Gemm,
+//! MatMul, Add, Mul, Concat, AveragePool, GlobalAveragePool) and its output get a Q/DQ pair; an
+//! output read only by a Relu or a Clip is quantized after it, over a range the activation makes
+//! redundant (ONNX Runtime then drops it); MaxPool and the shape ops (Reshape, Flatten,
+//! Transpose, Squeeze, Unsqueeze) pass their input's quantization on unchanged, so they run on
+//! int8 data. A Gemm or MatMul whose output only float ops read keeps a float output (ONNX
+//! Runtime's QGemm / MatMulIntegerToFloat), which keeps the logits' precision. Every other op
+//! stays float and is listed in the report.
+//!
+//! Ranges: a histogram of every quantized activation over the calibration items; min-max,
+//! percentile, MSE or entropy (`ranges.rs`). By default each calibrator is tried on the whole
+//! model and the one with the least output damage on held-out calibration items is kept.
+//! Repair: the mean shift quantization causes in each layer's output is measured on the
+//! calibration items (float model beside the quantized one) and taken out of the layer's bias.
+//!
+//! Declines: an already quantized model (Q/DQ or QLinear / integer ops), a model whose opset is
+//! below 13 and cannot be raised (named operators), a model with nothing to quantize.
+//! Guarantees: graph inputs and outputs keep their names, types and shapes.
+//!
+//! As a pipeline method: `--quantize int8 [--calibrate C]`, `[[step]] method = "quantize"` with
+//! `precision = "int8"`; the plan holds the calibrator, every activation's scale and zero point
+//! and the bias corrections, so a replay needs no data.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use whittle_calib::capture;
+use whittle_core::Model;
+use whittle_core::attr::{self, Attrs, node_label};
+use whittle_core::onnx::NodeProto;
+use whittle_core::tensor::{from_f32, from_i8, from_i32, from_u8, to_f32};
+
+use crate::Error;
+use crate::cleanup::{self, set_initializer, unique_name};
+use crate::pipeline::{Context, Method};
+use crate::ranges::{Calibrator, Histogram, QParams};
+
+/// The opset per-channel quantization needs.
+const OPSET: i64 = 13;
+/// Calibration items held out to choose the calibrator.
+const JUDGE_ITEMS: usize = 32;
+/// The fraction of values the percentile calibrator keeps by default.
+const PERCENTILE: f64 = 0.99999;
+
+fn fail(reason: impl Into<String>) -> Error {
+    Error::Pass {
+        pass: "quantize".into(),
+        reason: reason.into(),
+    }
+}
+
+/// The precision asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// int8 weights, uint8 activations.
+    Int8,
+}
+
+/// INT8 quantization as a pipeline method.
+pub struct Quantize;
+
+/// `--quantize int8 [--calibrate C] [--percentile P] [--no-bias-correction]`.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantizeOptions {
+    /// Quantize weights (int8, per output channel) and activations (uint8, per tensor) as
+    /// QuantizeLinear / DequantizeLinear pairs that ONNX Runtime runs with int8 kernels; normally
+    /// the last step.
+    #[arg(id = "quantize", long = "quantize", value_name = "TYPE", value_enum)]
+    pub precision: Option<Precision>,
+    /// Activation ranges by this calibrator (default: each is tried and the one with the least
+    /// damage on held-out calibration items is kept).
+    #[arg(
+        id = "quant_calibrate",
+        long = "calibrate",
+        value_name = "METHOD",
+        value_enum
+    )]
+    pub calibrate: Option<Calibrator>,
+    /// The fraction of values `--calibrate percentile` keeps [default: 0.99999].
+    #[arg(id = "quant_percentile", long = "percentile", value_name = "P")]
+    pub percentile: Option<f64>,
+    /// Do not correct the biases for the mean shift quantization causes.
+    #[arg(id = "quant_no_bias_correction", long = "no-bias-correction")]
+    pub no_bias_correction: bool,
+}
+
+/// What quantization decided: enough to replay it without data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantizePlan {
+    /// The calibrator the ranges came from.
+    pub calibrator: Calibrator,
+    /// Scale and zero point of every activation quantized.
+    pub activations: BTreeMap<String, QParams>,
+    /// Per layer (node name), what was added to its float bias.
+    pub bias_correction: BTreeMap<String, Vec<f32>>,
+}
+
+/// What quantization did.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeReport {
+    /// The calibrator used.
+    pub calibrator: Calibrator,
+    /// Each calibrator tried, with its damage on the held-out calibration items.
+    pub damage: BTreeMap<String, f64>,
+    /// Nodes that run on int8 data, by op.
+    pub quantized: BTreeMap<String, usize>,
+    /// Nodes left in float, by op (Relu / Clip made redundant by a quantization not counted).
+    pub kept_float: BTreeMap<String, usize>,
+    /// Activations quantized (each a Q/DQ pair).
+    pub activations: usize,
+    /// Weight tensors quantized.
+    pub weights: usize,
+    /// Layers whose bias was corrected.
+    pub bias_corrected: usize,
+    /// The opset the model had, when it was raised to 13.
+    pub opset_raised_from: Option<i64>,
+    /// Calibration items the ranges came from.
+    pub items: usize,
+    /// The operators ONNX Runtime's CPU provider runs after fusing the Q/DQ groups, by op type
+    /// (empty when ONNX Runtime could not be asked).
+    pub ort_kernels: BTreeMap<String, usize>,
+    /// Weights and activations ONNX Runtime left as DequantizeLinear: those parts run in float.
+    pub unfused: usize,
+}
+
+impl Method for Quantize {
+    const NAME: &'static str = "quantize";
+    type Options = QuantizeOptions;
+    type Plan = QuantizePlan;
+    type Report = QuantizeReport;
+
+    fn requested(o: &QuantizeOptions) -> bool {
+        o.precision.is_some()
+    }
+
+    fn validate(o: &QuantizeOptions) -> Result<(), Error> {
+        if o.precision.is_none() {
+            return Err(fail("a quantize step needs precision = \"int8\""));
+        }
+        if let Some(p) = o.percentile
+            && !(p > 0.5 && p <= 1.0)
+        {
+            return Err(fail(format!(
+                "--percentile {p}: the kept fraction is in (0.5, 1]"
+            )));
+        }
+        Ok(())
+    }
+
+    fn needs_data(_: &QuantizeOptions) -> Option<&'static str> {
+        Some("activation ranges are calibrated on data")
+    }
+
+    fn run(
+        o: &QuantizeOptions,
+        model: &mut Model,
+        cx: &Context,
+        replay: Option<QuantizePlan>,
+    ) -> Result<(QuantizePlan, QuantizeReport), Error> {
+        refuse_quantized(model)?;
+        let raised = whittle_core::opset::upgrade(model, OPSET).map_err(|e| fail(e.to_string()))?;
+        let sites = Sites::find(model)?;
+        let (plan, damage, items) = match replay {
+            Some(p) => (p, BTreeMap::new(), 0),
+            None => calibrate(o, model, &sites, cx)?,
+        };
+        let mut report = apply(model, &sites, &plan)?;
+        report.calibrator = plan.calibrator;
+        report.damage = damage;
+        report.opset_raised_from = raised;
+        report.items = items;
+        // what ONNX Runtime makes of it: int8 kernels, or Q/DQ pairs it could not fuse
+        if let Ok(k) = whittle_runtime::ort_cpu_kernels(&model.to_bytes()) {
+            report.unfused = k.get("DequantizeLinear").copied().unwrap_or(0);
+            report.ort_kernels = k;
+        }
+        Ok((plan, report))
+    }
+
+    fn describe(r: &QuantizeReport) -> Vec<String> {
+        let list = |m: &BTreeMap<String, usize>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut lines = vec![format!(
+            "int8: {} weights, {} activations ({}), runs int8: {}",
+            r.weights,
+            r.activations,
+            r.calibrator.name(),
+            list(&r.quantized)
+        )];
+        if !r.damage.is_empty() {
+            let tried: Vec<String> = r
+                .damage
+                .iter()
+                .map(|(k, d)| format!("{k} {d:.4}"))
+                .collect();
+            lines.push(format!(
+                "calibrators (damage on held-out calibration items): {}",
+                tried.join(", ")
+            ));
+        }
+        if !r.kept_float.is_empty() {
+            lines.push(format!("kept in float: {}", list(&r.kept_float)));
+        }
+        let int8_kernels: BTreeMap<String, usize> = r
+            .ort_kernels
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("QLinear") || k.starts_with("QGemm") || k.contains("Integer")
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if !r.ort_kernels.is_empty() {
+            lines.push(format!(
+                "ONNX Runtime (CPU) runs int8 kernels: {}",
+                list(&int8_kernels)
+            ));
+        }
+        if r.unfused > 0 {
+            lines.push(format!(
+                "warning: ONNX Runtime left {} DequantizeLinear unfused: those ops run in float",
+                r.unfused
+            ));
+        }
+        if r.bias_corrected > 0 {
+            lines.push(format!("bias corrected in {} layers", r.bias_corrected));
+        }
+        if let Some(from) = r.opset_raised_from {
+            lines.push(format!("opset raised from {from} to {OPSET}"));
+        }
+        lines
+    }
+}
+
+/// Refuse a model that is quantized already.
+fn refuse_quantized(model: &Model) -> Result<(), Error> {
+    let mut found: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in &model.graph().node {
+        let op = n.op_type();
+        if matches!(
+            op,
+            "QuantizeLinear"
+                | "DequantizeLinear"
+                | "DynamicQuantizeLinear"
+                | "MatMulInteger"
+                | "ConvInteger"
+                | "QGemm"
+                | "DynamicQuantizeMatMul"
+                | "MatMulIntegerToFloat"
+        ) || op.starts_with("QLinear")
+        {
+            *found.entry(op).or_default() += 1;
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = found.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    Err(fail(format!(
+        "the model is quantized already ({}); quantize its float original",
+        list.join(", ")
+    )))
+}
+
+/// A layer with constant weights: its weight becomes int8 per output channel.
+#[derive(Debug, Clone)]
+struct Layer {
+    node: String,
+    op: String,
+    input: String,
+    weight: String,
+    /// The weight's output-channel axis.
+    axis: usize,
+    bias: Option<String>,
+}
+
+/// Where quantization goes in a model.
+#[derive(Debug, Default)]
+struct Sites {
+    layers: Vec<Layer>,
+    /// Activations with their own range, in graph order.
+    calibrated: Vec<String>,
+    /// Activations that take another's quantization (a shape op's output: its input).
+    shared: Vec<(String, String)>,
+    /// Activations right after a Relu / Clip, and the activation's upper bound.
+    bounded: HashMap<String, f32>,
+    /// Constant inputs of Add / Mul quantized per tensor: (node, input slot).
+    constants: Vec<(String, usize)>,
+    quantized: BTreeMap<String, usize>,
+    kept_float: BTreeMap<String, usize>,
+}
+
+impl Sites {
+    fn find(model: &Model) -> Result<Sites, Error> {
+        let g = model.graph();
+        let consts: HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        let outputs: HashSet<&str> = g.output.iter().map(|v| v.name()).collect();
+        let mut readers: HashMap<&str, Vec<&NodeProto>> = HashMap::new();
+        for n in &g.node {
+            for i in n.input.iter().filter(|i| !i.is_empty()) {
+                readers.entry(i.as_str()).or_default().push(n);
+            }
+        }
+        let is_const = |x: &str| consts.contains(x);
+        let mut s = Sites::default();
+        let mut quantized: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let add = |t: &str, q: &mut Vec<String>, seen: &mut HashSet<String>| {
+            if seen.insert(t.to_string()) {
+                q.push(t.to_string());
+            }
+        };
+        let mut absorbed: HashSet<String> = HashSet::new();
+        let mut int8: HashSet<String> = HashSet::new();
+        // which outputs some quantized op reads: Gemm / MatMul outputs get a Q only then
+        let quantizable = |n: &NodeProto| kind(n, &is_const).is_some();
+        for n in &g.node {
+            let Some(k) = kind(n, &is_const) else {
+                continue;
+            };
+            let name = node_label(n);
+            let y = n.output[0].clone();
+            match k {
+                Kind::Shared => {
+                    let x = &n.input[0];
+                    if !seen.contains(x) || outputs.contains(y.as_str()) {
+                        continue;
+                    }
+                    s.shared.push((y.clone(), x.clone()));
+                    add(&y, &mut quantized, &mut seen);
+                    int8.insert(name);
+                    continue;
+                }
+                Kind::Layer { axis } => {
+                    s.layers.push(Layer {
+                        node: name.clone(),
+                        op: n.op_type().into(),
+                        input: n.input[0].clone(),
+                        weight: n.input[1].clone(),
+                        axis,
+                        bias: n.input.get(2).filter(|b| !b.is_empty()).cloned(),
+                    });
+                    add(&n.input[0], &mut quantized, &mut seen);
+                }
+                Kind::Binary => {
+                    for (slot, x) in n.input.iter().enumerate() {
+                        if is_const(x) {
+                            s.constants.push((name.clone(), slot));
+                        } else {
+                            add(x, &mut quantized, &mut seen);
+                        }
+                    }
+                }
+                Kind::Activations => {
+                    for x in &n.input {
+                        add(x, &mut quantized, &mut seen);
+                    }
+                }
+            }
+            int8.insert(name.clone());
+            // the output: after a Relu / Clip that reads it alone, else itself
+            let rs = readers.get(y.as_str()).map_or(&[][..], |v| v.as_slice());
+            let mut site = y.clone();
+            let mut bound = None;
+            if let [r] = rs
+                && !outputs.contains(y.as_str())
+                && !outputs.contains(r.output[0].as_str())
+                && let Some(b) = redundant_bound(model, r)
+            {
+                site = r.output[0].clone();
+                bound = Some(b);
+                absorbed.insert(node_label(r));
+            }
+            if outputs.contains(site.as_str()) {
+                continue;
+            }
+            let float_output = matches!(n.op_type(), "Gemm" | "MatMul")
+                && !readers
+                    .get(site.as_str())
+                    .is_some_and(|v| v.iter().any(|r| quantizable(r)));
+            if float_output {
+                if bound.is_some() {
+                    absorbed.remove(&node_label(rs[0]));
+                }
+                continue;
+            }
+            if let Some(b) = bound {
+                s.bounded.insert(site.clone(), b);
+            }
+            add(&site, &mut quantized, &mut seen);
+        }
+        if s.layers.is_empty() {
+            return Err(fail(
+                "nothing to quantize: no Conv, Gemm or MatMul with constant weights",
+            ));
+        }
+        let shared: HashSet<&String> = s.shared.iter().map(|(y, _)| y).collect();
+        s.calibrated = quantized
+            .iter()
+            .filter(|t| !shared.contains(t))
+            .cloned()
+            .collect();
+        for n in &g.node {
+            let name = node_label(n);
+            if int8.contains(&name) {
+                *s.quantized.entry(n.op_type().into()).or_default() += 1;
+            } else if !absorbed.contains(&name) {
+                *s.kept_float.entry(n.op_type().into()).or_default() += 1;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Every quantized activation's parameters: the calibrated ones from `own`, shared ones from
+    /// their source.
+    fn resolve(&self, own: &BTreeMap<String, QParams>) -> Result<BTreeMap<String, QParams>, Error> {
+        let mut all = own.clone();
+        for (y, x) in &self.shared {
+            let p = *all
+                .get(x)
+                .ok_or_else(|| fail(format!("no quantization for '{x}' (read by '{y}')")))?;
+            all.insert(y.clone(), p);
+        }
+        for t in &self.calibrated {
+            if !all.contains_key(t) {
+                return Err(fail(format!("no quantization for activation '{t}'")));
+            }
+        }
+        Ok(all)
+    }
+}
+
+enum Kind {
+    /// Conv / Gemm / MatMul with a constant weight (its output-channel axis).
+    Layer { axis: usize },
+    /// Add / Mul: activations, or a constant quantized per tensor.
+    Binary,
+    /// Ops whose inputs are all activations (Concat, pools).
+    Activations,
+    /// Ops that move data without changing it: the output takes the input's quantization.
+    Shared,
+}
+
+fn kind(n: &NodeProto, is_const: &dyn Fn(&str) -> bool) -> Option<Kind> {
+    if !n.domain().is_empty() && n.domain() != "ai.onnx" {
+        return None;
+    }
+    let inputs: Vec<&str> = n.input.iter().map(String::as_str).collect();
+    let all_activations =
+        !inputs.is_empty() && inputs.iter().all(|x| !x.is_empty() && !is_const(x));
+    match n.op_type() {
+        "Conv" => {
+            let ok = inputs.len() >= 2
+                && !is_const(inputs[0])
+                && is_const(inputs[1])
+                && inputs.get(2).is_none_or(|b| b.is_empty() || is_const(b));
+            ok.then_some(Kind::Layer { axis: 0 })
+        }
+        "Gemm" => {
+            let ok = inputs.len() >= 2
+                && !is_const(inputs[0])
+                && is_const(inputs[1])
+                && n.attr_int("transA").unwrap_or(0) == 0
+                && n.attr_float("alpha").unwrap_or(1.0) == 1.0
+                && inputs.get(2).is_none_or(|b| b.is_empty() || is_const(b));
+            let axis = if n.attr_int("transB").unwrap_or(0) == 1 {
+                0
+            } else {
+                1
+            };
+            ok.then_some(Kind::Layer { axis })
+        }
+        "MatMul" => {
+            let ok = inputs.len() == 2 && !is_const(inputs[0]) && is_const(inputs[1]);
+            ok.then_some(Kind::Layer { axis: 1 })
+        }
+        "Add" | "Mul" => {
+            let acts = inputs.iter().filter(|x| !is_const(x)).count();
+            (inputs.len() == 2 && acts >= 1).then_some(Kind::Binary)
+        }
+        "Concat" | "AveragePool" | "GlobalAveragePool" => {
+            all_activations.then_some(Kind::Activations)
+        }
+        "MaxPool" if n.output.len() == 1 => all_activations.then_some(Kind::Shared),
+        "Reshape" | "Flatten" | "Transpose" | "Squeeze" | "Unsqueeze" => {
+            (!is_const(inputs[0])).then_some(Kind::Shared)
+        }
+        _ => None,
+    }
+}
+
+/// When `r` is a Relu, or a Clip from 0 with constant bounds, the upper bound of its output.
+fn redundant_bound(model: &Model, r: &NodeProto) -> Option<f32> {
+    match r.op_type() {
+        "Relu" => Some(f32::INFINITY),
+        "Clip" => {
+            let value = |i: usize| -> Option<Option<f32>> {
+                match r.input.get(i).filter(|s| !s.is_empty()) {
+                    None => Some(None),
+                    Some(name) => {
+                        let t = model.initializer(name)?;
+                        to_f32(t).ok()?.first().copied().map(Some)
+                    }
+                }
+            };
+            let lo = value(1)?.unwrap_or(f32::NEG_INFINITY);
+            let hi = value(2)?.unwrap_or(f32::INFINITY);
+            (lo == 0.0).then_some(hi)
+        }
+        _ => None,
+    }
+}
+
+/// Ranges from a histogram of every calibrated activation, the calibrator with the least damage
+/// (or the one asked for), and the bias corrections.
+fn calibrate(
+    o: &QuantizeOptions,
+    model: &Model,
+    sites: &Sites,
+    cx: &Context,
+) -> Result<(QuantizePlan, BTreeMap<String, f64>, usize), Error> {
+    let c = cx.data(Quantize::NAME)?;
+    let candidates: Vec<Calibrator> = match o.calibrate {
+        Some(k) => vec![k],
+        None => Calibrator::ALL.to_vec(),
+    };
+    let (judge, fit) = if candidates.len() > 1 {
+        Context::judge_split(c, JUDGE_ITEMS)
+    } else {
+        (&[][..], c.fit.as_slice())
+    };
+    let hists = histograms(model, &sites.calibrated, cx, fit)?;
+    let percentile = o.percentile.unwrap_or(PERCENTILE);
+    let ranges = |k: Calibrator| -> BTreeMap<String, QParams> {
+        hists
+            .iter()
+            .map(|(t, h)| {
+                let (lo, hi) = h.range(k, percentile);
+                let mut p = QParams::from_range(lo, hi);
+                if let Some(&b) = sites.bounded.get(t) {
+                    p = QParams::from_range(lo, hi.min(b)).within(b);
+                }
+                (t.clone(), p)
+            })
+            .collect()
+    };
+    let mut damage = BTreeMap::new();
+    let mut best: Option<(f64, Calibrator)> = None;
+    if candidates.len() > 1 {
+        let reference = cx.reference(model, judge)?;
+        cx.start("quantize: calibrators", candidates.len());
+        for (i, &k) in candidates.iter().enumerate() {
+            let plan = QuantizePlan {
+                calibrator: k,
+                activations: ranges(k),
+                bias_correction: BTreeMap::new(),
+            };
+            let mut q = model.clone();
+            apply(&mut q, sites, &plan)?;
+            let d = reference.damage(&q)?;
+            damage.insert(k.name().to_string(), d);
+            if best.is_none_or(|(b, _)| d < b) {
+                best = Some((d, k));
+            }
+            cx.progress.set(i + 1);
+        }
+        cx.progress.finish();
+    }
+    let chosen = best.map_or(candidates[0], |(_, k)| k);
+    let mut plan = QuantizePlan {
+        calibrator: chosen,
+        activations: ranges(chosen),
+        bias_correction: BTreeMap::new(),
+    };
+    if !o.no_bias_correction {
+        plan.bias_correction = bias_correction(model, sites, cx, fit)?;
+    }
+    Ok((plan, damage, fit.len()))
+}
+
+/// A histogram of each tensor over the items `fit`: one capture for the ranges, one for the
+/// counts.
+fn histograms(
+    model: &Model,
+    tensors: &[String],
+    cx: &Context,
+    fit: &[usize],
+) -> Result<BTreeMap<String, Histogram>, Error> {
+    let c = cx.data(Quantize::NAME)?;
+    let spec = cx.spec(c, fit);
+    let capture_err = |e: whittle_calib::Error| fail(format!("capture: {e}"));
+    let mut lim = vec![(f32::INFINITY, f32::NEG_INFINITY); tensors.len()];
+    cx.start("quantize: activation ranges", 2);
+    capture(model, tensors, &spec, &mut |v, n| {
+        for (l, a) in lim.iter_mut().zip(v) {
+            for &x in real(a, n) {
+                if x.is_finite() {
+                    l.0 = l.0.min(x);
+                    l.1 = l.1.max(x);
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(capture_err)?;
+    cx.progress.set(1);
+    let mut hists: Vec<Histogram> = lim
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo > hi {
+                Histogram::new(0.0, 0.0)
+            } else {
+                Histogram::new(lo, hi)
+            }
+        })
+        .collect();
+    capture(model, tensors, &spec, &mut |v, n| {
+        for (h, a) in hists.iter_mut().zip(v) {
+            h.add(real(a, n));
+        }
+        Ok(())
+    })
+    .map_err(capture_err)?;
+    cx.progress.finish();
+    Ok(tensors.iter().cloned().zip(hists).collect())
+}
+
+/// The real items' values of a captured batch (the first `n` along the batch axis).
+fn real(a: &ndarray::ArrayD<f32>, n: usize) -> &[f32] {
+    let all = a.as_slice().expect("captured arrays are contiguous");
+    let per = all.len() / a.shape().first().copied().unwrap_or(1).max(1);
+    &all[..(per * n).min(all.len())]
+}
+
+/// Per layer, the mean shift its weight's rounding causes: `(W - Wq) E[x]` per output channel,
+/// with `E[x]` each input channel's mean in the float model over the items `fit` (Nagel et al.,
+/// 2019). Each layer's shift is its own, so every correction holds with all of them applied.
+fn bias_correction(
+    model: &Model,
+    sites: &Sites,
+    cx: &Context,
+    fit: &[usize],
+) -> Result<BTreeMap<String, Vec<f32>>, Error> {
+    let inputs: Vec<String> = sites.layers.iter().map(|l| l.input.clone()).collect();
+    let axes: Vec<bool> = sites.layers.iter().map(|l| l.op == "Conv").collect();
+    cx.start("quantize: bias correction", 1);
+    let means = channel_means(model, &inputs, &axes, cx, fit)?;
+    cx.progress.finish();
+    let mut out = BTreeMap::new();
+    for (l, m) in sites
+        .layers
+        .iter()
+        .zip(&means)
+        .filter(|(l, _)| l.op != "MatMul")
+    {
+        let w_init = model
+            .initializer(&l.weight)
+            .ok_or_else(|| fail(format!("layer '{}': no weight '{}'", l.node, l.weight)))?;
+        let dims: Vec<usize> = w_init.dims.iter().map(|&d| d as usize).collect();
+        let w = to_f32(w_init)?;
+        let (q, scale) = per_channel(&w, &w_init.dims, l.axis);
+        let inner: usize = dims[l.axis + 1..].iter().product();
+        let err: Vec<f32> = w
+            .iter()
+            .zip(&q)
+            .enumerate()
+            .map(|(i, (&v, &c))| v - c as f32 * scale[(i / inner) % dims[l.axis]])
+            .collect();
+        let shift = match (l.op.as_str(), dims.as_slice()) {
+            ("Conv", [o, cpg, ..]) => {
+                let k: usize = dims[2..].iter().product();
+                let groups = (m.len() / cpg.max(&1)).max(1);
+                let opg = (o / groups).max(1);
+                (0..*o)
+                    .map(|oc| {
+                        let first = (oc / opg) * cpg;
+                        (0..*cpg)
+                            .map(|ci| {
+                                let e = &err[(oc * cpg + ci) * k..][..k];
+                                e.iter().sum::<f32>() as f64
+                                    * m.get(first + ci).copied().unwrap_or(0.0)
+                            })
+                            .sum::<f64>() as f32
+                    })
+                    .collect()
+            }
+            (_, [a, b]) if l.axis == 0 => (0..*a)
+                .map(|n| {
+                    (0..*b)
+                        .map(|k| err[n * b + k] as f64 * m.get(k).copied().unwrap_or(0.0))
+                        .sum::<f64>() as f32
+                })
+                .collect(),
+            (_, [a, b]) => (0..*b)
+                .map(|n| {
+                    (0..*a)
+                        .map(|k| err[k * b + n] as f64 * m.get(k).copied().unwrap_or(0.0))
+                        .sum::<f64>() as f32
+                })
+                .collect(),
+            _ => continue,
+        };
+        out.insert(l.node.clone(), shift);
+    }
+    Ok(out)
+}
+
+/// The mean of each channel of each tensor (axis 1 where `channels_first`, the last axis
+/// otherwise) over the items `fit`.
+fn channel_means(
+    model: &Model,
+    tensors: &[String],
+    channels_first: &[bool],
+    cx: &Context,
+    fit: &[usize],
+) -> Result<Vec<Vec<f64>>, Error> {
+    let c = cx.data(Quantize::NAME)?;
+    let spec = cx.spec(c, fit);
+    let mut sums: Vec<Vec<f64>> = vec![Vec::new(); tensors.len()];
+    let mut counts = vec![0f64; tensors.len()];
+    capture(model, tensors, &spec, &mut |v, n| {
+        for (k, a) in v.iter().enumerate() {
+            let shape = a.shape();
+            let axis = if channels_first[k] {
+                1
+            } else {
+                shape.len().saturating_sub(1)
+            };
+            let ch = shape.get(axis).copied().unwrap_or(1).max(1);
+            let inner: usize = shape.get(axis + 1..).map_or(1, |s| s.iter().product());
+            if sums[k].len() != ch {
+                sums[k] = vec![0.0; ch];
+            }
+            let x = real(a, n);
+            for (i, &val) in x.iter().enumerate() {
+                sums[k][(i / inner.max(1)) % ch] += val as f64;
+            }
+            counts[k] += (x.len() / ch) as f64;
+        }
+        Ok(())
+    })
+    .map_err(|e| fail(format!("capture: {e}")))?;
+    Ok(sums
+        .into_iter()
+        .zip(counts)
+        .map(|(s, n)| s.into_iter().map(|v| v / n.max(1.0)).collect())
+        .collect())
+}
+
+/// Write the QDQ model: weights int8 per channel, biases int32, every activation a Q/DQ pair.
+fn apply(model: &mut Model, sites: &Sites, plan: &QuantizePlan) -> Result<QuantizeReport, Error> {
+    let params = sites.resolve(&plan.activations)?;
+    let mut added: Vec<NodeProto> = Vec::new();
+    // activations: Q then DQ, every reader rewired to the DQ's output
+    let mut dq_of: HashMap<String, String> = HashMap::new();
+    for (t, p) in &params {
+        let (s, z) = (
+            unique_name(model, &format!("{t}_scale")),
+            unique_name(model, &format!("{t}_zero_point")),
+        );
+        let g = model.graph_mut();
+        set_initializer(g, from_f32(&s, &[], &[p.scale]));
+        set_initializer(g, from_u8(&z, &[], &[p.zero_point]));
+        let (tq, tdq) = (format!("{t}_quantized"), format!("{t}_dequantized"));
+        added.push(attr::node(
+            "QuantizeLinear",
+            &format!("{t}_QuantizeLinear"),
+            &[t, &s, &z],
+            &[&tq],
+            vec![],
+        ));
+        added.push(attr::node(
+            "DequantizeLinear",
+            &format!("{t}_DequantizeLinear"),
+            &[&tq, &s, &z],
+            &[&tdq],
+            vec![],
+        ));
+        dq_of.insert(t.clone(), tdq);
+    }
+    for n in model.graph_mut().node.iter_mut() {
+        for x in n.input.iter_mut() {
+            if let Some(d) = dq_of.get(x.as_str()) {
+                *x = d.clone();
+            }
+        }
+    }
+    // weights and biases
+    let mut weights = 0;
+    let mut bias_corrected = 0;
+    for l in &sites.layers {
+        let Some(px) = params.get(&l.input) else {
+            return Err(fail(format!(
+                "layer '{}': its input is not quantized",
+                l.node
+            )));
+        };
+        let w_init = model
+            .initializer(&l.weight)
+            .ok_or_else(|| fail(format!("layer '{}': no weight '{}'", l.node, l.weight)))?;
+        let dims = w_init.dims.clone();
+        let w = to_f32(w_init)?;
+        let (wq, ws) = per_channel(&w, &dims, l.axis);
+        let out_channels = dims[l.axis] as usize;
+        let idx = model
+            .graph()
+            .node
+            .iter()
+            .position(|n| node_label(n) == l.node)
+            .ok_or_else(|| fail(format!("no node '{}'", l.node)))?;
+        let base = l.weight.clone();
+        let (wn, sn, zn) = (
+            unique_name(model, &format!("{base}_quantized")),
+            unique_name(model, &format!("{base}_scale")),
+            unique_name(model, &format!("{base}_zero_point")),
+        );
+        let wdq = unique_name(model, &format!("{base}_dequantized"));
+        let axis_attr = vec![attr::int("axis", l.axis as i64)];
+        let g = model.graph_mut();
+        set_initializer(g, from_i8(&wn, &dims, &wq));
+        set_initializer(g, from_f32(&sn, &[out_channels as i64], &ws));
+        set_initializer(
+            g,
+            from_i8(&zn, &[out_channels as i64], &vec![0; out_channels]),
+        );
+        added.push(attr::node(
+            "DequantizeLinear",
+            &format!("{base}_DequantizeLinear"),
+            &[&wn, &sn, &zn],
+            &[&wdq],
+            axis_attr.clone(),
+        ));
+        g.node[idx].input[1] = wdq;
+        weights += 1;
+        // the bias: float, corrected, then int32 at the input scale times the weight scale
+        let correction = plan.bias_correction.get(&l.node);
+        // a MatMul has no bias input to correct
+        if l.op == "MatMul" || (l.bias.is_none() && correction.is_none()) {
+            continue;
+        }
+        let mut b = match &l.bias {
+            Some(name) => {
+                let t = model
+                    .initializer(name)
+                    .ok_or_else(|| fail(format!("layer '{}': no bias '{name}'", l.node)))?;
+                to_f32(t)?
+            }
+            None => vec![0.0; out_channels],
+        };
+        if b.len() != out_channels {
+            return Err(fail(format!(
+                "layer '{}': bias of {} values for {out_channels} channels",
+                l.node,
+                b.len()
+            )));
+        }
+        if l.op == "Gemm" {
+            let g = model.graph_mut();
+            let beta = g.node[idx].attr_float("beta").unwrap_or(1.0);
+            b.iter_mut().for_each(|v| *v *= beta);
+            g.node[idx].attribute.retain(|a| a.name() != "beta");
+        }
+        if let Some(c) = correction.filter(|c| c.len() == out_channels) {
+            b.iter_mut().zip(c).for_each(|(v, d)| *v += d);
+            bias_corrected += 1;
+        }
+        let bs: Vec<f32> = ws.iter().map(|s| s * px.scale).collect();
+        let bq: Vec<i32> = b
+            .iter()
+            .zip(&bs)
+            .map(|(v, s)| {
+                (*v as f64 / *s as f64)
+                    .round()
+                    .clamp(i32::MIN as f64, i32::MAX as f64) as i32
+            })
+            .collect();
+        let bbase = l.bias.clone().unwrap_or_else(|| format!("{}_bias", l.node));
+        let (bn, bsn, bzn) = (
+            unique_name(model, &format!("{bbase}_quantized")),
+            unique_name(model, &format!("{bbase}_scale")),
+            unique_name(model, &format!("{bbase}_zero_point")),
+        );
+        let bdq = unique_name(model, &format!("{bbase}_dequantized"));
+        let g = model.graph_mut();
+        let c = out_channels as i64;
+        set_initializer(g, from_i32(&bn, &[c], &bq));
+        set_initializer(g, from_f32(&bsn, &[c], &bs));
+        set_initializer(g, from_i32(&bzn, &[c], &vec![0; out_channels]));
+        added.push(attr::node(
+            "DequantizeLinear",
+            &format!("{bbase}_DequantizeLinear"),
+            &[&bn, &bsn, &bzn],
+            &[&bdq],
+            vec![attr::int("axis", 0)],
+        ));
+        let n = &mut g.node[idx];
+        if n.input.len() < 3 {
+            n.input.resize(3, String::new());
+        }
+        n.input[2] = bdq;
+    }
+    // constant inputs of Add / Mul: per tensor
+    for (node, slot) in &sites.constants {
+        let idx = model
+            .graph()
+            .node
+            .iter()
+            .position(|n| node_label(n) == *node)
+            .ok_or_else(|| fail(format!("no node '{node}'")))?;
+        let name = model.graph().node[idx].input[*slot].clone();
+        let t = model
+            .initializer(&name)
+            .ok_or_else(|| fail(format!("no constant '{name}'")))?;
+        let (dims, v) = (t.dims.clone(), to_f32(t)?);
+        let (lo, hi) = v
+            .iter()
+            .fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
+        let p = QParams::from_range(lo, hi);
+        let q: Vec<u8> = v
+            .iter()
+            .map(|x| {
+                (x / p.scale + p.zero_point as f32)
+                    .round()
+                    .clamp(0.0, 255.0) as u8
+            })
+            .collect();
+        let (qn, sn, zn) = (
+            unique_name(model, &format!("{name}_quantized")),
+            unique_name(model, &format!("{name}_scale")),
+            unique_name(model, &format!("{name}_zero_point")),
+        );
+        let out = unique_name(model, &format!("{name}_dequantized"));
+        let g = model.graph_mut();
+        set_initializer(g, from_u8(&qn, &dims, &q));
+        set_initializer(g, from_f32(&sn, &[], &[p.scale]));
+        set_initializer(g, from_u8(&zn, &[], &[p.zero_point]));
+        added.push(attr::node(
+            "DequantizeLinear",
+            &format!("{name}_DequantizeLinear"),
+            &[&qn, &sn, &zn],
+            &[&out],
+            vec![],
+        ));
+        g.node[idx].input[*slot] = out;
+    }
+    model.graph_mut().node.extend(added);
+    whittle_core::check::topo_sort(model.graph_mut())?;
+    cleanup::remove_dead(model);
+    Ok(QuantizeReport {
+        calibrator: plan.calibrator,
+        damage: BTreeMap::new(),
+        quantized: sites.quantized.clone(),
+        kept_float: sites.kept_float.clone(),
+        activations: params.len(),
+        weights,
+        bias_corrected,
+        opset_raised_from: None,
+        items: 0,
+        ort_kernels: BTreeMap::new(),
+        unfused: 0,
+    })
+}
+
+/// Symmetric int8 per channel along `axis`: the codes (in `-127..=127`) and each channel's scale.
+fn per_channel(w: &[f32], dims: &[i64], axis: usize) -> (Vec<i8>, Vec<f32>) {
+    let ch = dims[axis] as usize;
+    let inner: usize = dims[axis + 1..].iter().product::<i64>() as usize;
+    let chan = |i: usize| (i / inner) % ch;
+    let mut max = vec![0f32; ch];
+    for (i, &v) in w.iter().enumerate() {
+        max[chan(i)] = max[chan(i)].max(v.abs());
+    }
+    let scale: Vec<f32> = max
+        .iter()
+        .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
+        .collect();
+    let q = w
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v / scale[chan(i)]).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (q, scale)
+}

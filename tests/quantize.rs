@@ -1,0 +1,134 @@
+//! `whittle compress --quantize int8` end to end: the QDQ model keeps the original's inputs and
+//! outputs, ONNX Runtime runs it on int8 kernels (its optimised graph, not latency), tract loads
+//! and runs it, an opset-8 model is raised and quantized, and a quantized model is refused with
+//! nothing written.
+
+use crate::common::*;
+
+/// Compress `model` with `--quantize int8` on `calib`; the JSON summary.
+fn quantize(model: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let mut a = vec![
+        "compress".to_string(),
+        s(model),
+        "-o".into(),
+        s(out),
+        "--quantize".into(),
+        "int8".into(),
+        "--json".into(),
+    ];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    run(&a).ok().json()
+}
+
+fn io(model: &std::path::Path) -> (serde_json::Value, serde_json::Value) {
+    let j = run(&["inspect", &s(model), "--json"]).ok().json();
+    (j["inputs"].clone(), j["outputs"].clone())
+}
+
+fn agreement(original: &std::path::Path, candidate: &std::path::Path, runtime: &str) -> f64 {
+    let data = s(&repo_root().join("data/cifar10"));
+    let j = run(&[
+        "verify",
+        &s(original),
+        &s(candidate),
+        "--data",
+        &data,
+        "--runtime",
+        runtime,
+        "--json",
+    ])
+    .ok()
+    .json();
+    j["outputs"][0]["top1_agreement"].as_f64().unwrap()
+}
+
+#[test]
+fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r8, out) = (resnet8(), dir.path().join("r8.int8.onnx"));
+    let calib = s(&repo_root().join("data/cifar10"));
+    let j = quantize(&r8, &out, &["--calib", &calib]);
+    let q = &j["quantize"];
+    // every Conv and the Gemm: int8 weights, int8 kernels in ONNX Runtime, nothing left in float
+    assert_eq!(q["quantized"]["Conv"], 9, "{q}");
+    assert_eq!(q["weights"], 10, "{q}");
+    assert_eq!(q["ort_kernels"]["QLinearConv"], 9, "{q}");
+    assert_eq!(q["ort_kernels"]["QGemm"], 1, "{q}");
+    assert_eq!(q["unfused"], 0, "{q}");
+    assert!(q["ort_kernels"].get("Conv").is_none(), "{q}");
+    // the calibrators were compared and the least damaging kept
+    let chosen = q["calibrator"].as_str().unwrap();
+    let damage = q["damage"].as_object().unwrap();
+    assert_eq!(damage.len(), 4, "{q}");
+    let least = damage
+        .iter()
+        .min_by(|a, b| a.1.as_f64().partial_cmp(&b.1.as_f64()).unwrap())
+        .unwrap();
+    assert_eq!(least.0, chosen, "{q}");
+    // the model's interface is the original's
+    assert_eq!(io(&r8), io(&out));
+    // it agrees with the float model in both runtimes
+    let fid = j["fidelity"]["outputs"][0]["top1_agreement"]
+        .as_f64()
+        .unwrap();
+    assert!(fid >= 0.95, "held-apart agreement {fid}");
+    for rt in ["ort-cpu", "tract"] {
+        let a = agreement(&r8, &out, rt);
+        assert!(a >= 0.95, "{rt}: agreement {a}");
+    }
+}
+
+#[test]
+fn an_opset_8_model_is_raised_to_13_and_quantized() {
+    let (Some(m), Some(data)) = (asset("models/mnist-8.onnx"), asset("data/mnist/test")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mnist.int8.onnx");
+    let j = quantize(&m, &out, &["--calib", &s(&data), "--profile", "mnist"]);
+    assert_eq!(j["quantize"]["opset_raised_from"], 8, "{j}");
+    assert_eq!(
+        run(&["inspect", &s(&out), "--json"]).ok().json()["opset"],
+        13
+    );
+    let fid = j["fidelity"]["outputs"][0]["top1_agreement"]
+        .as_f64()
+        .unwrap();
+    assert!(fid >= 0.98, "held-apart agreement {fid}");
+    assert_eq!(io(&m), io(&out));
+}
+
+#[test]
+fn a_quantized_model_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (once, twice) = (dir.path().join("once.onnx"), dir.path().join("twice.onnx"));
+    let calib = s(&repo_root().join("data/cifar10"));
+    quantize(
+        &resnet8(),
+        &once,
+        &["--calib", &calib, "--calibrate", "minmax"],
+    );
+    let r = run(&[
+        "compress",
+        &s(&once),
+        "-o",
+        &s(&twice),
+        "--quantize",
+        "int8",
+        "--calib",
+        &calib,
+    ]);
+    r.error(&["quantized already", "QuantizeLinear"]);
+    assert!(!twice.exists(), "a refused model was written");
+    // a quantize step without data is refused before any work
+    let r = run(&[
+        "compress",
+        &s(&resnet8()),
+        "-o",
+        &s(&twice),
+        "--quantize",
+        "int8",
+    ]);
+    r.error(&["quantize", "data"]);
+    assert!(!twice.exists());
+}
