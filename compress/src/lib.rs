@@ -26,6 +26,7 @@ pub mod blocks;
 pub mod cleanup;
 pub mod drop_attention;
 pub mod drop_blocks;
+pub mod gptq;
 pub mod groups;
 pub mod index;
 pub mod latency;

@@ -16,8 +16,11 @@
 //! Ranges: a histogram of every quantized activation over the calibration items; min-max,
 //! percentile, MSE or entropy (`ranges.rs`). By default each calibrator is tried on the whole
 //! model and the one with the least output damage on held-out calibration items is kept.
-//! Repair: the mean shift quantization causes in each layer's output is measured on the
-//! calibration items (float model beside the quantized one) and taken out of the layer's bias.
+//! Repair: weights are rounded with GPTQ's error feedback (`gptq.rs`) through the second moments
+//! of each layer's inputs (refit's statistics: Conv with group 1, Gemm, MatMul; depthwise and
+//! grouped Convs round to nearest); then the mean shift each layer's own rounding and its own
+//! input's quantization cause, `W E[x] − Wq E[q(x)]`, measured on the float model's inputs, is
+//! taken out of its bias.
 //!
 //! Declines: an already quantized model (Q/DQ or QLinear / integer ops), a model whose opset is
 //! below 13 and cannot be raised (named operators), a model with nothing to quantize.
@@ -25,7 +28,8 @@
 //!
 //! As a pipeline method: `--quantize int8 [--calibrate C]`, `[[step]] method = "quantize"` with
 //! `precision = "int8"`; the plan holds the calibrator, every activation's scale and zero point
-//! and the bias corrections, so a replay needs no data.
+//! and the bias corrections; a replay recomputes the GPTQ rounding from the calibration data
+//! (`--no-gptq`: a replay needs no data).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -38,8 +42,10 @@ use whittle_core::tensor::{from_f32, from_i8, from_i32, from_u8, to_f32};
 
 use crate::Error;
 use crate::cleanup::{self, set_initializer, unique_name};
+use crate::gptq;
 use crate::pipeline::{Context, Method};
 use crate::ranges::{Calibrator, Histogram, QParams};
+use crate::refit::{self, LayerRef, RefitOptions};
 
 /// The opset per-channel quantization needs.
 const OPSET: i64 = 13;
@@ -90,6 +96,9 @@ pub struct QuantizeOptions {
     /// Do not correct the biases for the mean shift quantization causes.
     #[arg(id = "quant_no_bias_correction", long = "no-bias-correction")]
     pub no_bias_correction: bool,
+    /// Round weights to the nearest code instead of with GPTQ's error feedback.
+    #[arg(id = "quant_no_gptq", long = "no-gptq")]
+    pub no_gptq: bool,
 }
 
 /// What quantization decided: enough to replay it without data.
@@ -120,6 +129,8 @@ pub struct QuantizeReport {
     pub weights: usize,
     /// Layers whose bias was corrected.
     pub bias_corrected: usize,
+    /// Layers whose weights were rounded with GPTQ's error feedback (the others: to nearest).
+    pub gptq: usize,
     /// The opset the model had, when it was raised to 13.
     pub opset_raised_from: Option<i64>,
     /// Calibration items the ranges came from.
@@ -168,15 +179,23 @@ impl Method for Quantize {
         refuse_quantized(model)?;
         let raised = whittle_core::opset::upgrade(model, OPSET).map_err(|e| fail(e.to_string()))?;
         let sites = Sites::find(model)?;
-        let (plan, damage, items) = match replay {
-            Some(p) => (p, BTreeMap::new(), 0),
-            None => calibrate(o, model, &sites, cx)?,
+        let c = cx.data(Quantize::NAME)?;
+        let (judge, fit) = if o.calibrate.is_none() {
+            Context::judge_split(c, JUDGE_ITEMS)
+        } else {
+            (&[][..], c.fit.as_slice())
         };
-        let mut report = apply(model, &sites, &plan)?;
+        let codes = weight_codes(o, model, &sites, cx, fit)?;
+        let (plan, damage) = match replay {
+            Some(p) => (p, BTreeMap::new()),
+            None => calibrate(o, model, &sites, &codes, cx, judge, fit)?,
+        };
+        let mut report = apply(model, &sites, &plan, &codes)?;
+        report.gptq = codes.values().filter(|w| w.gptq).count();
         report.calibrator = plan.calibrator;
         report.damage = damage;
         report.opset_raised_from = raised;
-        report.items = items;
+        report.items = fit.len();
         // what ONNX Runtime makes of it: int8 kernels, or Q/DQ pairs it could not fuse
         if let Ok(k) = whittle_runtime::ort_cpu_kernels(&model.to_bytes()) {
             report.unfused = k.get("DequantizeLinear").copied().unwrap_or(0);
@@ -233,6 +252,12 @@ impl Method for Quantize {
                 r.unfused
             ));
         }
+        if r.gptq > 0 {
+            lines.push(format!(
+                "weights rounded with error feedback (GPTQ) in {} of {} layers",
+                r.gptq, r.weights
+            ));
+        }
         if r.bias_corrected > 0 {
             lines.push(format!("bias corrected in {} layers", r.bias_corrected));
         }
@@ -279,6 +304,7 @@ struct Layer {
     node: String,
     op: String,
     input: String,
+    output: String,
     weight: String,
     /// The weight's output-channel axis.
     axis: usize,
@@ -347,6 +373,7 @@ impl Sites {
                         node: name.clone(),
                         op: n.op_type().into(),
                         input: n.input[0].clone(),
+                        output: y.clone(),
                         weight: n.input[1].clone(),
                         axis,
                         bias: n.input.get(2).filter(|b| !b.is_empty()).cloned(),
@@ -528,17 +555,14 @@ fn calibrate(
     o: &QuantizeOptions,
     model: &Model,
     sites: &Sites,
+    codes: &BTreeMap<String, Codes>,
     cx: &Context,
-) -> Result<(QuantizePlan, BTreeMap<String, f64>, usize), Error> {
-    let c = cx.data(Quantize::NAME)?;
+    judge: &[usize],
+    fit: &[usize],
+) -> Result<(QuantizePlan, BTreeMap<String, f64>), Error> {
     let candidates: Vec<Calibrator> = match o.calibrate {
         Some(k) => vec![k],
         None => Calibrator::ALL.to_vec(),
-    };
-    let (judge, fit) = if candidates.len() > 1 {
-        Context::judge_split(c, JUDGE_ITEMS)
-    } else {
-        (&[][..], c.fit.as_slice())
     };
     let hists = histograms(model, &sites.calibrated, cx, fit)?;
     let percentile = o.percentile.unwrap_or(PERCENTILE);
@@ -567,7 +591,7 @@ fn calibrate(
                 bias_correction: BTreeMap::new(),
             };
             let mut q = model.clone();
-            apply(&mut q, sites, &plan)?;
+            apply(&mut q, sites, &plan, codes)?;
             let d = reference.damage(&q)?;
             damage.insert(k.name().to_string(), d);
             if best.is_none_or(|(b, _)| d < b) {
@@ -584,9 +608,9 @@ fn calibrate(
         bias_correction: BTreeMap::new(),
     };
     if !o.no_bias_correction {
-        plan.bias_correction = bias_correction(model, sites, cx, fit)?;
+        plan.bias_correction = bias_correction(model, sites, &plan, codes, cx, fit)?;
     }
-    Ok((plan, damage, fit.len()))
+    Ok((plan, damage))
 }
 
 /// A histogram of each tensor over the items `fit`: one capture for the ranges, one for the
@@ -643,91 +667,115 @@ fn real(a: &ndarray::ArrayD<f32>, n: usize) -> &[f32] {
     &all[..(per * n).min(all.len())]
 }
 
-/// Per layer, the mean shift its weight's rounding causes: `(W - Wq) E[x]` per output channel,
-/// with `E[x]` each input channel's mean in the float model over the items `fit` (Nagel et al.,
-/// 2019). Each layer's shift is its own, so every correction holds with all of them applied.
+/// Per layer, the mean shift quantization causes in its output, from the layer's own rounding
+/// and its own input's quantization: `W E[x] − Wq E[q(x)]` per output channel, with `E[x]` and
+/// `E[q(x)]` each input channel's mean in the float model over the items `fit`, as is and
+/// through its Q/DQ pair (Nagel et al., 2019, measured instead of modelled). Each layer's shift
+/// is its own (upstream layers are float in the measurement), so every correction holds with
+/// all of them applied.
 fn bias_correction(
     model: &Model,
     sites: &Sites,
+    plan: &QuantizePlan,
+    codes: &BTreeMap<String, Codes>,
     cx: &Context,
     fit: &[usize],
 ) -> Result<BTreeMap<String, Vec<f32>>, Error> {
-    let inputs: Vec<String> = sites.layers.iter().map(|l| l.input.clone()).collect();
-    let axes: Vec<bool> = sites.layers.iter().map(|l| l.op == "Conv").collect();
+    let params = sites.resolve(&plan.activations)?;
+    let layers: Vec<&Layer> = sites.layers.iter().filter(|l| l.op != "MatMul").collect();
+    let inputs: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
+    let axes: Vec<bool> = layers.iter().map(|l| l.op == "Conv").collect();
+    let quant: Vec<Option<QParams>> = layers
+        .iter()
+        .map(|l| params.get(&l.input).copied())
+        .collect();
     cx.start("quantize: bias correction", 1);
-    let means = channel_means(model, &inputs, &axes, cx, fit)?;
+    let means = channel_means(model, &inputs, &axes, &quant, cx, fit)?;
     cx.progress.finish();
     let mut out = BTreeMap::new();
-    for (l, m) in sites
-        .layers
-        .iter()
-        .zip(&means)
-        .filter(|(l, _)| l.op != "MatMul")
-    {
+    for (l, (mx, mq)) in layers.iter().zip(&means) {
         let w_init = model
             .initializer(&l.weight)
             .ok_or_else(|| fail(format!("layer '{}': no weight '{}'", l.node, l.weight)))?;
         let dims: Vec<usize> = w_init.dims.iter().map(|&d| d as usize).collect();
         let w = to_f32(w_init)?;
-        let (q, scale) = per_channel(&w, &w_init.dims, l.axis);
+        let Some(Codes { q, scale, .. }) = codes.get(&l.node) else {
+            continue;
+        };
         let inner: usize = dims[l.axis + 1..].iter().product();
-        let err: Vec<f32> = w
+        let wq: Vec<f32> = q
             .iter()
-            .zip(&q)
             .enumerate()
-            .map(|(i, (&v, &c))| v - c as f32 * scale[(i / inner) % dims[l.axis]])
+            .map(|(i, &c)| c as f32 * scale[(i / inner) % dims[l.axis]])
             .collect();
-        let shift = match (l.op.as_str(), dims.as_slice()) {
-            ("Conv", [o, cpg, ..]) => {
-                let k: usize = dims[2..].iter().product();
-                let groups = (m.len() / cpg.max(&1)).max(1);
-                let opg = (o / groups).max(1);
+        let (Some(a), Some(b)) = (
+            contract(&l.op, &dims, l.axis, &w, mx),
+            contract(&l.op, &dims, l.axis, &wq, mq),
+        ) else {
+            continue;
+        };
+        out.insert(
+            l.node.clone(),
+            a.iter().zip(&b).map(|(x, y)| (x - y) as f32).collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// A layer's weight `w` applied to one value per input channel `m` (a Conv's kernel summed over
+/// its positions): one value per output channel. `None` for a layout it does not know.
+fn contract(op: &str, dims: &[usize], axis: usize, w: &[f32], m: &[f64]) -> Option<Vec<f64>> {
+    let at = |k: usize| m.get(k).copied().unwrap_or(0.0);
+    match (op, dims) {
+        ("Conv", [o, cpg, ..]) => {
+            let k: usize = dims[2..].iter().product();
+            let groups = (m.len() / (*cpg).max(1)).max(1);
+            let opg = (o / groups).max(1);
+            Some(
                 (0..*o)
                     .map(|oc| {
                         let first = (oc / opg) * cpg;
                         (0..*cpg)
                             .map(|ci| {
-                                let e = &err[(oc * cpg + ci) * k..][..k];
-                                e.iter().sum::<f32>() as f64
-                                    * m.get(first + ci).copied().unwrap_or(0.0)
+                                let sum: f32 = w[(oc * cpg + ci) * k..][..k].iter().sum();
+                                sum as f64 * at(first + ci)
                             })
-                            .sum::<f64>() as f32
+                            .sum()
                     })
-                    .collect()
-            }
-            (_, [a, b]) if l.axis == 0 => (0..*a)
-                .map(|n| {
-                    (0..*b)
-                        .map(|k| err[n * b + k] as f64 * m.get(k).copied().unwrap_or(0.0))
-                        .sum::<f64>() as f32
-                })
+                    .collect(),
+            )
+        }
+        (_, [a, b]) if axis == 0 => Some(
+            (0..*a)
+                .map(|n| (0..*b).map(|k| w[n * b + k] as f64 * at(k)).sum())
                 .collect(),
-            (_, [a, b]) => (0..*b)
-                .map(|n| {
-                    (0..*a)
-                        .map(|k| err[k * b + n] as f64 * m.get(k).copied().unwrap_or(0.0))
-                        .sum::<f64>() as f32
-                })
+        ),
+        (_, [a, b]) => Some(
+            (0..*b)
+                .map(|n| (0..*a).map(|k| w[k * b + n] as f64 * at(k)).sum())
                 .collect(),
-            _ => continue,
-        };
-        out.insert(l.node.clone(), shift);
+        ),
+        _ => None,
     }
-    Ok(out)
 }
 
+/// Each channel's mean as is, and through the tensor's quantization.
+type Means = (Vec<f64>, Vec<f64>);
+
 /// The mean of each channel of each tensor (axis 1 where `channels_first`, the last axis
-/// otherwise) over the items `fit`.
+/// otherwise) over the items `fit`, as is and through the tensor's quantization (when it has
+/// one; else as is).
 fn channel_means(
     model: &Model,
     tensors: &[String],
     channels_first: &[bool],
+    quant: &[Option<QParams>],
     cx: &Context,
     fit: &[usize],
-) -> Result<Vec<Vec<f64>>, Error> {
+) -> Result<Vec<Means>, Error> {
     let c = cx.data(Quantize::NAME)?;
     let spec = cx.spec(c, fit);
-    let mut sums: Vec<Vec<f64>> = vec![Vec::new(); tensors.len()];
+    let mut sums: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); tensors.len()];
     let mut counts = vec![0f64; tensors.len()];
     capture(model, tensors, &spec, &mut |v, n| {
         for (k, a) in v.iter().enumerate() {
@@ -739,27 +787,37 @@ fn channel_means(
             };
             let ch = shape.get(axis).copied().unwrap_or(1).max(1);
             let inner: usize = shape.get(axis + 1..).map_or(1, |s| s.iter().product());
-            if sums[k].len() != ch {
-                sums[k] = vec![0.0; ch];
+            let (sx, sq) = &mut sums[k];
+            if sx.len() != ch {
+                *sx = vec![0.0; ch];
+                *sq = vec![0.0; ch];
             }
             let x = real(a, n);
             for (i, &val) in x.iter().enumerate() {
-                sums[k][(i / inner.max(1)) % ch] += val as f64;
+                let c = (i / inner.max(1)) % ch;
+                sx[c] += val as f64;
+                sq[c] += quant[k].map_or(val, |p| p.fake(val)) as f64;
             }
             counts[k] += (x.len() / ch) as f64;
         }
         Ok(())
     })
     .map_err(|e| fail(format!("capture: {e}")))?;
+    let mean = |v: Vec<f64>, n: f64| v.into_iter().map(|s| s / n.max(1.0)).collect();
     Ok(sums
         .into_iter()
         .zip(counts)
-        .map(|(s, n)| s.into_iter().map(|v| v / n.max(1.0)).collect())
+        .map(|((sx, sq), n)| (mean(sx, n), mean(sq, n)))
         .collect())
 }
 
 /// Write the QDQ model: weights int8 per channel, biases int32, every activation a Q/DQ pair.
-fn apply(model: &mut Model, sites: &Sites, plan: &QuantizePlan) -> Result<QuantizeReport, Error> {
+fn apply(
+    model: &mut Model,
+    sites: &Sites,
+    plan: &QuantizePlan,
+    codes: &BTreeMap<String, Codes>,
+) -> Result<QuantizeReport, Error> {
     let params = sites.resolve(&plan.activations)?;
     let mut added: Vec<NodeProto> = Vec::new();
     // activations: Q then DQ, every reader rewired to the DQ's output
@@ -810,8 +868,11 @@ fn apply(model: &mut Model, sites: &Sites, plan: &QuantizePlan) -> Result<Quanti
             .initializer(&l.weight)
             .ok_or_else(|| fail(format!("layer '{}': no weight '{}'", l.node, l.weight)))?;
         let dims = w_init.dims.clone();
-        let w = to_f32(w_init)?;
-        let (wq, ws) = per_channel(&w, &dims, l.axis);
+        let Codes {
+            q: wq, scale: ws, ..
+        } = codes
+            .get(&l.node)
+            .ok_or_else(|| fail(format!("layer '{}': no weight codes", l.node)))?;
         let out_channels = dims[l.axis] as usize;
         let idx = model
             .graph()
@@ -828,8 +889,8 @@ fn apply(model: &mut Model, sites: &Sites, plan: &QuantizePlan) -> Result<Quanti
         let wdq = unique_name(model, &format!("{base}_dequantized"));
         let axis_attr = vec![attr::int("axis", l.axis as i64)];
         let g = model.graph_mut();
-        set_initializer(g, from_i8(&wn, &dims, &wq));
-        set_initializer(g, from_f32(&sn, &[out_channels as i64], &ws));
+        set_initializer(g, from_i8(&wn, &dims, wq));
+        set_initializer(g, from_f32(&sn, &[out_channels as i64], ws));
         set_initializer(
             g,
             from_i8(&zn, &[out_channels as i64], &vec![0; out_channels]),
@@ -965,11 +1026,92 @@ fn apply(model: &mut Model, sites: &Sites, plan: &QuantizePlan) -> Result<Quanti
         activations: params.len(),
         weights,
         bias_corrected,
+        gptq: 0,
         opset_raised_from: None,
         items: 0,
         ort_kernels: BTreeMap::new(),
         unfused: 0,
     })
+}
+
+/// A layer's int8 weight: codes in the weight's own layout, one scale per output channel.
+struct Codes {
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    /// Rounded with GPTQ's error feedback (else to nearest).
+    gptq: bool,
+}
+
+/// Every layer's int8 weight: rounded with GPTQ's error feedback where refit's statistics cover
+/// the layer (Conv with group 1, Gemm, MatMul: the second moments of its inputs over `fit`),
+/// to nearest elsewhere (depthwise and grouped Convs) or with `--no-gptq`.
+fn weight_codes(
+    o: &QuantizeOptions,
+    model: &Model,
+    sites: &Sites,
+    cx: &Context,
+    fit: &[usize],
+) -> Result<BTreeMap<String, Codes>, Error> {
+    let stats = if o.no_gptq {
+        None
+    } else {
+        let c = cx.data(Quantize::NAME)?;
+        let layers: Vec<LayerRef> = sites
+            .layers
+            .iter()
+            .map(|l| LayerRef {
+                node: l.node.clone(),
+                input: l.input.clone(),
+                output: l.output.clone(),
+            })
+            .collect();
+        cx.start("quantize: input statistics (GPTQ)", 1);
+        let s = refit::collect(model, &layers, &cx.spec(c, fit), &RefitOptions::default())
+            .map_err(|e| fail(e.to_string()))?;
+        cx.progress.finish();
+        Some(s)
+    };
+    cx.start("quantize: weights", sites.layers.len());
+    let mut out = BTreeMap::new();
+    for (i, l) in sites.layers.iter().enumerate() {
+        let w_init = model
+            .initializer(&l.weight)
+            .ok_or_else(|| fail(format!("layer '{}': no weight '{}'", l.node, l.weight)))?;
+        let dims = w_init.dims.clone();
+        let w = to_f32(w_init)?;
+        let (nearest, scale) = per_channel(&w, &dims, l.axis);
+        let gram = stats.as_ref().and_then(|s| s.gram(&l.node)).map(|(g, _)| g);
+        let rounded = gram.and_then(|g| {
+            // rows: output channels, columns: the inputs in the order of refit's statistics
+            let rows = dims[l.axis] as usize;
+            let cols = w.len() / rows.max(1);
+            if l.axis == 0 {
+                gptq::round(&w, rows, cols, &scale, g)
+            } else {
+                let t: Vec<f32> = (0..rows * cols)
+                    .map(|k| w[(k % cols) * rows + k / cols])
+                    .collect();
+                let q = gptq::round(&t, rows, cols, &scale, g)?;
+                Some(
+                    (0..rows * cols)
+                        .map(|k| q[(k % rows) * cols + k / rows])
+                        .collect(),
+                )
+            }
+        });
+        let gptq = rounded.is_some();
+        out.insert(
+            l.node.clone(),
+            Codes {
+                q: rounded.unwrap_or(nearest),
+                scale,
+                gptq,
+            },
+        );
+        cx.progress.set(i + 1);
+    }
+    cx.progress.finish();
+    Ok(out)
 }
 
 /// Symmetric int8 per channel along `axis`: the codes (in `-127..=127`) and each channel's scale.

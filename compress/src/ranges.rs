@@ -55,6 +55,9 @@ pub struct Histogram {
     pub max: f32,
     /// The counts.
     pub counts: Vec<f64>,
+    /// How many of the values were exactly 0 (a ReLU's output is mostly zeros, which any range
+    /// holds exactly: entropy calibration leaves them out).
+    pub zeros: f64,
 }
 
 impl Histogram {
@@ -64,6 +67,7 @@ impl Histogram {
             min,
             max,
             counts: vec![0.0; BINS],
+            zeros: 0.0,
         }
     }
 
@@ -77,6 +81,9 @@ impl Histogram {
         for &v in values {
             if !v.is_finite() {
                 continue;
+            }
+            if v == 0.0 {
+                self.zeros += 1.0;
             }
             let b = ((v - self.min) as f64 / w).floor();
             self.counts[(b.max(0.0) as usize).min(BINS - 1)] += 1.0;
@@ -191,9 +198,15 @@ impl Histogram {
         if span == 0.0 {
             return (self.min, self.max);
         }
-        // the histogram of |x| over [0, span]
+        // the histogram of |x| over [0, span], exact zeros left out
         let mut h = vec![0.0; BINS];
+        let zero_bin = ((-self.min as f64 / self.width()).floor().max(0.0) as usize).min(BINS - 1);
         for (i, c) in self.counts.iter().enumerate() {
+            let c = if i == zero_bin {
+                (c - self.zeros).max(0.0)
+            } else {
+                *c
+            };
             let b = (self.center(i).abs() / span * BINS as f64) as usize;
             h[b.min(BINS - 1)] += c;
         }
@@ -269,6 +282,12 @@ impl QParams {
         let scale = ((hi - lo) / 255.0).max(1e-8);
         let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
         QParams { scale, zero_point }
+    }
+
+    /// `x` quantized and dequantized (QuantizeLinear then DequantizeLinear).
+    pub fn fake(&self, x: f32) -> f32 {
+        let q = (x / self.scale).round_ties_even() + self.zero_point as f32;
+        (q.clamp(0.0, 255.0) - self.zero_point as f32) * self.scale
     }
 
     /// The largest value representable.
