@@ -132,3 +132,38 @@ fn a_quantized_model_is_refused_and_nothing_is_written() {
     r.error(&["quantize", "data"]);
     assert!(!twice.exists());
 }
+
+#[test]
+fn keep_float_measures_each_activation_and_keeps_the_costliest_in_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r8, out) = (resnet8(), dir.path().join("r8.mixed.onnx"));
+    let calib = s(&repo_root().join("data/cifar10"));
+    let j = quantize(&r8, &out, &["--calib", &calib, "--keep-float", "1"]);
+    let q = &j["quantize"];
+    let kept = q["float_activations"].as_array().unwrap();
+    assert_eq!(kept.len(), 1, "{q}");
+    assert!(kept[0][1].as_f64().unwrap() > 0.0, "{q}");
+    let plan = &j["steps"][0]["plan"];
+    assert_eq!(plan["float"][0], kept[0][0], "{plan}");
+    // the activation kept in float is no longer quantized in the written model
+    let t = kept[0][0].as_str().unwrap();
+    let m = run(&["inspect", &s(&out), "--json"]).ok().json();
+    let ops = m["ops"].to_string();
+    assert!(ops.contains("QuantizeLinear"), "{ops}");
+    let needle = format!("{t}_QuantizeLinear");
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(
+        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "'{t}' still has a QuantizeLinear"
+    );
+    // (the same search finds another activation's QuantizeLinear: the check can fail)
+    let other = plan["activations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != t)
+        .unwrap();
+    let needle = format!("{other}_QuantizeLinear");
+    assert!(bytes.windows(needle.len()).any(|w| w == needle.as_bytes()));
+    assert!(agreement(&r8, &out, "ort-cpu") >= 0.95);
+}

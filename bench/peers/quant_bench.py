@@ -21,7 +21,9 @@ Rows per model, each measured against the fp32 original:
   quark       `extra_options["PerChannel"] = True` and `BiasCorrectionConfig()`, on the original
   whittle     `whittle compress MODEL --calib CALIB --profile P --calib-items 128 --quantize int8`
               (per-channel int8 weights, uint8 activations; its calibrator chosen among minmax,
-              percentile, mse and entropy on held-out calibration items; bias correction)
+              percentile, mse and entropy on held-out calibration items; GPTQ rounding; bias
+              correction), and once more with `--keep-float 2` (mixed precision: the two
+              activations whose quantization costs most, measured, stay float with their layers)
 
 Calibration: whittle compress's own 128 items (`Dataset::split(128 / n, seed 0)`), preprocessed in
 numpy as whittle's built-in profile does, for every peer, in batches of 16 (bench/peers/peers_bench.py's
@@ -235,13 +237,14 @@ def new_row(spec: dict, tool: str, config: str) -> dict:
     return {"model": spec["name"], "tool": tool, "config": config, "label": f"{tool} {config}".strip()}
 
 
-def whittle_row(spec: dict, calib: Path, work: Path, a, log) -> dict:
-    row = new_row(spec, "whittle", "--quantize int8")
-    out = work / f"{spec['name']}_whittle.onnx"
+def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, ...] = ()) -> dict:
+    flags = " ".join(("--quantize int8",) + extra)
+    row = new_row(spec, "whittle", flags)
+    out = work / f"{spec['name']}_whittle{'_'.join(('',) + extra).replace('-', '')}.onnx"
     cmd = [str(a.whittle), "compress", str(spec["path"]), "-o", str(out), "--calib", str(calib),
            "--profile", spec["profile"], "--calib-items", str(a.calib_items), "--quantize", "int8",
-           "--threads", str(a.threads), "--json"]
-    log("  whittle compress --quantize int8 ...")
+           *extra, "--threads", str(a.threads), "--json"]
+    log(f"  whittle compress {flags} ...")
     try:
         rep, figures = benchlib.compress_json(cmd)
     except (RunError, KeyError, TypeError, ValueError) as e:
@@ -525,15 +528,17 @@ def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict
         base["error"] = f"whittle verify: {first_line(str(e))}"
     rows.append(base)
     w = whittle_row(s, prep["calib"], work, a, log)
+    # mixed precision: the two activations whose quantization costs most kept in float
+    w2 = whittle_row(s, prep["calib"], work, a, log, ("--keep-float", "2"))
     rows += peer_rows(s, prep["calib_npy"], work, log)
-    rows.insert(1, w)
+    rows[1:1] = [w, w2]
     caches: dict = {}
     log("  verify and output MSE:")
     for r in rows[1:]:
         if "error" not in r:
             quality(r, s, prep["eval"], prep["eval_npy"], ref_out, caches, work, a, log)
     fp32 = latency(rows, s, a, log)
-    if "error" in w or "error" in base:
+    if "error" in w or "error" in w2 or "error" in base:
         status = 1
     for r in rows:
         r.pop("path", None)

@@ -33,7 +33,8 @@ use faer::{Mat, Side};
 use serde::{Deserialize, Serialize};
 use whittle_core::Model;
 use whittle_core::attr::Attrs;
-use whittle_core::onnx::{AttributeProto, NodeProto, attribute_proto::AttributeType};
+use whittle_core::attr::ints;
+use whittle_core::onnx::NodeProto;
 use whittle_core::tensor::{from_f32, to_f32};
 use whittle_core::{cost, shape};
 
@@ -509,15 +510,6 @@ impl Factors {
             .map(|x| x * x)
             .sum::<f64>()
             / self.norm.max(1e-300)
-    }
-}
-
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
     }
 }
 

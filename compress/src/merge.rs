@@ -22,8 +22,8 @@
 use serde::Serialize;
 use whittle_core::Model;
 use whittle_core::attr::Attrs;
-use whittle_core::onnx::attribute_proto::AttributeType;
-use whittle_core::onnx::{AttributeProto, NodeProto};
+use whittle_core::attr::{int, ints};
+use whittle_core::onnx::NodeProto;
 use whittle_core::tensor::{from_f32, to_f32};
 
 use crate::Error;
@@ -158,24 +158,6 @@ impl ConvIr {
 
     fn depthwise(&self) -> bool {
         self.group > 1 && self.dims[1] == 1 && self.dims[0] == self.group
-    }
-}
-
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
-fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
     }
 }
 

@@ -99,6 +99,11 @@ pub struct QuantizeOptions {
     /// Round weights to the nearest code instead of with GPTQ's error feedback.
     #[arg(id = "quant_no_gptq", long = "no-gptq")]
     pub no_gptq: bool,
+    /// Mixed precision: keep in float the N activations (with the layers that read them) whose
+    /// quantization costs the most, each measured on held-out calibration items as the damage
+    /// saved by keeping it alone in float (one model run per activation).
+    #[arg(id = "quant_keep_float", long = "keep-float", value_name = "N")]
+    pub keep_float: Option<usize>,
 }
 
 /// What quantization decided: enough to replay it without data.
@@ -110,6 +115,9 @@ pub struct QuantizePlan {
     pub activations: BTreeMap<String, QParams>,
     /// Per layer (node name), what was added to its float bias.
     pub bias_correction: BTreeMap<String, Vec<f32>>,
+    /// Activations kept in float (`--keep-float`), with the layers that read them.
+    #[serde(default)]
+    pub float: Vec<String>,
 }
 
 /// What quantization did.
@@ -131,6 +139,8 @@ pub struct QuantizeReport {
     pub bias_corrected: usize,
     /// Layers whose weights were rounded with GPTQ's error feedback (the others: to nearest).
     pub gptq: usize,
+    /// Activations kept in float (`--keep-float`) and the damage each saves alone, most first.
+    pub float_activations: Vec<(String, f64)>,
     /// The opset the model had, when it was raised to 13.
     pub opset_raised_from: Option<i64>,
     /// Calibration items the ranges came from.
@@ -180,18 +190,27 @@ impl Method for Quantize {
         let raised = whittle_core::opset::upgrade(model, OPSET).map_err(|e| fail(e.to_string()))?;
         let sites = Sites::find(model)?;
         let c = cx.data(Quantize::NAME)?;
-        let (judge, fit) = if o.calibrate.is_none() {
+        let (judge, fit) = if o.calibrate.is_none() || o.keep_float.is_some_and(|k| k > 0) {
             Context::judge_split(c, JUDGE_ITEMS)
         } else {
             (&[][..], c.fit.as_slice())
         };
         let codes = weight_codes(o, model, &sites, cx, fit)?;
-        let (plan, damage) = match replay {
-            Some(p) => (p, BTreeMap::new()),
+        let (plan, damage, saved) = match replay {
+            Some(p) => (p, BTreeMap::new(), Vec::new()),
             None => calibrate(o, model, &sites, &codes, cx, judge, fit)?,
         };
         let mut report = apply(model, &sites, &plan, &codes)?;
-        report.gptq = codes.values().filter(|w| w.gptq).count();
+        report.float_activations = plan
+            .float
+            .iter()
+            .map(|t| {
+                (
+                    t.clone(),
+                    saved.iter().find(|(u, _)| u == t).map_or(f64::NAN, |s| s.1),
+                )
+            })
+            .collect();
         report.calibrator = plan.calibrator;
         report.damage = damage;
         report.opset_raised_from = raised;
@@ -251,6 +270,14 @@ impl Method for Quantize {
                 "warning: ONNX Runtime left {} DequantizeLinear unfused: those ops run in float",
                 r.unfused
             ));
+        }
+        if !r.float_activations.is_empty() {
+            let kept: Vec<String> = r
+                .float_activations
+                .iter()
+                .map(|(t, d)| format!("{t} (saves {d:.4})"))
+                .collect();
+            lines.push(format!("kept in float (--keep-float): {}", kept.join(", ")));
         }
         if r.gptq > 0 {
             lines.push(format!(
@@ -466,6 +493,17 @@ impl Sites {
         }
         Ok(all)
     }
+
+    /// The activations `plan` keeps in float, with the shape ops' outputs that share them.
+    fn float<'a>(&'a self, plan: &'a QuantizePlan) -> HashSet<&'a str> {
+        let mut float: HashSet<&str> = plan.float.iter().map(String::as_str).collect();
+        for (y, x) in &self.shared {
+            if float.contains(x.as_str()) {
+                float.insert(y);
+            }
+        }
+        float
+    }
 }
 
 enum Kind {
@@ -559,7 +597,7 @@ fn calibrate(
     cx: &Context,
     judge: &[usize],
     fit: &[usize],
-) -> Result<(QuantizePlan, BTreeMap<String, f64>), Error> {
+) -> Result<(QuantizePlan, BTreeMap<String, f64>, Savings), Error> {
     let candidates: Vec<Calibrator> = match o.calibrate {
         Some(k) => vec![k],
         None => Calibrator::ALL.to_vec(),
@@ -589,6 +627,7 @@ fn calibrate(
                 calibrator: k,
                 activations: ranges(k),
                 bias_correction: BTreeMap::new(),
+                float: Vec::new(),
             };
             let mut q = model.clone();
             apply(&mut q, sites, &plan, codes)?;
@@ -606,11 +645,61 @@ fn calibrate(
         calibrator: chosen,
         activations: ranges(chosen),
         bias_correction: BTreeMap::new(),
+        float: Vec::new(),
     };
+    let mut saved = Vec::new();
+    if let Some(k) = o.keep_float.filter(|&k| k > 0) {
+        saved = float_savings(model, sites, &plan, codes, cx, judge)?;
+        plan.float = saved
+            .iter()
+            .filter(|(_, d)| *d > 0.0)
+            .take(k)
+            .map(|(t, _)| t.clone())
+            .collect();
+    }
     if !o.no_bias_correction {
         plan.bias_correction = bias_correction(model, sites, &plan, codes, cx, fit)?;
     }
-    Ok((plan, damage))
+    Ok((plan, damage, saved))
+}
+
+/// Activations with the damage keeping each alone in float saves.
+type Savings = Vec<(String, f64)>;
+
+/// Each calibrated activation with the damage (on the items `judge`) that keeping it alone in
+/// float saves, most first (those saving at least 2% of the whole model's damage).
+fn float_savings(
+    model: &Model,
+    sites: &Sites,
+    plan: &QuantizePlan,
+    codes: &BTreeMap<String, Codes>,
+    cx: &Context,
+    judge: &[usize],
+) -> Result<Savings, Error> {
+    let reference = cx.reference(model, judge)?;
+    let mut q = model.clone();
+    apply(&mut q, sites, plan, codes)?;
+    let base = reference.damage(&q)?;
+    cx.start(
+        "quantize: sensitivity (--keep-float)",
+        sites.calibrated.len(),
+    );
+    let mut out = Vec::with_capacity(sites.calibrated.len());
+    for (i, t) in sites.calibrated.iter().enumerate() {
+        let one = QuantizePlan {
+            float: vec![t.clone()],
+            ..plan.clone()
+        };
+        let mut q = model.clone();
+        apply(&mut q, sites, &one, codes)?;
+        out.push((t.clone(), base - reference.damage(&q)?));
+        cx.progress.set(i + 1);
+    }
+    cx.progress.finish();
+    // an activation that saves less than 2% of the damage is not worth a float layer
+    out.retain(|(_, d)| *d > 0.02 * base);
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(out)
 }
 
 /// A histogram of each tensor over the items `fit`: one capture for the ranges, one for the
@@ -682,7 +771,12 @@ fn bias_correction(
     fit: &[usize],
 ) -> Result<BTreeMap<String, Vec<f32>>, Error> {
     let params = sites.resolve(&plan.activations)?;
-    let layers: Vec<&Layer> = sites.layers.iter().filter(|l| l.op != "MatMul").collect();
+    let float = sites.float(plan);
+    let layers: Vec<&Layer> = sites
+        .layers
+        .iter()
+        .filter(|l| l.op != "MatMul" && !float.contains(l.input.as_str()))
+        .collect();
     let inputs: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
     let axes: Vec<bool> = layers.iter().map(|l| l.op == "Conv").collect();
     let quant: Vec<Option<QParams>> = layers
@@ -818,7 +912,9 @@ fn apply(
     plan: &QuantizePlan,
     codes: &BTreeMap<String, Codes>,
 ) -> Result<QuantizeReport, Error> {
-    let params = sites.resolve(&plan.activations)?;
+    let float = sites.float(plan);
+    let mut params = sites.resolve(&plan.activations)?;
+    params.retain(|t, _| !float.contains(t.as_str()));
     let mut added: Vec<NodeProto> = Vec::new();
     // activations: Q then DQ, every reader rewired to the DQ's output
     let mut dq_of: HashMap<String, String> = HashMap::new();
@@ -855,9 +951,17 @@ fn apply(
         }
     }
     // weights and biases
-    let mut weights = 0;
+    let (mut weights, mut gptq) = (0, 0);
     let mut bias_corrected = 0;
+    let (mut quantized, mut kept_float) = (sites.quantized.clone(), sites.kept_float.clone());
     for l in &sites.layers {
+        if float.contains(l.input.as_str()) {
+            if let Some(c) = quantized.get_mut(&l.op) {
+                *c = c.saturating_sub(1);
+            }
+            *kept_float.entry(l.op.clone()).or_default() += 1;
+            continue;
+        }
         let Some(px) = params.get(&l.input) else {
             return Err(fail(format!(
                 "layer '{}': its input is not quantized",
@@ -904,6 +1008,7 @@ fn apply(
         ));
         g.node[idx].input[1] = wdq;
         weights += 1;
+        gptq += usize::from(codes.get(&l.node).is_some_and(|c| c.gptq));
         // the bias: float, corrected, then int32 at the input scale times the weight scale
         let correction = plan.bias_correction.get(&l.node);
         // a MatMul has no bias input to correct
@@ -1021,12 +1126,13 @@ fn apply(
     Ok(QuantizeReport {
         calibrator: plan.calibrator,
         damage: BTreeMap::new(),
-        quantized: sites.quantized.clone(),
-        kept_float: sites.kept_float.clone(),
+        quantized,
+        kept_float,
         activations: params.len(),
         weights,
         bias_corrected,
-        gptq: 0,
+        gptq,
+        float_activations: Vec::new(),
         opset_raised_from: None,
         items: 0,
         ort_kernels: BTreeMap::new(),
