@@ -167,3 +167,54 @@ fn keep_float_measures_each_activation_and_keeps_the_costliest_in_float() {
     assert!(bytes.windows(needle.len()).any(|w| w == needle.as_bytes()));
     assert!(agreement(&r8, &out, "ort-cpu") >= 0.95);
 }
+
+#[test]
+fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
+    // checked on the graph (no GPU here): every Q/DQ zero point int8 and 0, per-channel weight
+    // scales along the output axis, biases float, Q/DQ in front of every Conv input
+    use whittle_core::attr::Attrs;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r8.trt.onnx");
+    let calib = s(&repo_root().join("data/cifar10"));
+    let j = quantize(
+        &resnet8(),
+        &out,
+        &["--calib", &calib, "--qdq-for", "tensorrt"],
+    );
+    assert_eq!(j["quantize"]["qdq_for"], "tensorrt", "{j}");
+    let m = whittle_core::Model::load(&out).unwrap();
+    let g = m.graph();
+    let producer = |t: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == t));
+    let (mut qdq, mut convs) = (0, 0);
+    for n in &g.node {
+        match n.op_type() {
+            "QuantizeLinear" | "DequantizeLinear" => {
+                qdq += 1;
+                let z = m.initializer(&n.input[2]).expect("a constant zero point");
+                let kind = whittle_core::onnx::tensor_proto::DataType::Int8 as i32;
+                assert_eq!(z.data_type(), kind, "{}: zero point type", n.name());
+                assert!(
+                    z.raw_data().iter().all(|&b| b == 0) && z.int32_data.iter().all(|&v| v == 0)
+                );
+            }
+            "Conv" => {
+                convs += 1;
+                let x = producer(&n.input[0]).expect("the input has a producer");
+                assert_eq!(x.op_type(), "DequantizeLinear", "{}: input", n.name());
+                let w = producer(&n.input[1]).expect("a dequantized weight");
+                assert_eq!(w.op_type(), "DequantizeLinear");
+                assert_eq!(w.attr_int("axis"), Some(0), "{}: weight axis", n.name());
+                let out_channels = m.initializer(&w.input[0]).unwrap().dims[0];
+                assert_eq!(m.initializer(&w.input[1]).unwrap().dims, vec![out_channels]);
+                if let Some(b) = n.input.get(2) {
+                    let b = m.initializer(b).expect("a float bias initializer");
+                    assert_eq!(b.data_type(), 1, "{}: bias type", n.name());
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(qdq > 20 && convs == 9, "{qdq} Q/DQ, {convs} Conv");
+    // and ONNX Runtime still runs it, in agreement with the original
+    assert!(agreement(&resnet8(), &out, "ort-cpu") >= 0.9);
+}

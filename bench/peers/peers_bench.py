@@ -98,10 +98,14 @@ CHECK_MEAN_LEVELS = 1.0
 CONFIGS = [(m, n, g) for m in ("magnitude", "wanda") for n in ("l1", "l2") for g in (False, True)]
 
 # whittle's built-in profiles used here, as calib/src/profile.rs defines them: resize of the short
-# side (bilinear), center crop, RGB, (v - mean) / std, NCHW.
+# side ("resize") or to an exact (width, height) ("size"), bilinear; center crop; RGB;
+# (v * scale - mean) / std (scale 1 when absent; mean and std one value or one per channel); NCHW.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PROFILES = {
     "resnet8": {"resize": None, "crop": None, "mean": 128.0, "std": 128.0},
     "efficientnet": {"resize": 256, "crop": 224, "mean": 127.5, "std": 127.5},
+    "resnet-large": {"resize": None, "crop": None, "scale": 1.0 / 255.0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "vww": {"resize": None, "size": (96, 96), "crop": None, "mean": 0.0, "std": 1.0},
 }
 
 
@@ -149,13 +153,18 @@ def preprocess(path: Path, profile: dict) -> np.ndarray:
         size = (s, h * s // w) if w <= h else (w * s // h, s)
         if size != img.size:
             img = img.resize(size, Image.BILINEAR)
+    elif profile.get("size") and tuple(profile["size"]) != img.size:
+        img = img.resize(tuple(profile["size"]), Image.BILINEAR)
     a = np.asarray(img)
     if profile["crop"]:
         c = profile["crop"]
         h, w = a.shape[:2]
         top, left = round((h - c) / 2), round((w - c) / 2)  # half to even, as whittle rounds
         a = a[top:top + c, left:left + c]
-    x = (a.astype(np.float32) - np.float32(profile["mean"])) / np.float32(profile["std"])
+    v = a.astype(np.float32)
+    if profile.get("scale", 1.0) != 1.0:
+        v = v * np.float32(profile["scale"])
+    x = (v - np.asarray(profile["mean"], np.float32)) / np.asarray(profile["std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
@@ -198,7 +207,10 @@ def check_preprocessing(spec: dict, calib: Path, x: np.ndarray, work: Path, a) -
     ref.unlink()
     cand.unlink()
     got = {o["name"]: o["max_abs_diff"] for o in rep["outputs"]}
-    levels = PROFILES[spec["profile"]]["std"]  # scale is 1: one 8-bit level is 1 / std in input units
+    # one 8-bit level is scale / std in input units; with a std per channel, the largest std / scale
+    # (an upper bound on every channel's levels)
+    prof = PROFILES[spec["profile"]]
+    levels = float(np.max(np.asarray(prof["std"], np.float64))) / prof.get("scale", 1.0)
     res = {"items": rep["items"], "max_abs_levels": got["max_abs"] * levels,
            "worst_item_mean_abs_levels": got["mean_abs"] * levels}
     res["ok"] = (res["items"] == k and res["max_abs_levels"] <= CHECK_MAX_LEVELS

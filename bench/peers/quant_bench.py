@@ -24,6 +24,10 @@ Rows per model, each measured against the fp32 original:
               percentile, mse and entropy on held-out calibration items; GPTQ rounding; bias
               correction), and once more with `--keep-float 2` (mixed precision: the two
               activations whose quantization costs most, measured, stay float with their layers)
+  whittle     prune + int8 (composition): `whittle compress MODEL --calib CALIB --profile P
+  prune+int8  --calib-items 128 --recipe R`, R a recipe of two steps, `prune_channels` with
+              `target = "macs=F"` (least-squares reconstruction on) then `quantize` with
+              `precision = "int8"`; one row per F in --compose (default 0.8 and 0.7; --quick 0.8)
 
 Calibration: whittle compress's own 128 items (`Dataset::split(128 / n, seed 0)`), preprocessed in
 numpy as whittle's built-in profile does, for every peer, in batches of 16 (bench/peers/peers_bench.py's
@@ -35,28 +39,45 @@ Per row:
                         agreement with fp32, top-1 accuracy against the labels
   output MSE            mean over the evaluation items and output elements of (quant - fp32)^2, both
                         run in ONNX Runtime (Python, default optimisation, in a worker process) on the
-                        evaluation images preprocessed in numpy (resnet8's output is a Softmax, so
-                        there it is probabilities; efficientnet's output is logits)
+                        evaluation images preprocessed in numpy (resnet8's and the VWW MobileNet's
+                        outputs are a Softmax, so there it is probabilities; the others' are logits)
   ort-cpu speedup       `whittle bench --runtime ort-cpu --threads N --json` p50, fp32 / quantized,
                         for N = 1 and 2: every distinct model (ops, attributes, tensor shapes; rows
                         that share one say so) and fp32 run once per round per thread count, the order
                         rotating from round to round; the speedup is the median over --rounds rounds
                         of the per-round ratio, [min-max] its spread over rounds
+  vs whittle int8       prune + int8 rows only: the plain whittle int8 row's p50 / this row's, per
+                        round from the same rounds, median [min-max]; a line under the table says
+                        whether a row reaches the goal: >= 1.15x the speed of int8 alone at >= 95 %
+                        top-1 agreement with fp32, at 1 or 2 threads
   tool s                whittle: the `seconds` of `whittle compress --json`; ort: pre-processing +
                         quantize_static; onnxsim: simplify + quantize_full_qdq, or quantize_model;
                         time inside the tool's calls only (loading and saving excluded for the peers)
 
-Models and data are bench/prune_bench.py's: resnet8_cifar10 calibrates on cifar10/test-b and is
-evaluated on test-a; efficientnet_lite0_224 splits imagenet/ by alternating sorted class folders.
+Models and data (../shared/assets beside the repo; --models picks, all by default, --quick resnet8 only):
+  resnet8_cifar10         profile resnet8; calibrates on cifar10/test-b, evaluated on test-a
+                          (bench/prune_bench.py's spec)
+  efficientnet_lite0_224  profile efficientnet; imagenet/ split by alternating sorted class folders
+                          (even calibrate, odd evaluate; prune_bench's spec)
+  resnet_large_cifar10    ResNet-56, profile resnet-large; cifar10/test-b calibrates, test-a
+                          evaluates (bench/lowrank_bench.py's spec, as tests/low_rank.rs)
+  mobilenetv1_025_vww96   the VWW MobileNetV1 0.25, profile vww (resize to 96x96, raw 0..255); VWW's
+                          own images are not in the assets, so imagenet/ split as for efficientnet
+                          (bench/merge_bench.py's spec): agreement is the measure, accuracy is n/a
+                          (the labels are ImageNet classes, not person / no person)
+  dscnn_kws               no rows: the assets hold no KWS inputs (data/kws is missing, and there is no
+                          kws profile; whittle would take .npy tensors, but there are no real ones),
+                          so its one row is "failed: <that reason>"
 Every peer step runs in its own process (this file with `worker` as first argument), so a crash, an
 exception or a model ONNX Runtime or whittle refuses is a row saying "failed: <reason>".
 
 Writes reports/peers-quant/<UTC time>/ (table.md, results.json). The whittle binary is copied into
 the work folder first. Exit status: 0 when the bench ran (whatever it found), 1 when a whittle row's
-compress, verify or bench failed or the preprocessing check did not pass, 2 when the binary, models
-or data are missing.
+(prune + int8 rows included) compress, verify or bench failed or the preprocessing check did not
+pass, 2 when the binary, models or data are missing (DS-CNN's missing inputs are its row, not a 2).
 
-    python bench/peers/quant_bench.py [--quick] [--json] [--models M,..] [--whittle PATH] [--reports DIR]
+    python bench/peers/quant_bench.py [--quick] [--json] [--models M,..] [--compose F,..|none] [--whittle PATH]
+                                      [--reports DIR]
 """
 
 from __future__ import annotations
@@ -82,6 +103,8 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import benchlib  # noqa: E402  (bench/benchlib.py: running whittle, work folders)
+import lowrank_bench  # noqa: E402  (ResNet-56's spec)
+import merge_bench  # noqa: E402  (the VWW MobileNet's spec)
 import peers_bench as peers  # noqa: E402  (calibration items, preprocessing and its check)
 import prune_bench as pb  # noqa: E402  (models, data, measuring defaults)
 from benchlib import RUN_TIMEOUT_S, RunError, first_line, fmt, run_json, verify  # noqa: E402
@@ -93,10 +116,35 @@ THREADS = (1, 2)  # ort-cpu intra-op threads the latency is measured at
 WORKER_TIMEOUT_S = 1800
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 FULL_QDQ_METHODS = ("minmax", "percentile")
+COMPOSE_BUDGETS = (0.8, 0.7)  # MACs kept by the channel pruning of the "prune + int8" rows
+QUICK_COMPOSE_BUDGETS = (0.8,)
+GOAL_VS_INT8, GOAL_AGREEMENT = 1.15, 0.95  # a prune + int8 point this much faster than int8 alone, at least this agreement
+SOFTMAX_OUTPUT = ("resnet8_cifar10", "mobilenetv1_025_vww96")  # their MSE is of probabilities
 
 
 def default_whittle() -> Path:
     return benchlib.default_whittle(Path.home() / ".cache" / "whittle" / "target")
+
+
+def model_specs() -> list[dict]:
+    """prune_bench's two models, then ResNet-56 (lowrank_bench's spec), the VWW MobileNet
+    (merge_bench's) and DS-CNN, whose inputs the assets lack (its one row says so)."""
+    def spec(specs: list[dict], name: str) -> dict:
+        return next(s for s in specs if s["name"] == name)
+    return [
+        *pb.model_specs(),
+        # ~4 ms a call in ONNX Runtime at 1 thread: twice the timed runs
+        {**spec(lowrank_bench.model_specs(), "resnet_large_cifar10"), "iters_scale": 2},
+        # ImageNet photos resized to 96x96: their labels are ImageNet classes, not person / no person
+        {**spec(merge_bench.model_specs(), "mobilenetv1_025_vww96"), "calib": None, "eval": None,
+         "labels": False},
+        {"name": "dscnn_kws", "path": benchlib.ASSETS / "models" / "dscnn_kws.onnx", "profile": None,
+         "calib": None, "eval": None, "split": None, "iters_scale": 10,
+         "unavailable": "no KWS inputs in the shared assets (data/kws is missing: the MLTK package ships neither "
+                        "the audio nor its spectrogram front end, and whittle has no kws profile); whittle could "
+                        "take [N,1,50,10] tensors as .npy (--calib, verify --data), but there are no real ones "
+                        "to calibrate or evaluate on"},
+    ]
 
 
 # ---------------------------------------------------------------- worker: one peer step in its own process
@@ -240,6 +288,7 @@ def new_row(spec: dict, tool: str, config: str) -> dict:
 def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, ...] = ()) -> dict:
     flags = " ".join(("--quantize int8",) + extra)
     row = new_row(spec, "whittle", flags)
+    row["kind"] = "keep-float" if extra else "int8"
     out = work / f"{spec['name']}_whittle{'_'.join(('',) + extra).replace('-', '')}.onnx"
     cmd = [str(a.whittle), "compress", str(spec["path"]), "-o", str(out), "--calib", str(calib),
            "--profile", spec["profile"], "--calib-items", str(a.calib_items), "--quantize", "int8",
@@ -255,6 +304,35 @@ def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, .
     if q.get("calibrator"):
         row["config"] += (f" (calibrator chosen: {q['calibrator']}; bias corrected in {q.get('bias_corrected')} "
                           f"layers; {q.get('items')} items calibrate)")
+    return row
+
+
+def recipe_text(keep: float) -> str:
+    return (f'[[step]]\nmethod = "prune_channels"\ntarget = "macs={keep}"\n\n'
+            '[[step]]\nmethod = "quantize"\nprecision = "int8"\n')
+
+
+def compose_row(spec: dict, calib: Path, work: Path, keep: float, int8_label: str, a, log) -> dict:
+    """Channel pruning to `macs=keep`, then int8, in one recipe (one `whittle compress --recipe`)."""
+    row = new_row(spec, "whittle", f"prune macs={keep} + int8")
+    row.update(kind="compose", relative_to=int8_label, macs_target=keep)
+    recipe = work / f"{spec['name']}_prune{keep}_int8.toml"
+    recipe.write_text(recipe_text(keep))
+    out = work / f"{spec['name']}_prune{keep}_int8.onnx"
+    cmd = [str(a.whittle), "compress", str(spec["path"]), "--calib", str(calib), "--profile", spec["profile"],
+           "--calib-items", str(a.calib_items), "--recipe", str(recipe), "-o", str(out),
+           "--threads", str(a.threads), "--json"]
+    log(f"  whittle compress --recipe (prune_channels macs={keep}, quantize int8) ...")
+    try:
+        rep, figures = benchlib.compress_json(cmd)
+    except (RunError, KeyError, TypeError, ValueError) as e:
+        row["error"] = f"whittle compress: {first_line(str(e))}"
+        return row
+    q = rep.get("quantize") or {}
+    row.update(command=cmd, recipe=recipe_text(keep), tool_seconds=figures["seconds"], path=out, quantize=q,
+               macs=figures["macs"], params=figures["params"], macs_kept=figures["macs_kept"])
+    row["config"] += f" (MACs kept {fmt(figures['macs_kept'], '.1%')}" + (
+        f"; calibrator chosen: {q['calibrator']})" if q.get("calibrator") else ")")
     return row
 
 
@@ -379,12 +457,28 @@ def latency(rows: list[dict], spec: dict, a, log) -> dict:
         return out
 
     measured = {c: figures(c) for c in names if c not in failed}
+
+    def source(r: dict) -> str:
+        return "fp32" if r["tool"] == "fp32" else r.get("latency_shared_with", r["label"])
+
     for r in rows:
-        src = "fp32" if r["tool"] == "fp32" else r.get("latency_shared_with", r["label"])
+        src = source(r)
         if src in failed:
             r["error"] = failed[src]
         elif src in measured and "error" not in r:
             r["latency"] = measured[src]
+    # a prune + int8 row beside the plain int8 row, round by round: int8 p50 / its p50
+    by_label = {r["label"]: r for r in rows}
+    for r in rows:
+        ref = by_label.get(r.get("relative_to"))
+        if "latency" not in r or ref is None or "latency" not in ref:
+            continue
+        vs = {}
+        for t in THREADS:
+            base, mine = p50[(source(ref), t)], p50[(source(r), t)]
+            ratios = [x / y for x, y in zip(base, mine) if y] if len(base) == len(mine) else []
+            vs[str(t)] = {"speedup": statistics.median(ratios) if ratios else None, "spread": benchlib.spread(ratios)}
+        r["vs_int8"] = vs
     return measured.get("fp32") or {}
 
 
@@ -404,7 +498,8 @@ def speed_cell(lat: dict, t: int) -> str:
 
 def table(model: dict) -> str:
     head = ["tool", "config", "agreement", "accuracy", "output MSE", "ort-cpu speedup, 1 thread", "2 threads",
-            "tool s"]
+            "vs whittle int8, 1 / 2 threads", "tool s"]
+    labels = model.get("labels", True)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shared = {}
     for r in model["rows"]:
@@ -423,7 +518,9 @@ def table(model: dict) -> str:
                 n = shared.setdefault(r["latency_shared_with"], len(shared) + 1)
                 speeds = [s + f" [{n}]" for s in speeds]
             agreement = f"{v['top1_agreement']:.3f}" + (f" (= {r['same_file_as']})" if r.get("same_file_as") else "")
-            cells += [agreement, f"{v['candidate_accuracy']:.3f}", mse, *speeds, fmt(r.get("tool_seconds"), ".1f", "", "")]
+            vs = " / ".join(speed_cell(r["vs_int8"], t) for t in THREADS) if r.get("vs_int8") else ""
+            accuracy = fmt(v.get("candidate_accuracy"), ".3f") if labels else "n/a"
+            cells += [agreement, accuracy, mse, *speeds, vs, fmt(r.get("tool_seconds"), ".1f", "", "")]
         lines.append("| " + " | ".join(cells) + " |")
     if shared:
         lines.append("")
@@ -445,10 +542,17 @@ def render(result: dict) -> str:
            "(`whittle verify`); accuracy = top-1 vs labels; output MSE = mean (quant - fp32)^2 over the evaluation "
            "items' first output, ONNX Runtime in Python on numpy-preprocessed images",
            f"- ort-cpu speedup = fp32 p50 / quantized p50 (`whittle bench`), median over {s['rounds']} interleaved "
-           f"rounds of the per-round ratio, [min-max] over rounds; warmup {s['warmup']}",
+           f"rounds of the per-round ratio, [min-max] over rounds; warmup {s['warmup']}; \"vs whittle int8\" = "
+           "whittle int8's p50 / the prune + int8 row's p50, the same rounds",
+           f"- prune + int8 rows: one `whittle compress --recipe` of two steps, prune_channels (macs=F) then "
+           f"quantize (int8), at {', '.join(f'macs={b}' for b in s['compose_budgets']) or 'no budget (--compose none)'}; "
+           f"goal: a point >= {GOAL_VS_INT8}x the speed of whittle int8 alone at >= {GOAL_AGREEMENT:.0%} agreement",
            f"- total wall time {result['elapsed_s'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
            f"{' '.join(map(str, result['loadavg_start']))}, at the end {' '.join(map(str, result['loadavg_end']))}"]
     for m in result["models"]:
+        if m.get("unavailable"):
+            out += ["", f"## {m['model']}", "", table(m)]
+            continue
         fp = m.get("fp32_latency") or {}
         p50s = ", ".join(f"{t} thread{'s' if t > 1 else ''} {fmt((fp.get(str(t)) or {}).get('median_p50_ms'), '.3f')} ms"
                          for t in THREADS)
@@ -456,8 +560,11 @@ def render(result: dict) -> str:
                 f"profile {m['profile']}; calibration {m['calib_desc']}; evaluation {m['eval_desc']}; fp32 p50 "
                 f"{p50s}; ort-cpu timed runs per bench run {m['ort_iters']}", "",
                 peers.check_line(m["preprocessing_check"]), ""]
-        if m["model"].startswith("resnet8"):
-            out += ["resnet8's output is a Softmax: its MSE is of probabilities.", ""]
+        if m["model"] in SOFTMAX_OUTPUT:
+            out += [f"{m['model']}'s output is a Softmax: its MSE is of probabilities.", ""]
+        if not m.get("labels", True):
+            out += ["The evaluation images' labels are not this model's classes: accuracy n/a; agreement is the "
+                    "measure.", ""]
         out += [table(m), ""]
         notes = sorted({r["preprocess"] for r in m["rows"] if r.get("preprocess", "").startswith("without")})
         out += [f"- ort rows: {n}" for n in notes]
@@ -465,7 +572,8 @@ def render(result: dict) -> str:
                 for r in m["rows"] if r.get("approximations")]
         out += [f"- {r['label']}: output MSE not computed: {first_line(r['mse_error'])}"
                 for r in m["rows"] if r.get("mse_error")]
-        w = next((r for r in m["rows"] if r["tool"] == "whittle" and ok(r)), None)
+        out += [compose_line(r) for r in m["rows"] if r.get("kind") == "compose"]
+        w = next((r for r in m["rows"] if r["tool"] == "whittle" and r.get("kind") != "compose" and ok(r)), None)
         peers_ok = [r for r in m["rows"] if r["tool"] in ("ort", "onnxsim") and ok(r)]
         best = max(peers_ok, key=lambda r: r["verify"]["top1_agreement"], default=None)
         if w and best:
@@ -474,6 +582,20 @@ def render(result: dict) -> str:
                        f"{w['verify']['top1_agreement']:.3f} ({margin:+.1f} points"
                        f"{'' if margin > 0 else ': whittle does NOT win here'})")
     return "\n".join(out)
+
+
+def compose_line(r: dict) -> str:
+    """Whether a prune + int8 row is the point the goal asks for, per thread count."""
+    if "error" in r:
+        return f"- {r['label']}: failed, no point"
+    agreement = r["verify"]["top1_agreement"]
+    vs = r.get("vs_int8") or {}
+    speeds = {t: (vs.get(str(t)) or {}).get("speedup") for t in THREADS}
+    met = [t for t, x in speeds.items() if x is not None and x >= GOAL_VS_INT8 and agreement >= GOAL_AGREEMENT]
+    figures = ", ".join(f"{fmt(x, '.2f', 'x')} at {t} thread{'s' if t > 1 else ''}" for t, x in speeds.items())
+    verdict = (f"meets the goal (>= {GOAL_VS_INT8}x, >= {GOAL_AGREEMENT:.0%}) at {', '.join(map(str, met))} "
+               f"thread(s)" if met else f"does NOT meet the goal (>= {GOAL_VS_INT8}x, >= {GOAL_AGREEMENT:.0%})")
+    return (f"- {r['label']}: agreement {agreement:.3f}, speed vs {r['relative_to']}: {figures}: {verdict}")
 
 
 def printed(result: dict) -> str:
@@ -530,8 +652,10 @@ def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict
     w = whittle_row(s, prep["calib"], work, a, log)
     # mixed precision: the two activations whose quantization costs most kept in float
     w2 = whittle_row(s, prep["calib"], work, a, log, ("--keep-float", "2"))
+    # composition: channel pruning then int8, one recipe per MAC budget
+    composed = [compose_row(s, prep["calib"], work, keep, w["label"], a, log) for keep in a.compose]
     rows += peer_rows(s, prep["calib_npy"], work, log)
-    rows[1:1] = [w, w2]
+    rows[1:1] = [w, w2, *composed]
     caches: dict = {}
     log("  verify and output MSE:")
     for r in rows[1:]:
@@ -546,11 +670,13 @@ def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict
 
 
 def run(a: argparse.Namespace, log) -> tuple[dict, int]:
-    specs, why = benchlib.select(pb.model_specs(), a.models, sort=True)
+    specs, why = benchlib.select(model_specs(), a.models, sort=True)
     if why:
         return {"error": why}, 2
     if a.quick and not a.models:
         specs = [s for s in specs if s["name"] == "resnet8_cifar10"]
+    if a.compose is None:
+        a.compose = list(QUICK_COMPOSE_BUDGETS if a.quick else COMPOSE_BUDGETS)
     why = benchlib.check(a, specs) or benchlib.counts_error(a)
     if why:
         return {"error": why}, 2
@@ -568,6 +694,13 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
         log(f"quant bench: {len(specs)} model(s); {origin} copied to {binary}; load average {' '.join(map(str, load0))}")
         for s in specs:
             log(f"{s['name']}:")
+            if s.get("unavailable"):
+                log(f"  no rows: {s['unavailable']}")
+                row = new_row(s, "(every row)", "fp32, whittle int8 (+ keep-float, prune + int8), ort, onnxsim")
+                row["error"] = s["unavailable"]
+                models.append({"model": s["name"], "path": str(s["path"].resolve()), "profile": s["profile"],
+                               "unavailable": s["unavailable"], "rows": [row]})
+                continue
             s = dict(s, ort_iters=a.iters * s["iters_scale"])
             prep = prepare(s, work, a, log)
             rows, fp32 = [], {}
@@ -582,7 +715,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
             models.append({"model": s["name"], "path": str(s["path"].resolve()), "profile": s["profile"],
                            "calib_desc": prep["calib_desc"], "eval_desc": prep["eval_desc"],
                            "calib_files": prep["calib_files"], "preprocessing_check": prep["check"],
-                           "ort_iters": s["ort_iters"], "fp32_latency": fp32, "rows": rows})
+                           "ort_iters": s["ort_iters"], "fp32_latency": fp32, "labels": s.get("labels", True),
+                           "rows": rows})
         whittle_sha = peers.sha256(binary)
     result = {
         "date": now.isoformat(timespec="seconds"),
@@ -592,6 +726,7 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
         "whittle_sha256": whittle_sha, "whittle_binary": str(origin),
         "settings": {"calib_items": a.calib_items, "calib_batch": CALIB_BATCH, "threads": a.threads,
                      "latency_threads": list(THREADS), "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
+                     "compose_budgets": list(a.compose),
                      "quick": a.quick, "work": str(work) if a.keep else None},
         "models": models, "elapsed_s": round(time.monotonic() - started, 1), "report_dir": str(report_dir),
         "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
@@ -602,13 +737,28 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     return result, status
 
 
+def compose_list(text: str) -> list[float]:
+    if text.strip().lower() == "none":
+        return []
+    vals = benchlib.budget_list(text)
+    if any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"MAC fractions kept must be in (0, 1]: {text!r}")
+    return vals
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="resnet8 only, fewer bench iterations")
+    ap.add_argument("--quick", action="store_true", help="resnet8 only, one prune + int8 budget (macs=0.8), "
+                                                         "fewer bench iterations")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--whittle", type=Path, default=default_whittle(),
                     help="the whittle binary (default $CARGO_TARGET_DIR/release/whittle, else "
                          "~/.cache/whittle/target/release/whittle)")
-    ap.add_argument("--models", help="comma-separated subset of: resnet8_cifar10, efficientnet_lite0_224")
+    ap.add_argument("--models", help="comma-separated subset of: resnet8_cifar10, efficientnet_lite0_224, "
+                                     "resnet_large_cifar10, mobilenetv1_025_vww96, dscnn_kws (default all; --quick "
+                                     "resnet8 only)")
+    ap.add_argument("--compose", type=compose_list,
+                    help="MAC fractions kept by the prune + int8 rows, comma-separated, or none (default "
+                         f"{','.join(map(str, COMPOSE_BUDGETS))}; --quick {','.join(map(str, QUICK_COMPOSE_BUDGETS))})")
     ap.add_argument("--calib-items", type=int, default=benchlib.CALIB_ITEMS, help=f"every tool (default {benchlib.CALIB_ITEMS})")
     ap.add_argument("--threads", type=int, default=2, help="threads for whittle compress / verify and the MSE runs "
                                                            "(default 2; latency is taken at 1 and 2)")

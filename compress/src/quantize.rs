@@ -69,6 +69,17 @@ pub enum Precision {
     Int8,
 }
 
+/// Which runtime's QDQ rules to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QdqFor {
+    /// ONNX Runtime's CPU provider: uint8 activations, int32 biases.
+    #[default]
+    Ort,
+    /// TensorRT's explicit quantization: int8 activations with zero point 0, float biases.
+    Tensorrt,
+}
+
 /// INT8 quantization as a pipeline method.
 pub struct Quantize;
 
@@ -104,6 +115,16 @@ pub struct QuantizeOptions {
     /// saved by keeping it alone in float (one model run per activation).
     #[arg(id = "quant_keep_float", long = "keep-float", value_name = "N")]
     pub keep_float: Option<usize>,
+    /// The runtime whose QDQ rules to follow: `ort` (uint8 activations, int32 biases) or
+    /// `tensorrt` (symmetric int8 activations, float biases) [default: tensorrt when checking on
+    /// ort-tensorrt, else ort].
+    #[arg(
+        id = "quant_qdq_for",
+        long = "qdq-for",
+        value_name = "RUNTIME",
+        value_enum
+    )]
+    pub qdq_for: Option<QdqFor>,
 }
 
 /// What quantization decided: enough to replay it without data.
@@ -118,6 +139,9 @@ pub struct QuantizePlan {
     /// Activations kept in float (`--keep-float`), with the layers that read them.
     #[serde(default)]
     pub float: Vec<String>,
+    /// The runtime whose QDQ rules the model follows.
+    #[serde(default)]
+    pub qdq_for: QdqFor,
 }
 
 /// What quantization did.
@@ -141,6 +165,8 @@ pub struct QuantizeReport {
     pub gptq: usize,
     /// Activations kept in float (`--keep-float`) and the damage each saves alone, most first.
     pub float_activations: Vec<(String, f64)>,
+    /// The runtime whose QDQ rules the model follows.
+    pub qdq_for: QdqFor,
     /// The opset the model had, when it was raised to 13.
     pub opset_raised_from: Option<i64>,
     /// Calibration items the ranges came from.
@@ -265,7 +291,13 @@ impl Method for Quantize {
                 list(&int8_kernels)
             ));
         }
-        if r.unfused > 0 {
+        if r.qdq_for == QdqFor::Tensorrt {
+            lines.push(
+                "TensorRT's explicit-quantization form (int8 activations with zero point 0, float \
+                 biases): for TensorRT; ONNX Runtime's CPU provider runs much of it in float"
+                    .into(),
+            );
+        } else if r.unfused > 0 {
             lines.push(format!(
                 "warning: ONNX Runtime left {} DequantizeLinear unfused: those ops run in float",
                 r.unfused
@@ -604,14 +636,15 @@ fn calibrate(
     };
     let hists = histograms(model, &sites.calibrated, cx, fit)?;
     let percentile = o.percentile.unwrap_or(PERCENTILE);
+    let signed = style(o, cx) == QdqFor::Tensorrt;
     let ranges = |k: Calibrator| -> BTreeMap<String, QParams> {
         hists
             .iter()
             .map(|(t, h)| {
                 let (lo, hi) = h.range(k, percentile);
-                let mut p = QParams::from_range(lo, hi);
+                let mut p = QParams::new(lo, hi, signed);
                 if let Some(&b) = sites.bounded.get(t) {
-                    p = QParams::from_range(lo, hi.min(b)).within(b);
+                    p = QParams::new(lo, hi.min(b), signed).within(b);
                 }
                 (t.clone(), p)
             })
@@ -628,6 +661,7 @@ fn calibrate(
                 activations: ranges(k),
                 bias_correction: BTreeMap::new(),
                 float: Vec::new(),
+                qdq_for: style(o, cx),
             };
             let mut q = model.clone();
             apply(&mut q, sites, &plan, codes)?;
@@ -646,6 +680,7 @@ fn calibrate(
         activations: ranges(chosen),
         bias_correction: BTreeMap::new(),
         float: Vec::new(),
+        qdq_for: style(o, cx),
     };
     let mut saved = Vec::new();
     if let Some(k) = o.keep_float.filter(|&k| k > 0) {
@@ -661,6 +696,16 @@ fn calibrate(
         plan.bias_correction = bias_correction(model, sites, &plan, codes, cx, fit)?;
     }
     Ok((plan, damage, saved))
+}
+
+/// The QDQ rules asked for, else those of the runtime the result is checked on.
+fn style(o: &QuantizeOptions, cx: &Context) -> QdqFor {
+    o.qdq_for
+        .unwrap_or(if cx.runtime == whittle_runtime::RuntimeKind::OrtTensorRt {
+            QdqFor::Tensorrt
+        } else {
+            QdqFor::Ort
+        })
 }
 
 /// Activations with the damage keeping each alone in float saves.
@@ -925,7 +970,7 @@ fn apply(
         );
         let g = model.graph_mut();
         set_initializer(g, from_f32(&s, &[], &[p.scale]));
-        set_initializer(g, from_u8(&z, &[], &[p.zero_point]));
+        set_initializer(g, zero_point(&z, &[], &[p.zero_point], p.signed));
         let (tq, tdq) = (format!("{t}_quantized"), format!("{t}_dequantized"));
         added.push(attr::node(
             "QuantizeLinear",
@@ -1041,6 +1086,18 @@ fn apply(
             b.iter_mut().zip(c).for_each(|(v, d)| *v += d);
             bias_corrected += 1;
         }
+        if plan.qdq_for == QdqFor::Tensorrt {
+            // TensorRT takes no int32 DequantizeLinear: the bias stays float
+            let bn = unique_name(model, &format!("{}_bias", l.node));
+            let g = model.graph_mut();
+            set_initializer(g, from_f32(&bn, &[out_channels as i64], &b));
+            let n = &mut g.node[idx];
+            if n.input.len() < 3 {
+                n.input.resize(3, String::new());
+            }
+            n.input[2] = bn;
+            continue;
+        }
         let bs: Vec<f32> = ws.iter().map(|s| s * px.scale).collect();
         let bq: Vec<i32> = b
             .iter()
@@ -1092,15 +1149,8 @@ fn apply(
         let (lo, hi) = v
             .iter()
             .fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
-        let p = QParams::from_range(lo, hi);
-        let q: Vec<u8> = v
-            .iter()
-            .map(|x| {
-                (x / p.scale + p.zero_point as f32)
-                    .round()
-                    .clamp(0.0, 255.0) as u8
-            })
-            .collect();
+        let p = QParams::new(lo, hi, plan.qdq_for == QdqFor::Tensorrt);
+        let q: Vec<i32> = v.iter().map(|&x| p.code(x)).collect();
         let (qn, sn, zn) = (
             unique_name(model, &format!("{name}_quantized")),
             unique_name(model, &format!("{name}_scale")),
@@ -1108,9 +1158,9 @@ fn apply(
         );
         let out = unique_name(model, &format!("{name}_dequantized"));
         let g = model.graph_mut();
-        set_initializer(g, from_u8(&qn, &dims, &q));
+        set_initializer(g, zero_point(&qn, &dims, &q, p.signed));
         set_initializer(g, from_f32(&sn, &[], &[p.scale]));
-        set_initializer(g, from_u8(&zn, &[], &[p.zero_point]));
+        set_initializer(g, zero_point(&zn, &[], &[p.zero_point as i32], p.signed));
         added.push(attr::node(
             "DequantizeLinear",
             &format!("{name}_DequantizeLinear"),
@@ -1133,11 +1183,28 @@ fn apply(
         bias_corrected,
         gptq,
         float_activations: Vec::new(),
+        qdq_for: plan.qdq_for,
         opset_raised_from: None,
         items: 0,
         ort_kernels: BTreeMap::new(),
         unfused: 0,
     })
+}
+
+/// 8-bit codes (a zero point, or constant data): int8 when `signed`, else uint8.
+fn zero_point<T: Copy + Into<i32>>(
+    name: &str,
+    dims: &[i64],
+    v: &[T],
+    signed: bool,
+) -> whittle_core::onnx::TensorProto {
+    if signed {
+        let c: Vec<i8> = v.iter().map(|&x| x.into().clamp(-128, 127) as i8).collect();
+        from_i8(name, dims, &c)
+    } else {
+        let c: Vec<u8> = v.iter().map(|&x| x.into().clamp(0, 255) as u8).collect();
+        from_u8(name, dims, &c)
+    }
 }
 
 /// A layer's int8 weight: codes in the weight's own layout, one scale per output channel.

@@ -265,13 +265,17 @@ fn kl_clipped(h: &[f64], i: usize, levels: usize) -> f64 {
         .sum()
 }
 
-/// A per-tensor uint8 quantization: `x ≈ scale · (q − zero_point)`.
+/// A per-tensor 8-bit quantization: `x ≈ scale · (q − zero_point)`, uint8 codes, or int8
+/// codes with zero point 0 (`signed`, TensorRT's symmetric form).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct QParams {
     /// The step.
     pub scale: f32,
-    /// The uint8 code of 0.
+    /// The uint8 code of 0 (0 when `signed`).
     pub zero_point: u8,
+    /// int8 codes, symmetric around 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub signed: bool,
 }
 
 impl QParams {
@@ -281,18 +285,50 @@ impl QParams {
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
         let scale = ((hi - lo) / 255.0).max(1e-8);
         let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
-        QParams { scale, zero_point }
+        QParams {
+            scale,
+            zero_point,
+            signed: false,
+        }
+    }
+
+    /// Symmetric int8 parameters (zero point 0) covering `[lo, hi]`.
+    pub fn symmetric(lo: f32, hi: f32) -> QParams {
+        QParams {
+            scale: (lo.abs().max(hi.abs()) / 127.0).max(1e-8),
+            zero_point: 0,
+            signed: true,
+        }
+    }
+
+    /// `from_range` or `symmetric`.
+    pub fn new(lo: f32, hi: f32, signed: bool) -> QParams {
+        if signed {
+            QParams::symmetric(lo, hi)
+        } else {
+            QParams::from_range(lo, hi)
+        }
+    }
+
+    /// The code of `x` (QuantizeLinear: round half to even, saturate).
+    pub fn code(&self, x: f32) -> i32 {
+        let (lo, hi) = if self.signed {
+            (-128.0, 127.0)
+        } else {
+            (0.0, 255.0)
+        };
+        ((x / self.scale).round_ties_even() + self.zero_point as f32).clamp(lo, hi) as i32
     }
 
     /// `x` quantized and dequantized (QuantizeLinear then DequantizeLinear).
     pub fn fake(&self, x: f32) -> f32 {
-        let q = (x / self.scale).round_ties_even() + self.zero_point as f32;
-        (q.clamp(0.0, 255.0) - self.zero_point as f32) * self.scale
+        (self.code(x) - self.zero_point as i32) as f32 * self.scale
     }
 
     /// The largest value representable.
     pub fn max(&self) -> f32 {
-        (255.0 - self.zero_point as f32) * self.scale
+        let top = if self.signed { 127.0 } else { 255.0 };
+        (top - self.zero_point as f32) * self.scale
     }
 
     /// The parameters narrowed (by the last bits of the scale) until every representable value
