@@ -218,3 +218,41 @@ fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
     // and ONNX Runtime still runs it, in agreement with the original
     assert!(agreement(&resnet8(), &out, "ort-cpu") >= 0.9);
 }
+
+#[test]
+fn minilm_int8_quantizes_only_its_layers_and_keeps_sts_spearman() {
+    let dir = tempfile::tempdir().unwrap();
+    let (Some(m), Some(tok), Some(dev), Some(calib)) = (
+        minilm(),
+        asset("models/minilm-l6-v2-tokenizer"),
+        asset("data/sts/sts-dev.tsv"),
+        sts_calibration(dir.path(), &["--limit", "256", "--max-length", "64"]),
+    ) else {
+        return;
+    };
+    let out = dir.path().join("mini.int8.onnx");
+    let j = quantize(&m, &out, &["--calib", &s(&calib), "--calib-items", "128"]);
+    let q = &j["quantize"];
+    assert_eq!(q["transformer"], true, "{q}");
+    // the 36 MatMuls with weights run as ONNX Runtime's int8 MatMulIntegerToFloat, nothing else
+    assert_eq!(q["weights"], 36, "{q}");
+    assert_eq!(q["ort_kernels"]["MatMulIntegerToFloat"], 36, "{q}");
+    assert_eq!(q["unfused"], 0, "{q}");
+    assert!(q["ort_kernels"].get("QLinearAdd").is_none(), "{q}");
+    let v = run(&[
+        "verify",
+        &s(&m),
+        &s(&out),
+        "--data",
+        &s(&dev),
+        "--tokenizer",
+        &s(&tok),
+        "--limit",
+        "300",
+        "--json",
+    ])
+    .ok()
+    .json();
+    let kept = v["kept"].as_f64().unwrap();
+    assert!(kept >= 0.99, "STS Spearman kept {kept}: {v}");
+}

@@ -125,6 +125,11 @@ pub struct QuantizeOptions {
         value_enum
     )]
     pub qdq_for: Option<QdqFor>,
+    /// Quantize only the inputs and weights of Conv, Gemm and MatMul, their outputs float (ONNX
+    /// Runtime's MatMulIntegerToFloat): for transformers, whose residual sums and
+    /// normalisations do not survive 8 bits.
+    #[arg(id = "quant_layers_only", long = "layers-only")]
+    pub layers_only: bool,
 }
 
 /// What quantization decided: enough to replay it without data.
@@ -167,6 +172,10 @@ pub struct QuantizeReport {
     pub float_activations: Vec<(String, f64)>,
     /// The runtime whose QDQ rules the model follows.
     pub qdq_for: QdqFor,
+    /// Only layer inputs and weights were quantized.
+    pub layers_only: bool,
+    /// The model has transformer blocks (then only the layers are quantized).
+    pub transformer: bool,
     /// The opset the model had, when it was raised to 13.
     pub opset_raised_from: Option<i64>,
     /// Calibration items the ranges came from.
@@ -214,7 +223,9 @@ impl Method for Quantize {
     ) -> Result<(QuantizePlan, QuantizeReport), Error> {
         refuse_quantized(model)?;
         let raised = whittle_core::opset::upgrade(model, OPSET).map_err(|e| fail(e.to_string()))?;
-        let sites = Sites::find(model)?;
+        // transformer blocks: only the layers (their residual sums do not survive 8 bits)
+        let transformer = crate::blocks::find_blocks(model).is_ok_and(|b| !b.is_empty());
+        let sites = Sites::find(model, o.layers_only || transformer)?;
         let c = cx.data(Quantize::NAME)?;
         let (judge, fit) = if o.calibrate.is_none() || o.keep_float.is_some_and(|k| k > 0) {
             Context::judge_split(c, JUDGE_ITEMS)
@@ -240,6 +251,8 @@ impl Method for Quantize {
         report.calibrator = plan.calibrator;
         report.damage = damage;
         report.opset_raised_from = raised;
+        report.layers_only = o.layers_only || transformer;
+        report.transformer = transformer;
         report.items = fit.len();
         // what ONNX Runtime makes of it: int8 kernels, or Q/DQ pairs it could not fuse
         if let Ok(k) = whittle_runtime::ort_cpu_kernels(&model.to_bytes()) {
@@ -310,6 +323,13 @@ impl Method for Quantize {
                 .map(|(t, d)| format!("{t} (saves {d:.4})"))
                 .collect();
             lines.push(format!("kept in float (--keep-float): {}", kept.join(", ")));
+        }
+        if r.transformer {
+            lines.push(
+                "transformer blocks found: only the layers' inputs and weights quantized \
+                 (residual sums, normalisations and attention stay float)"
+                    .into(),
+            );
         }
         if r.gptq > 0 {
             lines.push(format!(
@@ -384,10 +404,13 @@ struct Sites {
     constants: Vec<(String, usize)>,
     quantized: BTreeMap<String, usize>,
     kept_float: BTreeMap<String, usize>,
+    /// The nodes that run on int8 data: only they read the dequantized activations (a float
+    /// op keeps reading the float tensor).
+    int8: HashSet<String>,
 }
 
 impl Sites {
-    fn find(model: &Model) -> Result<Sites, Error> {
+    fn find(model: &Model, layers_only: bool) -> Result<Sites, Error> {
         let g = model.graph();
         let consts: HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
         let outputs: HashSet<&str> = g.output.iter().map(|v| v.name()).collect();
@@ -409,11 +432,35 @@ impl Sites {
         let mut absorbed: HashSet<String> = HashSet::new();
         let mut int8: HashSet<String> = HashSet::new();
         // which outputs some quantized op reads: Gemm / MatMul outputs get a Q only then
-        let quantizable = |n: &NodeProto| kind(n, &is_const).is_some();
+        let kind = |n: &NodeProto| {
+            kind(n, &is_const).filter(|k| !layers_only || matches!(k, Kind::Layer { .. }))
+        };
+        let quantizable = |n: &NodeProto| kind(n).is_some();
+        // only float tensors are quantized (a mask's Unsqueeze or Reshape is int64)
+        let types = whittle_core::shape::infer(model, &[]).ok();
+        let float = |t: &str| {
+            types
+                .as_ref()
+                .and_then(|s| s.types.get(t))
+                .is_none_or(|tt| {
+                    tt.dtype == whittle_core::onnx::tensor_proto::DataType::Float as i32
+                })
+        };
         for n in &g.node {
-            let Some(k) = kind(n, &is_const) else {
+            let Some(k) = kind(n) else {
                 continue;
             };
+            let data = match k {
+                Kind::Shared => &n.input[..1],
+                _ => &n.input[..],
+            };
+            if !data
+                .iter()
+                .chain(&n.output[..1])
+                .all(|t| t.is_empty() || float(t))
+            {
+                continue;
+            }
             let name = node_label(n);
             let y = n.output[0].clone();
             match k {
@@ -471,7 +518,7 @@ impl Sites {
             if outputs.contains(site.as_str()) {
                 continue;
             }
-            let float_output = matches!(n.op_type(), "Gemm" | "MatMul")
+            let float_output = (layers_only || matches!(n.op_type(), "Gemm" | "MatMul"))
                 && !readers
                     .get(site.as_str())
                     .is_some_and(|v| v.iter().any(|r| quantizable(r)));
@@ -500,6 +547,7 @@ impl Sites {
         for n in &g.node {
             let name = node_label(n);
             if int8.contains(&name) {
+                s.int8.insert(name.clone());
                 *s.quantized.entry(n.op_type().into()).or_default() += 1;
             } else if !absorbed.contains(&name) {
                 *s.kept_float.entry(n.op_type().into()).or_default() += 1;
@@ -989,6 +1037,9 @@ fn apply(
         dq_of.insert(t.clone(), tdq);
     }
     for n in model.graph_mut().node.iter_mut() {
+        if !sites.int8.contains(&node_label(n)) {
+            continue;
+        }
         for x in n.input.iter_mut() {
             if let Some(d) = dq_of.get(x.as_str()) {
                 *x = d.clone();
@@ -1184,6 +1235,8 @@ fn apply(
         gptq,
         float_activations: Vec::new(),
         qdq_for: plan.qdq_for,
+        layers_only: false,
+        transformer: false,
         opset_raised_from: None,
         items: 0,
         ort_kernels: BTreeMap::new(),
