@@ -133,7 +133,7 @@ def model_specs() -> list[dict]:
         return next(s for s in specs if s["name"] == name)
     return [
         *pb.model_specs(),
-        # ~4 ms a call in ONNX Runtime at 1 thread: twice the timed runs
+        # ~2.3 ms a call in ONNX Runtime at 1 thread: twice the timed runs
         {**spec(lowrank_bench.model_specs(), "resnet_large_cifar10"), "iters_scale": 2},
         # ImageNet photos resized to 96x96: their labels are ImageNet classes, not person / no person
         {**spec(merge_bench.model_specs(), "mobilenetv1_025_vww96"), "calib": None, "eval": None,
@@ -764,7 +764,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                                                            "(default 2; latency is taken at 1 and 2)")
     ap.add_argument("--rounds", type=int, help="interleaved latency rounds (default 3)")
     ap.add_argument("--warmup", type=int, help="untimed runs per bench run (default 5; --quick 2)")
-    ap.add_argument("--iters", type=int, help="timed runs per bench run (default 50; --quick 20), times 10 for resnet8")
+    ap.add_argument("--iters", type=int, help="timed runs per bench run (default 50; --quick 20), times 10 for resnet8 and "
+                                                   "the VWW MobileNet, 2 for ResNet-56")
     ap.add_argument("--keep", type=Path, help="keep the quantized models and data here (default: a temporary folder)")
     ap.add_argument("--reports", type=Path, default=REPO / "reports" / "peers-quant",
                     help="a <UTC time>/ folder is made here (default reports/peers-quant)")
