@@ -222,10 +222,8 @@ fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
 #[test]
 fn minilm_int8_quantizes_only_its_layers_and_keeps_sts_spearman() {
     let dir = tempfile::tempdir().unwrap();
-    let (Some(m), Some(tok), Some(dev), Some(calib)) = (
+    let (Some(m), Some(calib)) = (
         minilm(),
-        asset("models/minilm-l6-v2-tokenizer"),
-        asset("data/sts/sts-dev.tsv"),
         sts_calibration(dir.path(), &["--limit", "256", "--max-length", "64"]),
     ) else {
         return;
@@ -239,20 +237,7 @@ fn minilm_int8_quantizes_only_its_layers_and_keeps_sts_spearman() {
     assert_eq!(q["ort_kernels"]["MatMulIntegerToFloat"], 36, "{q}");
     assert_eq!(q["unfused"], 0, "{q}");
     assert!(q["ort_kernels"].get("QLinearAdd").is_none(), "{q}");
-    let v = run(&[
-        "verify",
-        &s(&m),
-        &s(&out),
-        "--data",
-        &s(&dev),
-        "--tokenizer",
-        &s(&tok),
-        "--limit",
-        "300",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let v = sts_verify(&m, &out, 300);
     let kept = v["kept"].as_f64().unwrap();
     assert!(kept >= 0.99, "STS Spearman kept {kept}: {v}");
 }

@@ -26,12 +26,8 @@ fn inspect_lists_minilm_blocks() {
 #[test]
 fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
     let dir = tempfile::tempdir().unwrap();
-    let (Some(m), Some(tok), Some(dev), Some(calib)) = (
-        minilm(),
-        tokenizer(),
-        asset("data/sts/sts-dev.tsv"),
-        sts_calibration(dir.path(), &["--limit", "512"]),
-    ) else {
+    let (Some(m), Some(calib)) = (minilm(), sts_calibration(dir.path(), &["--limit", "512"]))
+    else {
         return;
     };
     let mut kept = vec![];
@@ -64,20 +60,7 @@ fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
         // the smaller model has 3 blocks left
         let left = run(&["inspect", &s(&out), "--json", "--brief"]).ok().json();
         assert_eq!(left["transformer_blocks"].as_array().unwrap().len(), 3);
-        let v = run(&[
-            "verify",
-            &s(&m),
-            &s(&out),
-            "--data",
-            &s(&dev),
-            "--tokenizer",
-            &s(&tok),
-            "--limit",
-            "300",
-            "--json",
-        ])
-        .ok()
-        .json();
+        let v = sts_verify(&m, &out, 300);
         assert_eq!(v["pairs"], 300);
         let r = v["reference_spearman"].as_f64().unwrap();
         assert!(

@@ -53,24 +53,14 @@ pub fn value_info<D: IntoDim>(name: &str, dims: &[D]) -> ValueInfoProto {
     float_value_info(name, &dims.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// An int attribute.
+/// An int attribute (core's builder).
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
+    whittle_core::attr::int(name, v)
 }
 
-/// An ints attribute.
+/// An ints attribute (core's builder).
 pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
+    whittle_core::attr::ints(name, v)
 }
 
 /// A float attribute.

@@ -328,3 +328,26 @@ pub fn sts_calibration(dir: &Path, extra: &[&str]) -> Option<PathBuf> {
     run(&args).ok();
     Some(calib)
 }
+
+/// `whittle verify ORIGINAL CANDIDATE` on the first `limit` STS-dev pairs with MiniLM's tokenizer:
+/// the JSON report (`reference_spearman`, `kept`, `pairs`).
+pub fn sts_verify(original: &Path, candidate: &Path, limit: usize) -> serde_json::Value {
+    let (tok, dev) = (
+        asset("models/minilm-l6-v2-tokenizer").expect("the tokenizer"),
+        asset("data/sts/sts-dev.tsv").expect("sts-dev"),
+    );
+    run(&[
+        "verify",
+        &s(original),
+        &s(candidate),
+        "--data",
+        &s(&dev),
+        "--tokenizer",
+        &s(&tok),
+        "--limit",
+        &limit.to_string(),
+        "--json",
+    ])
+    .ok()
+    .json()
+}
