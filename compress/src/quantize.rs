@@ -130,6 +130,11 @@ pub struct QuantizeOptions {
     /// normalisations do not survive 8 bits.
     #[arg(id = "quant_layers_only", long = "layers-only")]
     pub layers_only: bool,
+    /// Quantize the stem too: by default a Conv that reads a graph input of at most 4 channels
+    /// (an image) stays float, as does that input (8 bits lose most there, and such a Conv runs
+    /// no faster in int8).
+    #[arg(id = "quant_int8_stem", long = "int8-stem")]
+    pub int8_stem: bool,
 }
 
 /// What quantization decided: enough to replay it without data.
@@ -168,7 +173,8 @@ pub struct QuantizeReport {
     pub bias_corrected: usize,
     /// Layers whose weights were rounded with GPTQ's error feedback (the others: to nearest).
     pub gptq: usize,
-    /// Activations kept in float (`--keep-float`) and the damage each saves alone, most first.
+    /// Activations kept in float (an image's stem, then `--keep-float`'s) and the damage each
+    /// saves alone (NaN for the stem).
     pub float_activations: Vec<(String, f64)>,
     /// The runtime whose QDQ rules the model follows.
     pub qdq_for: QdqFor,
@@ -320,9 +326,15 @@ impl Method for Quantize {
             let kept: Vec<String> = r
                 .float_activations
                 .iter()
-                .map(|(t, d)| format!("{t} (saves {d:.4})"))
+                .map(|(t, d)| {
+                    if d.is_nan() {
+                        format!("{t} (an image's stem; --int8-stem quantizes it)")
+                    } else {
+                        format!("{t} (saves {d:.4})")
+                    }
+                })
                 .collect();
-            lines.push(format!("kept in float (--keep-float): {}", kept.join(", ")));
+            lines.push(format!("activations kept in float: {}", kept.join(", ")));
         }
         if r.transformer {
             lines.push(
@@ -698,6 +710,11 @@ fn calibrate(
             })
             .collect()
     };
+    let stem = if o.int8_stem {
+        Vec::new()
+    } else {
+        stem_inputs(model, sites)
+    };
     let mut damage = BTreeMap::new();
     let mut best: Option<(f64, Calibrator)> = None;
     if candidates.len() > 1 {
@@ -708,7 +725,7 @@ fn calibrate(
                 calibrator: k,
                 activations: ranges(k),
                 bias_correction: BTreeMap::new(),
-                float: Vec::new(),
+                float: stem.clone(),
                 qdq_for: style(o, cx),
             };
             let mut q = model.clone();
@@ -727,23 +744,46 @@ fn calibrate(
         calibrator: chosen,
         activations: ranges(chosen),
         bias_correction: BTreeMap::new(),
-        float: Vec::new(),
+        float: stem,
         qdq_for: style(o, cx),
     };
     let mut saved = Vec::new();
     if let Some(k) = o.keep_float.filter(|&k| k > 0) {
         saved = float_savings(model, sites, &plan, codes, cx, judge)?;
-        plan.float = saved
-            .iter()
-            .filter(|(_, d)| *d > 0.0)
-            .take(k)
-            .map(|(t, _)| t.clone())
-            .collect();
+        plan.float.extend(
+            saved
+                .iter()
+                .filter(|(_, d)| *d > 0.0)
+                .take(k)
+                .map(|(t, _)| t.clone()),
+        );
     }
     if !o.no_bias_correction {
         plan.bias_correction = bias_correction(model, sites, &plan, codes, cx, fit)?;
     }
     Ok((plan, damage, saved))
+}
+
+/// The graph inputs that only stem Convs read: Convs of at most 4 input channels (an image's).
+fn stem_inputs(model: &Model, sites: &Sites) -> Vec<String> {
+    let g = model.graph();
+    let inputs: HashSet<&str> = model.inputs().iter().map(|v| v.name()).collect();
+    sites
+        .calibrated
+        .iter()
+        .filter(|t| inputs.contains(t.as_str()))
+        .filter(|t| {
+            let mut readers = g.node.iter().filter(|n| n.input.iter().any(|x| x == *t));
+            readers.all(|n| {
+                n.op_type() == "Conv"
+                    && model.initializer(&n.input[1]).is_some_and(|w| {
+                        let group = n.attr_int("group").unwrap_or(1);
+                        w.dims.len() > 1 && w.dims[1] * group <= 4
+                    })
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// The QDQ rules asked for, else those of the runtime the result is checked on.
@@ -779,10 +819,11 @@ fn float_savings(
     );
     let mut out = Vec::with_capacity(sites.calibrated.len());
     for (i, t) in sites.calibrated.iter().enumerate() {
-        let one = QuantizePlan {
-            float: vec![t.clone()],
-            ..plan.clone()
-        };
+        if plan.float.contains(t) {
+            continue;
+        }
+        let mut one = plan.clone();
+        one.float.push(t.clone());
         let mut q = model.clone();
         apply(&mut q, sites, &one, codes)?;
         out.push((t.clone(), base - reference.damage(&q)?));
