@@ -11,7 +11,15 @@
 //! Transpose, Squeeze, Unsqueeze) pass their input's quantization on unchanged, so they run on
 //! int8 data. A Gemm or MatMul whose output only float ops read keeps a float output (ONNX
 //! Runtime's QGemm / MatMulIntegerToFloat), which keeps the logits' precision. Every other op
-//! stays float and is listed in the report.
+//! stays float and is listed in the report; float ops keep reading the float tensors. Only
+//! float tensors are quantized.
+//!
+//! Float on purpose: an image's stem (a Conv reading a graph input of at most 4 channels, and
+//! that input; `--int8-stem` quantizes them); with `--keep-float N`, the N activations whose
+//! quantization alone costs most (measured) and the layers that read them; in a model with
+//! transformer blocks (or `--layers-only`), everything but the layers' inputs and weights.
+//! `--qdq-for tensorrt` writes TensorRT's explicit-quantization form instead: symmetric int8
+//! activations (zero point 0) and float biases.
 //!
 //! Ranges: a histogram of every quantized activation over the calibration items; min-max,
 //! percentile, MSE or entropy (`ranges.rs`). By default each calibrator is tried on the whole
@@ -27,9 +35,12 @@
 //! Guarantees: graph inputs and outputs keep their names, types and shapes.
 //!
 //! As a pipeline method: `--quantize int8 [--calibrate C]`, `[[step]] method = "quantize"` with
-//! `precision = "int8"`; the plan holds the calibrator, every activation's scale and zero point
-//! and the bias corrections; a replay recomputes the GPTQ rounding from the calibration data
-//! (`--no-gptq`: a replay needs no data).
+//! `precision = "int8"`; the plan holds the calibrator, every activation's scale and zero point,
+//! the activations kept float and the bias corrections; a replay recomputes the GPTQ rounding
+//! from the calibration data.
+//!
+//! After writing, ONNX Runtime is asked for its optimised graph: the report lists the int8
+//! kernels it chose and the DequantizeLinear it left unfused (what runs in float).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
