@@ -49,16 +49,13 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
     let calib = s(&repo_root().join("data/cifar10"));
     let j = quantize(&r8, &out, &["--calib", &calib]);
     let q = &j["quantize"];
-    // every Conv but the stem (3 input channels) and the Gemm: int8 weights, int8 kernels in
-    // ONNX Runtime, nothing else left in float
-    assert_eq!(q["float_activations"][0][0], "input", "{q}");
-    assert_eq!(q["quantized"]["Conv"], 8, "{q}");
-    assert_eq!(q["kept_float"]["Conv"], 1, "{q}");
-    assert_eq!(q["weights"], 9, "{q}");
-    assert_eq!(q["ort_kernels"]["QLinearConv"], 8, "{q}");
+    // every Conv and the Gemm: int8 weights, int8 kernels in ONNX Runtime, nothing left in float
+    assert_eq!(q["quantized"]["Conv"], 9, "{q}");
+    assert_eq!(q["weights"], 10, "{q}");
+    assert_eq!(q["ort_kernels"]["QLinearConv"], 9, "{q}");
     assert_eq!(q["ort_kernels"]["QGemm"], 1, "{q}");
     assert_eq!(q["unfused"], 0, "{q}");
-    assert_eq!(q["ort_kernels"]["Conv"], 1, "{q}");
+    assert!(q["ort_kernels"].get("Conv").is_none(), "{q}");
     // the calibrators were compared and the least damaging kept
     let chosen = q["calibrator"].as_str().unwrap();
     let damage = q["damage"].as_object().unwrap();
@@ -79,13 +76,14 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
         let a = agreement(&r8, &out, rt);
         assert!(a >= 0.95, "{rt}: agreement {a}");
     }
-    // --int8-stem quantizes the stem too
-    let all = dir.path().join("r8.all.onnx");
-    let q = quantize(&r8, &all, &["--calib", &calib, "--int8-stem"])["quantize"].clone();
-    assert_eq!(q["weights"], 10, "{q}");
-    assert_eq!(q["ort_kernels"]["QLinearConv"], 9, "{q}");
-    assert!(q["ort_kernels"].get("Conv").is_none(), "{q}");
-    assert_eq!(q["float_activations"].as_array().unwrap().len(), 0, "{q}");
+    // --float-stem keeps the stem (3 input channels) and the model input float
+    let stem = dir.path().join("r8.stem.onnx");
+    let q = quantize(&r8, &stem, &["--calib", &calib, "--float-stem"])["quantize"].clone();
+    assert_eq!(q["float_activations"][0][0], "input", "{q}");
+    assert_eq!(q["weights"], 9, "{q}");
+    assert_eq!(q["kept_float"]["Conv"], 1, "{q}");
+    assert_eq!(q["ort_kernels"]["QLinearConv"], 8, "{q}");
+    assert_eq!(q["ort_kernels"]["Conv"], 1, "{q}");
 }
 
 #[test]
@@ -148,11 +146,7 @@ fn keep_float_measures_each_activation_and_keeps_the_costliest_in_float() {
     let dir = tempfile::tempdir().unwrap();
     let (r8, out) = (resnet8(), dir.path().join("r8.mixed.onnx"));
     let calib = s(&repo_root().join("data/cifar10"));
-    let j = quantize(
-        &r8,
-        &out,
-        &["--calib", &calib, "--keep-float", "1", "--int8-stem"],
-    );
+    let j = quantize(&r8, &out, &["--calib", &calib, "--keep-float", "1"]);
     let q = &j["quantize"];
     let kept = q["float_activations"].as_array().unwrap();
     assert_eq!(kept.len(), 1, "{q}");
@@ -211,7 +205,6 @@ fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
                     z.raw_data().iter().all(|&b| b == 0) && z.int32_data.iter().all(|&v| v == 0)
                 );
             }
-            "Conv" if n.input[0] == "input" => convs += 1, // the stem stays float
             "Conv" => {
                 convs += 1;
                 let x = producer(&n.input[0]).expect("the input has a producer");
