@@ -300,19 +300,25 @@ def whittle_row(spec: dict, calib: Path, evald: Path, keep: float, base: dict, c
 
 
 class WorkerError(RuntimeError):
-    """An onnxsim step that gave no result; the message is its one-line reason."""
+    """A worker step (onnxsim, a peer quantizer) that gave no result; the message is its one-line
+    reason."""
 
 
 def run_worker(args: list[str]) -> dict:
     """Runs one onnxsim_worker.py step; its JSON, or WorkerError with a one-line reason."""
-    cmd = [sys.executable, str(WORKER), *args]
+    return worker_json([sys.executable, str(WORKER), *args], "onnxsim crashed")
+
+
+def worker_json(cmd: list[str], crashed: str = "crashed", timeout_s: int = WORKER_TIMEOUT_S) -> dict:
+    """Runs a worker process; the JSON of its last stdout line, or WorkerError with a one-line
+    reason (a timeout, a crash by signal, a non-zero exit with its last stderr line)."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise WorkerError(f"timed out after {WORKER_TIMEOUT_S} s")
+        raise WorkerError(f"timed out after {timeout_s} s")
     last = next((ln.strip() for ln in reversed(p.stderr.splitlines()) if ln.strip()), "")
     if p.returncode < 0:
-        raise WorkerError(f"onnxsim crashed ({signal.Signals(-p.returncode).name})" + (f": {last}" if last else ""))
+        raise WorkerError(f"{crashed} ({signal.Signals(-p.returncode).name})" + (f": {last}" if last else ""))
     if p.returncode != 0:
         raise WorkerError(last or f"exit {p.returncode} with no output")
     try:

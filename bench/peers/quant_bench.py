@@ -89,7 +89,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -258,31 +257,28 @@ def worker_main(argv: list[str]) -> int:
     return 0
 
 
-class WorkerError(RuntimeError):
-    """A peer step that gave no result; the message is its one-line reason."""
+WorkerError = peers.WorkerError
 
 
 def run_worker(args: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", *args]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise WorkerError(f"timed out after {WORKER_TIMEOUT_S} s")
-    last = next((ln.strip() for ln in reversed(p.stderr.splitlines()) if ln.strip()), "")
-    if p.returncode < 0:
-        raise WorkerError(f"crashed ({signal.Signals(-p.returncode).name})" + (f": {last}" if last else ""))
-    if p.returncode != 0:
-        raise WorkerError(last or f"exit {p.returncode} with no output")
-    try:
-        return json.loads(p.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise WorkerError(f"unreadable worker output: {p.stdout[-300:]!r}")
+    """One peer step in a process of its own (this file's `worker` mode)."""
+    return peers.worker_json([sys.executable, str(Path(__file__).resolve()), "worker", *args],
+                             timeout_s=WORKER_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- the rows
 
 def new_row(spec: dict, tool: str, config: str) -> dict:
     return {"model": spec["name"], "tool": tool, "config": config, "label": f"{tool} {config}".strip()}
+
+
+def compress(cmd: list[str], row: dict) -> tuple[dict, dict] | None:
+    """`whittle compress ... --json`: its report and figures, or None with the row's error set."""
+    try:
+        return benchlib.compress_json(cmd)
+    except (RunError, KeyError, TypeError, ValueError) as e:
+        row["error"] = f"whittle compress: {first_line(str(e))}"
+        return None
 
 
 def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, ...] = ()) -> dict:
@@ -294,11 +290,10 @@ def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, .
            "--profile", spec["profile"], "--calib-items", str(a.calib_items), "--quantize", "int8",
            *extra, "--threads", str(a.threads), "--json"]
     log(f"  whittle compress {flags} ...")
-    try:
-        rep, figures = benchlib.compress_json(cmd)
-    except (RunError, KeyError, TypeError, ValueError) as e:
-        row["error"] = f"whittle compress: {first_line(str(e))}"
+    got = compress(cmd, row)
+    if got is None:
         return row
+    rep, figures = got
     q = rep.get("quantize") or {}
     row.update(command=cmd, tool_seconds=figures["seconds"], path=out, quantize=q)
     if q.get("calibrator"):
@@ -323,11 +318,10 @@ def compose_row(spec: dict, calib: Path, work: Path, keep: float, int8_label: st
            "--calib-items", str(a.calib_items), "--recipe", str(recipe), "-o", str(out),
            "--threads", str(a.threads), "--json"]
     log(f"  whittle compress --recipe (prune_channels macs={keep}, quantize int8) ...")
-    try:
-        rep, figures = benchlib.compress_json(cmd)
-    except (RunError, KeyError, TypeError, ValueError) as e:
-        row["error"] = f"whittle compress: {first_line(str(e))}"
+    got = compress(cmd, row)
+    if got is None:
         return row
+    rep, figures = got
     q = rep.get("quantize") or {}
     row.update(command=cmd, recipe=recipe_text(keep), tool_seconds=figures["seconds"], path=out, quantize=q,
                macs=figures["macs"], params=figures["params"], macs_kept=figures["macs_kept"])

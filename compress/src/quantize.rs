@@ -54,7 +54,7 @@ use whittle_core::tensor::{from_f32, from_i8, from_i32, from_u8, to_f32};
 use crate::Error;
 use crate::cleanup::{self, set_initializer, unique_name};
 use crate::gptq;
-use crate::pipeline::{Context, Method};
+use crate::pipeline::{Context, Method, Reference};
 use crate::ranges::{Calibrator, Histogram, QParams};
 use crate::refit::{self, LayerRef, RefitOptions};
 
@@ -735,8 +735,14 @@ fn calibrate(
     };
     let mut damage = BTreeMap::new();
     let mut best: Option<(f64, Calibrator)> = None;
-    if candidates.len() > 1 {
-        let reference = cx.reference(model, judge)?;
+    let keep = o.keep_float.filter(|&k| k > 0);
+    // the float model's outputs on the judge items, run once for every comparison
+    let reference = if candidates.len() > 1 || keep.is_some() {
+        Some(cx.reference(model, judge)?)
+    } else {
+        None
+    };
+    if let (true, Some(reference)) = (candidates.len() > 1, &reference) {
         cx.start("quantize: calibrators", candidates.len());
         for (i, &k) in candidates.iter().enumerate() {
             let plan = QuantizePlan {
@@ -766,8 +772,10 @@ fn calibrate(
         qdq_for: style(o, cx),
     };
     let mut saved = Vec::new();
-    if let Some(k) = o.keep_float.filter(|&k| k > 0) {
-        saved = float_savings(model, sites, &plan, codes, cx, judge)?;
+    if let (Some(k), Some(reference)) = (keep, &reference) {
+        // the whole model's damage was measured when its calibrator was chosen
+        let base = best.map(|(d, _)| d);
+        saved = float_savings(model, sites, &plan, codes, cx, reference, base)?;
         plan.float.extend(
             saved
                 .iter()
@@ -817,7 +825,7 @@ fn style(o: &QuantizeOptions, cx: &Context) -> QdqFor {
 /// Activations with the damage keeping each alone in float saves.
 type Savings = Vec<(String, f64)>;
 
-/// Each calibrated activation with the damage (on the items `judge`) that keeping it alone in
+/// Each calibrated activation with the damage (on `reference`'s items) that keeping it alone in
 /// float saves, most first (those saving at least 2% of the whole model's damage).
 fn float_savings(
     model: &Model,
@@ -825,12 +833,17 @@ fn float_savings(
     plan: &QuantizePlan,
     codes: &BTreeMap<String, Codes>,
     cx: &Context,
-    judge: &[usize],
+    reference: &Reference,
+    base: Option<f64>,
 ) -> Result<Savings, Error> {
-    let reference = cx.reference(model, judge)?;
-    let mut q = model.clone();
-    apply(&mut q, sites, plan, codes)?;
-    let base = reference.damage(&q)?;
+    let base = match base {
+        Some(d) => d,
+        None => {
+            let mut q = model.clone();
+            apply(&mut q, sites, plan, codes)?;
+            reference.damage(&q)?
+        }
+    };
     cx.start(
         "quantize: sensitivity (--keep-float)",
         sites.calibrated.len(),
@@ -1196,52 +1209,48 @@ fn apply(
             b.iter_mut().zip(c).for_each(|(v, d)| *v += d);
             bias_corrected += 1;
         }
-        if plan.qdq_for == QdqFor::Tensorrt {
+        let bias = if plan.qdq_for == QdqFor::Tensorrt {
             // TensorRT takes no int32 DequantizeLinear: the bias stays float
             let bn = unique_name(model, &format!("{}_bias", l.node));
+            set_initializer(model.graph_mut(), from_f32(&bn, &[out_channels as i64], &b));
+            bn
+        } else {
+            let bs: Vec<f32> = ws.iter().map(|s| s * px.scale).collect();
+            let bq: Vec<i32> = b
+                .iter()
+                .zip(&bs)
+                .map(|(v, s)| {
+                    (*v as f64 / *s as f64)
+                        .round()
+                        .clamp(i32::MIN as f64, i32::MAX as f64) as i32
+                })
+                .collect();
+            let bbase = l.bias.clone().unwrap_or_else(|| format!("{}_bias", l.node));
+            let (bn, bsn, bzn) = (
+                unique_name(model, &format!("{bbase}_quantized")),
+                unique_name(model, &format!("{bbase}_scale")),
+                unique_name(model, &format!("{bbase}_zero_point")),
+            );
+            let bdq = unique_name(model, &format!("{bbase}_dequantized"));
             let g = model.graph_mut();
-            set_initializer(g, from_f32(&bn, &[out_channels as i64], &b));
-            let n = &mut g.node[idx];
-            if n.input.len() < 3 {
-                n.input.resize(3, String::new());
-            }
-            n.input[2] = bn;
-            continue;
-        }
-        let bs: Vec<f32> = ws.iter().map(|s| s * px.scale).collect();
-        let bq: Vec<i32> = b
-            .iter()
-            .zip(&bs)
-            .map(|(v, s)| {
-                (*v as f64 / *s as f64)
-                    .round()
-                    .clamp(i32::MIN as f64, i32::MAX as f64) as i32
-            })
-            .collect();
-        let bbase = l.bias.clone().unwrap_or_else(|| format!("{}_bias", l.node));
-        let (bn, bsn, bzn) = (
-            unique_name(model, &format!("{bbase}_quantized")),
-            unique_name(model, &format!("{bbase}_scale")),
-            unique_name(model, &format!("{bbase}_zero_point")),
-        );
-        let bdq = unique_name(model, &format!("{bbase}_dequantized"));
-        let g = model.graph_mut();
-        let c = out_channels as i64;
-        set_initializer(g, from_i32(&bn, &[c], &bq));
-        set_initializer(g, from_f32(&bsn, &[c], &bs));
-        set_initializer(g, from_i32(&bzn, &[c], &vec![0; out_channels]));
-        added.push(attr::node(
-            "DequantizeLinear",
-            &format!("{bbase}_DequantizeLinear"),
-            &[&bn, &bsn, &bzn],
-            &[&bdq],
-            vec![attr::int("axis", 0)],
-        ));
-        let n = &mut g.node[idx];
+            let c = out_channels as i64;
+            set_initializer(g, from_i32(&bn, &[c], &bq));
+            set_initializer(g, from_f32(&bsn, &[c], &bs));
+            set_initializer(g, from_i32(&bzn, &[c], &vec![0; out_channels]));
+            added.push(attr::node(
+                "DequantizeLinear",
+                &format!("{bbase}_DequantizeLinear"),
+                &[&bn, &bsn, &bzn],
+                &[&bdq],
+                vec![attr::int("axis", 0)],
+            ));
+            bdq
+        };
+        let n = &mut model.graph_mut().node[idx];
         if n.input.len() < 3 {
             n.input.resize(3, String::new());
         }
-        n.input[2] = bdq;
+        n.input[2] = bias;
     }
     // constant inputs of Add / Mul: per tensor
     for (node, slot) in &sites.constants {
