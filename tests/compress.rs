@@ -1,28 +1,9 @@
 //! `whittle compress` end to end: every shared CNN prunes and still runs in ONNX Runtime and
 //! tract; ResNet-8 keeps its predictions; bad budgets, bad data and bad paths are refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::common::*;
-use ndarray::ArrayD;
-
-/// A .npy of `n` items with the model's item shape, values uniform in [lo, hi).
-fn npy(dir: &Path, name: &str, n: usize, item: &[usize], lo: f32, hi: f32) -> PathBuf {
-    let mut shape = vec![n];
-    shape.extend_from_slice(item);
-    let len: usize = shape.iter().product();
-    let bytes = noise(len * 4, 7);
-    let vals: Vec<f32> = bytes
-        .chunks(4)
-        .map(|c| {
-            lo + (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32) * (hi - lo)
-        })
-        .collect();
-    let a = ArrayD::from_shape_vec(shape, vals).unwrap();
-    let p = dir.join(name);
-    ndarray_npy::write_npy(&p, &a).unwrap();
-    p
-}
 
 fn macs(model: &Path) -> f64 {
     run(&["inspect", &s(model), "--json", "--brief"])

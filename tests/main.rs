@@ -19,6 +19,7 @@ mod quantize;
 mod regression;
 mod roundtrip;
 mod shapes;
+mod tasks;
 mod text;
 mod transformer;
 mod verify;

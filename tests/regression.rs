@@ -1,7 +1,8 @@
 //! The regression suite (issue 8, point 5): every model in ../shared/assets/models through
 //! inspect, a load / save round trip, every compression method that has landed at a moderate
-//! budget, and verify. Any panic, invalid graph or runtime error fails; a model a method does not
-//! apply to is listed as skipped with the reason.
+//! budget, and verify. Any panic, invalid graph or runtime error fails, and so does a subnormal,
+//! NaN or infinite float in any tensor a method wrote (issue 17); a model a method does not apply
+//! to is listed as skipped with the reason.
 
 use std::path::{Path, PathBuf};
 
@@ -161,6 +162,17 @@ fn r8_every_shared_model_through_every_landed_method() {
                 calib(&["--prune-heads", "0.25"]),
                 &not_a_transformer,
             ),
+            (
+                "attention removal",
+                calib(&["--drop-attention", "1"]),
+                &not_a_transformer,
+            ),
+            // int8 (the calibrator fixed: one range pass over the few synthetic items)
+            (
+                "int8",
+                calib(&["--quantize", "int8", "--calibrate", "minmax"]),
+                &["cannot be raised"],
+            ),
         ];
         for (method, flags, refusals) in methods {
             let out = dir
@@ -205,6 +217,7 @@ fn method_outcome(
         return format!("{name}: {method} skipped: {line}");
     }
     let j = r.json();
+    assert_clean_numbers(name, method, out);
     for rt in ["ort-cpu", "tract"] {
         run(&[
             "verify",
@@ -222,4 +235,21 @@ fn method_outcome(
         "{name}: {method} to {:.1}% MACs, runs in ort-cpu and tract",
         j["macs_kept"].as_f64().unwrap_or(f64::NAN) * 100.0
     )
+}
+
+/// Every float initializer of the written model is finite and free of subnormals (what ONNX
+/// Runtime's x86 kernels slow down on by orders of magnitude).
+fn assert_clean_numbers(name: &str, method: &str, out: &Path) {
+    let m = whittle_core::Model::load(out).unwrap();
+    let mut checked = 0;
+    for t in &m.graph().initializer {
+        if t.data_type != Some(1) {
+            continue;
+        }
+        let v = whittle_core::tensor::to_f32(t).unwrap();
+        checked += v.len();
+        let bad = v.iter().filter(|x| !x.is_finite() || x.is_subnormal()).count();
+        assert_eq!(bad, 0, "{name} {method}: '{}' holds {bad} subnormal, NaN or infinite floats", t.name());
+    }
+    assert!(checked > 0, "{name} {method}: no float weights checked");
 }

@@ -223,3 +223,127 @@ fn r17_the_fixtures_global_pool_matches_the_original() {
         assert!(o["max_abs_diff"].as_f64().unwrap() < 1e-5, "{}", r.dump());
     }
 }
+
+/// compress binds symbolic dims to the calibration data's shape: its MACs are inspect's at that
+/// shape, the budget is met there, and the written model stays dynamic.
+#[test]
+fn r17_compress_costs_symbolic_models_at_the_calibration_shape() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo_root().join("data/cifar10");
+    let profile = repo_root().join("models/resnet8_cifar10.profile.toml");
+    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
+    let b = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
+    let at = inspect(&hw, &["--input", "input=1x3x32x32"])["macs"]
+        .as_u64()
+        .unwrap();
+    for (m, other) in [(&hw, "input=2x3x48x40"), (&b, "input=2x3x32x32")] {
+        let out = dir.path().join("out.onnx");
+        let j = run(&[
+            "compress",
+            &s(m),
+            "-o",
+            &s(&out),
+            "--calib",
+            &s(&data),
+            "--profile",
+            &s(&profile),
+            "--calib-items",
+            "48",
+            "--holdout-items",
+            "32",
+            "--target",
+            "macs=0.7",
+            "--json",
+        ])
+        .ok()
+        .json();
+        assert_eq!(j["macs"][0].as_u64(), Some(at), "{}: {j}", m.display());
+        assert_eq!(j["costed_at"], "input=1x3x32x32", "{j}");
+        let kept = j["macs_kept"].as_f64().unwrap();
+        assert!(kept <= 0.7 + 1e-6 && kept > 0.5, "MACs kept {kept}");
+        // the written model keeps the original's dynamic dims and runs at another size
+        let w = inspect(&out, &[]);
+        assert_eq!(
+            w["inputs"][0]["shape"],
+            inspect(m, &[])["inputs"][0]["shape"],
+            "{w}"
+        );
+        let after = inspect(&out, &["--input", "input=1x3x32x32"])["macs"].as_u64();
+        assert_eq!(after, j["macs"][1].as_u64());
+        run(&[
+            "bench",
+            &s(&out),
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--input",
+            other,
+        ])
+        .ok();
+    }
+    // --input binds instead of the data: the count is at that shape
+    let j = run(&[
+        "compress",
+        &s(&hw),
+        "-o",
+        &s(&dir.path().join("big.onnx")),
+        "--calib",
+        &s(&data),
+        "--profile",
+        &s(&profile),
+        "--calib-items",
+        "32",
+        "--holdout-items",
+        "16",
+        "--input",
+        "input=1x3x64x64",
+        "--target",
+        "macs=0.8",
+        "--json",
+    ]);
+    // the data's 32x32 images do not fit a model bound at 64x64: refused, nothing written
+    j.error(&["64"]);
+    assert!(!dir.path().join("big.onnx").exists());
+}
+
+/// Without data or --input, a MAC budget on a model with symbolic H and W is refused naming them.
+#[test]
+fn r17_a_mac_budget_with_unknown_dims_is_refused_naming_them() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
+    let out = dir.path().join("out.onnx");
+    run(&[
+        "compress",
+        &s(&hw),
+        "-o",
+        &s(&out),
+        "--low-rank",
+        "--target",
+        "macs=0.8",
+    ])
+    .error(&["input_dim2 (input input axis 2)", "input_dim3"]);
+    assert!(!out.exists());
+    // bound by --input, the same budget is planned and met
+    let j = run(&[
+        "compress",
+        &s(&hw),
+        "-o",
+        &s(&out),
+        "--low-rank",
+        "--target",
+        "macs=0.8",
+        "--input",
+        "input=1x3x32x32",
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert!(j["macs_kept"].as_f64().unwrap() <= 0.8 + 1e-6, "{j}");
+}

@@ -41,7 +41,7 @@ pub struct CaptureSpec<'a> {
 pub fn input_specs(
     inputs: &[IoInfo],
     batch: usize,
-    data: Option<&Dataset>,
+    data: Option<(&Dataset, &Preprocess)>,
 ) -> Result<(Vec<InputSpec>, usize), Error> {
     let mut specs = Vec::new();
     let mut bs = batch.max(1);
@@ -49,8 +49,20 @@ pub fn input_specs(
         if let Some(Dim::Fixed(b)) = io.dims.first() {
             bs = *b;
         }
-        // a symbolic non-batch dim (a sequence length) takes its size from tensor data
-        let from_data = data.and_then(|d| d.item_shape(&io.name));
+        // a symbolic non-batch dim (a sequence length, an image's height) takes its size from
+        // the data (a tensor's item shape, the first image after preprocessing)
+        let from_data = match data {
+            Some((d, pre))
+                if io
+                    .dims
+                    .iter()
+                    .skip(1)
+                    .any(|d| matches!(d, Dim::Symbolic(_))) =>
+            {
+                d.item_shape_with(&io.name, pre, 0)?
+            }
+            _ => None,
+        };
         let item: Option<Vec<usize>> = io
             .dims
             .iter()
@@ -63,7 +75,7 @@ pub fn input_specs(
             .collect();
         let item = item.ok_or_else(|| {
             Error::Capture(format!(
-                "input '{}' is {}: only the batch axis may be symbolic for image inputs (tensor data fixes the others)",
+                "input '{}' is {}: the data gives no item shape for its symbolic dims (an image after preprocessing, or an array of that name and rank)",
                 io.name,
                 io.signature()
             ))
@@ -185,7 +197,7 @@ pub fn capture(
         })
         .collect::<Result<_, _>>()?;
     let infos = session.inputs().to_vec();
-    let (specs, bs) = input_specs(&infos, spec.batch, Some(spec.dataset))?;
+    let (specs, bs) = input_specs(&infos, spec.batch, Some((spec.dataset, spec.pre)))?;
 
     for chunk in spec.indices.chunks(bs) {
         let batch = spec.dataset.load_batch(chunk, &specs, spec.pre)?;

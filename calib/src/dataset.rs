@@ -246,6 +246,27 @@ impl Dataset {
         }
     }
 
+    /// The shape of item `index` (no batch axis) as it feeds `input`: a tensor dataset's array
+    /// shape, or an image after `pre` (decoded to learn its size when the profile does not fix
+    /// it). What symbolic dims of a model are bound to when it is costed on this data.
+    pub fn item_shape_with(
+        &self,
+        input: &str,
+        pre: &Preprocess,
+        index: usize,
+    ) -> Result<Option<Vec<usize>>, Error> {
+        match &self.source {
+            Source::ImageFolder { items, .. } | Source::Images { items } => {
+                let Some(path) = items.get(index) else {
+                    return Ok(None);
+                };
+                let image = decode_image(path)?;
+                Ok(Some(pre.item_shape(image.width(), image.height())))
+            }
+            Source::Tensors { .. } => Ok(self.item_shape(input)),
+        }
+    }
+
     /// The path the dataset was opened from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -607,6 +607,55 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The speed of a compressed model beside its original, measured side by side.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeedCheck {
+    /// The runtime both ran in.
+    pub runtime: String,
+    /// The original's median run, ms (one item).
+    pub original_ms: f64,
+    /// The result's, ms.
+    pub result_ms: f64,
+    /// `original_ms / result_ms`.
+    pub speedup: f64,
+    /// Side-by-side rounds.
+    pub rounds: usize,
+}
+
+impl SpeedCheck {
+    /// Slower than the original by more than a shared machine's noise (5%).
+    pub fn slower(&self) -> bool {
+        self.speedup < 1.0 / 1.05
+    }
+}
+
+/// Measure `result` beside `original` on one item: [`SPEED_ROUNDS`] interleaved rounds, each a
+/// short benchmark of both (see [`local_pair_measure`]). A second or two for a small model.
+pub fn compare_speed(
+    original: &Model,
+    result: &Model,
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+) -> Result<SpeedCheck, Error> {
+    let cfg = BenchConfig {
+        warmup: 2,
+        iters: 40,
+        max_seconds: Some(0.15),
+    };
+    let mut pair = local_pair_measure(runtime, threads, vec![], SPEED_ROUNDS, cfg);
+    let (before, after) = pair(original, result)?;
+    Ok(SpeedCheck {
+        runtime: runtime.to_string(),
+        original_ms: before,
+        result_ms: after,
+        speedup: before / after.max(1e-9),
+        rounds: SPEED_ROUNDS,
+    })
+}
+
+/// Rounds of [`compare_speed`].
+pub const SPEED_ROUNDS: usize = 5;
+
 /// Rounds of the side-by-side measurement of a merge candidate, by default.
 pub const MERGE_ROUNDS: usize = 11;
 

@@ -791,6 +791,10 @@ pub fn factorise_as(
     }
     let shapes = shape::infer(model, &[])?;
     let base = cost::count(model, &shapes);
+    if let RankRule::Budget(Budget::Macs(_)) = opts.rule {
+        // a MAC budget is never planned on a guessed size: the unknown dims are named
+        base.exact_macs()?;
+    }
     let mut skipped = vec![];
     let mut cands: Vec<Candidate> = vec![];
     let by_params = matches!(opts.rule, RankRule::Budget(Budget::Params(_)));

@@ -158,6 +158,77 @@ impl<'a> Calibration<'a> {
     }
 }
 
+/// The symbolic dims of a model bound for compression (see [`bind_shapes`]), and its declared
+/// inputs and outputs to restore before it is written.
+pub struct Binding {
+    /// The sizes given to symbols (`x_dim2 = 48`); a batch axis stays symbolic.
+    pub sizes: std::collections::BTreeMap<String, i64>,
+    /// The declared inputs, outputs and value_info before binding.
+    pub declared: whittle_core::shape::DeclaredIo,
+}
+
+impl Binding {
+    /// Make the dims the binding fixed dynamic again in `model` (a result about to be written).
+    pub fn restore(&self, model: &mut Model) {
+        whittle_core::shape::restore_io(model, &self.declared);
+    }
+}
+
+/// Bind every symbolic dim of `model`'s inputs other than a batch axis, so that costs, budgets
+/// and passes see the shapes the model runs at: first from `given` (`--input x=1x3x48x320`),
+/// then from the calibration data's first item (an image after its preprocessing, a tensor's
+/// item shape), as calibration runs read them. A batch axis stays symbolic (calibration runs in batches; costs count it as 1).
+/// A dim neither fixes stays symbolic: a MAC budget then refuses, naming it. A batch size in
+/// `given` is not kept: costs are per item.
+pub fn bind_shapes(
+    model: &mut Model,
+    given: &[(String, Vec<i64>)],
+    calib: Option<&Calibration>,
+) -> Result<Binding, Error> {
+    use whittle_core::shape::{self, Dim};
+    let declared = shape::declared_io(model);
+    let unbound = shape::infer(model, &[])?;
+    let batch: std::collections::BTreeSet<String> = unbound
+        .batch_symbols()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let mut overrides: Vec<(String, Vec<i64>)> = given.to_vec();
+    if let Some(c) = calib {
+        for v in model.inputs() {
+            if given.iter().any(|(n, _)| n == v.name()) {
+                continue;
+            }
+            let Some(decl) = shape::value_info_type(v).and_then(|t| t.shape) else {
+                continue;
+            };
+            let symbolic = |d: &Dim| matches!(d, Dim::Sym(s) if !batch.contains(s));
+            if !decl.iter().any(symbolic) || decl.is_empty() {
+                continue;
+            }
+            let Some(item) = c.dataset.item_shape_with(v.name(), c.pre, 0)? else {
+                continue;
+            };
+            if item.len() + 1 != decl.len() {
+                continue; // the first run names the mismatch
+            }
+            let first = decl[0].known().unwrap_or(1);
+            let dims = std::iter::once(first)
+                .chain(item.iter().map(|&d| d as i64))
+                .collect();
+            overrides.push((v.name().to_string(), dims));
+        }
+    }
+    let info = shape::infer(model, &overrides)?;
+    let sizes: std::collections::BTreeMap<String, i64> = info
+        .bound
+        .into_iter()
+        .filter(|(s, _)| !batch.contains(s))
+        .collect();
+    shape::bind_symbols(model, &sizes);
+    Ok(Binding { sizes, declared })
+}
+
 /// What every step is given: the calibration split, the runtime and its threads, progress.
 pub struct Context<'a> {
     /// Calibration data, when given.
@@ -234,7 +305,7 @@ impl Reference {
             ..Default::default()
         };
         let mut s = whittle_runtime::load(runtime, &model.to_bytes(), &ropts)?;
-        let (specs, bs) = whittle_calib::input_specs(s.inputs(), 16, Some(d))?;
+        let (specs, bs) = whittle_calib::input_specs(s.inputs(), 16, Some((d, pre)))?;
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
         for chunk in idx.chunks(bs) {
@@ -542,19 +613,32 @@ pub fn choose_steps(
     flags: &MethodFlags,
     shared: &Shared,
     replay: Option<&SavedPlan>,
-) -> Result<(Vec<Step>, CalibrationSection), Error> {
+) -> Result<Recipe, Error> {
+    let flags_only = |steps| Recipe {
+        calibration: CalibrationSection::default(),
+        checks: ChecksSection::default(),
+        steps,
+    };
     match (recipe, replay) {
         (Some(_), _) if flags.any() => Err(Error::Recipe(format!(
             "--recipe and method flags ({}) together: give the methods in the recipe or as flags",
             flags.names().join(", ")
         ))),
-        (Some(r), _) => {
-            let r = read_recipe(r)?;
-            Ok((r.steps, r.calibration))
-        }
-        (None, Some(p)) if !flags.any() => Ok((p.steps()?, CalibrationSection::default())),
-        _ => Ok((flags.steps(shared)?, CalibrationSection::default())),
+        (Some(r), _) => read_recipe(r),
+        (None, Some(p)) if !flags.any() => Ok(flags_only(p.steps()?)),
+        _ => Ok(flags_only(flags.steps(shared)?)),
     }
+}
+
+/// `[checks]` of a recipe: what the result must meet. A check that fails is a warning in the
+/// summary, and exit code 1 with `strict`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksSection {
+    /// The floor of the task metric on the held-apart items (`--min-agreement`).
+    pub min_agreement: Option<f64>,
+    /// Exit with code 1 when a check fails (`--strict`).
+    pub strict: Option<bool>,
 }
 
 /// `[calibration]` of a recipe.
@@ -571,10 +655,12 @@ pub struct CalibrationSection {
     pub holdout: Option<usize>,
 }
 
-/// A recipe: calibration settings and the steps in order.
+/// A recipe: calibration settings, checks and the steps in order.
 pub struct Recipe {
     /// `[calibration]`.
     pub calibration: CalibrationSection,
+    /// `[checks]`.
+    pub checks: ChecksSection,
     /// `[[step]]`s.
     pub steps: Vec<Step>,
 }
@@ -617,6 +703,12 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe, Error> {
         data: calibration.data.map(|d| base.join(d)),
         ..calibration
     };
+    let checks: ChecksSection = match t.remove("checks") {
+        Some(v) => v
+            .try_into()
+            .map_err(|e: toml::de::Error| at(format!("[checks]: {}", e.message())))?,
+        None => ChecksSection::default(),
+    };
     let steps = match t.remove("step") {
         Some(toml::Value::Array(a)) => a,
         Some(_) => return Err(at("`step` must be an array of tables: [[step]]".into())),
@@ -624,7 +716,7 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe, Error> {
     };
     if let Some(k) = t.keys().next() {
         return Err(at(format!(
-            "unknown section or key '{k}' (a recipe has [calibration] and [[step]] tables)"
+            "unknown section or key '{k}' (a recipe has [calibration], [checks] and [[step]] tables)"
         )));
     }
     if steps.is_empty() {
@@ -659,6 +751,7 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe, Error> {
     }
     Ok(Recipe {
         calibration,
+        checks,
         steps: out,
     })
 }
@@ -832,7 +925,27 @@ impl Checker {
         let opts = whittle_runtime::RuntimeOptions::default();
         let mut s = whittle_runtime::load(cx.runtime, &original.to_bytes(), &opts)?;
         let inputs = whittle_runtime::synthetic_inputs(s.inputs(), &[])?;
-        let out = s.run(&inputs)?;
+        let out = s.run(&inputs).map_err(|e| {
+            // symbolic dims run as 1: say which, and how to bind them
+            let info = whittle_core::shape::infer(original, &[]).unwrap_or_default();
+            let batch = info.batch_symbols();
+            let dims: Vec<String> = info
+                .unbound_symbols()
+                .into_iter()
+                .filter(|d| !batch.contains(d.symbol.as_str()))
+                .map(|d| d.to_string())
+                .collect();
+            if dims.is_empty() {
+                return Error::from(e);
+            }
+            Error::Pass {
+                pass: "the first run".into(),
+                reason: format!(
+                    "the model does not run with its unbound dims {} as 1; bind them with --input NAME=SHAPE or calibration data",
+                    dims.join(", ")
+                ),
+            }
+        })?;
         let shapes = s
             .outputs()
             .iter()

@@ -626,6 +626,10 @@ pub fn plan(
     }
     let shapes = shape::infer(model, &[])?;
     let base = cost::count(model, &shapes);
+    if let Budget::Macs(_) = opts.budget {
+        // a MAC budget is never planned on a guessed size: the unknown dims are named
+        base.exact_macs()?;
+    }
     let latency = match (opts.budget, &opts.latency) {
         (Budget::Latency(_), None) => {
             return Err(Error::Budget(

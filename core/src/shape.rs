@@ -400,9 +400,17 @@ pub fn infer(model: &Model, overrides: &[(String, Vec<i64>)]) -> Result<ShapeInf
 /// (for instance with [`declared_io`] and [`restore_io`]) before writing a model meant to stay
 /// dynamic.
 pub fn bind_inputs(model: &mut Model, overrides: &[(String, Vec<i64>)]) -> Result<()> {
-    use tensor_shape_proto::dimension::Value as D;
     let info = infer(model, overrides)?;
-    let fix = |v: &mut ValueInfoProto, concrete: Option<&[i64]>| {
+    bind_symbols(model, &info.bound);
+    Ok(())
+}
+
+/// Give each symbol of `sizes` (`N`, `x_dim2`) its size wherever the graph's inputs, outputs and
+/// value_info declare it; other dims stay as they are. The sizes are not checked: take them from
+/// [`infer`]'s `bound` (or a part of it, leaving a batch axis symbolic).
+pub fn bind_symbols(model: &mut Model, sizes: &BTreeMap<String, i64>) {
+    use tensor_shape_proto::dimension::Value as D;
+    let fix = |v: &mut ValueInfoProto| {
         let name = v.name().to_string();
         let Some(type_proto::Value::TensorType(t)) =
             v.r#type.as_mut().and_then(|t| t.value.as_mut())
@@ -413,38 +421,25 @@ pub fn bind_inputs(model: &mut Model, overrides: &[(String, Vec<i64>)]) -> Resul
             return;
         };
         for (i, d) in shape.dim.iter_mut().enumerate() {
-            if let Some(c) = concrete.and_then(|c| c.get(i)) {
-                d.value = Some(D::DimValue(*c));
-                continue;
-            }
             let sym = match &d.value {
                 Some(D::DimValue(k)) if *k > 0 => continue,
                 Some(D::DimParam(p)) if !p.is_empty() => p.clone(),
                 _ => unnamed_dim(&name, i),
             };
-            if let Some(&k) = info.bound.get(&sym) {
+            if let Some(&k) = sizes.get(&sym) {
                 d.value = Some(D::DimValue(k));
             }
         }
     };
-    let inits: BTreeSet<String> = model
-        .graph()
-        .initializer
-        .iter()
-        .map(|t| t.name().to_string())
-        .collect();
     let g = model.graph_mut();
-    for v in g.input.iter_mut().filter(|v| !inits.contains(v.name())) {
-        let concrete = overrides
-            .iter()
-            .find(|(n, _)| n == v.name())
-            .map(|(_, d)| d.as_slice());
-        fix(v, concrete);
+    for v in g
+        .input
+        .iter_mut()
+        .chain(g.output.iter_mut())
+        .chain(g.value_info.iter_mut())
+    {
+        fix(v);
     }
-    for v in g.output.iter_mut().chain(g.value_info.iter_mut()) {
-        fix(v, None);
-    }
-    Ok(())
 }
 
 /// The graph's declared inputs, outputs and value_info, to put back with [`restore_io`].

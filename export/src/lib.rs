@@ -1,9 +1,11 @@
 //! Writing ONNX files safely and verifying a candidate model against a reference.
 
 pub mod sts;
+pub mod task;
 pub mod verify;
 pub mod write;
 
+pub use task::Task;
 pub use verify::{OutputReport, VerifyOptions, VerifyReport, verify};
 pub use write::{remove_partial_files_on_interrupt, save_model, write_atomic};
 

@@ -1,9 +1,10 @@
 //! Verify a candidate model against a reference on real data.
 //!
 //! Both models run in the same runtime on the same batches. Per output: the largest absolute
-//! difference and the mean cosine similarity between the two models' per-item outputs. For a
-//! classifier output (`[N, C]` with C ≥ 2): top-1 agreement, and both models' accuracy when the
-//! dataset has labels.
+//! difference, the mean cosine similarity between the two models' per-item outputs, and the
+//! metric of the output's task ([`crate::task`]: given, or guessed with the reason reported):
+//! top-1 agreement (and both models' accuracy when the dataset has labels), cosine, IoU of maps,
+//! or CTC sequence agreement.
 
 use serde::Serialize;
 use whittle_calib::{Dataset, Preprocess};
@@ -12,6 +13,7 @@ use whittle_core::stats::cosine;
 use whittle_runtime::{IoInfo, RuntimeKind, RuntimeOptions, Session};
 
 use crate::Error;
+use crate::task::{self, Task};
 
 /// How to run the comparison.
 #[derive(Debug, Clone)]
@@ -24,6 +26,8 @@ pub struct VerifyOptions {
     pub limit: Option<usize>,
     /// Threads for the runtime.
     pub threads: Option<usize>,
+    /// The task of every output (`None`: guessed per output).
+    pub task: Option<Task>,
 }
 
 impl Default for VerifyOptions {
@@ -33,6 +37,7 @@ impl Default for VerifyOptions {
             batch: 32,
             limit: None,
             threads: None,
+            task: None,
         }
     }
 }
@@ -46,6 +51,13 @@ pub struct OutputReport {
     pub max_abs_diff: f64,
     /// Mean over items of the cosine similarity of the two outputs.
     pub mean_cosine: f64,
+    /// The output's task (`None`: no task fits; the cosine is all there is).
+    pub task: Option<Task>,
+    /// Why that task: given by `--task`, or the guess's reason.
+    pub task_reason: String,
+    /// The task's metric (`task.metric_name()`): top-1 agreement, mean cosine, IoU or sequence
+    /// agreement.
+    pub metric: Option<f64>,
     /// Share of items whose argmax agrees (classifier outputs only).
     pub top1_agreement: Option<f64>,
     /// Reference accuracy against the labels (classifier outputs of labelled data only).
@@ -70,26 +82,27 @@ impl VerifyReport {
     pub fn agreement(&self) -> Option<f64> {
         self.outputs.iter().find_map(|o| o.top1_agreement)
     }
-}
 
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
+    /// The first output with a task metric: its name, task and value (what a floor is checked
+    /// against).
+    pub fn primary(&self) -> Option<(&str, Task, f64)> {
+        self.outputs
+            .iter()
+            .find_map(|o| Some((o.name.as_str(), o.task?, o.metric?)))
     }
-    best
 }
 
 #[derive(Default)]
 struct Acc {
     max_abs: f64,
     cos_sum: f64,
-    agree: usize,
+    /// Task score summed over items (agreeing argmax or sequence, IoU).
+    score: f64,
     ref_ok: usize,
     cand_ok: usize,
-    classifier: bool,
+    task: Option<(Option<Task>, String)>,
+    /// A one-channel map's threshold, from the first batch's reference values.
+    threshold: Option<f32>,
 }
 
 /// Run both models over the dataset and compare them. `progress(done, total)` is called after
@@ -127,7 +140,7 @@ pub fn verify_items(
         // tract plans for fixed shapes: give it the padded batch's (some graphs, a transformer's
         // attention over batch x sequence symbols, do not optimise with symbols at all)
         let declared = whittle_runtime::declared_inputs(reference)?;
-        let (specs, bs) = whittle_calib::input_specs(&declared, opts.batch, Some(data))?;
+        let (specs, bs) = whittle_calib::input_specs(&declared, opts.batch, Some((data, pre)))?;
         ropts.input_shapes = specs
             .into_iter()
             .map(|s| {
@@ -136,10 +149,13 @@ pub fn verify_items(
             })
             .collect();
     }
+    // the reference's graph: what the task guess reads (its last ops)
+    let model =
+        whittle_core::Model::from_bytes(reference, None, "reference", &Default::default()).ok();
     let mut r = whittle_runtime::load(opts.runtime, reference, &ropts)?;
     let mut c = whittle_runtime::load(opts.runtime, candidate, &ropts)?;
     check_same_interface(r.as_ref(), c.as_ref())?;
-    let (specs, bs) = whittle_calib::input_specs(r.inputs(), opts.batch, Some(data))?;
+    let (specs, bs) = whittle_calib::input_specs(r.inputs(), opts.batch, Some((data, pre)))?;
     if indices.is_empty() {
         return Err(Error::Mismatch(format!(
             "no items to compare in {}",
@@ -174,19 +190,46 @@ pub fn verify_items(
             }
             let rows = a.shape().first().copied().unwrap_or(1).max(1);
             let per = av.len() / rows;
-            let classifier = matches!(a, Value::F32(_)) && a.shape().len() == 2 && per >= 2;
-            acc.classifier = classifier;
+            let float = matches!(a, Value::F32(_));
+            let (t, _) = acc.task.get_or_insert_with(|| match opts.task {
+                Some(t) => (Some(t), "given by --task".into()),
+                None if float => task::guess(model.as_ref(), &r.outputs()[k].name, a.shape()),
+                None => (None, "not a float output".into()),
+            });
+            let t = *t;
+            if let Some(why) = t.and_then(|t| t.unfit(a.shape())) {
+                return Err(Error::Mismatch(format!(
+                    "output '{}' is {:?}: {why}",
+                    r.outputs()[k].name,
+                    a.shape()
+                )));
+            }
+            let threshold = *acc
+                .threshold
+                .get_or_insert_with(|| task::map_threshold(&av));
+            let channels = a.shape().get(1).copied().unwrap_or(1);
+            let classes = a.shape().last().copied().unwrap_or(1).max(1);
             for i in 0..chunk.len().min(rows) {
                 let (ra, rb) = (&av[i * per..(i + 1) * per], &bv[i * per..(i + 1) * per]);
-                acc.cos_sum += cosine(ra, rb);
-                if classifier {
-                    let (pa, pb) = (argmax(ra), argmax(rb));
-                    acc.agree += (pa == pb) as usize;
-                    if let Some(l) = batch.labels.as_ref().and_then(|l| l.get(i)) {
-                        labelled = true;
-                        acc.ref_ok += (pa == *l) as usize;
-                        acc.cand_ok += (pb == *l) as usize;
+                let cos = cosine(ra, rb);
+                acc.cos_sum += cos;
+                match t {
+                    Some(Task::Classify) => {
+                        let (pa, pb) = (task::argmax(ra), task::argmax(rb));
+                        acc.score += (pa == pb) as usize as f64;
+                        if let Some(l) = batch.labels.as_ref().and_then(|l| l.get(i)) {
+                            labelled = true;
+                            acc.ref_ok += (pa == *l) as usize;
+                            acc.cand_ok += (pb == *l) as usize;
+                        }
                     }
+                    Some(Task::Embed) => acc.score += cos,
+                    Some(Task::Dense) => acc.score += task::map_iou(ra, rb, channels, threshold),
+                    Some(Task::Ctc) => {
+                        let same = task::ctc_decode(ra, classes) == task::ctc_decode(rb, classes);
+                        acc.score += same as usize as f64;
+                    }
+                    None => {}
                 }
             }
         }
@@ -198,13 +241,20 @@ pub fn verify_items(
         .outputs()
         .iter()
         .zip(accs)
-        .map(|(io, a)| OutputReport {
-            name: io.name.clone(),
-            max_abs_diff: a.max_abs,
-            mean_cosine: a.cos_sum / n,
-            top1_agreement: a.classifier.then(|| a.agree as f64 / n),
-            reference_accuracy: (a.classifier && labelled).then(|| a.ref_ok as f64 / n),
-            candidate_accuracy: (a.classifier && labelled).then(|| a.cand_ok as f64 / n),
+        .map(|(io, a)| {
+            let (task, task_reason) = a.task.unwrap_or((None, String::new()));
+            let classifier = task == Some(Task::Classify);
+            OutputReport {
+                name: io.name.clone(),
+                max_abs_diff: a.max_abs,
+                mean_cosine: a.cos_sum / n,
+                task,
+                task_reason,
+                metric: task.map(|_| a.score / n),
+                top1_agreement: classifier.then(|| a.score / n),
+                reference_accuracy: (classifier && labelled).then(|| a.ref_ok as f64 / n),
+                candidate_accuracy: (classifier && labelled).then(|| a.cand_ok as f64 / n),
+            }
         })
         .collect();
     Ok(VerifyReport {

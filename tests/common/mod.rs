@@ -351,3 +351,21 @@ pub fn sts_verify(original: &Path, candidate: &Path, limit: usize) -> serde_json
     .ok()
     .json()
 }
+
+/// A .npy of `n` items with the model's item shape, values uniform in [lo, hi).
+pub fn npy(dir: &Path, name: &str, n: usize, item: &[usize], lo: f32, hi: f32) -> PathBuf {
+    let mut shape = vec![n];
+    shape.extend_from_slice(item);
+    let len: usize = shape.iter().product();
+    let bytes = noise(len * 4, 7);
+    let vals: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| {
+            lo + (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32) * (hi - lo)
+        })
+        .collect();
+    let a = ndarray::ArrayD::from_shape_vec(shape, vals).unwrap();
+    let p = dir.join(name);
+    ndarray_npy::write_npy(&p, &a).unwrap();
+    p
+}

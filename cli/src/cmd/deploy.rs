@@ -89,6 +89,9 @@ pub fn run(a: Args) -> Result<Outcome> {
             recipe.display()
         );
         let summary = super::compress::execute(&args)?.context("compression wrote nothing")?;
+        for w in &summary.warnings {
+            eprintln!("warning: {w}");
+        }
         // judge on the images compress held apart
         let hold = summary.held_apart.clone();
         let label = format!("pruned ({})", summary.target().unwrap_or("recipe"));

@@ -41,7 +41,13 @@ pub struct Args {
     /// Intra-op threads for ONNX Runtime.
     #[arg(long)]
     threads: Option<usize>,
-    /// Exit with code 1 when top-1 agreement is below this fraction (0..1).
+    /// What the outputs are for, choosing the metric: classify (top-1 agreement), embed
+    /// (cosine), dense (IoU of maps), ctc (decoded-sequence agreement). Default: guessed per
+    /// output from its shape and last op, and the reason printed.
+    #[arg(long)]
+    task: Option<whittle_export::Task>,
+    /// Exit with code 1 when the first output's task metric (top-1 agreement for a classifier)
+    /// is below this fraction (0..1).
     #[arg(long)]
     min_agreement: Option<f64>,
     /// Print one JSON object instead of a table.
@@ -117,11 +123,12 @@ pub fn run(a: Args) -> Result<Outcome> {
         batch: a.batch,
         limit: a.limit,
         threads: a.threads,
+        task: a.task,
     };
     if let Some(tok) = &a.tokenizer {
-        if a.min_agreement.is_some() {
+        if a.min_agreement.is_some() || a.task.is_some() {
             anyhow::bail!(
-                "--min-agreement is for classifiers; STS pairs give a Spearman correlation"
+                "--min-agreement and --task are for --data items; STS pairs give a Spearman correlation"
             );
         }
         let rep = sts(&a.reference, &a.candidate, &a.data, tok, &opts)?;
@@ -156,7 +163,8 @@ pub fn run(a: Args) -> Result<Outcome> {
             "output",
             "max |diff|",
             "mean cosine",
-            "top-1 agreement",
+            "task",
+            "metric",
             "ref accuracy",
             "cand accuracy",
         ]);
@@ -166,25 +174,41 @@ pub fn run(a: Args) -> Result<Outcome> {
                 o.name.clone(),
                 format!("{:.3e}", o.max_abs_diff),
                 format!("{:.6}", o.mean_cosine),
-                opt(o.top1_agreement),
+                o.task.map_or("-".into(), |t| t.to_string()),
+                match (o.task, o.metric) {
+                    (Some(t), Some(v)) => format!("{} {}", t.metric_name(), pct(v)),
+                    _ => "-".into(),
+                },
                 opt(o.reference_accuracy),
                 opt(o.candidate_accuracy),
             ]);
         }
         out!("{}", t.render());
+        for o in &rep.outputs {
+            outln!(
+                "output '{}': {}",
+                o.name,
+                match o.task {
+                    Some(t) => format!("task {t}, {} ({})", t.metric_name(), o.task_reason),
+                    None => format!("no task metric, cosine only ({})", o.task_reason),
+                }
+            );
+        }
     }
     if let Some(min) = a.min_agreement {
-        match rep.agreement() {
-            Some(ag) if ag < min => {
+        match rep.primary() {
+            Some((output, task, v)) if v < min => {
                 return Ok(Outcome::CheckFailed(format!(
-                    "top-1 agreement {} is below --min-agreement {}",
-                    pct(ag),
+                    "{} of output '{output}' is {}, below --min-agreement {}",
+                    task.metric_name(),
+                    pct(v),
                     pct(min)
                 )));
             }
             None => {
                 return Ok(Outcome::CheckFailed(
-                    "--min-agreement was given but no output is a classifier ([N, C])".into(),
+                    "--min-agreement was given but no output has a task metric (give --task)"
+                        .into(),
                 ));
             }
             _ => {}
