@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 use ndarray::{Array2, ArrayD};
 
+#[path = "../core/tests/fixtures/dynamic.rs"]
+mod dynamic;
+
 /// Synthetic but valid inputs for each model: (data file, item count).
 fn data_for(name: &str, dir: &Path) -> PathBuf {
     let n = 4;
@@ -64,13 +67,34 @@ fn r8_every_shared_model_through_every_landed_method() {
     models.sort();
     assert!(models.len() >= 7, "{models:?}");
     let dir = tempfile::tempdir().unwrap();
+    // the fixtures of issue 17: ResNet-8 with a -1 batch and with symbolic height and width
+    // (`--input` binds them where a method runs without data)
+    let r8 = models
+        .iter()
+        .find(|m| m.ends_with("resnet8_cifar10.onnx"))
+        .cloned()
+        .expect("resnet8");
+    let mut fixtures = Vec::new();
+    for (file, proto) in [
+        ("fixture_minus_one_batch.onnx", dynamic::minus_one_batch(&r8, 32)),
+        ("fixture_symbolic_hw.onnx", dynamic::symbolic_hw(&r8, "-1", "-1")),
+    ] {
+        let p = dir.path().join(file);
+        dynamic::write_proto(&p, &proto);
+        fixtures.push(p);
+    }
     let mut report = Vec::new();
-    for m in &models {
+    for m in models.iter().chain(&fixtures) {
         let name = m
             .file_stem()
             .unwrap()
             .to_string_lossy()
             .replace(".opset17", "");
+        let bind: &[&str] = if name.starts_with("fixture") {
+            &["--input", "input=1x3x32x32"]
+        } else {
+            &[]
+        };
         let data = data_for(&name, dir.path());
         // inspect
         let j = run(&["inspect", &s(m), "--json", "--brief"]).ok().json();
@@ -97,7 +121,10 @@ fn r8_every_shared_model_through_every_landed_method() {
             "l2",
             "--no-reconstruct",
             "--json",
-        ]);
+        ]
+        .iter()
+        .chain(bind)
+        .collect::<Vec<_>>());
         if r.code == 0 {
             let kept = r.json()["macs_kept"].as_f64().unwrap();
             assert!(kept <= 0.8 + 1e-6, "{name}: {kept}");
@@ -186,6 +213,7 @@ fn r8_every_shared_model_through_every_landed_method() {
                 "--json".into(),
             ];
             args.extend(flags);
+            args.extend(bind.iter().map(|x| x.to_string()));
             let r = run(&args);
             report.push(method_outcome(&name, method, m, &out, &data, r, refusals));
         }
