@@ -86,6 +86,10 @@ setup-peers:
 bench-peers *args: setup build setup-peers
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/peers-venv/bin/python" bench/peers/peers_bench.py --whittle "{{whittle}}" {{args}}
 
+# Compress time of a 640x640 text-detector fixture at macs=0.7 (--rounds N, --json); writes reports/detector/<time>/.
+bench-detector *args: setup build
+    python3 bench/detector_bench.py --whittle "{{whittle}}" {{args}}
+
 # whittle's INT8 quantization beside ONNX Runtime's quantize_static and onnxsim 0.8.1's (--quick, --json, --models); writes reports/peers-quant/<time>/.
 bench-peers-quant *args: setup build setup-peers
     "${WHITTLE_CACHE:-$HOME/.cache/whittle}/peers-venv/bin/python" bench/peers/quant_bench.py --whittle "{{whittle}}" {{args}}

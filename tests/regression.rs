@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 use ndarray::{Array2, ArrayD};
 
-#[path = "../core/tests/fixtures/dynamic.rs"]
-mod dynamic;
+use crate::shapes::dynamic;
 
 /// Synthetic but valid inputs for each model: (data file, item count).
 fn data_for(name: &str, dir: &Path) -> PathBuf {
@@ -76,8 +75,14 @@ fn r8_every_shared_model_through_every_landed_method() {
         .expect("resnet8");
     let mut fixtures = Vec::new();
     for (file, proto) in [
-        ("fixture_minus_one_batch.onnx", dynamic::minus_one_batch(&r8, 32)),
-        ("fixture_symbolic_hw.onnx", dynamic::symbolic_hw(&r8, "-1", "-1")),
+        (
+            "fixture_minus_one_batch.onnx",
+            dynamic::minus_one_batch(&r8, 32),
+        ),
+        (
+            "fixture_symbolic_hw.onnx",
+            dynamic::symbolic_hw(&r8, "-1", "-1"),
+        ),
     ] {
         let p = dir.path().join(file);
         dynamic::write_proto(&p, &proto);
@@ -276,8 +281,16 @@ fn assert_clean_numbers(name: &str, method: &str, out: &Path) {
         }
         let v = whittle_core::tensor::to_f32(t).unwrap();
         checked += v.len();
-        let bad = v.iter().filter(|x| !x.is_finite() || x.is_subnormal()).count();
-        assert_eq!(bad, 0, "{name} {method}: '{}' holds {bad} subnormal, NaN or infinite floats", t.name());
+        let bad = v
+            .iter()
+            .filter(|x| !x.is_finite() || x.is_subnormal())
+            .count();
+        assert_eq!(
+            bad,
+            0,
+            "{name} {method}: '{}' holds {bad} subnormal, NaN or infinite floats",
+            t.name()
+        );
     }
     assert!(checked > 0, "{name} {method}: no float weights checked");
 }

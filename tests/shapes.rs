@@ -4,7 +4,7 @@
 //! and tract at two sizes.
 
 #[path = "../core/tests/fixtures/dynamic.rs"]
-mod dynamic;
+pub mod dynamic;
 
 use std::path::{Path, PathBuf};
 

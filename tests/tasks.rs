@@ -231,3 +231,80 @@ fn r17_compress_warns_under_its_floor_and_strict_exits_1() {
     assert_eq!(j["warnings"].as_array().map(Vec::len), Some(0), "{j}");
     run(&args(&["--min-agreement", "1.5"])).error(&["not a fraction"]);
 }
+
+/// The text-detector fixture (EfficientNet-Lite0 with -1 height and width, a Resize + Concat neck
+/// and a probability-map head) compresses at its data's shape and is judged by IoU.
+#[test]
+fn r17_the_detector_fixture_compresses_at_its_data_shape_and_reports_iou() {
+    let (Some(src), Some(photos)) = (
+        asset("models/efficientnet_lite0_224.onnx"),
+        asset("data/imagenet"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let det = dir.path().join("det.onnx");
+    write_model(&det, &whittle_test_support::fixtures::text_detector(&src));
+    let profile = dir.path().join("det.toml");
+    std::fs::write(
+        &profile,
+        "[preprocess]\nresize = [160, 128]\nmean = [127.5]\nstd = [127.5]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("det-pruned.onnx");
+    let j = run(&[
+        "compress",
+        &s(&det),
+        "-o",
+        &s(&out),
+        "--calib",
+        &s(&photos),
+        "--profile",
+        &s(&profile),
+        "--calib-items",
+        "24",
+        "--holdout-items",
+        "16",
+        "--sensitivity-items",
+        "8",
+        "--target",
+        "macs=0.7",
+        "--no-speed-check",
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(j["costed_at"], "input=1x3x128x160", "{j}");
+    let inspected = run(&[
+        "inspect",
+        &s(&det),
+        "--json",
+        "--brief",
+        "--input",
+        "input=1x3x128x160",
+    ])
+    .ok()
+    .json();
+    assert_eq!(j["macs"][0], inspected["macs"], "{j}");
+    let o = &j["fidelity"]["outputs"][0];
+    assert_eq!(o["task"], "dense", "{j}");
+    let iou = o["metric"].as_f64().unwrap();
+    assert!(iou > 0.5 && iou <= 1.0, "IoU {iou}");
+    // the neck survives and the written model still takes any size
+    let w = run(&["inspect", &s(&out), "--json", "--brief"]).ok().json();
+    assert_eq!(
+        w["inputs"][0]["shape"], "[N,3,input_dim2,input_dim3]",
+        "{w}"
+    );
+    run(&[
+        "bench",
+        &s(&out),
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--input",
+        "input=1x3x96x64",
+    ])
+    .ok();
+}

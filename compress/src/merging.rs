@@ -310,7 +310,7 @@ fn merge_stage(
     };
     let c = cx.data(Merge::NAME)?;
     // the first items judge damage, the others fit (the same split when a plan is replayed)
-    let (judge, fit) = Context::judge_split(c, 32);
+    let (judge, fit) = Context::judge_split(c, cx.items(32));
     let fit_spec = cx.spec(c, fit);
     let reference = cx.reference(model, judge)?;
     let refitted = o.reconstruct.unwrap_or(true);
@@ -378,6 +378,7 @@ fn merge_stage(
     }
     let refit_opts = RefitOptions {
         ridge,
+        rows_per_item: cx.rows_per_item(),
         ..Default::default()
     };
     let todo = known

@@ -183,7 +183,7 @@ impl Binding {
 pub fn bind_shapes(
     model: &mut Model,
     given: &[(String, Vec<i64>)],
-    calib: Option<&Calibration>,
+    data: Option<(&Dataset, &Preprocess)>,
 ) -> Result<Binding, Error> {
     use whittle_core::shape::{self, Dim};
     let declared = shape::declared_io(model);
@@ -194,7 +194,7 @@ pub fn bind_shapes(
         .map(str::to_string)
         .collect();
     let mut overrides: Vec<(String, Vec<i64>)> = given.to_vec();
-    if let Some(c) = calib {
+    if let Some((dataset, pre)) = data {
         for v in model.inputs() {
             if given.iter().any(|(n, _)| n == v.name()) {
                 continue;
@@ -206,7 +206,7 @@ pub fn bind_shapes(
             if !decl.iter().any(symbolic) || decl.is_empty() {
                 continue;
             }
-            let Some(item) = c.dataset.item_shape_with(v.name(), c.pre, 0)? else {
+            let Some(item) = dataset.item_shape_with(v.name(), pre, 0)? else {
                 continue;
             };
             if item.len() + 1 != decl.len() {
@@ -229,10 +229,33 @@ pub fn bind_shapes(
     Ok(Binding { sizes, declared })
 }
 
+/// MACs per item up to which calibration work keeps its defaults (EfficientNet-Lite0 at 224x224
+/// is 0.39 G, ResNet-56 0.13 G).
+pub const LARGE_INPUT_MACS: f64 = 0.5e9;
+
+/// How much of the default calibration work a model of `macs` per item gets: 1 up to
+/// [`LARGE_INPUT_MACS`], then in inverse proportion (at least 1/8). A large input (a 640x640
+/// detector: 3 G) brings many more positions per item, and every run of it costs as much as
+/// several small ones: fewer items, more positions sampled from each (see
+/// [`Context::rows_per_item`]) keep the statistics' rows and the time about constant.
+pub fn work_scale(macs: u64) -> f64 {
+    (LARGE_INPUT_MACS / (macs as f64).max(1.0)).clamp(0.125, 1.0)
+}
+
+/// `default` calibration items scaled by `scale`, at least `floor` (and never above `default`).
+pub fn scaled_items(default: usize, scale: f64, floor: usize) -> usize {
+    ((default as f64 * scale).round() as usize)
+        .max(floor)
+        .min(default)
+}
+
 /// What every step is given: the calibration split, the runtime and its threads, progress.
 pub struct Context<'a> {
     /// Calibration data, when given.
     pub calib: Option<Calibration<'a>>,
+    /// The share of the default calibration work (items of sensitivity, ...) this model gets:
+    /// [`work_scale`] of its MACs per item.
+    pub scale: f64,
     /// The runtime calibration runs, measurements and the checks use.
     pub runtime: RuntimeKind,
     /// Its threads.
@@ -256,10 +279,22 @@ impl<'a> Context<'a> {
             dataset: c.dataset,
             indices,
             pre: c.pre,
-            batch: 16,
+            batch: ((16.0 * self.scale).round() as usize).max(1),
             runtime: self.runtime,
             threads: self.threads,
         }
+    }
+
+    /// Items for work whose default is `default` items (sensitivity, judging): scaled by
+    /// [`Context::scale`], at least 4 (a large input's output has many values per item).
+    pub fn items(&self, default: usize) -> usize {
+        scaled_items(default, self.scale, 4)
+    }
+
+    /// Conv output positions sampled per calibration item by a refit: 64, more for large inputs
+    /// (fewer items, as many rows).
+    pub fn rows_per_item(&self) -> usize {
+        (64.0 / self.scale.max(0.01)).round() as usize
     }
 
     /// The calibration items split in two for methods that judge what they fit: the first
@@ -1085,6 +1120,7 @@ mod tests {
     fn run_broken(how: &str) -> Result<(Model, Vec<StepRecord>), Error> {
         let cx = Context {
             calib: None,
+            scale: 1.0,
             runtime: RuntimeKind::OrtCpu,
             threads: Some(1),
             progress: &Quiet,

@@ -65,7 +65,8 @@ pub struct PruneChannelsOptions {
     #[arg(long = "no-sensitivity", action = clap::ArgAction::SetFalse, id = "sensitivity")]
     #[serde(default = "yes")]
     pub sensitivity: bool,
-    /// Calibration items used to measure each group's sensitivity (default 32).
+    /// Calibration items used to measure each group's sensitivity (default 32; fewer for large
+    /// inputs, at least 4).
     #[arg(long)]
     pub sensitivity_items: Option<usize>,
     /// The budget.
@@ -102,9 +103,10 @@ impl PruneChannelsOptions {
             .map_err(|e: String| Error::Budget(format!("--target: {e}")))
     }
 
-    fn refit_options(&self) -> RefitOptions {
+    fn refit_options(&self, cx: &Context) -> RefitOptions {
         RefitOptions {
             ridge: self.ridge.unwrap_or(1e-3),
+            rows_per_item: cx.rows_per_item(),
             ..Default::default()
         }
     }
@@ -213,7 +215,7 @@ impl Method for PruneChannels {
                 model,
                 &refit_jobs(&original, &changes),
                 &cx.spec(c, &c.fit),
-                &o.refit_options(),
+                &o.refit_options(cx),
             )?;
         }
         let report = PruneChannelsReport {
@@ -286,9 +288,9 @@ fn plan(o: &PruneChannelsOptions, model: &Model, gs: &Groups, cx: &Context) -> R
         Some(c) if o.sensitivity => {
             // damage is measured on items the trial refits never see (a refit fits its own
             // items too well to judge it there)
-            let (judge, fit) = Context::judge_split(c, o.sensitivity_items.unwrap_or(32));
+            let (judge, fit) = Context::judge_split(c, o.sensitivity_items.unwrap_or(cx.items(32)));
             let reference = cx.reference(model, judge)?;
-            let refit_opts = o.refit_options();
+            let refit_opts = o.refit_options(cx);
             // one capture for all trials: each trial solves its kept subset from these
             let stats = if o.reconstruct() {
                 Some(refit::collect(

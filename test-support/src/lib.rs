@@ -7,6 +7,7 @@
 //! move of that crate changes this file only.
 
 pub mod assets;
+pub mod fixtures;
 pub mod onnx;
 pub mod rng;
 pub mod runtime;

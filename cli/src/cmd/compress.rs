@@ -36,12 +36,14 @@ pub struct Args {
     /// Preprocessing: a built-in profile or a TOML file (default: `<model>.profile.toml`).
     #[arg(long)]
     profile: Option<String>,
-    /// Calibration items the methods use.
-    #[arg(long, default_value_t = 128)]
-    calib_items: usize,
-    /// Held-apart calibration items for the fidelity report.
-    #[arg(long, default_value_t = 128)]
-    holdout_items: usize,
+    /// Calibration items the methods use [default: 128; for a large input fewer, each giving
+    /// more sampled positions: the summary says how many].
+    #[arg(long)]
+    calib_items: Option<usize>,
+    /// Held-apart calibration items for the fidelity report [default: 128; fewer for a large
+    /// input].
+    #[arg(long)]
+    holdout_items: Option<usize>,
     /// Give an input its shape, e.g. `x=1x3x48x320` (repeatable): binds its symbolic dims for
     /// costs, budgets and the passes. Without it they are bound to the calibration data's item
     /// shape; a batch axis stays symbolic (costs are per item). The written model keeps the
@@ -120,6 +122,8 @@ pub struct Summary {
     pub speed: Option<SpeedCheck>,
     /// Checks the result fails (under the floor, slower than the original): a line each.
     pub warnings: Vec<String>,
+    /// For a large input, how much calibration work it got (`None`: the defaults).
+    pub large_input: Option<String>,
     /// Per layer before / after.
     pub layers: Vec<LayerChange>,
     /// Every step: method, options, plan, report.
@@ -213,10 +217,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
     // a recipe's calibration settings replace the flags'
     let data = c.data.or(a.calib.clone());
     let profile = c.profile.or(a.profile.clone());
-    let (items, holdout) = (
-        c.items.unwrap_or(a.calib_items),
-        c.holdout.unwrap_or(a.holdout_items),
-    );
+    let (items, holdout) = (c.items.or(a.calib_items), c.holdout.or(a.holdout_items));
     let floor = a.min_agreement.or(checks.min_agreement);
     if let Some(f) = floor
         && !(0.0..=1.0).contains(&f)
@@ -258,6 +259,12 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
             return Ok(None);
         }
     }
+    // symbolic dims bound first: the work is sized by the MACs at the shape the model runs at
+    let binding = pipeline::bind_shapes(&mut model, &overrides, data.as_ref().map(|d| (d, &pre)))?;
+    let before = cost::count(&model, &shape::infer(&model, &[])?);
+    let scale = pipeline::work_scale(before.macs);
+    let items = items.unwrap_or(pipeline::scaled_items(128, scale, 16));
+    let holdout = holdout.unwrap_or(pipeline::scaled_items(128, scale, 32));
     let calib = data
         .as_ref()
         .map(|d| Calibration::split(d, &pre, items))
@@ -270,10 +277,18 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         .as_ref()
         .map(|c| c.held_apart.clone())
         .unwrap_or_default();
-    let binding = pipeline::bind_shapes(&mut model, &overrides, calib.as_ref())?;
+    let large_input = (scale < 1.0 && calib.is_some()).then(|| {
+        format!(
+            "large input ({} MACs per item): {} calibration items (more positions sampled from each), {} held apart for the fidelity report; --calib-items, --holdout-items and --sensitivity-items change them",
+            si(before.macs),
+            items,
+            holdout.len()
+        )
+    });
     let bars = Bars::default();
     let cx = Context {
         calib,
+        scale,
         runtime: a.runtime,
         threads: a.threads,
         progress: &bars,
@@ -290,12 +305,11 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         Some(s?)
     };
     let after = cost::count(&current, &shape::infer(&current, &[])?);
-    let before = cost::count(&model, &shape::infer(&model, &[])?);
     let layers = report::layer_changes(&model, &current)?;
     let opts = VerifyOptions {
         runtime: a.runtime,
         threads: a.threads,
-        batch: 32,
+        batch: ((32.0 * scale).round() as usize).max(1),
         limit: None,
         task: a.task,
     };
@@ -343,6 +357,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         held_apart,
         speed,
         warnings,
+        large_input,
         strict: a.strict || checks.strict == Some(true),
     }))
 }
@@ -444,6 +459,9 @@ fn print_summary(s: &Summary) {
         pct(s.params.1 as f64 / s.params.0.max(1) as f64),
         s.seconds
     );
+    if let Some(l) = &s.large_input {
+        outln!("{l}");
+    }
     for r in &s.steps {
         for l in &r.lines {
             outln!("{l}");
