@@ -338,3 +338,41 @@ fn a_model_the_board_cannot_load_is_reported_and_the_others_are_measured() {
     let md = std::fs::read_to_string(folder.join("report.md")).unwrap();
     assert!(md.contains("Failed on the board"), "{md}");
 }
+
+#[test]
+fn a_model_with_symbolic_height_and_width_is_measured_at_the_data_shape() {
+    // ResNet-8 with -1 height and width (as paddle2onnx writes them): the runner runs it at the
+    // data's item shape and the report counts its MACs there, as inspect does at that shape
+    let Some(src) = crate::shapes::dynamic::shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hw = dir.path().join("hw.onnx");
+    crate::shapes::dynamic::write_proto(
+        &hw,
+        &crate::shapes::dynamic::symbolic_hw(&src, "-1", "-1"),
+    );
+    let reports = dir.path().join("reports");
+    let r = run(&deploy_args("host", 3, &reports, &[s(&hw)])).ok();
+    let res = results_json(&report_dir(&reports.join("host"), &r));
+    let rows = res["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{res:#}");
+    let at = run(&[
+        "inspect",
+        &s(&hw),
+        "--json",
+        "--brief",
+        "--input",
+        "input=1x3x32x32",
+    ])
+    .ok()
+    .json();
+    for row in rows {
+        assert_eq!(row["macs"], at["macs"], "{res:#}");
+        assert_eq!(
+            row["bench"]["input_shapes"],
+            serde_json::json!([["input", [1, 3, 32, 32]]]),
+            "{res:#}"
+        );
+    }
+}

@@ -66,14 +66,20 @@ fn r8_every_shared_model_through_every_landed_method() {
     models.sort();
     assert!(models.len() >= 7, "{models:?}");
     let dir = tempfile::tempdir().unwrap();
-    // the fixtures of issue 17: ResNet-8 with a -1 batch and with symbolic height and width
-    // (`--input` binds them where a method runs without data)
+    // the fixtures of issue 17: ResNet-8 with a -1 batch and with symbolic height and width, the
+    // text detector (EfficientNet-Lite0 with -1 H and W, a Resize + Concat neck, a map head), at
+    // 32x32 (`--input` binds them where a method runs without data)
     let r8 = models
         .iter()
         .find(|m| m.ends_with("resnet8_cifar10.onnx"))
         .cloned()
         .expect("resnet8");
     let mut fixtures = Vec::new();
+    let effnet = models
+        .iter()
+        .find(|m| m.ends_with("efficientnet_lite0_224.onnx"))
+        .cloned()
+        .expect("efficientnet");
     for (file, proto) in [
         (
             "fixture_minus_one_batch.onnx",
@@ -82,6 +88,10 @@ fn r8_every_shared_model_through_every_landed_method() {
         (
             "fixture_symbolic_hw.onnx",
             dynamic::symbolic_hw(&r8, "-1", "-1"),
+        ),
+        (
+            "fixture_text_detector.onnx",
+            whittle_test_support::fixtures::text_detector(&effnet),
         ),
     ] {
         let p = dir.path().join(file);

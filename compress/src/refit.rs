@@ -680,6 +680,10 @@ fn collect_wanted(
     Ok(RefitStats { layers })
 }
 
+/// The most inputs (channels x kernel positions, + 1 for the bias) a layer may have to be refitted:
+/// its normal equations are d x d in f64 (12,288: 1.2 GB), and a solve holds a few copies.
+pub const MAX_FEATURES: usize = 12_288;
+
 /// Reads a layer's geometry from the original model. `Ok(Err(reason))`: it is skipped.
 fn plan_original(
     original: &Model,
@@ -884,6 +888,13 @@ fn plan_job(pruned: &Model, job: &RefitJob) -> Result<Result<Layer, String>, Ref
     };
 
     let d = n_in * kk + bias_col as usize;
+    if d > MAX_FEATURES {
+        // a merged 5x5 conv over 1152 channels has 28,800: a 6.6 GB matrix per copy
+        return Ok(Err(format!(
+            "its {d} inputs (channels x kernel positions) make normal equations of {:.1} GB, over the {MAX_FEATURES}-input limit",
+            (d * d * 8) as f64 / 1e9
+        )));
+    }
     let mut w_before = Mat::<f64>::zeros(d, m);
     for o in 0..m {
         for i in 0..n_in * kk {

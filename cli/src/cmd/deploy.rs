@@ -136,7 +136,16 @@ pub fn run(a: Args) -> Result<Outcome> {
     };
     for (variant, path) in &variants {
         let m = super::load_model(path)?;
-        let c = cost::count(&m, &shape::infer(&m, &[])?);
+        // symbolic dims (a -1 height and width) run and are costed at the data's item shape
+        let mut bound = m.clone();
+        whittle_compress::pipeline::bind_shapes(&mut bound, &[], Some((&ds, &pre)))?;
+        let c = cost::count(&bound, &shape::infer(&bound, &[])?);
+        let declared = whittle_runtime::declared_inputs(&m.to_bytes())?;
+        let (specs, bs) = whittle_calib::input_specs(&declared, 1, Some((&ds, &pre)))?;
+        let shapes: Vec<(String, Vec<usize>)> = specs
+            .into_iter()
+            .map(|s| (s.name, std::iter::once(bs).chain(s.item_shape).collect()))
+            .collect();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -151,22 +160,23 @@ pub fn run(a: Args) -> Result<Outcome> {
                 ..Default::default()
             };
             // a model the board cannot run is a failure of its own: the others go on
-            let measured = measure_in_runner(runner.as_mut(), path, &name, rt, &target, &cfg)
-                .and_then(|m| {
-                    let v = whittle_export::verify::verify_items(
-                        &reference_bytes,
-                        &bytes,
-                        &ds,
-                        &eval_idx,
-                        &pre,
-                        &vopts,
-                        &mut |_, _| {},
-                    )
-                    .with_context(|| {
-                        format!("checking against the original on {}", data.display())
-                    })?;
-                    Ok((m, v))
-                });
+            let measured =
+                measure_in_runner(runner.as_mut(), path, &name, rt, &target, &cfg, &shapes)
+                    .and_then(|m| {
+                        let v = whittle_export::verify::verify_items(
+                            &reference_bytes,
+                            &bytes,
+                            &ds,
+                            &eval_idx,
+                            &pre,
+                            &vopts,
+                            &mut |_, _| {},
+                        )
+                        .with_context(|| {
+                            format!("checking against the original on {}", data.display())
+                        })?;
+                        Ok((m, v))
+                    });
             let ((bench, peak_rss_bytes, outputs, (load_ms, first_run_ms)), v) = match measured {
                 Ok(x) => x,
                 Err(e) => {
@@ -290,16 +300,18 @@ fn measure_in_runner(
     runtime: RuntimeKind,
     target: &Target,
     cfg: &BenchConfig,
+    input_shapes: &[(String, Vec<usize>)],
 ) -> Result<Measured> {
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let upload = bar("upload", len as usize);
     let model = runner.send_file_with_progress(path, &mut |done, _| upload.set_position(done));
     upload.finish_and_clear();
     let model = model?;
-    let req = RunRequest {
+    let mut req = RunRequest {
         bench: cfg.clone(),
         ..RunRequest::for_target(target, 1, name, ModelSource::Path(model), runtime)
     };
+    req.options.input_shapes = input_shapes.to_vec();
     let progress = bar(runtime.name(), cfg.warmup + cfg.iters);
     let result = runner.request(&req, &mut |done, _| progress.set_position(done));
     progress.finish_and_clear();
