@@ -347,3 +347,57 @@ fn r17_a_mac_budget_with_unknown_dims_is_refused_naming_them() {
     .json();
     assert!(j["macs_kept"].as_f64().unwrap() <= 0.8 + 1e-6, "{j}");
 }
+
+/// verify compares a model with -1 height and width against the fixed original (either way
+/// round), at the data's shape; a real difference in the inputs is still refused.
+#[test]
+fn r17_verify_compares_a_dynamic_model_with_its_fixed_original() {
+    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo_root().join("data/cifar10");
+    let profile = repo_root().join("models/resnet8_cifar10.profile.toml");
+    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
+    for (a, b) in [(&src, &hw), (&hw, &src)] {
+        let v = run(&[
+            "verify",
+            &s(a),
+            &s(b),
+            "--data",
+            &s(&data),
+            "--profile",
+            &s(&profile),
+            "--limit",
+            "40",
+            "--json",
+        ])
+        .ok()
+        .json();
+        // the same weights: the global pool of the fixture equals the original's fixed pool
+        assert_eq!(v["outputs"][0]["top1_agreement"], 1.0, "{v}");
+    }
+    // a different channel count is refused
+    let mut other = fixed_at(&src, [1, 3, 32, 32]);
+    {
+        use whittle_core::onnx::tensor_shape_proto::dimension::Value as D;
+        use whittle_core::onnx::type_proto;
+        let g = other.graph.as_mut().unwrap();
+        if let Some(type_proto::Value::TensorType(t)) =
+            g.input[0].r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape.as_mut().unwrap().dim[1].value = Some(D::DimValue(4));
+        }
+    }
+    let bad = write(dir.path(), "bad.onnx", &other);
+    run(&[
+        "verify",
+        &s(&src),
+        &s(&bad),
+        "--data",
+        &s(&data),
+        "--profile",
+        &s(&profile),
+    ])
+    .error(&["differ from the reference's"]);
+}

@@ -10,7 +10,7 @@ use serde::Serialize;
 use whittle_calib::{Dataset, Preprocess};
 use whittle_core::Value;
 use whittle_core::stats::cosine;
-use whittle_runtime::{IoInfo, RuntimeKind, RuntimeOptions, Session};
+use whittle_runtime::{Dim, IoInfo, RuntimeKind, RuntimeOptions, Session};
 
 use crate::Error;
 use crate::task::{self, Task};
@@ -270,7 +270,19 @@ fn check_same_interface(r: &dyn Session, c: &dyn Session) -> Result<(), Error> {
             .map(|i| format!("{}: {}", i.name, i.signature()))
             .collect()
     };
-    if sig(r.inputs()) != sig(c.inputs()) {
+    // a dim may be fixed in one and symbolic in the other (an export at one size against the
+    // dynamic original): both then run at the data's shape
+    let fits = |a: &IoInfo, b: &IoInfo| {
+        a.name == b.name
+            && a.dtype == b.dtype
+            && a.dims.len() == b.dims.len()
+            && a.dims.iter().zip(&b.dims).all(|(x, y)| match (x, y) {
+                (Dim::Fixed(p), Dim::Fixed(q)) => p == q,
+                _ => true,
+            })
+    };
+    let (ri, ci) = (r.inputs(), c.inputs());
+    if ri.len() != ci.len() || !ri.iter().zip(ci).all(|(a, b)| fits(a, b)) {
         return Err(Error::Mismatch(format!(
             "the candidate's inputs ({}) differ from the reference's ({})",
             sig(c.inputs()).join(", "),
