@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,7 @@ def main() -> int:
                 print(f"round {r + 1}: {wall:.1f} s, {s['costed_at']}, MACs {s['macs'][0] / 1e9:.2f} G -> "
                       f"{s['macs'][1] / 1e9:.2f} G ({s['macs_kept']:.1%} kept), IoU {o['metric']:.2%} on "
                       f"{s['fidelity']['items']} held-apart photos, speed {row['speedup']:.2f}x (ort-cpu)")
-    result = {"machine": {"cpus": __import__("os").cpu_count()}, "rows": rows}
+    result = {"machine": {"cpus": os.cpu_count()}, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
     if a.json:
         print(json.dumps(result))

@@ -357,16 +357,7 @@ fn a_model_with_symbolic_height_and_width_is_measured_at_the_data_shape() {
     let res = results_json(&report_dir(&reports.join("host"), &r));
     let rows = res["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{res:#}");
-    let at = run(&[
-        "inspect",
-        &s(&hw),
-        "--json",
-        "--brief",
-        "--input",
-        "input=1x3x32x32",
-    ])
-    .ok()
-    .json();
+    let at = inspect_json(&hw, &["--input", "input=1x3x32x32"]);
     for row in rows {
         assert_eq!(row["macs"], at["macs"], "{res:#}");
         assert_eq!(

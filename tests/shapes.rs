@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use dynamic::*;
-use serde_json::Value;
 
 fn write(dir: &Path, name: &str, m: &whittle_core::onnx::ModelProto) -> PathBuf {
     let p = dir.join(name);
@@ -18,12 +17,12 @@ fn write(dir: &Path, name: &str, m: &whittle_core::onnx::ModelProto) -> PathBuf 
     p
 }
 
-fn inspect(model: &Path, extra: &[&str]) -> Value {
-    let mut a = vec!["inspect", "--json", "--brief"];
-    let m = s(model);
-    a.push(&m);
-    a.extend(extra);
-    run(&a).ok().json()
+/// The bundled CIFAR-10 images and ResNet-8's preprocessing profile.
+fn bundled_cifar() -> (PathBuf, PathBuf) {
+    (
+        repo_root().join("data/cifar10"),
+        repo_root().join("models/resnet8_cifar10.profile.toml"),
+    )
 }
 
 #[test]
@@ -33,9 +32,9 @@ fn r17_minus_one_batch_inspects_with_input() {
     };
     let dir = tempfile::tempdir().unwrap();
     let m = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
-    let original = inspect(&src, &[])["macs"].as_u64().unwrap();
+    let original = inspect_json(&src, &[])["macs"].as_u64().unwrap();
 
-    let v = inspect(&m, &["--input", "input=1x3x32x32"]);
+    let v = inspect_json(&m, &["--input", "input=1x3x32x32"]);
     assert_eq!(v["macs"].as_u64(), Some(original), "{v}");
     assert_eq!(v["costed_at"], "input=1x3x32x32");
     assert_eq!(v["per_item"].as_array().map(Vec::len), Some(0));
@@ -49,7 +48,7 @@ fn r17_minus_one_batch_inspects_with_input() {
     );
 
     // without --input the batch is a symbol counted per item, never a size of -1
-    let v = inspect(&m, &[]);
+    let v = inspect_json(&m, &[]);
     assert_eq!(v["macs"].as_u64(), Some(original), "{v}");
     assert_eq!(v["per_item"][0], "input_dim0");
     assert_eq!(v["inputs"][0]["shape"], "[input_dim0,3,32,32]");
@@ -70,7 +69,7 @@ fn r17_symbolic_height_and_width_are_named_until_bound() {
     let dir = tempfile::tempdir().unwrap();
     let m = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
 
-    let v = inspect(&m, &[]);
+    let v = inspect_json(&m, &[]);
     assert!(
         v["macs"].is_null(),
         "MACs with H = W = 1 must not be printed: {v}"
@@ -114,8 +113,8 @@ fn r17_symbolic_height_and_width_are_named_until_bound() {
             &format!("fixed{shape}.onnx"),
             &fixed_at(&src, [dims[0], dims[1], dims[2], dims[3]]),
         );
-        let bound = inspect(&m, &["--input", &format!("input={shape}")]);
-        let expected = inspect(&fixed, &[])["macs"].as_u64().unwrap();
+        let bound = inspect_json(&m, &["--input", &format!("input={shape}")]);
+        let expected = inspect_json(&fixed, &[])["macs"].as_u64().unwrap();
         assert_eq!(bound["macs"].as_u64(), Some(expected), "{shape}: {bound}");
         assert_eq!(bound["costed_at"], format!("input={shape}"));
     }
@@ -140,7 +139,7 @@ fn r17_profile_measures_at_the_bound_shape() {
     assert_eq!(layers[0]["input_shape"], serde_json::json!([1, 3, 48, 64]));
     let total: u64 = layers.iter().map(|l| l["macs"].as_u64().unwrap()).sum();
     let fixed = write(dir.path(), "fixed.onnx", &fixed_at(&src, [1, 3, 48, 64]));
-    assert_eq!(Some(total), inspect(&fixed, &[])["macs"].as_u64());
+    assert_eq!(Some(total), inspect_json(&fixed, &[])["macs"].as_u64());
 
     // a -1 batch profiles with and without --input (the batch runs as 1)
     let b = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
@@ -232,11 +231,10 @@ fn r17_compress_costs_symbolic_models_at_the_calibration_shape() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let data = repo_root().join("data/cifar10");
-    let profile = repo_root().join("models/resnet8_cifar10.profile.toml");
+    let (data, profile) = bundled_cifar();
     let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
     let b = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
-    let at = inspect(&hw, &["--input", "input=1x3x32x32"])["macs"]
+    let at = inspect_json(&hw, &["--input", "input=1x3x32x32"])["macs"]
         .as_u64()
         .unwrap();
     for (m, other) in [(&hw, "input=2x3x48x40"), (&b, "input=2x3x32x32")] {
@@ -265,25 +263,15 @@ fn r17_compress_costs_symbolic_models_at_the_calibration_shape() {
         let kept = j["macs_kept"].as_f64().unwrap();
         assert!(kept <= 0.7 + 1e-6 && kept > 0.5, "MACs kept {kept}");
         // the written model keeps the original's dynamic dims and runs at another size
-        let w = inspect(&out, &[]);
+        let w = inspect_json(&out, &[]);
         assert_eq!(
             w["inputs"][0]["shape"],
-            inspect(m, &[])["inputs"][0]["shape"],
+            inspect_json(m, &[])["inputs"][0]["shape"],
             "{w}"
         );
-        let after = inspect(&out, &["--input", "input=1x3x32x32"])["macs"].as_u64();
+        let after = inspect_json(&out, &["--input", "input=1x3x32x32"])["macs"].as_u64();
         assert_eq!(after, j["macs"][1].as_u64());
-        run(&[
-            "bench",
-            &s(&out),
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-            "--input",
-            other,
-        ])
-        .ok();
+        bench_once(&out, other);
     }
     // --input binds instead of the data: the count is at that shape
     let j = run(&[
@@ -356,8 +344,7 @@ fn r17_verify_compares_a_dynamic_model_with_its_fixed_original() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let data = repo_root().join("data/cifar10");
-    let profile = repo_root().join("models/resnet8_cifar10.profile.toml");
+    let (data, profile) = bundled_cifar();
     let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
     for (a, b) in [(&src, &hw), (&hw, &src)] {
         let v = run(&[

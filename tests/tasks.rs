@@ -50,17 +50,17 @@ fn ctc_head(dir: &Path, name: &str, noise: f32) -> PathBuf {
     p
 }
 
-fn verify_json(a: &Path, b: &Path, data: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "verify".to_string(),
-        s(a),
-        s(b),
-        "--data".into(),
-        s(data),
-        "--json".into(),
-    ];
+/// `whittle verify A B --data DATA EXTRA...`.
+fn verify(a: &Path, b: &Path, data: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["verify".to_string(), s(a), s(b), "--data".into(), s(data)];
     args.extend(extra.iter().map(|x| x.to_string()));
-    run(&args).ok().json()
+    run(&args)
+}
+
+fn verify_json(a: &Path, b: &Path, data: &Path, extra: &[&str]) -> Value {
+    let mut extra = extra.to_vec();
+    extra.push("--json");
+    verify(a, b, data, &extra).ok().json()
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn r17_a_dense_map_is_judged_by_iou() {
     let iou = v["outputs"][0]["metric"].as_f64().unwrap();
     assert!(iou > 0.3 && iou < 0.999, "IoU {iou}: {v}");
     // the table says which metric and why
-    let t = run(&["verify", &s(&r), &s(&c), "--data", &s(&data)]).ok();
+    let t = verify(&r, &c, &data, &[]).ok();
     assert!(
         t.stdout
             .contains("task dense, IoU ([N, 1, 32, 32] made by Sigmoid: a map per pixel)"),
@@ -93,37 +93,13 @@ fn r17_a_dense_map_is_judged_by_iou() {
         t.dump()
     );
     // --min-agreement checks the task metric
-    let mut args = vec![
-        "verify".to_string(),
-        s(&r),
-        s(&c),
-        "--data".into(),
-        s(&data),
-    ];
-    args.extend(["--min-agreement".into(), "0.9999".into()]);
-    let f = run(&args);
+    let f = verify(&r, &c, &data, &["--min-agreement", "0.9999"]);
     assert_eq!(f.code, 1, "{}", f.dump());
     assert!(f.stderr.contains("IoU of output 'map'"), "{}", f.dump());
     // a task that does not fit the output is refused by name
-    run(&[
-        "verify",
-        &s(&r),
-        &s(&c),
-        "--data",
-        &s(&data),
-        "--task",
-        "classify",
-    ])
-    .error(&["--task classify needs an output [N, C]"]);
-    let bad = run(&[
-        "verify",
-        &s(&r),
-        &s(&c),
-        "--data",
-        &s(&data),
-        "--task",
-        "boxes",
-    ]);
+    verify(&r, &c, &data, &["--task", "classify"])
+        .error(&["--task classify needs an output [N, C]"]);
+    let bad = verify(&r, &c, &data, &["--task", "boxes"]);
     assert!(
         bad.code == 2
             && bad
@@ -275,36 +251,17 @@ fn r17_the_detector_fixture_compresses_at_its_data_shape_and_reports_iou() {
     .ok()
     .json();
     assert_eq!(j["costed_at"], "input=1x3x128x160", "{j}");
-    let inspected = run(&[
-        "inspect",
-        &s(&det),
-        "--json",
-        "--brief",
-        "--input",
-        "input=1x3x128x160",
-    ])
-    .ok()
-    .json();
+    let inspected = inspect_json(&det, &["--input", "input=1x3x128x160"]);
     assert_eq!(j["macs"][0], inspected["macs"], "{j}");
     let o = &j["fidelity"]["outputs"][0];
     assert_eq!(o["task"], "dense", "{j}");
     let iou = o["metric"].as_f64().unwrap();
     assert!(iou > 0.5 && iou <= 1.0, "IoU {iou}");
     // the neck survives and the written model still takes any size
-    let w = run(&["inspect", &s(&out), "--json", "--brief"]).ok().json();
+    let w = inspect_json(&out, &[]);
     assert_eq!(
         w["inputs"][0]["shape"], "[N,3,input_dim2,input_dim3]",
         "{w}"
     );
-    run(&[
-        "bench",
-        &s(&out),
-        "--iters",
-        "1",
-        "--warmup",
-        "0",
-        "--input",
-        "input=1x3x96x64",
-    ])
-    .ok();
+    bench_once(&out, "input=1x3x96x64");
 }

@@ -177,9 +177,9 @@ impl Binding {
 /// Bind every symbolic dim of `model`'s inputs other than a batch axis, so that costs, budgets
 /// and passes see the shapes the model runs at: first from `given` (`--input x=1x3x48x320`),
 /// then from the calibration data's first item (an image after its preprocessing, a tensor's
-/// item shape), as calibration runs read them. A batch axis stays symbolic (calibration runs in batches; costs count it as 1).
-/// A dim neither fixes stays symbolic: a MAC budget then refuses, naming it. A batch size in
-/// `given` is not kept: costs are per item.
+/// item shape), as calibration runs read them. A batch axis stays symbolic (calibration runs in
+/// batches; costs count it as 1), even when `given` sizes it. A dim neither fixes stays
+/// symbolic: a MAC budget then refuses, naming it.
 pub fn bind_shapes(
     model: &mut Model,
     given: &[(String, Vec<i64>)],
@@ -203,7 +203,7 @@ pub fn bind_shapes(
                 continue;
             };
             let symbolic = |d: &Dim| matches!(d, Dim::Sym(s) if !batch.contains(s));
-            if !decl.iter().any(symbolic) || decl.is_empty() {
+            if !decl.iter().any(symbolic) {
                 continue;
             }
             let Some(item) = dataset.item_shape_with(v.name(), pre, 0)? else {

@@ -369,3 +369,26 @@ pub fn npy(dir: &Path, name: &str, n: usize, item: &[usize], lo: f32, hi: f32) -
     ndarray_npy::write_npy(&p, &a).unwrap();
     p
 }
+
+/// `whittle inspect MODEL --json --brief EXTRA...`: the JSON report.
+pub fn inspect_json(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let m = s(model);
+    let mut a = vec!["inspect", "--json", "--brief", &m];
+    a.extend(extra);
+    run(&a).ok().json()
+}
+
+/// One untimed-warmup, one-iteration `whittle bench` of `model` at `--input SHAPE`: it must run.
+pub fn bench_once(model: &Path, shape: &str) {
+    run(&[
+        "bench",
+        &s(model),
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--input",
+        shape,
+    ])
+    .ok();
+}

@@ -502,7 +502,7 @@ fn print_summary(s: &Summary) {
 }
 
 /// One output's fidelity: its task (and why), the task metric, the cosine, accuracies.
-pub fn fidelity_line(o: &whittle_export::OutputReport) -> String {
+fn fidelity_line(o: &whittle_export::OutputReport) -> String {
     let task = match (o.task, o.metric) {
         (Some(t), Some(v)) => format!(
             ", {} {} (task {t}: {})",

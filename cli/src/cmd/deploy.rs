@@ -140,7 +140,8 @@ pub fn run(a: Args) -> Result<Outcome> {
         let mut bound = m.clone();
         whittle_compress::pipeline::bind_shapes(&mut bound, &[], Some((&ds, &pre)))?;
         let c = cost::count(&bound, &shape::infer(&bound, &[])?);
-        let declared = whittle_runtime::declared_inputs(&m.to_bytes())?;
+        let bytes = m.to_bytes();
+        let declared = whittle_runtime::declared_inputs(&bytes)?;
         let (specs, bs) = whittle_calib::input_specs(&declared, 1, Some((&ds, &pre)))?;
         let shapes: Vec<(String, Vec<usize>)> = specs
             .into_iter()
@@ -150,7 +151,6 @@ pub fn run(a: Args) -> Result<Outcome> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let bytes = m.to_bytes();
         let reference_bytes = super::load_model(&reference)?.to_bytes();
         for &rt in &target.runtimes {
             eprintln!("measuring {name} on {} ({rt})", target.name);
