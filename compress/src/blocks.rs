@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use whittle_core::Model;
+use whittle_core::edit;
 use whittle_core::onnx::{GraphProto, NodeProto};
 use whittle_core::shape::{self, Dim};
 
@@ -585,18 +586,15 @@ pub fn write_weight(
         .iter()
         .any(|n| !owners.contains(&n.name()) && n.input.iter().any(|t| t == name));
     let target = if shared {
-        crate::cleanup::unique_name(model, &format!("{name}.pruned"))
+        edit::unique_name(model.graph(), &format!("{name}.pruned"))
     } else {
         name.to_string()
     };
     let g = model.graph_mut();
     if shared {
-        for n in g.node.iter_mut().filter(|n| owners.contains(&n.name())) {
-            for t in n.input.iter_mut().filter(|t| *t == name) {
-                *t = target.clone();
-            }
-        }
+        let nodes = g.node.iter_mut().filter(|n| owners.contains(&n.name()));
+        edit::replace_uses(nodes, name, &target);
     }
-    crate::cleanup::set_initializer(g, whittle_core::tensor::from_f32(&target, dims, values));
+    edit::set_initializer(g, whittle_core::tensor::from_f32(&target, dims, values));
     target
 }

@@ -31,6 +31,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use whittle_core::attr::Attrs;
+use whittle_core::edit;
 use whittle_core::onnx::tensor_proto::DataType;
 use whittle_core::onnx::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use whittle_core::shape;
@@ -100,17 +101,6 @@ pub fn name_nodes(model: &mut Model) -> usize {
     count
 }
 
-/// Replace every use of tensor `from` by `to` (node inputs only).
-fn rewire(nodes: &mut [NodeProto], from: &str, to: &str) {
-    for n in nodes {
-        for x in &mut n.input {
-            if x == from {
-                *x = to.to_string();
-            }
-        }
-    }
-}
-
 /// Remove every node for which `pass_through` holds, reading its first input where its first
 /// output was read, unless that output is a graph output. Returns how many went.
 fn remove_pass_throughs(model: &mut Model, pass_through: impl Fn(&NodeProto) -> bool) -> usize {
@@ -120,7 +110,7 @@ fn remove_pass_throughs(model: &mut Model, pass_through: impl Fn(&NodeProto) -> 
         .iter()
         .map(|o| o.name().to_string())
         .collect();
-    let sub_reads = subgraph_reads(model.graph());
+    let sub_reads = edit::subgraph_reads(model.graph());
     let g = model.graph_mut();
     let mut removed = 0;
     let mut i = 0;
@@ -135,7 +125,7 @@ fn remove_pass_throughs(model: &mut Model, pass_through: impl Fn(&NodeProto) -> 
         if removable {
             let (from, to) = (n.output[0].clone(), n.input[0].clone());
             g.node.remove(i);
-            rewire(&mut g.node, &from, &to);
+            edit::replace_uses(&mut g.node, &from, &to);
             removed += 1;
         } else {
             i += 1;
@@ -169,46 +159,6 @@ fn drop_noop_reshapes(model: &mut Model) -> Result<usize, Error> {
     }))
 }
 
-/// Every tensor name read from inside a subgraph (If / Loop / Scan bodies, at any depth). Such a
-/// body may read a tensor of the main graph by name, which [`Index`] does not see; a pass must
-/// not remove or rename those tensors.
-fn subgraph_reads(g: &GraphProto) -> HashSet<String> {
-    fn walk(nodes: &[NodeProto], out: &mut HashSet<String>) {
-        for n in nodes {
-            for x in n.input.iter().filter(|x| !x.is_empty()) {
-                out.insert(x.clone());
-            }
-            for a in &n.attribute {
-                for sub in a.g.iter().chain(&a.graphs) {
-                    walk(&sub.node, out);
-                }
-            }
-        }
-    }
-    let mut out = HashSet::new();
-    for n in &g.node {
-        for a in &n.attribute {
-            for sub in a.g.iter().chain(&a.graphs) {
-                walk(&sub.node, &mut out);
-            }
-        }
-    }
-    out
-}
-
-/// Every tensor name read by `nodes`, directly or from their subgraphs, plus the graph outputs.
-fn all_reads(g: &GraphProto, nodes: &[NodeProto]) -> HashSet<String> {
-    let mut out = subgraph_reads(&GraphProto {
-        node: nodes.to_vec(),
-        ..Default::default()
-    });
-    for n in nodes {
-        out.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
-    }
-    out.extend(g.output.iter().map(|o| o.name().to_string()));
-    out
-}
-
 /// Whether a node carries a subgraph (If / Loop / Scan).
 fn has_subgraph(n: &NodeProto) -> bool {
     n.attribute
@@ -232,7 +182,7 @@ impl<'a> BnCx<'a> {
             ix: Index::new(g),
             inits: model.initializer_map(),
             graph_inputs: g.input.iter().map(|v| v.name()).collect(),
-            sub_reads: subgraph_reads(g),
+            sub_reads: edit::subgraph_reads(g),
         }
     }
 
@@ -399,13 +349,13 @@ fn fold_one(model: &mut Model, pi: usize, bi: usize) -> Result<(), Error> {
     let w_name = p.input[1].clone();
     let b_name = match p.input.get(2).filter(|b| !b.is_empty()) {
         Some(b) => b.clone(),
-        None => unique_name(model, &format!("{}_bias", p.name())),
+        None => edit::unique_name(model.graph(), &format!("{}_bias", p.name())),
     };
     let bn_out = bn.output[0].clone();
     let bn_inputs: Vec<String> = bn.input[1..5].to_vec();
     let g = model.graph_mut();
-    set_initializer(g, from_f32(&w_name, &wt.dims, &w));
-    set_initializer(g, from_f32(&b_name, &[c as i64], &b));
+    edit::set_initializer(g, from_f32(&w_name, &wt.dims, &w));
+    edit::set_initializer(g, from_f32(&b_name, &[c as i64], &b));
     let prod = &mut g.node[pi];
     if prod.input.len() < 3 {
         prod.input.resize(3, String::new());
@@ -588,11 +538,11 @@ fn fold_batch_norms_forward(model: &mut Model) -> Result<usize, Error> {
             .unwrap_or_default();
         let b_name = match c.input.get(2).filter(|b| !b.is_empty()) {
             Some(b) => b.clone(),
-            None => unique_name(model, &format!("{}_bias", c.name())),
+            None => edit::unique_name(model.graph(), &format!("{}_bias", c.name())),
         };
         let g = model.graph_mut();
-        set_initializer(g, from_f32(&w_name, &w_dims, &f.weight));
-        set_initializer(g, from_f32(&b_name, &[f.bias.len() as i64], &f.bias));
+        edit::set_initializer(g, from_f32(&w_name, &w_dims, &f.weight));
+        edit::set_initializer(g, from_f32(&b_name, &[f.bias.len() as i64], &f.bias));
         let consumer = &mut g.node[f.consumer];
         consumer.input[0] = bn.input[0].clone();
         if consumer.input.len() < 3 {
@@ -600,7 +550,7 @@ fn fold_batch_norms_forward(model: &mut Model) -> Result<usize, Error> {
         }
         consumer.input[2] = b_name;
         g.node.remove(f.bn);
-        let still_read = all_reads(g, &g.node);
+        let still_read = edit::reads(g, &g.node);
         g.initializer.retain(|t| {
             !bn.input[1..5].iter().any(|x| x == t.name()) || still_read.contains(t.name())
         });
@@ -711,7 +661,7 @@ fn plan_fold(g: &GraphProto, blocked: &HashSet<usize>) -> FoldPlan {
         .filter(|(i, _)| !in_plan[*i])
         .map(|(_, n)| n.clone())
         .collect();
-    let read = all_reads(g, &rest);
+    let read = edit::reads(g, &rest);
     let needed = nodes
         .iter()
         .flat_map(|&i| {
@@ -970,62 +920,10 @@ fn apply_fold(model: &mut Model, plan: &FoldPlan, values: &[Value]) {
         !folded.contains(&(i - 1))
     });
     for ((t, _), v) in plan.needed.iter().zip(values) {
-        set_initializer(g, value_tensor(t, v));
+        edit::set_initializer(g, value_tensor(t, v));
     }
-    let still_read = all_reads(g, &g.node);
+    let still_read = edit::reads(g, &g.node);
     g.initializer
         .retain(|t| !consumed.contains(t.name()) || still_read.contains(t.name()));
     g.value_info.retain(|v| !produced.contains(v.name()));
-}
-
-/// Remove the nodes nothing reads (no node, subgraph or graph output reads any of their
-/// outputs), repeatedly, then the initializers and value infos left unused. Used by passes that
-/// cut a part out of a graph (block removal). Returns how many nodes went.
-pub fn remove_dead(model: &mut Model) -> usize {
-    let g = model.graph_mut();
-    let mut removed = 0;
-    loop {
-        let read = all_reads(g, &g.node);
-        let before = g.node.len();
-        g.node
-            .retain(|n| n.output.iter().any(|o| !o.is_empty() && read.contains(o)));
-        if g.node.len() == before {
-            break;
-        }
-        removed += before - g.node.len();
-    }
-    let read = all_reads(g, &g.node);
-    let inputs: HashSet<String> = g.input.iter().map(|v| v.name().to_string()).collect();
-    g.initializer
-        .retain(|t| read.contains(t.name()) || inputs.contains(t.name()));
-    let produced: HashSet<String> = g.node.iter().flat_map(|n| n.output.clone()).collect();
-    g.value_info.retain(|v| produced.contains(v.name()));
-    removed
-}
-
-/// Insert or replace an initializer by name.
-pub fn set_initializer(g: &mut whittle_core::onnx::GraphProto, t: whittle_core::onnx::TensorProto) {
-    match g.initializer.iter_mut().find(|x| x.name() == t.name()) {
-        Some(slot) => *slot = t,
-        None => g.initializer.push(t),
-    }
-}
-
-/// A tensor name not used in the model yet.
-pub fn unique_name(model: &Model, base: &str) -> String {
-    let g = model.graph();
-    let used = |s: &str| {
-        g.initializer.iter().any(|t| t.name() == s)
-            || g.node
-                .iter()
-                .any(|n| n.output.iter().any(|o| o == s) || n.input.iter().any(|o| o == s))
-            || g.input.iter().any(|v| v.name() == s)
-    };
-    let mut name = base.to_string();
-    let mut k = 1;
-    while used(&name) {
-        name = format!("{base}_{k}");
-        k += 1;
-    }
-    name
 }

@@ -15,11 +15,11 @@
 use serde::{Deserialize, Serialize};
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
+use whittle_core::edit;
 use whittle_core::stats::cosine;
 
 use crate::Error;
 use crate::blocks::{self, Block};
-use crate::cleanup;
 use crate::pipeline::{Context, Method};
 
 /// What attention removal did.
@@ -112,21 +112,9 @@ fn remove_attention(model: &mut Model, found: &[Block], removed: &[usize]) -> Re
         let Some(i) = g.node.iter().position(|n| n.name() == sub.add) else {
             continue;
         };
-        let sum = g.node[i].output[0].clone();
-        if g.output.iter().any(|o| o.name() == sum) {
-            // a graph output keeps its name: an Identity carries the skip to it
-            g.node[i].op_type = Some("Identity".into());
-            g.node[i].input = vec![sub.input.clone()];
-            continue;
-        }
-        g.node.remove(i);
-        for n in &mut g.node {
-            for x in n.input.iter_mut().filter(|x| **x == sum) {
-                *x = sub.input.clone();
-            }
-        }
+        edit::bypass(g, i, &sub.input);
     }
-    cleanup::remove_dead(model);
+    edit::remove_dead(model.graph_mut());
     whittle_core::check::check_graph(model.graph()).map_err(|e| Error::Pass {
         pass: "drop attention".into(),
         reason: format!("the graph after removal: {e}"),

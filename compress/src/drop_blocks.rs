@@ -23,13 +23,13 @@ use faer::Mat;
 use serde::Serialize;
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
+use whittle_core::edit;
 use whittle_core::onnx::NodeProto;
 use whittle_core::stats::cosine;
 use whittle_core::tensor::from_f32;
 
 use crate::Error;
 use crate::blocks::{self, Block};
-use crate::cleanup;
 use crate::index::Index;
 use crate::refit::{AffineFit, RefitReport};
 
@@ -306,27 +306,15 @@ fn replace_span(
             ];
             g.node.splice(p..=p, nodes);
         }
-        None if is_output => {
-            g.node[p] = NodeProto {
-                name: Some(base),
-                op_type: Some("Identity".into()),
-                input: vec![input.into()],
-                output: vec![output.into()],
-                ..Default::default()
-            };
-        }
         None => {
-            g.node.remove(p);
-            for n in &mut g.node {
-                for x in &mut n.input {
-                    if x == output {
-                        *x = input.to_string();
-                    }
-                }
+            // a graph output keeps its name (an Identity carries the skip to it)
+            edit::bypass(g, p, input);
+            if is_output {
+                g.node[p].name = Some(base);
             }
         }
     }
-    cleanup::remove_dead(model);
+    edit::remove_dead(model.graph_mut());
     whittle_core::check::check_graph(model.graph())
         .map_err(|e| fail(format!("the graph after removal: {e}")))?;
     Ok(())

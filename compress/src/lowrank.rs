@@ -34,12 +34,12 @@ use serde::{Deserialize, Serialize};
 use whittle_core::Model;
 use whittle_core::attr::Attrs;
 use whittle_core::attr::ints;
+use whittle_core::edit;
 use whittle_core::onnx::NodeProto;
 use whittle_core::tensor::{from_f32, to_f32};
 use whittle_core::{cost, shape};
 
 use crate::Error;
-use crate::cleanup::unique_name;
 use crate::prune::Budget;
 use crate::refit::{LayerRef, RefitStats};
 
@@ -531,10 +531,10 @@ fn rewrite(
             reason: format!("no node {}", l.name),
         })?;
     let node = g.node[idx].clone();
-    let mid = unique_name(model, &format!("{}/lowrank", l.output));
-    let w1n = unique_name(model, &format!("{}.lowrank_a", node.input[1]));
-    let w2n = unique_name(model, &format!("{}.lowrank_b", node.input[1]));
-    let b1n = unique_name(model, &format!("{}.lowrank_a_bias", node.input[1]));
+    let mid = edit::unique_name(model.graph(), &format!("{}/lowrank", l.output));
+    let w1n = edit::unique_name(model.graph(), &format!("{}.lowrank_a", node.input[1]));
+    let w2n = edit::unique_name(model.graph(), &format!("{}.lowrank_b", node.input[1]));
+    let b1n = edit::unique_name(model.graph(), &format!("{}.lowrank_a_bias", node.input[1]));
     let f32s = |it: &mut dyn Iterator<Item = f64>| it.map(|v| v as f32).collect::<Vec<f32>>();
     let bias1: Option<Vec<f32>> = f
         .b_bias
@@ -613,7 +613,7 @@ fn rewrite(
             let w1 = f32s(&mut (0..l.d * r).map(|x| f.b[(x % r, x / r)]));
             inits.push(from_f32(&w1n, &[l.d as i64, ri], &w1));
             let mm_out = if bias1.is_some() {
-                unique_name(model, &format!("{}/lowrank_mm", l.output))
+                edit::unique_name(model.graph(), &format!("{}/lowrank_mm", l.output))
             } else {
                 mid.clone()
             };

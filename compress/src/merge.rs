@@ -23,11 +23,11 @@ use serde::Serialize;
 use whittle_core::Model;
 use whittle_core::attr::Attrs;
 use whittle_core::attr::{int, ints};
+use whittle_core::edit;
 use whittle_core::onnx::NodeProto;
 use whittle_core::tensor::{from_f32, to_f32};
 
 use crate::Error;
-use crate::cleanup::unique_name;
 use crate::index::Index;
 
 /// What a merge did.
@@ -257,8 +257,8 @@ pub fn merge_pair(
     };
     let node2 = model.graph().node[i2].clone();
     let node1 = model.graph().node[i1].clone();
-    let wn = unique_name(model, &format!("{second}.merged_weight"));
-    let bn = unique_name(model, &format!("{second}.merged_bias"));
+    let wn = edit::unique_name(model.graph(), &format!("{second}.merged_weight"));
+    let bn = edit::unique_name(model.graph(), &format!("{second}.merged_bias"));
     let pads = c1.pads;
     let merged = NodeProto {
         name: node2.name.clone(),
@@ -359,7 +359,7 @@ pub fn fold_residual(model: &mut Model, conv: &str) -> Result<String, Error> {
     let add_name = add.name().to_string();
     let add_out = add.output[0].clone();
     let w_name = node.input[1].clone();
-    let wn = unique_name(model, &format!("{conv}.residual_weight"));
+    let wn = edit::unique_name(model.graph(), &format!("{conv}.residual_weight"));
     let gm = model.graph_mut();
     gm.initializer.push(from_f32(
         &wn,
@@ -390,14 +390,7 @@ pub fn remove_activation(model: &mut Model, name: &str) -> Result<(), Error> {
     }
     let extra: Vec<String> = n.input[1..].to_vec();
     let gm = model.graph_mut();
-    gm.node.remove(i);
-    for n in &mut gm.node {
-        for x in &mut n.input {
-            if *x == from {
-                *x = to.clone();
-            }
-        }
-    }
+    edit::bypass(gm, i, &to);
     drop_unread(model, &extra);
     Ok(())
 }

@@ -18,6 +18,7 @@
 use faer::Mat;
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
+use whittle_core::edit;
 use whittle_core::tensor::{from_i64, to_i64};
 
 use crate::Error;
@@ -197,7 +198,7 @@ pub fn prune_heads_keeping(
             refit: report,
         });
     }
-    crate::cleanup::remove_dead(model);
+    edit::remove_dead(model.graph_mut());
     Ok(WidthReport { layers, tokens })
 }
 
@@ -231,11 +232,8 @@ fn rewrite_shape(
     if let Some(t) = model.initializer(&shape_t) {
         let s = to_i64(t)?;
         if let Some(n) = new_shape(&s, h, dh, kept) {
-            let new = crate::cleanup::unique_name(model, &format!("{shape_t}.heads{kept}"));
-            crate::cleanup::set_initializer(
-                model.graph_mut(),
-                from_i64(&new, &[n.len() as i64], &n),
-            );
+            let new = edit::unique_name(model.graph(), &format!("{shape_t}.heads{kept}"));
+            edit::set_initializer(model.graph_mut(), from_i64(&new, &[n.len() as i64], &n));
             point(model, name, &shape_t, &new);
         }
         return Ok(());
@@ -283,8 +281,8 @@ fn rewrite_shape(
     let inputs = concat.input.clone();
     for (k, (old, new)) in s.iter().zip(&n).enumerate() {
         if old != new && vals[k].is_some() {
-            let t = crate::cleanup::unique_name(model, &format!("{}.heads{kept}", inputs[k]));
-            crate::cleanup::set_initializer(model.graph_mut(), from_i64(&t, &[1], &[*new]));
+            let t = edit::unique_name(model.graph(), &format!("{}.heads{kept}", inputs[k]));
+            edit::set_initializer(model.graph_mut(), from_i64(&t, &[1], &[*new]));
             point(model, &concat_name, &inputs[k], &t);
         }
     }
@@ -293,16 +291,8 @@ fn rewrite_shape(
 
 /// Points node `node`'s input `from` at `to`.
 fn point(model: &mut Model, node: &str, from: &str, to: &str) {
-    for n in model
-        .graph_mut()
-        .node
-        .iter_mut()
-        .filter(|n| n.name() == node)
-    {
-        for x in n.input.iter_mut().filter(|x| *x == from) {
-            *x = to.to_string();
-        }
-    }
+    let nodes = model.graph_mut().node.iter_mut();
+    edit::replace_uses(nodes.filter(|n| n.name() == node), from, to);
 }
 
 /// Attention head pruning as a pipeline method (`--prune-heads F`, `method = "prune_heads"`).

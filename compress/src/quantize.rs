@@ -48,11 +48,11 @@ use serde::{Deserialize, Serialize};
 use whittle_calib::capture;
 use whittle_core::Model;
 use whittle_core::attr::{self, Attrs, node_label};
+use whittle_core::edit;
 use whittle_core::onnx::NodeProto;
 use whittle_core::tensor::{from_f32, from_i8, from_i32, from_u8, to_f32};
 
 use crate::Error;
-use crate::cleanup::{self, set_initializer, unique_name};
 use crate::gptq;
 use crate::pipeline::{Context, Method, Reference};
 use crate::ranges::{Calibrator, Histogram, QParams};
@@ -1085,12 +1085,12 @@ fn apply(
     let mut dq_of: HashMap<String, String> = HashMap::new();
     for (t, p) in &params {
         let (s, z) = (
-            unique_name(model, &format!("{t}_scale")),
-            unique_name(model, &format!("{t}_zero_point")),
+            edit::unique_name(model.graph(), &format!("{t}_scale")),
+            edit::unique_name(model.graph(), &format!("{t}_zero_point")),
         );
         let g = model.graph_mut();
-        set_initializer(g, from_f32(&s, &[], &[p.scale]));
-        set_initializer(g, zero_point(&z, &[], &[p.zero_point], p.signed));
+        edit::set_initializer(g, from_f32(&s, &[], &[p.scale]));
+        edit::set_initializer(g, zero_point(&z, &[], &[p.zero_point], p.signed));
         let (tq, tdq) = (format!("{t}_quantized"), format!("{t}_dequantized"));
         added.push(attr::node(
             "QuantizeLinear",
@@ -1154,16 +1154,16 @@ fn apply(
             .ok_or_else(|| fail(format!("no node '{}'", l.node)))?;
         let base = l.weight.clone();
         let (wn, sn, zn) = (
-            unique_name(model, &format!("{base}_quantized")),
-            unique_name(model, &format!("{base}_scale")),
-            unique_name(model, &format!("{base}_zero_point")),
+            edit::unique_name(model.graph(), &format!("{base}_quantized")),
+            edit::unique_name(model.graph(), &format!("{base}_scale")),
+            edit::unique_name(model.graph(), &format!("{base}_zero_point")),
         );
-        let wdq = unique_name(model, &format!("{base}_dequantized"));
+        let wdq = edit::unique_name(model.graph(), &format!("{base}_dequantized"));
         let axis_attr = vec![attr::int("axis", l.axis as i64)];
         let g = model.graph_mut();
-        set_initializer(g, from_i8(&wn, &dims, wq));
-        set_initializer(g, from_f32(&sn, &[out_channels as i64], ws));
-        set_initializer(
+        edit::set_initializer(g, from_i8(&wn, &dims, wq));
+        edit::set_initializer(g, from_f32(&sn, &[out_channels as i64], ws));
+        edit::set_initializer(
             g,
             from_i8(&zn, &[out_channels as i64], &vec![0; out_channels]),
         );
@@ -1211,8 +1211,8 @@ fn apply(
         }
         let bias = if plan.qdq_for == QdqFor::Tensorrt {
             // TensorRT takes no int32 DequantizeLinear: the bias stays float
-            let bn = unique_name(model, &format!("{}_bias", l.node));
-            set_initializer(model.graph_mut(), from_f32(&bn, &[out_channels as i64], &b));
+            let bn = edit::unique_name(model.graph(), &format!("{}_bias", l.node));
+            edit::set_initializer(model.graph_mut(), from_f32(&bn, &[out_channels as i64], &b));
             bn
         } else {
             let bs: Vec<f32> = ws.iter().map(|s| s * px.scale).collect();
@@ -1227,16 +1227,16 @@ fn apply(
                 .collect();
             let bbase = l.bias.clone().unwrap_or_else(|| format!("{}_bias", l.node));
             let (bn, bsn, bzn) = (
-                unique_name(model, &format!("{bbase}_quantized")),
-                unique_name(model, &format!("{bbase}_scale")),
-                unique_name(model, &format!("{bbase}_zero_point")),
+                edit::unique_name(model.graph(), &format!("{bbase}_quantized")),
+                edit::unique_name(model.graph(), &format!("{bbase}_scale")),
+                edit::unique_name(model.graph(), &format!("{bbase}_zero_point")),
             );
-            let bdq = unique_name(model, &format!("{bbase}_dequantized"));
+            let bdq = edit::unique_name(model.graph(), &format!("{bbase}_dequantized"));
             let g = model.graph_mut();
             let c = out_channels as i64;
-            set_initializer(g, from_i32(&bn, &[c], &bq));
-            set_initializer(g, from_f32(&bsn, &[c], &bs));
-            set_initializer(g, from_i32(&bzn, &[c], &vec![0; out_channels]));
+            edit::set_initializer(g, from_i32(&bn, &[c], &bq));
+            edit::set_initializer(g, from_f32(&bsn, &[c], &bs));
+            edit::set_initializer(g, from_i32(&bzn, &[c], &vec![0; out_channels]));
             added.push(attr::node(
                 "DequantizeLinear",
                 &format!("{bbase}_DequantizeLinear"),
@@ -1271,15 +1271,15 @@ fn apply(
         let p = QParams::new(lo, hi, plan.qdq_for == QdqFor::Tensorrt);
         let q: Vec<i32> = v.iter().map(|&x| p.code(x)).collect();
         let (qn, sn, zn) = (
-            unique_name(model, &format!("{name}_quantized")),
-            unique_name(model, &format!("{name}_scale")),
-            unique_name(model, &format!("{name}_zero_point")),
+            edit::unique_name(model.graph(), &format!("{name}_quantized")),
+            edit::unique_name(model.graph(), &format!("{name}_scale")),
+            edit::unique_name(model.graph(), &format!("{name}_zero_point")),
         );
-        let out = unique_name(model, &format!("{name}_dequantized"));
+        let out = edit::unique_name(model.graph(), &format!("{name}_dequantized"));
         let g = model.graph_mut();
-        set_initializer(g, zero_point(&qn, &dims, &q, p.signed));
-        set_initializer(g, from_f32(&sn, &[], &[p.scale]));
-        set_initializer(g, zero_point(&zn, &[], &[p.zero_point as i32], p.signed));
+        edit::set_initializer(g, zero_point(&qn, &dims, &q, p.signed));
+        edit::set_initializer(g, from_f32(&sn, &[], &[p.scale]));
+        edit::set_initializer(g, zero_point(&zn, &[], &[p.zero_point as i32], p.signed));
         added.push(attr::node(
             "DequantizeLinear",
             &format!("{name}_DequantizeLinear"),
@@ -1291,7 +1291,7 @@ fn apply(
     }
     model.graph_mut().node.extend(added);
     whittle_core::check::topo_sort(model.graph_mut())?;
-    cleanup::remove_dead(model);
+    edit::remove_dead(model.graph_mut());
     Ok(QuantizeReport {
         calibrator: plan.calibrator,
         damage: BTreeMap::new(),

@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use whittle_calib::{CaptureSpec, capture};
 use whittle_core::Model;
 use whittle_core::attr::Attrs;
+use whittle_core::edit;
 use whittle_core::onnx::tensor_proto::DataType;
 use whittle_core::onnx::{GraphProto, NodeProto, TensorProto};
 use whittle_core::tensor;
@@ -1304,7 +1305,7 @@ fn write_back(pruned: &mut Model, job: &RefitJob, layer: &Layer, w: &Mat<f64>) {
         match &layer.bias {
             Some((name, dims)) => put_initializer(pruned, node_index, 2, name, dims, &bias),
             None => {
-                let name = unique_name(pruned.graph(), &format!("{}.bias", job.node));
+                let name = edit::unique_name(pruned.graph(), &format!("{}.bias", job.node));
                 let graph = pruned.graph_mut();
                 graph
                     .initializer
@@ -1333,7 +1334,7 @@ fn put_initializer(
 ) {
     let shared = references(pruned.graph(), name) > 1;
     let target = if shared {
-        unique_name(pruned.graph(), &format!("{name}.refit"))
+        edit::unique_name(pruned.graph(), &format!("{name}.refit"))
     } else {
         name.to_string()
     };
@@ -1365,24 +1366,6 @@ fn subgraphs(node: &NodeProto) -> impl Iterator<Item = &GraphProto> {
     node.attribute
         .iter()
         .flat_map(|a| a.g.iter().chain(a.graphs.iter()))
-}
-
-/// `base`, or `base_1`, `base_2`, ... : the first that names no tensor of the graph.
-fn unique_name(graph: &GraphProto, base: &str) -> String {
-    let mut taken: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
-    taken.extend(graph.input.iter().map(|v| v.name()));
-    taken.extend(graph.output.iter().map(|v| v.name()));
-    for node in &graph.node {
-        taken.extend(node.output.iter().map(String::as_str));
-        taken.extend(node.input.iter().map(String::as_str));
-    }
-    if !taken.contains(base) {
-        return base.to_string();
-    }
-    (1..)
-        .map(|i| format!("{base}_{i}"))
-        .find(|n| !taken.contains(n.as_str()))
-        .expect("an unbounded range yields a free name")
 }
 
 /// How a Conv pads its input.

@@ -9,6 +9,7 @@ pub mod onnx {
 pub mod attr;
 pub mod check;
 pub mod cost;
+pub mod edit;
 pub mod error;
 pub mod model;
 pub mod opset;
