@@ -20,7 +20,8 @@
 //! The methods a recipe step names (`prune_channels.rs`, `lowrank.rs`, `merging.rs`,
 //! `drop_blocks.rs`, `prune_ffn.rs`, `prune_heads.rs`, `drop_attention.rs`, `quantize.rs`) implement
 //! [`pipeline::Method`] and are listed in [`pipeline::METHODS`]; `pipeline.rs` runs them in order
-//! and checks the model after each.
+//! and checks the model after each; `job.rs` runs a whole compression as `whittle compress` and
+//! `deploy` do (cleanup, shapes, the calibration split, the steps, the speed and fidelity checks).
 
 pub mod blocks;
 pub mod cleanup;
@@ -29,6 +30,7 @@ pub mod drop_blocks;
 pub mod gptq;
 pub mod groups;
 pub mod index;
+pub mod job;
 pub mod latency;
 pub mod lowrank;
 pub mod merge;

@@ -1,4 +1,5 @@
-//! Statistics over tensor values that several crates report.
+//! Statistics over tensor values that several crates report, and how counts and fractions are
+//! printed.
 
 /// The cosine similarity of two vectors, in f64: 1 for two zero vectors, 0 when one of them is
 /// zero.
@@ -14,6 +15,25 @@ pub fn cosine(x: &[f32], y: &[f32]) -> f64 {
         return if xx == yy { 1.0 } else { 0.0 };
     }
     xy / (xx.sqrt() * yy.sqrt())
+}
+
+/// 12501632 -> "12.50 M".
+pub fn si(v: u64) -> String {
+    let f = v as f64;
+    if f >= 1e9 {
+        format!("{:.2} G", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.2} M", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1} k", f / 1e3)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// 0.682 -> "68.20%".
+pub fn pct(v: f64) -> String {
+    format!("{:.2}%", v * 100.0)
 }
 
 #[cfg(test)]

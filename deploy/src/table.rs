@@ -57,21 +57,4 @@ impl Table {
     }
 }
 
-/// 12501632 -> "12.50 M".
-pub fn si(v: u64) -> String {
-    let f = v as f64;
-    if f >= 1e9 {
-        format!("{:.2} G", f / 1e9)
-    } else if f >= 1e6 {
-        format!("{:.2} M", f / 1e6)
-    } else if f >= 1e3 {
-        format!("{:.1} k", f / 1e3)
-    } else {
-        format!("{v}")
-    }
-}
-
-/// 0.682 -> "68.20%".
-pub fn pct(v: f64) -> String {
-    format!("{:.2}%", v * 100.0)
-}
+pub use whittle_core::stats::{pct, si};
