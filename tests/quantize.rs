@@ -47,7 +47,8 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
     let dir = tempfile::tempdir().unwrap();
     let (r8, out) = (resnet8(), dir.path().join("r8.int8.onnx"));
     let calib = s(&repo_root().join("data/cifar10"));
-    let j = quantize(&r8, &out, &["--calib", &calib]);
+    // all int8 (the default may keep a few activations float where that measures no slower)
+    let j = quantize(&r8, &out, &["--calib", &calib, "--keep-float", "0"]);
     let q = &j["quantize"];
     // every Conv and the Gemm: int8 weights, int8 kernels in ONNX Runtime, nothing left in float
     assert_eq!(q["quantized"]["Conv"], 9, "{q}");
@@ -78,7 +79,12 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
     }
     // --float-stem keeps the stem (3 input channels) and the model input float
     let stem = dir.path().join("r8.stem.onnx");
-    let q = quantize(&r8, &stem, &["--calib", &calib, "--float-stem"])["quantize"].clone();
+    let q = quantize(
+        &r8,
+        &stem,
+        &["--calib", &calib, "--float-stem", "--keep-float", "0"],
+    )["quantize"]
+        .clone();
     assert_eq!(q["float_activations"][0][0], "input", "{q}");
     assert_eq!(q["weights"], 9, "{q}");
     assert_eq!(q["kept_float"]["Conv"], 1, "{q}");
@@ -177,6 +183,36 @@ fn keep_float_measures_each_activation_and_keeps_the_costliest_in_float() {
 }
 
 #[test]
+fn mixed_precision_by_default_keeps_the_most_measured_no_slower() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r8, out) = (resnet8(), dir.path().join("r8.int8.onnx"));
+    let calib = s(&repo_root().join("data/cifar10"));
+    let j = quantize(&r8, &out, &["--calib", &calib]);
+    let q = &j["quantize"];
+    // up to 3 candidates, each measured beside the all-int8 model
+    let speeds: Vec<f64> = q["float_speed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!((1..=3).contains(&speeds.len()), "{q}");
+    assert!(speeds.iter().all(|v| *v > 0.0), "{q}");
+    // kept: the most whose model was not slower than all-int8 (beyond 5%)
+    let expect = speeds
+        .iter()
+        .rposition(|v| *v >= 1.0 / 1.05)
+        .map_or(0, |i| i + 1);
+    let kept = q["float_activations"].as_array().unwrap();
+    assert_eq!(kept.len(), expect, "{q}");
+    assert_eq!(
+        j["steps"][0]["plan"]["float"].as_array().unwrap().len(),
+        expect
+    );
+    assert!(agreement(&r8, &out, "ort-cpu") >= 0.95);
+}
+
+#[test]
 fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
     // checked on the graph (no GPU here): every Q/DQ zero point int8 and 0, per-channel weight
     // scales along the output axis, biases float, Q/DQ in front of every Conv input
@@ -187,7 +223,14 @@ fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
     let j = quantize(
         &resnet8(),
         &out,
-        &["--calib", &calib, "--qdq-for", "tensorrt"],
+        &[
+            "--calib",
+            &calib,
+            "--qdq-for",
+            "tensorrt",
+            "--keep-float",
+            "0",
+        ],
     );
     assert_eq!(j["quantize"]["qdq_for"], "tensorrt", "{j}");
     let m = whittle_core::Model::load(&out).unwrap();

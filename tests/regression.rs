@@ -209,10 +209,18 @@ fn r8_every_shared_model_through_every_landed_method() {
                 calib(&["--drop-attention", "1"]),
                 &not_a_transformer,
             ),
-            // int8 (the calibrator fixed: one range pass over the few synthetic items)
+            // int8 (the calibrator fixed and all int8: one range pass over the few synthetic
+            // items, no mixed-precision runs)
             (
                 "int8",
-                calib(&["--quantize", "int8", "--calibrate", "minmax"]),
+                calib(&[
+                    "--quantize",
+                    "int8",
+                    "--calibrate",
+                    "minmax",
+                    "--keep-float",
+                    "0",
+                ]),
                 &["cannot be raised"],
             ),
         ];

@@ -625,7 +625,7 @@ pub struct SpeedCheck {
 impl SpeedCheck {
     /// Slower than the original by more than a shared machine's noise (5%).
     pub fn slower(&self) -> bool {
-        self.speedup < 1.0 / 1.05
+        self.speedup < 1.0 / SLOWER
     }
 }
 
@@ -652,6 +652,10 @@ pub fn compare_speed(
         rounds: SPEED_ROUNDS,
     })
 }
+
+/// A result slower than the original by more than this factor (beyond the noise of
+/// [`compare_speed`]) is slower.
+pub const SLOWER: f64 = 1.05;
 
 /// Rounds of [`compare_speed`].
 pub const SPEED_ROUNDS: usize = 5;

@@ -54,6 +54,7 @@ use whittle_core::tensor::{from_f32, from_i8, from_i32, from_u8, to_f32};
 
 use crate::Error;
 use crate::gptq;
+use crate::latency::SLOWER;
 use crate::pipeline::{Context, Method, Reference};
 use crate::ranges::{Calibrator, Histogram, QParams};
 use crate::refit::{self, LayerRef, RefitOptions};
@@ -123,7 +124,9 @@ pub struct QuantizeOptions {
     pub no_gptq: bool,
     /// Mixed precision: keep in float the N activations (with the layers that read them) whose
     /// quantization costs the most, each measured on held-out calibration items as the damage
-    /// saved by keeping it alone in float (one model run per activation).
+    /// saved by keeping it alone in float (one model run per activation). Default: up to 3 of
+    /// them, chosen by measurement: the most that leave the model no slower than with all int8 on
+    /// the checking runtime (not for transformers or large inputs); 0 turns it off.
     #[arg(id = "quant_keep_float", long = "keep-float", value_name = "N")]
     pub keep_float: Option<usize>,
     /// The runtime whose QDQ rules to follow: `ort` (uint8 activations, int32 biases) or
@@ -187,6 +190,10 @@ pub struct QuantizeReport {
     /// Activations kept in float (an image's stem, then `--keep-float`'s) and the damage each
     /// saves alone (NaN for the stem).
     pub float_activations: Vec<(String, f64)>,
+    /// Mixed precision chosen by measurement: the speed of the model with the 1, 2, ... most
+    /// damaging activations in float, each beside the all-int8 model (the most kept that is not
+    /// slower is chosen).
+    pub float_speed: Vec<f64>,
     /// The runtime whose QDQ rules the model follows.
     pub qdq_for: QdqFor,
     /// Only layer inputs and weights were quantized.
@@ -244,15 +251,23 @@ impl Method for Quantize {
         let transformer = crate::blocks::find_blocks(model).is_ok_and(|b| !b.is_empty());
         let sites = Sites::find(model, o.layers_only || transformer)?;
         let c = cx.data(Quantize::NAME)?;
-        let (judge, fit) = if o.calibrate.is_none() || o.keep_float.is_some_and(|k| k > 0) {
+        let (judge, fit) = if o.calibrate.is_none() || o.keep_float != Some(0) {
             Context::judge_split(c, JUDGE_ITEMS)
         } else {
             (&[][..], c.fit.as_slice())
         };
         let codes = weight_codes(o, model, &sites, cx, fit)?;
-        let (plan, damage, saved) = match replay {
-            Some(p) => (p, BTreeMap::new(), Vec::new()),
-            None => calibrate(o, model, &sites, &codes, cx, judge, fit)?,
+        let keep = match o.keep_float {
+            Some(0) => Keep::None,
+            Some(k) => Keep::Exactly(k),
+            // a transformer's layers are few and cheap to keep; a large input's sensitivity
+            // runs are too slow
+            None if o.layers_only || transformer || cx.scale < 1.0 => Keep::None,
+            None => Keep::Measured(AUTO_FLOAT_MAX),
+        };
+        let (plan, damage, saved, measured) = match replay {
+            Some(p) => (p, BTreeMap::new(), Vec::new(), Vec::new()),
+            None => calibrate(o, keep, model, &sites, &codes, cx, judge, fit)?,
         };
         let mut report = apply(model, &sites, &plan, &codes)?;
         report.float_activations = plan
@@ -265,6 +280,7 @@ impl Method for Quantize {
                 )
             })
             .collect();
+        report.float_speed = measured;
         report.calibrator = plan.calibrator;
         report.damage = damage;
         report.opset_raised_from = raised;
@@ -346,6 +362,22 @@ impl Method for Quantize {
                 })
                 .collect();
             lines.push(format!("activations kept in float: {}", kept.join(", ")));
+        }
+        if !r.float_speed.is_empty() {
+            let speeds: Vec<String> = r
+                .float_speed
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{} {v:.2}x", i + 1))
+                .collect();
+            lines.push(format!(
+                "mixed precision measured beside all-int8 ({} float): {}",
+                r.float_activations
+                    .iter()
+                    .filter(|(_, d)| !d.is_nan())
+                    .count(),
+                speeds.join(", ")
+            ));
         }
         if r.transformer {
             lines.push(
@@ -699,15 +731,17 @@ fn redundant_bound(model: &Model, r: &NodeProto) -> Option<f32> {
 
 /// Ranges from a histogram of every calibrated activation, the calibrator with the least damage
 /// (or the one asked for), and the bias corrections.
+#[allow(clippy::too_many_arguments)]
 fn calibrate(
     o: &QuantizeOptions,
+    keep: Keep,
     model: &Model,
     sites: &Sites,
     codes: &BTreeMap<String, Codes>,
     cx: &Context,
     judge: &[usize],
     fit: &[usize],
-) -> Result<(QuantizePlan, BTreeMap<String, f64>, Savings), Error> {
+) -> Result<(QuantizePlan, BTreeMap<String, f64>, Savings, Vec<f64>), Error> {
     let candidates: Vec<Calibrator> = match o.calibrate {
         Some(k) => vec![k],
         None => Calibrator::ALL.to_vec(),
@@ -735,9 +769,8 @@ fn calibrate(
     };
     let mut damage = BTreeMap::new();
     let mut best: Option<(f64, Calibrator)> = None;
-    let keep = o.keep_float.filter(|&k| k > 0);
     // the float model's outputs on the judge items, run once for every comparison
-    let reference = if candidates.len() > 1 || keep.is_some() {
+    let reference = if candidates.len() > 1 || keep != Keep::None {
         Some(cx.reference(model, judge)?)
     } else {
         None
@@ -771,23 +804,74 @@ fn calibrate(
         float: stem,
         qdq_for: style(o, cx),
     };
-    let mut saved = Vec::new();
-    if let (Some(k), Some(reference)) = (keep, &reference) {
+    let (mut saved, mut measured) = (Vec::new(), Vec::new());
+    if let (Keep::Exactly(k) | Keep::Measured(k), Some(reference)) = (keep, &reference) {
         // the whole model's damage was measured when its calibrator was chosen
         let base = best.map(|(d, _)| d);
         saved = float_savings(model, sites, &plan, codes, cx, reference, base)?;
-        plan.float.extend(
-            saved
-                .iter()
-                .filter(|(_, d)| *d > 0.0)
-                .take(k)
-                .map(|(t, _)| t.clone()),
-        );
+        let top: Vec<String> = saved.iter().take(k).map(|(t, _)| t.clone()).collect();
+        let n = match keep {
+            Keep::Measured(_) => {
+                measured = float_speeds(model, sites, &plan, codes, cx, &top)?;
+                kept_by_speed(&measured)
+            }
+            _ => top.len(),
+        };
+        plan.float.extend(top.into_iter().take(n));
     }
     if !o.no_bias_correction {
         plan.bias_correction = bias_correction(model, sites, &plan, codes, cx, fit)?;
     }
-    Ok((plan, damage, saved))
+    Ok((plan, damage, saved, measured))
+}
+
+/// How many activations to keep in float.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Keep {
+    None,
+    /// As many as asked for (`--keep-float N`).
+    Exactly(usize),
+    /// Up to this many, while the model stays no slower than all-int8.
+    Measured(usize),
+}
+
+/// The most activations mixed precision keeps in float by default.
+const AUTO_FLOAT_MAX: usize = 3;
+
+/// How many to keep in float, given the speeds beside all-int8 with 1, 2, ... kept: the most
+/// that is not slower (keeping a layer's input float without its output can be slower where
+/// keeping both is not).
+fn kept_by_speed(speeds: &[f64]) -> usize {
+    speeds
+        .iter()
+        .rposition(|&v| v >= 1.0 / SLOWER)
+        .map_or(0, |i| i + 1)
+}
+
+/// The speed, beside the all-int8 model, of the model with the first 1, 2, ... of `top` in float.
+fn float_speeds(
+    model: &Model,
+    sites: &Sites,
+    plan: &QuantizePlan,
+    codes: &BTreeMap<String, Codes>,
+    cx: &Context,
+    top: &[String],
+) -> Result<Vec<f64>, Error> {
+    let mut all_int8 = model.clone();
+    apply(&mut all_int8, sites, plan, codes)?;
+    cx.start("quantize: mixed precision, measured", top.len());
+    let mut out = Vec::new();
+    for k in 1..=top.len() {
+        let mut p = plan.clone();
+        p.float.extend(top[..k].iter().cloned());
+        let mut q = model.clone();
+        apply(&mut q, sites, &p, codes)?;
+        let s = crate::latency::compare_speed(&all_int8, &q, cx.runtime, cx.threads)?;
+        out.push(s.speedup);
+        cx.progress.set(k);
+    }
+    cx.progress.finish();
+    Ok(out)
 }
 
 /// The graph inputs that only stem Convs read: Convs of at most 4 input channels (an image's).
@@ -1302,6 +1386,7 @@ fn apply(
         bias_corrected,
         gptq,
         float_activations: Vec::new(),
+        float_speed: Vec::new(),
         qdq_for: plan.qdq_for,
         layers_only: false,
         transformer: false,
@@ -1427,4 +1512,26 @@ fn per_channel(w: &[f32], dims: &[i64], axis: usize) -> (Vec<i8>, Vec<f32>) {
         .map(|(i, &v)| (v / scale[chan(i)]).round().clamp(-127.0, 127.0) as i8)
         .collect();
     (q, scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kept_by_speed;
+
+    #[test]
+    fn mixed_precision_keeps_the_most_that_are_not_slower() {
+        assert_eq!(kept_by_speed(&[]), 0);
+        assert_eq!(kept_by_speed(&[0.8, 0.9, 0.7]), 0);
+        assert_eq!(
+            kept_by_speed(&[1.01, 0.97, 0.9]),
+            2,
+            "a tie within the noise counts"
+        );
+        assert_eq!(
+            kept_by_speed(&[0.9, 1.03, 0.8]),
+            2,
+            "the input float alone is slower"
+        );
+        assert_eq!(kept_by_speed(&[1.0, 1.1, 1.2]), 3);
+    }
 }
