@@ -265,8 +265,18 @@ impl Method for Quantize {
             None if o.layers_only || transformer || cx.scale < 1.0 => Keep::None,
             None => Keep::Measured(AUTO_FLOAT_MAX),
         };
-        let (plan, damage, saved, measured) = match replay {
-            Some(p) => (p, BTreeMap::new(), Vec::new(), Vec::new()),
+        let Calibrated {
+            plan,
+            damage,
+            saved,
+            measured,
+        } = match replay {
+            Some(plan) => Calibrated {
+                plan,
+                damage: BTreeMap::new(),
+                saved: Vec::new(),
+                measured: Vec::new(),
+            },
             None => calibrate(o, keep, model, &sites, &codes, cx, judge, fit)?,
         };
         let mut report = apply(model, &sites, &plan, &codes)?;
@@ -741,7 +751,7 @@ fn calibrate(
     cx: &Context,
     judge: &[usize],
     fit: &[usize],
-) -> Result<(QuantizePlan, BTreeMap<String, f64>, Savings, Vec<f64>), Error> {
+) -> Result<Calibrated, Error> {
     let candidates: Vec<Calibrator> = match o.calibrate {
         Some(k) => vec![k],
         None => Calibrator::ALL.to_vec(),
@@ -822,7 +832,23 @@ fn calibrate(
     if !o.no_bias_correction {
         plan.bias_correction = bias_correction(model, sites, &plan, codes, cx, fit)?;
     }
-    Ok((plan, damage, saved, measured))
+    Ok(Calibrated {
+        plan,
+        damage,
+        saved,
+        measured,
+    })
+}
+
+/// What [`calibrate`] decided, with what it measured on the way.
+struct Calibrated {
+    plan: QuantizePlan,
+    /// Each calibrator's damage.
+    damage: BTreeMap<String, f64>,
+    /// The damage keeping each activation float saves.
+    saved: Savings,
+    /// The speeds of mixed precision beside all-int8 ([`QuantizeReport::float_speed`]).
+    measured: Vec<f64>,
 }
 
 /// How many activations to keep in float.
