@@ -1,6 +1,6 @@
-//! `whittle deploy --target host` from the repository root: the main job compresses the bundled
-//! ResNet-8, measures original and compressed on each runtime, and writes
-//! `<reports>/host/<stamp>/results.json` + `report.md` + `plot.svg` (+ the compressed model).
+//! `whittle deploy --target host` from the repository root: the main job prunes and quantizes the
+//! bundled ResNet-8, measures original, pruned and int8 on each runtime, and writes
+//! `<reports>/host/<stamp>/results.json` + `report.md` + `plot.svg` (+ the two compressed models).
 
 use crate::common::*;
 
@@ -9,7 +9,7 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
     let dir = tempfile::tempdir().unwrap();
     let r = run(&deploy_args("host", 5, dir.path(), &[])).ok();
     let rows = r.rows("resnet8_cifar10");
-    assert_eq!(rows.len(), 4, "{}", r.dump());
+    assert_eq!(rows.len(), 6, "{}", r.dump());
     assert!(
         rows.iter()
             .any(|l| l.split_whitespace().any(|w| w == "ort-cpu")),
@@ -46,33 +46,50 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
     assert_eq!(results["started"].as_str(), Some(stamp.as_str()));
     assert_eq!(results["complete"], true, "a finished run says so");
     let jrows = results["rows"].as_array().unwrap();
-    assert_eq!(jrows.len(), 4, "{results:#}");
+    assert_eq!(jrows.len(), 6, "{results:#}");
     let mut runtimes: Vec<&str> = jrows
         .iter()
         .map(|row| row["bench"]["runtime"].as_str().unwrap())
         .collect();
     runtimes.sort();
-    assert_eq!(runtimes, vec!["ort-cpu", "ort-cpu", "tract", "tract"]);
+    assert_eq!(runtimes, [["ort-cpu"; 3], ["tract"; 3]].concat());
     let compression = &results["compression"];
     assert!(
         compression["macs_kept"].as_f64().unwrap() <= 0.75 + 1e-6,
         "{compression:#}"
     );
+    // the int8 variant: every layer quantized, calibrated on the same split
+    let q = &results["quantization"]["quantize"];
+    assert_eq!(q["weights"], 10, "{q:#}");
     for row in jrows {
-        let original = row["variant"].as_str() == Some("original");
-        let expect_model = if original {
-            "resnet8_cifar10.onnx"
-        } else {
-            "resnet8_cifar10.pruned.onnx"
+        let variant = row["variant"].as_str().unwrap();
+        let expect_model = match variant {
+            "original" => "resnet8_cifar10.onnx",
+            "int8" => "resnet8_cifar10.int8.onnx",
+            _ => "resnet8_cifar10.pruned.onnx",
         };
         assert_eq!(row["model"].as_str(), Some(expect_model));
-        if original {
-            assert_eq!(row["params"].as_u64(), Some(78_666));
-            assert_eq!(row["agreement"].as_f64(), Some(1.0));
-        } else {
-            assert!(row["macs"].as_u64().unwrap() as f64 <= 0.75 * 12_501_632.0 + 1.0);
-            // held-apart images: the pruned model keeps most predictions
-            assert!(row["agreement"].as_f64().unwrap() > 0.6, "{row:#}");
+        match variant {
+            "original" => {
+                assert_eq!(row["params"].as_u64(), Some(78_666));
+                assert_eq!(row["agreement"].as_f64(), Some(1.0));
+            }
+            "int8" => {
+                assert_eq!(row["macs"].as_u64(), Some(12_501_632));
+                assert!(row["agreement"].as_f64().unwrap() > 0.9, "{row:#}");
+                // tract runs Q/DQ in float, and the report says so; ONNX Runtime fuses them
+                let in_float = row.get("runs_in_float").and_then(|v| v.as_str());
+                if row["bench"]["runtime"] == "tract" {
+                    assert!(in_float.is_some_and(|w| w.contains("in float")), "{row:#}");
+                } else {
+                    assert_eq!(in_float, None, "{row:#}");
+                }
+            }
+            _ => {
+                assert!(row["macs"].as_u64().unwrap() as f64 <= 0.75 * 12_501_632.0 + 1.0);
+                // held-apart images: the pruned model keeps most predictions
+                assert!(row["agreement"].as_f64().unwrap() > 0.6, "{row:#}");
+            }
         }
         assert_eq!(
             row["items"].as_u64(),
@@ -109,8 +126,12 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         md.lines()
             .filter(|l| l.starts_with("| resnet8_cifar10"))
             .count(),
-        4,
+        6,
         "a startup line per row\n{md}"
+    );
+    assert!(
+        md.contains("Quantized models that ran (partly) in float:\n\n- resnet8_cifar10.int8.onnx (int8) on tract"),
+        "{md}"
     );
 
     // The plot: well-formed SVG, one point (circle) per variant and runtime, each labelled.
@@ -133,7 +154,7 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
             "legend {rt}\n{svg}"
         );
     }
-    // Nothing but the report files and the compressed model.
+    // Nothing but the report files and the compressed models.
     assert_eq!(
         listing(dir.path()),
         vec![
@@ -141,6 +162,7 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
             format!("host/{stamp}"),
             format!("host/{stamp}/plot.svg"),
             format!("host/{stamp}/report.md"),
+            format!("host/{stamp}/resnet8_cifar10.int8.onnx"),
             format!("host/{stamp}/resnet8_cifar10.pruned.onnx"),
             format!("host/{stamp}/results.json"),
         ]

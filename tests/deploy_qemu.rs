@@ -76,7 +76,7 @@ fn deploy_qemu_aarch64_runs_ort_cpu_and_matches_the_host() {
     let args = deploy_args("qemu-aarch64", 5, dir.path(), &[]);
     let r = run_env(None, &args, &[("WHITTLE_RUNNER", Some(&runner))]).ok();
     let rows = r.rows("resnet8_cifar10");
-    assert_eq!(rows.len(), 2, "{}", r.dump());
+    assert_eq!(rows.len(), 3, "{}", r.dump());
     assert!(
         r.stderr.contains("qemu-aarch64 -L /usr/aarch64-linux-gnu"),
         "stderr should name the emulated runner's command\n{}",

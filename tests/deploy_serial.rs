@@ -188,7 +188,7 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     let reports = dir.path().join("reports");
     let r = run(&deploy_args(&s(&target), 5, &reports, &[])).ok();
     let rows = r.rows("resnet8_cifar10");
-    assert_eq!(rows.len(), 2, "{}", r.dump());
+    assert_eq!(rows.len(), 3, "{}", r.dump());
     assert!(
         r.stderr.contains(&format!(
             "runner: whittle-runner {} on {} at 2000000 baud, uploads in {}",
@@ -202,7 +202,7 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     assert!(!r.stderr.contains("dropped"), "{}", r.dump());
 
     let report = report_dir(&reports.join("serial-pty"), &r);
-    // What went over the line: both models, intact, and no partial file left.
+    // What went over the line: the models, intact, and no partial file left.
     assert_eq!(
         std::fs::read(uploads.join("resnet8_cifar10.onnx")).unwrap(),
         std::fs::read(resnet8()).unwrap()
@@ -226,7 +226,7 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
     assert_rows_match_host_runner(&report, &results, &s(&lib), 1e-6, "over serial");
     // The plot holds one point per row, as on every transport.
     let svg = std::fs::read_to_string(report.join("plot.svg")).unwrap();
-    assert_eq!(svg.matches("<circle ").count(), 2, "{svg}");
+    assert_eq!(svg.matches("<circle ").count(), 3, "{svg}");
     assert!(
         runner.stderr().contains("listening on"),
         "{}",

@@ -197,7 +197,7 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     let reports = sshd.path("reports");
     let r = deploy(&target, &reports).ok();
     let rows = r.rows("resnet8_cifar10");
-    assert_eq!(rows.len(), 2, "{}", r.dump());
+    assert_eq!(rows.len(), 3, "{}", r.dump());
     let board = sshd.path("board");
     assert!(
         r.stderr.contains(&format!(
@@ -210,7 +210,7 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
         r.dump()
     );
 
-    // What scp put on the "board": the runner (executable) and both models.
+    // What scp put on the "board": the runner (executable) and the models.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -235,7 +235,7 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
             .lines()
             .filter(|l| l.starts_with("resnet8_cifar10"))
             .count(),
-        2,
+        3,
         "{}",
         r2.dump()
     );

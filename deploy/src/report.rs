@@ -33,6 +33,8 @@ pub struct Results<C> {
     pub timing_note: Option<String>,
     /// The compression of the main job, when it ran.
     pub compression: Option<C>,
+    /// The main job's INT8 quantization, when it ran.
+    pub quantization: Option<C>,
     /// What happened to the link (serial: drops, reopenings, resumed uploads), one line each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub link_events: Vec<String>,
@@ -76,6 +78,9 @@ pub struct Row {
     pub load_ms: Option<f64>,
     /// Milliseconds of the first run in the runner, apart from the timed runs.
     pub first_run_ms: Option<f64>,
+    /// For a quantized model, why (part of) it ran in float on this runtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs_in_float: Option<String>,
 }
 
 /// One output checksum from the runner (see [`crate::protocol::output_checksum`]).
@@ -224,6 +229,25 @@ fn markdown<C>(results: &Results<C>, held_out: usize, table: &str, unplotted: us
         "\nStartup, apart from the timed runs: session creation (with TensorRT and no cached engine, the engine build) and the first run.\n\n| model | runtime | EP | session ms | first run ms |\n|---|---|---|---|---|\n{}",
         startup_rows.concat()
     );
+    let in_float: Vec<String> = results
+        .rows
+        .iter()
+        .filter_map(|r| {
+            let why = r.runs_in_float.as_ref()?;
+            Some(format!(
+                "- {} ({}) on {}: {why}\n",
+                r.model, r.variant, r.bench.runtime
+            ))
+        })
+        .collect();
+    let startup = if in_float.is_empty() {
+        startup
+    } else {
+        format!(
+            "{startup}\nQuantized models that ran (partly) in float:\n\n{}",
+            in_float.concat()
+        )
+    };
     let unplotted = if unplotted > 0 {
         format!(" ({unplotted} rows without an agreement are not plotted)")
     } else {
@@ -279,6 +303,7 @@ mod tests {
             outputs: Vec::new(),
             load_ms: Some(12.34),
             first_run_ms: None,
+            runs_in_float: None,
         }
     }
 
@@ -290,6 +315,7 @@ mod tests {
             started: "20260101-000000".into(),
             timing_note: Some("timings are emulated".into()),
             compression: None,
+            quantization: None,
             link_events: vec!["the link dropped".into()],
             complete: true,
             rows,

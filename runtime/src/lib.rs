@@ -31,7 +31,7 @@ pub use bench::{
 };
 pub use error::Error;
 pub use ort_lib::{ORT_VERSION, init_ort, init_ort_from, locate_ort_library};
-pub use ort_session::ort_cpu_kernels;
+pub use ort_session::{is_quantized, ort_cpu_kernels, runs_in_float};
 pub use rss::peak_rss_bytes;
 pub use session::{
     Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, declared_inputs, load,

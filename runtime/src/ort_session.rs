@@ -151,6 +151,10 @@ fn accelerated_session(
     let requested = kind.provider_name();
     let (short, available, dispatch) = if kind == RuntimeKind::OrtTensorRt {
         let mut trt = ep::TensorRT::default().with_fp16(opts.tensorrt_fp16.unwrap_or(true));
+        // a QDQ model is TensorRT's explicit quantization: its int8 precision must be on
+        if is_quantized(model_bytes) {
+            trt = trt.with_int8(true);
+        }
         if let Some(bytes) = opts.tensorrt_workspace_bytes {
             trt = trt.with_max_workspace_size(bytes);
         }
@@ -341,6 +345,47 @@ fn from_ort(value: &DynValue, name: &str) -> Result<Value, Error> {
         }
     };
     Ok(out)
+}
+
+/// Whether a model is quantized: QuantizeLinear / DequantizeLinear, QLinear* or *Integer* ops
+/// (false for bytes that do not decode).
+pub fn is_quantized(model_bytes: &[u8]) -> bool {
+    use prost::Message as _;
+    whittle_core::onnx::ModelProto::decode(model_bytes).is_ok_and(|m| {
+        m.graph.unwrap_or_default().node.iter().any(|n| {
+            let op = n.op_type();
+            matches!(op, "QuantizeLinear" | "DequantizeLinear")
+                || op.starts_with("QLinear")
+                || op.contains("Integer")
+        })
+    })
+}
+
+/// For a quantized model, why (part of) it runs in float on `kind`, where whittle can tell:
+/// tract runs QDQ models in float; ONNX Runtime's CPU provider runs a DequantizeLinear it could
+/// not fuse in float. `None` for a float model, an int8 model that fused, or another runtime.
+pub fn runs_in_float(kind: crate::RuntimeKind, model_bytes: &[u8]) -> Option<String> {
+    if !is_quantized(model_bytes) {
+        return None;
+    }
+    match kind {
+        crate::RuntimeKind::Tract => Some(
+            "a quantized model: tract runs its QuantizeLinear / DequantizeLinear in float".into(),
+        ),
+        crate::RuntimeKind::OrtCpu => {
+            let unfused = ort_cpu_kernels(model_bytes)
+                .ok()?
+                .get("DequantizeLinear")
+                .copied()
+                .unwrap_or(0);
+            (unfused > 0).then(|| {
+                format!(
+                    "ONNX Runtime left {unfused} DequantizeLinear unfused: those parts run in float"
+                )
+            })
+        }
+        _ => None,
+    }
 }
 
 /// The operators ONNX Runtime's CPU provider runs after its graph optimisations (level 2, where

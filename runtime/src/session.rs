@@ -22,7 +22,8 @@ pub enum RuntimeKind {
     OrtCpu,
     /// ONNX Runtime with the CUDA execution provider (`ort-cuda`).
     OrtCuda,
-    /// ONNX Runtime with the TensorRT execution provider, fp16 enabled (`ort-tensorrt`).
+    /// ONNX Runtime with the TensorRT execution provider, fp16 enabled, and int8 for a quantized
+    /// (QDQ) model (`ort-tensorrt`).
     OrtTensorRt,
     /// tract, the pure-Rust inference engine (`tract`).
     Tract,

@@ -223,8 +223,8 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
-/// The rows of a `whittle deploy` of the bundled ResNet-8 (`results.json` in `report`, original and
-/// pruned on ort-cpu, 5 timed runs): the CPU provider ran without fallback, agreement as expected,
+/// The rows of a `whittle deploy` of the bundled ResNet-8 (`results.json` in `report`, original,
+/// pruned and int8 on ort-cpu, 5 timed runs): the CPU provider ran without fallback, agreement as expected,
 /// and each row's output checksums equal those of the host runner run directly on the same model
 /// (within `rel_tol`; `how` names the board side in the message; `ort_library` is passed to the
 /// host runner, empty for its default).
@@ -237,7 +237,7 @@ pub fn assert_rows_match_host_runner(
 ) {
     use whittle_deploy::transport::{Local, ModelSource, RunRequest, Transport};
     let jrows = results["rows"].as_array().unwrap();
-    assert_eq!(jrows.len(), 2, "{results:#}");
+    assert_eq!(jrows.len(), 3, "{results:#}");
     let mut host = Local::find_runner()
         .map(Local::new)
         .unwrap_or_else(|e| panic!("the host runner: {e}"));

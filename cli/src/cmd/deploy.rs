@@ -78,7 +78,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     let ds = Dataset::open(&data)?;
     // the main job: compress the bundled model with the default recipe, calibrating on one half
     // of the data and judging on the other
-    let (variants, compression, eval_idx) = if a.models.is_empty() {
+    let (variants, (compression, quantization), eval_idx) = if a.models.is_empty() {
         let original = root.join("models/resnet8_cifar10.onnx");
         let out = dir.join("resnet8_cifar10.pruned.onnx");
         let recipe = root.join("recipes/default.toml");
@@ -92,12 +92,33 @@ pub fn run(a: Args) -> Result<Outcome> {
         for w in &summary.warnings {
             eprintln!("warning: {w}");
         }
+        // INT8 alone, calibrated on the same split
+        let int8_out = dir.join("resnet8_cifar10.int8.onnx");
+        let int8_recipe = root.join("recipes/int8.toml");
+        eprintln!(
+            "quantizing {} with {}",
+            original.display(),
+            int8_recipe.display()
+        );
+        let args = super::compress::with_recipe(&original, &int8_out, &data, &int8_recipe)?;
+        let int8 = super::compress::execute(&args)?.context("quantization wrote nothing")?;
+        for w in &int8.warnings {
+            eprintln!("warning: int8: {w}");
+        }
+        anyhow::ensure!(
+            int8.held_apart == summary.held_apart,
+            "the two compressions split the data differently"
+        );
         // judge on the images compress held apart
         let hold = summary.held_apart.clone();
         let label = format!("pruned ({})", summary.target().unwrap_or("recipe"));
         (
-            vec![("original".to_string(), original.clone()), (label, out)],
-            Some(summary),
+            vec![
+                ("original".to_string(), original.clone()),
+                (label, out),
+                ("int8".to_string(), int8_out),
+            ],
+            (Some(summary), Some(int8)),
             hold,
         )
     } else {
@@ -106,7 +127,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             .iter()
             .map(|m| ("given".to_string(), m.clone()))
             .collect();
-        (v, None, (0..ds.len()).collect())
+        (v, (None, None), (0..ds.len()).collect())
     };
     let reference = variants[0].1.clone();
     let pre = super::resolve_profile(a.profile.as_deref(), &reference, &data)?;
@@ -122,6 +143,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         started: started.clone(),
         timing_note: timing_note.clone(),
         compression,
+        quantization,
         link_events: Vec::new(),
         complete: false,
         rows: Vec::new(),
@@ -212,6 +234,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                 bench,
                 load_ms,
                 first_run_ms,
+                runs_in_float: whittle_runtime::runs_in_float(rt, &bytes),
             });
             results.link_events = runner.link_events();
             save(&results)?;
@@ -231,6 +254,11 @@ pub fn run(a: Args) -> Result<Outcome> {
         outln!("{}", serde_json::to_string(&results)?);
     } else {
         out!("{table}");
+        for r in &results.rows {
+            if let Some(why) = &r.runs_in_float {
+                eprintln!("note: {} on {}: {why}", r.model, r.bench.runtime);
+            }
+        }
         if let Some(n) = &timing_note {
             eprintln!("note: {n}");
         }
