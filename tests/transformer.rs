@@ -33,10 +33,8 @@ fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
     for replace in [true, false] {
         let out = dir.path().join(format!("drop3_{replace}.onnx"));
         let flags = "--calib {} --calib-items 512 --holdout-items 0 --drop-blocks 3 --json";
-        let linear = if replace { " --linear-replace" } else { "" };
-        let j = compress(&m, &out, &(flags.to_string() + linear), &[&calib])
-            .ok()
-            .json();
+        let flags = and_if(flags, replace, "--linear-replace");
+        let j = compress(&m, &out, &flags, &[&calib]).ok().json();
         let d = &j["drop_blocks"];
         assert_eq!(d["removed"].as_array().unwrap().len(), 3, "{d}");
         assert_eq!(d["linear_replace"], replace, "{d}");

@@ -182,6 +182,15 @@ pub fn cli(line: &str, vals: &[&dyn AsRef<OsStr>]) -> Run {
     run(&argv(line, vals))
 }
 
+/// The words of `flags`, then `extra` where `on`: `and_if("--json", aware, "--data-aware")`.
+pub fn and_if(flags: &str, on: bool, extra: &str) -> String {
+    if on {
+        format!("{flags} {extra}")
+    } else {
+        flags.to_string()
+    }
+}
+
 /// `whittle compress MODEL -o OUT` then the words of `flags`, each `{}` one of `vals` (see
 /// [`argv`]): `compress(&model, &out, "--calib {} --target macs=0.5", &[&data])`.
 pub fn compress(model: &Path, out: &Path, flags: &str, vals: &[&dyn AsRef<OsStr>]) -> Run {
