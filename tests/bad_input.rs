@@ -5,15 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use prost::Message;
-use whittle_core::onnx::{AttributeProto, ModelProto, attribute_proto};
-
-/// A temp folder holding a copy of ResNet-8 as `m.onnx`.
-fn with_resnet8() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m.onnx");
-    std::fs::copy(resnet8(), &m).unwrap();
-    (dir, m)
-}
+use whittle_core::onnx::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, attribute_proto,
+};
 
 /// Run in `dir` and assert the listing of `dir` did not change.
 fn run_writes_nothing(dir: &Path, args: &[String]) -> Run {
@@ -26,6 +20,20 @@ fn run_writes_nothing(dir: &Path, args: &[String]) -> Run {
         r.dump()
     );
     r
+}
+
+/// A graph `name` of `nodes` (and `weights`) from the input `x` [1,4] to the output `y` [1,4].
+fn x_to_y(name: &str, nodes: Vec<NodeProto>, weights: Vec<TensorProto>) -> GraphProto {
+    let (x, y) = (value_info("x", &["1", "4"]), value_info("y", &["1", "4"]));
+    graph(name, nodes, vec![x], vec![y], weights)
+}
+
+/// A temp folder holding `<name>.onnx`: [`x_to_y`] of `nodes`, no weights.
+fn folder_with_graph(name: &str, nodes: Vec<NodeProto>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let g = x_to_y(name, nodes, vec![]);
+    write_model(&dir.path().join(format!("{name}.onnx")), &model(g, &[]));
+    dir
 }
 
 fn args(a: &[&str]) -> Vec<String> {
@@ -102,15 +110,13 @@ fn fancy_op_model(path: &Path) {
         r#type: Some(attribute_proto::AttributeType::String as i32),
         ..Default::default()
     });
-    let g = graph(
+    let g = x_to_y(
         "fancy",
         vec![
             node("relu_in", "Relu", &["x"], &["a"]),
             fancy,
             node("relu_out", "Relu", &["b"], &["y"]),
         ],
-        vec![value_info("x", &["1", "4"])],
-        vec![value_info("y", &["1", "4"])],
         vec![],
     );
     write_model(path, &model(g, &[("com.example", 1)]));
@@ -123,12 +129,7 @@ fn unknown_op_is_listed_and_kept() {
     fancy_op_model(&m);
     let r = run(&["inspect", "--json", &s(&m)]).ok();
     let v = r.json();
-    let unknown: Vec<&str> = v["unknown_ops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap())
-        .collect();
+    let unknown = list(&v["unknown_ops"], |x| x.as_str());
     assert_eq!(unknown, vec!["com.example:FancyOp"], "{}", r.dump());
     assert_eq!(v["ops"]["com.example:FancyOp"].as_u64(), Some(1));
     assert_eq!(v["ops"]["Relu"].as_u64(), Some(2));
@@ -173,11 +174,9 @@ fn external_model(root: &Path, location: &str) -> PathBuf {
         .collect();
     std::fs::write(root.join("escape.bin"), &data).unwrap();
     std::fs::write(md.join("inside.bin"), &data).unwrap();
-    let g = graph(
+    let g = x_to_y(
         "ext",
         vec![node("add", "Add", &["x", "W"], &["y"])],
-        vec![value_info("x", &["1", "4"])],
-        vec![value_info("y", &["1", "4"])],
         vec![tensor_external("W", &[4], location, 16)],
     );
     let p = md.join("m.onnx");
@@ -375,19 +374,14 @@ fn convert_into_a_missing_folder_states_the_cause_once() {
 
 #[test]
 fn graph_with_a_cycle_names_a_node_on_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let g = graph(
+    let dir = folder_with_graph(
         "cycle",
         vec![
             node("loop_a", "Add", &["x", "t2"], &["t1"]),
             node("loop_b", "Relu", &["t1"], &["t2"]),
             node("tail", "Relu", &["t2"], &["y"]),
         ],
-        vec![value_info("x", &["1", "4"])],
-        vec![value_info("y", &["1", "4"])],
-        vec![],
     );
-    write_model(&dir.path().join("cycle.onnx"), &model(g, &[]));
     for cmd in [
         args(&["inspect", "cycle.onnx"]),
         args(&["convert", "cycle.onnx", "-o", "out.onnx"]),
@@ -404,18 +398,13 @@ fn graph_with_a_cycle_names_a_node_on_it() {
 
 #[test]
 fn node_reading_a_tensor_nothing_produces_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let g = graph(
+    let dir = folder_with_graph(
         "dangling",
         vec![
             node("first", "Relu", &["x"], &["a"]),
             node("reader", "Add", &["a", "ghost"], &["y"]),
         ],
-        vec![value_info("x", &["1", "4"])],
-        vec![value_info("y", &["1", "4"])],
-        vec![],
     );
-    write_model(&dir.path().join("dangling.onnx"), &model(g, &[]));
     let r = run_writes_nothing(dir.path(), &args(&["inspect", "dangling.onnx"]));
     r.error(&["'reader'", "'ghost'", "nothing produces"]);
 }

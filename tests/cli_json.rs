@@ -31,20 +31,9 @@ fn inspect_json_is_one_object() {
     );
 }
 
-fn bench_json(runtime: &str, extra: &[&str]) -> Run {
-    let mut a = vec![
-        "bench".to_string(),
-        m(),
-        "--runtime".into(),
-        runtime.into(),
-        "--iters".into(),
-        "5".into(),
-        "--warmup".into(),
-        "1".into(),
-        "--json".into(),
-    ];
-    a.extend(extra.iter().map(|x| x.to_string()));
-    run(&a)
+fn bench_json(runtime: &str, extra: &str) -> Run {
+    let line = "bench {} --iters 5 --warmup 1 --json --runtime";
+    cli(&format!("{line} {runtime} {extra}"), &[&m()])
 }
 
 fn check_bench(r: &Run, runtime: &str, requested: &str, actual: &str, fallback: bool) {
@@ -85,7 +74,7 @@ fn check_bench(r: &Run, runtime: &str, requested: &str, actual: &str, fallback: 
 
 #[test]
 fn bench_json_ort_cpu() {
-    let r = bench_json("ort-cpu", &[]).ok();
+    let r = bench_json("ort-cpu", "").ok();
     check_bench(
         &r,
         "ort-cpu",
@@ -98,13 +87,13 @@ fn bench_json_ort_cpu() {
 
 #[test]
 fn bench_json_tract() {
-    let r = bench_json("tract", &[]).ok();
+    let r = bench_json("tract", "").ok();
     check_bench(&r, "tract", "tract", "tract", false);
 }
 
 #[test]
 fn bench_json_with_a_fixed_batch() {
-    let r = bench_json("ort-cpu", &["--input", "input=2x3x32x32"]).ok();
+    let r = bench_json("ort-cpu", "--input input=2x3x32x32").ok();
     assert_eq!(
         r.json()["input_shapes"],
         serde_json::json!([["input", [2, 3, 32, 32]]])
@@ -119,7 +108,7 @@ fn expect_cuda() -> bool {
 
 #[test]
 fn bench_ort_cuda_without_fallback_fails_naming_cuda() {
-    let r = bench_json("ort-cuda", &[]);
+    let r = bench_json("ort-cuda", "");
     if expect_cuda() {
         check_bench(
             &r.ok(),
@@ -141,7 +130,7 @@ fn bench_ort_cuda_without_fallback_fails_naming_cuda() {
 
 #[test]
 fn bench_ort_cuda_with_fallback_says_so() {
-    let r = bench_json("ort-cuda", &["--allow-fallback"]).ok();
+    let r = bench_json("ort-cuda", "--allow-fallback").ok();
     if expect_cuda() {
         check_bench(
             &r,
@@ -165,36 +154,22 @@ fn bench_ort_cuda_with_fallback_says_so() {
         .to_string();
     assert!(reason.contains("CUDA"), "{}", r.dump());
     // The table form says it too (on stderr, so the table stays parseable).
-    let t = run(&[
-        "bench",
-        &m(),
-        "--runtime",
-        "ort-cuda",
-        "--allow-fallback",
-        "--iters",
-        "2",
-        "--warmup",
-        "0",
-    ])
-    .ok();
-    assert!(t.stdout.contains("(fallback)"), "{}", t.dump());
-    assert!(t.stderr.contains("fell back"), "{}", t.dump());
+    let table = "bench {} --runtime ort-cuda --allow-fallback --iters 2 --warmup 0";
+    let t = cli(table, &[&m()]).ok();
+    t.stdout_has("(fallback)");
+    t.stderr_has("fell back");
+}
+
+/// `whittle verify` of ResNet-8 against itself on 20 bundled images, `--json`, then `extra`.
+fn verify_json(extra: &str) -> Run {
+    let data = repo_root().join("data/cifar10");
+    let line = "verify {} {} --data {} --limit 20 --json";
+    cli(&format!("{line} {extra}"), &[&m(), &m(), &data])
 }
 
 #[test]
 fn verify_json_is_one_object() {
-    let data = s(&repo_root().join("data/cifar10"));
-    let r = run(&[
-        "verify",
-        &m(),
-        &m(),
-        "--data",
-        &data,
-        "--limit",
-        "20",
-        "--json",
-    ])
-    .ok();
+    let r = verify_json("").ok();
     let v = r.json();
     assert_eq!(v["items"].as_u64(), Some(20), "{}", r.dump());
     assert_eq!(v["runtime"].as_str(), Some("ort-cpu"));
@@ -215,20 +190,7 @@ fn verify_json_is_one_object() {
 
 #[test]
 fn verify_json_tract() {
-    let data = s(&repo_root().join("data/cifar10"));
-    let r = run(&[
-        "verify",
-        &m(),
-        &m(),
-        "--data",
-        &data,
-        "--limit",
-        "20",
-        "--runtime",
-        "tract",
-        "--json",
-    ])
-    .ok();
+    let r = verify_json("--runtime tract").ok();
     let v = r.json();
     assert_eq!(v["runtime"].as_str(), Some("tract"), "{}", r.dump());
     assert_eq!(v["outputs"][0]["max_abs_diff"].as_f64(), Some(0.0));

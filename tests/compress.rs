@@ -6,11 +6,7 @@ use std::path::Path;
 use crate::common::*;
 
 fn macs(model: &Path) -> f64 {
-    run(&["inspect", &s(model), "--json", "--brief"])
-        .ok()
-        .json()["macs"]
-        .as_f64()
-        .unwrap()
+    inspect_json(model, &[])["macs"].as_f64().unwrap()
 }
 
 #[test]
@@ -31,20 +27,8 @@ fn every_shared_cnn_prunes_at_30_percent_and_runs_in_both_runtimes() {
         let data = npy(dir.path(), &format!("{name}.npy"), 8, item, lo, hi);
         let out = dir.path().join(format!("{name}.pruned.onnx"));
         // fast settings: weight norms, no data needed
-        let j = run(&[
-            "compress",
-            &s(&m),
-            "-o",
-            &s(&out),
-            "--target",
-            "macs=0.7",
-            "--importance",
-            "l2",
-            "--no-reconstruct",
-            "--json",
-        ])
-        .ok()
-        .json();
+        let flags = "--target macs=0.7 --importance l2 --no-reconstruct --json";
+        let j = compress(&m, &out, flags, &[]).ok().json();
         let kept = j["macs_kept"].as_f64().unwrap();
         assert!(kept <= 0.7 + 1e-6 && kept > 0.3, "{name}: {kept}");
         assert!(
@@ -53,16 +37,10 @@ fn every_shared_cnn_prunes_at_30_percent_and_runs_in_both_runtimes() {
         );
         for rt in ["ort-cpu", "tract"] {
             // verify loads both, checks the interfaces and output shapes match, and runs them
-            let v = run(&[
-                "verify",
-                &s(&m),
-                &s(&out),
-                "--data",
-                &s(&data),
-                "--runtime",
-                rt,
-                "--json",
-            ])
+            let v = cli(
+                "verify {} {} --data {} --runtime {} --json",
+                &[&m, &out, &data, &rt],
+            )
             .ok()
             .json();
             assert_eq!(v["items"], 8, "{name} {rt}");
@@ -78,96 +56,46 @@ fn resnet8_at_25_percent_keeps_80_percent_agreement_on_unseen_images() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r8.onnx");
-    let j = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&calib),
-        "--target",
-        "macs=0.75",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let r8 = resnet8();
+    let at_75 = |out: &Path, flags: &str| {
+        let flags = flags.to_owned() + " --calib {} --target macs=0.75";
+        compress(&r8, out, &flags, &[&calib]).ok()
+    };
+    let agreement = |out: &Path| {
+        let v = cli("verify {} {} --data {} --json", &[&r8, &out, &eval]);
+        v.ok().json()["outputs"][0]["top1_agreement"]
+            .as_f64()
+            .unwrap()
+    };
+    let j = at_75(&out, "--json").json();
     assert!(j["macs_kept"].as_f64().unwrap() <= 0.75 + 1e-6);
     assert_eq!(j["prune_channels"]["reconstructed"], true);
-    let v = run(&[
-        "verify",
-        &s(&resnet8()),
-        &s(&out),
-        "--data",
-        &s(&eval),
-        "--json",
-    ])
-    .ok()
-    .json();
-    let agreement = v["outputs"][0]["top1_agreement"].as_f64().unwrap();
-    assert!(agreement >= 0.80, "top-1 agreement {agreement} on test-a");
+    let agreed = agreement(&out);
+    assert!(agreed >= 0.80, "top-1 agreement {agreed} on test-a");
     // and reconstruction is what gets it there
     let raw = dir.path().join("r8_raw.onnx");
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&raw),
-        "--calib",
-        &s(&calib),
-        "--target",
-        "macs=0.75",
-        "--no-reconstruct",
-    ])
-    .ok();
-    let v2 = run(&[
-        "verify",
-        &s(&resnet8()),
-        &s(&raw),
-        "--data",
-        &s(&eval),
-        "--json",
-    ])
-    .ok()
-    .json();
-    assert!(v2["outputs"][0]["top1_agreement"].as_f64().unwrap() < agreement);
+    at_75(&raw, "--no-reconstruct");
+    assert!(agreement(&raw) < agreed);
 }
 
 #[test]
 fn explain_lists_groups_and_why_some_are_frozen() {
     let r = run(&["compress", &s(&resnet8()), "--explain"]).ok();
-    assert!(r.stdout.contains("prunable"), "{}", r.dump());
-    assert!(
-        r.stdout.contains("frozen: a softmax over the channels"),
-        "{}",
-        r.dump()
-    );
+    r.stdout_has("prunable");
+    r.stdout_has("frozen: a softmax over the channels");
     let Some(m) = asset("models/resnet_large_cifar10.onnx") else {
         return;
     };
     let r = run(&["compress", &s(&m), "--explain"]).ok();
-    assert!(
-        r.stdout
-            .contains("frozen: padding or slicing on the channel axis"),
-        "{}",
-        r.dump()
-    );
+    r.stdout_has("frozen: padding or slicing on the channel axis");
 }
 
 #[test]
 fn unreachable_budget_names_the_smallest_reachable() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.onnx");
-    let r = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--target",
-        "macs=0.01",
-        "--importance",
-        "l2",
-        "--no-reconstruct",
-    ]);
+    let flags = "--target macs=0.01 --importance l2 --no-reconstruct";
+    let r = compress(&resnet8(), &out, flags, &[]);
     r.error(&["macs=0.01", "unreachable", "smallest reachable is macs=0."]);
     assert!(listing(dir.path()).is_empty(), "nothing written");
 }
@@ -187,16 +115,8 @@ fn a_model_with_nothing_prunable_says_so_and_writes_nothing() {
     let m = dir.path().join("m.onnx");
     write_model(&m, &model(g, &[]));
     let out = dir.path().join("out.onnx");
-    run(&[
-        "compress",
-        &s(&m),
-        "-o",
-        &s(&out),
-        "--importance",
-        "l2",
-        "--no-reconstruct",
-    ])
-    .error(&["nothing to prune", "graph output 'y'"]);
+    compress(&m, &out, "--importance l2 --no-reconstruct", &[])
+        .error(&["nothing to prune", "graph output 'y'"]);
     assert!(!out.exists());
 }
 
@@ -205,34 +125,15 @@ fn calibration_items_of_the_wrong_shape_name_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let data = npy(dir.path(), "bad.npy", 4, &[3, 16, 16], -1.0, 1.0);
     let out = dir.path().join("out.onnx");
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&data),
-    ])
-    .error(&["[3,32,32]", "[3,16,16]"]);
+    compress(&resnet8(), &out, "--calib {}", &[&data]).error(&["[3,32,32]", "[3,16,16]"]);
     assert!(!out.exists());
 }
 
 #[test]
 fn output_equal_to_input_is_refused_before_any_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m.onnx");
-    std::fs::copy(resnet8(), &m).unwrap();
+    let (_dir, m) = with_resnet8();
     let before = std::fs::read(&m).unwrap();
-    run(&[
-        "compress",
-        &s(&m),
-        "-o",
-        &s(&m),
-        "--importance",
-        "l2",
-        "--no-reconstruct",
-    ])
-    .error(&["is the input model"]);
+    compress(&m, &m, "--importance l2 --no-reconstruct", &[]).error(&["is the input model"]);
     assert_eq!(std::fs::read(&m).unwrap(), before);
 }
 
@@ -240,27 +141,11 @@ fn output_equal_to_input_is_refused_before_any_work() {
 fn bad_flags_fail_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.onnx");
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--target",
-        "macs=1.5",
-    ])
-    .error(&["fraction"]);
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--target",
-        "latency=0.5",
-        "--latency-table",
-        "no-such-table.json",
-    ])
-    .error(&["latency table no-such-table.json"]);
-    run(&["compress", &s(&resnet8()), "-o", &s(&out)]).error(&["--calib"]);
+    let r8 = |flags: &str| compress(&resnet8(), &out, flags, &[]);
+    r8("--target macs=1.5").error(&["fraction"]);
+    r8("--target latency=0.5 --latency-table no-such-table.json")
+        .error(&["latency table no-such-table.json"]);
+    r8("").error(&["--calib"]);
     assert!(listing(dir.path()).is_empty());
 }
 
@@ -270,17 +155,15 @@ fn a_recipe_holds_the_flags_and_unknown_keys_are_refused() {
     let recipe = dir.path().join("r.toml");
     std::fs::write(&recipe, "[[step]]\nmethod = \"prune_channels\"\ntarget = \"params=0.9\"\nimportance = \"l1\"\nreconstruct = false\nsensitivity = false\n").unwrap();
     let out = dir.path().join("o.onnx");
-    let j = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--recipe",
-        &s(&recipe),
-        "--json",
-    ])
-    .ok()
-    .json();
+    let with_recipe = |out: &Path, flags: &str| {
+        compress(
+            &resnet8(),
+            out,
+            &(flags.to_owned() + " --recipe {}"),
+            &[&recipe],
+        )
+    };
+    let j = with_recipe(&out, "--json").ok().json();
     let (before, after) = (
         j["params"][0].as_f64().unwrap(),
         j["params"][1].as_f64().unwrap(),
@@ -296,32 +179,12 @@ fn a_recipe_holds_the_flags_and_unknown_keys_are_refused() {
     )
     .unwrap();
     let out2 = dir.path().join("o2.onnx");
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out2),
-        "--recipe",
-        &s(&recipe),
-    ])
-    .error(&["colour", "r.toml"]);
+    with_recipe(&out2, "").error(&["colour", "r.toml"]);
     assert!(!out2.exists());
     // the old form (a section per method) is refused with the recipe written as steps
     std::fs::write(&recipe, "[prune_channels]\ntarget = \"params=0.9\"\n").unwrap();
-    let r = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out2),
-        "--recipe",
-        &s(&recipe),
-    ]);
+    let r = with_recipe(&out2, "");
     r.error(&["old form", "[[step]]"]);
-    assert!(
-        r.stderr
-            .contains("[[step]]\nmethod = \"prune_channels\"\ntarget = \"params=0.9\""),
-        "{}",
-        r.dump()
-    );
+    r.stderr_has("[[step]]\nmethod = \"prune_channels\"\ntarget = \"params=0.9\"");
     assert!(!out2.exists());
 }

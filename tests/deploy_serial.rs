@@ -309,7 +309,7 @@ fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() 
     }
     .ok();
     let dropped = "the link dropped during the upload of resnet8_cifar10.onnx with ";
-    assert!(r.stderr.contains(dropped), "{}", r.dump());
+    r.stderr_has(dropped);
     let resumed = "resumed the upload of resnet8_cifar10.onnx at byte ";
     let line = r
         .stderr
@@ -360,19 +360,8 @@ fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() 
     assert_eq!(rows[0]["bench"]["stats"]["iters"].as_u64(), Some(5));
     let lib = locate_ort_library().expect("ONNX Runtime");
     let mut host = whittle_deploy::transport::Local::from_env().unwrap();
-    use whittle_deploy::transport::{ModelSource, RunRequest, Transport};
-    let mut req = RunRequest::new(
-        1,
-        "resnet8",
-        ModelSource::Path(model.clone()),
-        whittle_runtime::RuntimeKind::OrtCpu,
-    );
-    req.bench = whittle_runtime::BenchConfig {
-        warmup: 0,
-        iters: 1,
-        max_seconds: None,
-    };
-    req.ort_library = Some(lib.clone());
+    use whittle_deploy::transport::Transport;
+    let req = one_run_request("resnet8", &model, Some(lib.clone()));
     let expected = host.request(&req, &mut |_, _| {}).unwrap().outputs;
     host.close().unwrap();
     let got = rows[0]["outputs"].as_array().unwrap();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn sigint_after(args: &[String], after: Duration) -> i32 {
+fn sigint_after(args: &[std::ffi::OsString], after: Duration) -> i32 {
     let mut child = Command::new(whittle())
         .args(args)
         .current_dir(repo_root())
@@ -31,13 +31,7 @@ fn r8_sigint_while_writing_leaves_no_partial_file() {
     {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.onnx");
-        let args = vec![
-            "convert".to_string(),
-            s(&m),
-            "-o".into(),
-            s(&out),
-            "--external-data".into(),
-        ];
+        let args = argv("convert {} -o {} --external-data", &[&m, &out]);
         let code = sigint_after(&args, Duration::from_millis(ms));
         let files = listing(dir.path());
         assert!(
@@ -53,27 +47,15 @@ fn r8_sigint_while_writing_leaves_no_partial_file() {
 
 #[test]
 fn r8_sigint_during_compress_writes_nothing() {
-    let (Some(m), Some(data)) = (
-        asset("models/efficientnet_lite0_224.onnx"),
-        asset("data/imagenet"),
-    ) else {
+    let Some((m, data)) = lite0_and_photos() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
-    let args: Vec<String> = [
-        "compress",
-        &s(&m),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&data),
-        "--profile",
-        "efficientnet",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    let args = argv(
+        "compress {} -o {} --calib {} --profile efficientnet",
+        &[&m, &out, &data],
+    );
     let code = sigint_after(&args, Duration::from_millis(1500));
     assert_eq!(code, 130, "interrupted runs exit 130");
     assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));

@@ -5,18 +5,9 @@
 use crate::common::*;
 
 fn agreement(original: &std::path::Path, candidate: &std::path::Path) -> f64 {
-    let j = run(&[
-        "verify",
-        &s(original),
-        &s(candidate),
-        "--data",
-        &s(&asset("data/cifar10/test-a").expect("test-a")),
-        "--profile",
-        "resnet-large",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let data = asset("data/cifar10/test-a").expect("test-a");
+    let line = "verify {} {} --data {} --profile resnet-large --json";
+    let j = cli(line, &[&original, &candidate, &data]).ok().json();
     j["outputs"][0]["top1_agreement"].as_f64().unwrap()
 }
 
@@ -30,24 +21,9 @@ fn resnet56_at_30_percent_keeps_85_percent_agreement_data_aware() {
     let mut agree = vec![];
     for data_aware in [true, false] {
         let out = dir.path().join(format!("r56.{data_aware}.onnx"));
-        let mut args = vec![
-            "compress".to_string(),
-            s(&m),
-            "-o".into(),
-            s(&out),
-            "--calib".into(),
-            s(&calib),
-            "--profile".into(),
-            "resnet-large".into(),
-            "--low-rank".into(),
-            "--target".into(),
-            "macs=0.7".into(),
-            "--json".into(),
-        ];
-        if data_aware {
-            args.push("--data-aware".into());
-        }
-        let j = run(&args).ok().json();
+        let flags = "--calib {} --profile resnet-large --low-rank --target macs=0.7 --json";
+        let flags = and_if(flags, data_aware, "--data-aware");
+        let j = compress(&m, &out, &flags, &[&calib]).ok().json();
         assert!(j["macs_kept"].as_f64().unwrap() <= 0.7 + 1e-6, "{j}");
         assert_eq!(j["low_rank"]["data_aware"], data_aware);
         let f = j["low_rank"]["factored"].as_array().unwrap();
@@ -69,28 +45,19 @@ fn resnet56_at_30_percent_keeps_85_percent_agreement_data_aware() {
 #[test]
 fn a_recipe_runs_low_rank_and_pruning_in_its_order() {
     let dir = tempfile::tempdir().unwrap();
-    let recipe = dir.path().join("r.toml");
-    std::fs::write(
-        &recipe,
+    let recipe = write_text(
+        dir.path(),
+        "r.toml",
         "[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs=0.9\"\nimportance = \"l2\"\nreconstruct = false\nsensitivity = false\n\n[[step]]\nmethod = \"low_rank\"\nrank_fraction = 0.5\nscheme = \"channel\"\n",
-    )
-    .unwrap();
+    );
     let out = dir.path().join("r8.onnx");
-    let j = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--recipe",
-        &s(&recipe),
-        "--json",
-    ])
-    .ok()
-    .json();
+    let j = compress(&resnet8(), &out, "--recipe {} --json", &[&recipe])
+        .ok()
+        .json();
     assert!(j["prune_channels"]["plan"].is_object(), "pruned: {j}");
     assert!(!j["low_rank"]["factored"].as_array().unwrap().is_empty());
     assert!(j["macs_kept"].as_f64().unwrap() < 0.9);
-    run(&["bench", &s(&out), "--runtime", "tract", "--iters", "2"]).ok();
+    cli("bench {} --runtime tract --iters 2", &[&out]).ok();
 }
 
 #[test]
@@ -98,30 +65,18 @@ fn bad_low_rank_requests_are_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.onnx");
     let m = resnet8();
-    let base = ["compress", &s(&m), "-o", &s(&out), "--low-rank"];
-    let with = |extra: &[&str]| {
-        let mut v: Vec<String> = base.iter().map(|x| x.to_string()).collect();
-        v.extend(extra.iter().map(|x| x.to_string()));
-        run(&v)
-    };
-    with(&["--rank", "0"]).error(&["--rank 0"]);
-    with(&["--rank-fraction", "1.5"]).error(&["not in (0, 1]"]);
-    with(&["--scheme", "diagonal"]).error(&["unknown scheme 'diagonal'"]);
-    with(&[
-        "--scheme",
-        "spatial",
-        "--data-aware",
-        "--calib",
-        "data/cifar10",
-    ])
-    .error(&["channel-wise"]);
-    with(&["--data-aware"]).error(&["--calib"]);
-    with(&["--prune-channels"]).error(&["need a recipe"]);
-    with(&["--target", "latency=0.5"]).error(&["macs= or params="]);
-    with(&["--target", "macs=0.001"]).error(&["unreachable by low rank", "smallest reachable"]);
+    let with = |flags: &str| compress(&m, &out, &format!("--low-rank {flags}"), &[]);
+    with("--rank 0").error(&["--rank 0"]);
+    with("--rank-fraction 1.5").error(&["not in (0, 1]"]);
+    with("--scheme diagonal").error(&["unknown scheme 'diagonal'"]);
+    with("--scheme spatial --data-aware --calib data/cifar10").error(&["channel-wise"]);
+    with("--data-aware").error(&["--calib"]);
+    with("--prune-channels").error(&["need a recipe"]);
+    with("--target latency=0.5").error(&["macs= or params="]);
+    with("--target macs=0.001").error(&["unreachable by low rank", "smallest reachable"]);
     assert!(listing(dir.path()).is_empty(), "nothing written");
     // a rank above some layers' full rank: those are listed as skipped, the rest factorised
-    let j = with(&["--rank", "12", "--json"]).ok().json();
+    let j = with("--rank 12 --json").ok().json();
     let skipped = j["low_rank"]["skipped"].as_array().unwrap();
     assert!(
         skipped.iter().any(|k| k["reason"]

@@ -2,34 +2,24 @@
 //! reaches names the best reachable latency, a graph with nothing to merge says so, and nothing
 //! is written in either case; a reachable budget on the VWW MobileNetV1 writes a model that runs.
 
+use std::ffi::OsStr;
+use std::path::Path;
+
 use crate::common::*;
 
-/// `whittle compress` on the VWW MobileNet with a few imagenet photos, writing `out`, then `extra`.
+/// `whittle compress` on the VWW MobileNet `m` with a few imagenet photos, writing `out`, then the
+/// words of `flags` with `vals` for their `{}`.
 fn vww_compress(
-    m: &std::path::Path,
-    photos: &std::path::Path,
-    out: &std::path::Path,
-    extra: &[&str],
-) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "compress",
-        &s(m),
-        "-o",
-        &s(out),
-        "--calib",
-        &s(photos),
-        "--profile",
-        "vww",
-        "--calib-items",
-        "24",
-        "--holdout-items",
-        "8",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
-    v.extend(extra.iter().map(|x| x.to_string()));
-    v
+    m: &Path,
+    photos: &Path,
+    out: &Path,
+    flags: &str,
+    vals: &[&dyn AsRef<OsStr>],
+) -> Run {
+    let vww = "--profile vww --calib-items 24 --holdout-items 8 --calib {}";
+    let mut vs = vals.to_vec();
+    vs.push(&photos);
+    compress(m, out, &format!("{flags} {vww}"), &vs)
 }
 
 /// A latency table from `whittle profile --merge --json` whose every merge saves
@@ -56,75 +46,39 @@ fn merge_refusals_name_the_cause_and_write_nothing() {
     let out = dir.path().join("m.onnx");
     let r8 = resnet8();
     let calib = repo_root().join("data/cifar10");
-    let base = |extra: &[&str]| {
-        let mut v = vec![
-            "compress".to_string(),
-            s(&r8),
-            "-o".into(),
-            s(&out),
-            "--merge".into(),
-        ];
-        v.extend(extra.iter().map(|x| x.to_string()));
-        run(&v)
+    let base = |flags: &str, vals: &[&dyn AsRef<OsStr>]| {
+        compress(&r8, &out, &format!("--merge {flags}"), vals)
     };
-    base(&["--target", "latency=0.9"]).error(&["--calib"]);
-    base(&["--calib", &s(&calib), "--target", "macs=0.8"])
-        .error(&["--merge takes --target latency="]);
+    base("--target latency=0.9", &[]).error(&["--calib"]);
+    base("--calib {} --target macs=0.8", &[&calib]).error(&["--merge takes --target latency="]);
     // a table where no merge saves more than 2% (ResNet-8's 3x3 + 3x3 merges make bigger 5x5
     // convs; measured figures move with the machine's load, so the test sets them)
     let table = dir.path().join("r8.latency.json");
-    let t = run(&[
-        "profile",
-        &s(&r8),
-        "--merge",
-        "--merge-rounds",
-        "1",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let t = cli("profile {} --merge --merge-rounds 1 --json", &[&r8])
+        .ok()
+        .json();
     set_table(&t, &table, |_| 0.02);
-    let e = base(&[
-        "--calib",
-        &s(&calib),
-        "--profile",
-        "resnet8",
-        "--target",
-        "latency=0.9",
-        "--latency-table",
-        &s(&table),
-    ])
+    let e = base(
+        "--calib {} --profile resnet8 --target latency=0.9 --latency-table {}",
+        &[&calib, &table],
+    )
     .error(&["unreachable by merging", "best reachable is latency="]);
     assert!(e.contains("latency=0.940"), "three 2% merges at best: {e}");
     std::fs::remove_file(&table).unwrap();
-    base(&["--low-rank", "--target", "latency=0.9"]).error(&["need a recipe"]);
+    base("--low-rank --target latency=0.9", &[]).error(&["need a recipe"]);
     if let Some(m) = asset("models/mnist-8.onnx") {
-        run(&[
-            "compress",
-            &s(&m),
-            "-o",
-            &s(&out),
-            "--calib",
-            &s(&asset("data/mnist/test").unwrap()),
-            "--profile",
-            "mnist",
-            "--merge",
-            "--target",
-            "latency=0.9",
-        ])
-        .error(&["nothing to merge"]);
+        let data = asset("data/mnist/test").unwrap();
+        let flags = "--calib {} --profile mnist --merge --target latency=0.9";
+        compress(&m, &out, flags, &[&data]).error(&["nothing to merge"]);
         let t = dir.path().join("mnist.latency.json");
-        run(&["profile", &s(&m), "--merge", "-o", &s(&t)]).error(&["nothing to merge"]);
+        cli("profile {} --merge -o {}", &[&m, &t]).error(&["nothing to merge"]);
     }
     assert!(listing(dir.path()).is_empty(), "nothing written");
 }
 
 #[test]
 fn a_saved_merge_plan_replays_without_measuring() {
-    let (Some(m), Some(photos)) = (
-        asset("models/mobilenetv1_025_vww96.onnx"),
-        asset("data/imagenet"),
-    ) else {
+    let Some((m, photos)) = vww_and_photos() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -145,37 +99,18 @@ fn a_saved_merge_plan_replays_without_measuring() {
     write_plan(&segment);
     let out = dir.path().join("m.onnx");
     let again = dir.path().join("again.json");
-    let args = |out: &std::path::Path, extra: &[&str]| vww_compress(&m, &photos, out, extra);
-    let j = run(&args(
-        &out,
-        &[
-            "--merge",
-            "--apply-plan",
-            &s(&plan),
-            "--plan-out",
-            &s(&again),
-            "--json",
-        ],
-    ))
-    .ok()
-    .json();
+    let vww = |out: &Path, flags: &str, vals: &[&dyn AsRef<OsStr>]| {
+        vww_compress(&m, &photos, out, flags, vals)
+    };
+    let flags = "--merge --apply-plan {} --plan-out {} --json";
+    let j = vww(&out, flags, &[&plan, &again]).ok().json();
     let merged = j["merge"]["merged"].as_array().unwrap();
     assert_eq!(merged.len(), 1, "{j}");
     assert_eq!(merged[0]["convs"], segment["convs"]);
     assert_eq!(j["merge"]["refit"].as_array().unwrap().len(), 1, "refitted");
     // the merged model runs, and the plan it saved is the one replayed
-    run(&[
-        "verify",
-        &s(&m),
-        &s(&out),
-        "--data",
-        &s(&photos),
-        "--profile",
-        "vww",
-        "--limit",
-        "8",
-    ])
-    .ok();
+    let verify = "verify {} {} --data {} --profile vww --limit 8";
+    cli(verify, &[&m, &out, &photos]).ok();
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
     assert_eq!(saved["steps"][0]["method"], "merge");
@@ -191,12 +126,12 @@ fn a_saved_merge_plan_replays_without_measuring() {
     other["convs"] = serde_json::json!(["conv_a", "conv_b"]);
     write_plan(&other);
     let refused = dir.path().join("refused.onnx");
-    run(&args(&refused, &["--merge", "--apply-plan", &s(&plan)]))
+    vww(&refused, "--merge --apply-plan {}", &[&plan])
         .error(&["conv_a + conv_b", "not a merge candidate of this model"]);
-    run(&args(&refused, &["--apply-plan", &s(&plan)]))
+    vww(&refused, "--apply-plan {}", &[&plan])
         .error(&["step 1 (merge)", "not a merge candidate of this model"]);
     std::fs::write(&plan, "{\"merge\": {}}").unwrap();
-    run(&args(&refused, &["--apply-plan", &s(&plan)])).error(&["not a plan written by --plan-out"]);
+    vww(&refused, "--apply-plan {}", &[&plan]).error(&["not a plan written by --plan-out"]);
     assert!(!refused.exists());
 }
 
@@ -226,48 +161,23 @@ fn a_merge_at_the_first_layer_refits_from_the_graph_input() {
         "saved_ms": 0.008, "damage": 0.0}]}}]});
     std::fs::write(&plan, p.to_string()).unwrap();
     let out = dir.path().join("m.onnx");
-    let j = run(&[
-        "compress",
-        &s(&m),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&data),
-        "--calib-items",
-        "6",
-        "--holdout-items",
-        "2",
-        "--merge",
-        "--apply-plan",
-        &s(&plan),
-        "--json",
-    ])
-    .ok()
-    .json();
+    let flags = "--calib {} --calib-items 6 --holdout-items 2 --merge --apply-plan {} --json";
+    let j = compress(&m, &out, flags, &[&data, &plan]).ok().json();
     assert_eq!(j["merge"]["refit"].as_array().unwrap().len(), 1, "{j}");
-    run(&["verify", &s(&m), &s(&out), "--data", &s(&data)]).ok();
+    cli("verify {} {} --data {}", &[&m, &out, &data]).ok();
 }
 
 #[test]
 fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
-    let (Some(m), Some(photos)) = (
-        asset("models/mobilenetv1_025_vww96.onnx"),
-        asset("data/imagenet"),
-    ) else {
+    let Some((m, photos)) = vww_and_photos() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let measured = dir.path().join("vww.latency.json");
-    let t = run(&[
-        "profile",
-        &s(&m),
-        "--merge",
-        "--merge-rounds",
-        "1",
-        "-o",
-        &s(&measured),
-        "--json",
-    ])
+    let t = cli(
+        "profile {} --merge --merge-rounds 1 -o {} --json",
+        &[&m, &measured],
+    )
     .ok()
     .json();
     let merges = t["merges"].as_array().expect("merge entries").clone();
@@ -295,30 +205,18 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
         p
     };
     let (ta, tb) = (table(&a, "a.json"), table(&b, "b.json"));
-    let compress_to = |target: &str, table: &std::path::Path, extra: &[&str]| {
-        let table = s(table);
-        let mut flags = vec![
-            "--merge",
-            "--target",
-            target,
-            "--latency-table",
-            &table,
-            "--merge-rounds",
-            "1",
-            "--json",
-        ];
-        flags.extend_from_slice(extra);
-        run(&vww_compress(
-            &m,
-            &photos,
-            &dir.path().join("m.onnx"),
-            &flags,
-        ))
-    };
-    let compress =
-        |table: &std::path::Path, extra: &[&str]| compress_to("latency=0.95", table, extra);
     let plan = dir.path().join("plan.json");
-    let ja = compress(&ta, &["--plan-out", &s(&plan)]).ok().json();
+    let compress_to = |target: &str, table: &Path, flags: &str, vals: &[&dyn AsRef<OsStr>]| {
+        let merge = "--merge --merge-rounds 1 --json --latency-table {}";
+        let flags = format!("{merge} --target {target} {flags}");
+        let mut vs: Vec<&dyn AsRef<OsStr>> = vec![&table];
+        vs.extend_from_slice(vals);
+        vww_compress(&m, &photos, &dir.path().join("m.onnx"), &flags, &vs)
+    };
+    let compress_95 = |table: &Path, flags: &str, vals: &[&dyn AsRef<OsStr>]| {
+        compress_to("latency=0.95", table, flags, vals)
+    };
+    let ja = compress_95(&ta, "--plan-out {}", &[&plan]).ok().json();
     assert_eq!(
         ja["merge"]["merged"][0]["convs"],
         serde_json::json!(a),
@@ -340,7 +238,7 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     assert!(ja["merge"]["combined_damage"].as_f64().unwrap() >= 0.0);
     // another table, the first run's damages: another plan; the one judged before is not judged
     // again (its damage is carried over exactly), the newly paying one is
-    let jb = compress(&tb, &["--candidates", &s(&plan)]).ok().json();
+    let jb = compress_95(&tb, "--candidates {}", &[&plan]).ok().json();
     assert_eq!(
         jb["merge"]["merged"][0]["convs"],
         serde_json::json!(b),
@@ -362,7 +260,8 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     let jd = compress_to(
         &format!("damage={}", allowance * 1.01),
         &ta,
-        &["--candidates", &s(&plan)],
+        "--candidates {}",
+        &[&plan],
     )
     .ok()
     .json();
@@ -375,30 +274,26 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     compress_to(
         &format!("damage={}", allowance * 0.5),
         &ta,
-        &["--candidates", &s(&plan)],
+        "--candidates {}",
+        &[&plan],
     )
     .error(&[
         "no merge saves latency within damage=",
         "least damaging merge that pays",
     ]);
-    compress_to("macs=0.5", &ta, &[]).error(&["latency=F", "damage=D"]);
+    compress_to("macs=0.5", &ta, "", &[]).error(&["latency=F", "damage=D"]);
 
     // a table without merge entries, or of another model, is refused by name; nothing written
     let plain = dir.path().join("plain.json");
-    run(&["profile", &s(&m), "-o", &s(&plain)]).ok();
-    compress(&plain, &[]).error(&["has no merge candidates", "whittle profile --merge"]);
+    cli("profile {} -o {}", &[&m, &plain]).ok();
+    compress_95(&plain, "", &[]).error(&["has no merge candidates", "whittle profile --merge"]);
     let r8 = dir.path().join("r8.json");
-    run(&[
-        "profile",
-        &s(&resnet8()),
-        "--merge",
-        "--merge-rounds",
-        "1",
-        "-o",
-        &s(&r8),
-    ])
+    cli(
+        "profile {} --merge --merge-rounds 1 -o {}",
+        &[&resnet8(), &r8],
+    )
     .ok();
-    compress(&r8, &[]).error(&["does not fit this model"]);
-    compress(&ta, &["--candidates", &s(&plan), "--apply-plan", &s(&plan)]).error(&["give one"]);
+    compress_95(&r8, "", &[]).error(&["does not fit this model"]);
+    compress_95(&ta, "--candidates {} --apply-plan {}", &[&plan, &plan]).error(&["give one"]);
     assert!(!dir.path().join("m.onnx").exists());
 }

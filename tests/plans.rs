@@ -1,6 +1,8 @@
 //! Every method's plan saves and replays: `--plan-out` then `--apply-plan` alone (the file's
 //! steps with their saved options) writes the same model.
 
+use std::ffi::OsString;
+
 use crate::common::*;
 
 /// Compress with `args`, saving the plan; replay it alone; the two models must be byte-identical
@@ -12,39 +14,24 @@ fn saves_and_replays(model: &std::path::Path, calib: &[&str], args: &[&str], met
         dir.path().join("again.onnx"),
         dir.path().join("plan.json"),
     );
-    let base = |out: &std::path::Path| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "compress",
-            &s(model),
-            "-o",
-            &s(out),
-            "--calib-items",
-            "48",
-            "--holdout-items",
-            "8",
-            "--json",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        v.extend(calib.iter().map(|x| x.to_string()));
+    let base = |out: &std::path::Path| {
+        let mut v = argv(
+            "compress {} -o {} --calib-items 48 --holdout-items 8 --json",
+            &[&model, &out],
+        );
+        v.extend(calib.iter().map(OsString::from));
         v
     };
     let mut a = base(&first);
-    a.extend(args.iter().map(|x| x.to_string()));
-    a.extend(["--plan-out".to_string(), s(&plan)]);
+    a.extend(args.iter().map(OsString::from));
+    a.extend(argv("--plan-out {}", &[&plan]));
     let j = run(&a).ok().json();
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
-    let names: Vec<&str> = saved["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["method"].as_str().unwrap())
-        .collect();
+    let names = list(&saved["steps"], |s| s["method"].as_str());
     assert_eq!(names, methods, "{saved}");
     let mut b = base(&again);
-    b.extend(["--apply-plan".to_string(), s(&plan)]);
+    b.extend(argv("--apply-plan {}", &[&plan]));
     let jb = run(&b).ok().json();
     assert_eq!(j["macs"], jb["macs"], "{j}\n{jb}");
     assert_eq!(j["params"], jb["params"]);
@@ -74,12 +61,11 @@ fn channel_pruning_and_low_rank_plans_replay() {
     saves_and_replays(&r8, &data, &["--quantize", "int8"], &["quantize"]);
     // a recipe of two steps replays as two steps
     let dir = tempfile::tempdir().unwrap();
-    let recipe = dir.path().join("r.toml");
-    std::fs::write(
-        &recipe,
+    let recipe = write_text(
+        dir.path(),
+        "r.toml",
         "[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs=0.9\"\nsensitivity = false\n\n[[step]]\nmethod = \"low_rank\"\nrank_fraction = 0.5\n\n[[step]]\nmethod = \"quantize\"\nprecision = \"int8\"\n",
-    )
-    .unwrap();
+    );
     saves_and_replays(
         &r8,
         &data,
@@ -90,25 +76,13 @@ fn channel_pruning_and_low_rank_plans_replay() {
 
 #[test]
 fn depth_merging_plans_replay() {
-    let (Some(m), Some(photos)) = (
-        asset("models/mobilenetv1_025_vww96.onnx"),
-        asset("data/imagenet"),
-    ) else {
+    let Some((m, photos)) = vww_and_photos() else {
         return;
     };
     // a set latency table: every candidate saves time, so the plan does not depend on timing
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("t.json");
-    run(&[
-        "profile",
-        &s(&m),
-        "--merge",
-        "--merge-rounds",
-        "1",
-        "-o",
-        &s(&table),
-    ])
-    .ok();
+    cli("profile {} --merge --merge-rounds 1 -o {}", &[&m, &table]).ok();
     let mut t: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
     for (k, e) in t["merges"].as_array_mut().unwrap().iter_mut().enumerate() {
@@ -132,10 +106,7 @@ fn depth_merging_plans_replay() {
 #[test]
 fn transformer_plans_replay() {
     let dir = tempfile::tempdir().unwrap();
-    let (Some(m), Some(calib)) = (
-        minilm(),
-        sts_calibration(dir.path(), &["--limit", "56", "--max-length", "32"]),
-    ) else {
+    let Some((m, calib)) = minilm_and_calibration(dir.path(), "--limit 56 --max-length 32") else {
         return;
     };
     for (args, method) in [

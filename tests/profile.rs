@@ -52,7 +52,7 @@ fn profile_lists_every_weighted_layer_on_both_runtimes() {
     // the text table names each layer and the split between layers and the rest
     let r = run(&["profile", &s(&m)]).ok();
     assert!(r.stdout.contains("conv2d_7") && r.stdout.contains("dense"));
-    assert!(r.stdout.contains("layers alone"), "{}", r.dump());
+    r.stdout_has("layers alone");
 }
 
 #[test]
@@ -76,27 +76,12 @@ fn latency_budget_from_a_saved_table() {
     let table = dir.path().join("r8.latency.json");
     run(&["profile", &s(&resnet8()), "-o", &s(&table)]).ok();
     let out = dir.path().join("r8.lat.onnx");
-    let j = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&repo_root().join("data/cifar10")),
-        "--profile",
-        "resnet8",
-        "--target",
-        "latency=0.8",
-        "--latency-table",
-        &s(&table),
-        "--calib-items",
-        "64",
-        "--holdout-items",
-        "32",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let data = repo_root().join("data/cifar10");
+    let flags = "--calib {} --profile resnet8 --target latency=0.8 --latency-table {} \
+                 --calib-items 64 --holdout-items 32 --json";
+    let j = compress(&resnet8(), &out, flags, &[&data, &table])
+        .ok()
+        .json();
     let lat = j["prune_channels"]["plan"]["latency_ms"]
         .as_array()
         .expect("predicted latency");
@@ -107,23 +92,16 @@ fn latency_budget_from_a_saved_table() {
         "stops near the budget: {before} -> {after}"
     );
     assert!(j["macs"][1].as_u64() < j["macs"][0].as_u64());
-    run(&["bench", &s(&out), "--runtime", "tract", "--iters", "3"]).ok();
+    cli("bench {} --runtime tract --iters 3", &[&out]).ok();
 
     // a budget below what the table allows names the smallest reachable
-    let e = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&dir.path().join("x.onnx")),
-        "--target",
-        "latency=0.01",
-        "--latency-table",
-        &s(&table),
-        "--no-reconstruct",
-        "--importance",
-        "l2",
-    ])
-    .error(&[
+    let latency = |out: &std::path::Path, target: &str, table: &std::path::Path, flags: &str| {
+        let latency_table = "--latency-table {}";
+        let flags = format!("{latency_table} --target {target} {flags}");
+        compress(&resnet8(), out, &flags, &[&table])
+    };
+    let quick = "--no-reconstruct --importance l2";
+    let e = latency(&dir.path().join("x.onnx"), "latency=0.01", &table, quick).error(&[
         "latency=0.01 is unreachable",
         "smallest reachable is latency=",
     ]);
@@ -135,58 +113,22 @@ fn latency_budget_from_a_saved_table() {
     let bad = dir.path().join("other.latency.json");
     std::fs::write(&bad, t.to_string()).unwrap();
     let x = dir.path().join("y.onnx");
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&x),
-        "--target",
-        "latency=0.8",
-        "--latency-table",
-        &s(&bad),
-        "--no-reconstruct",
-        "--importance",
-        "l2",
-    ])
-    .error(&["latency table does not fit this model", "whittle profile"]);
+    latency(&x, "latency=0.8", &bad, quick)
+        .error(&["latency table does not fit this model", "whittle profile"]);
     assert!(!x.exists());
     std::fs::write(&bad, "{").unwrap();
-    run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&x),
-        "--target",
-        "latency=0.8",
-        "--latency-table",
-        &s(&bad),
-    ])
-    .error(&["not a table written by `whittle profile`"]);
+    latency(&x, "latency=0.8", &bad, "").error(&["not a table written by `whittle profile`"]);
 }
 
 #[test]
 fn latency_budget_measures_a_table_when_none_is_given() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r8.onnx");
-    let j = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&out),
-        "--target",
-        "latency=0.85",
-        "--runtime",
-        "tract",
-        "--no-reconstruct",
-        "--importance",
-        "l2",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let flags = "--target latency=0.85 --runtime tract --no-reconstruct --importance l2 --json";
+    let j = compress(&resnet8(), &out, flags, &[]).ok().json();
     let lat = j["prune_channels"]["plan"]["latency_ms"]
         .as_array()
         .expect("predicted latency");
     assert!(lat[1].as_f64().unwrap() <= 0.85 * lat[0].as_f64().unwrap() + 1e-9);
-    run(&["bench", &s(&out), "--runtime", "tract", "--iters", "3"]).ok();
+    cli("bench {} --runtime tract --iters 3", &[&out]).ok();
 }

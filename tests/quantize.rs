@@ -7,16 +7,8 @@ use crate::common::*;
 
 /// Compress `model` with `--quantize int8` on `calib`; the JSON summary.
 fn quantize(model: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
-    let mut a = vec![
-        "compress".to_string(),
-        s(model),
-        "-o".into(),
-        s(out),
-        "--quantize".into(),
-        "int8".into(),
-        "--json".into(),
-    ];
-    a.extend(extra.iter().map(|x| x.to_string()));
+    let mut a = argv("compress {} -o {} --quantize int8 --json", &[&model, &out]);
+    a.extend(extra.iter().map(std::ffi::OsString::from));
     run(&a).ok().json()
 }
 
@@ -26,19 +18,11 @@ fn io(model: &std::path::Path) -> (serde_json::Value, serde_json::Value) {
 }
 
 fn agreement(original: &std::path::Path, candidate: &std::path::Path, runtime: &str) -> f64 {
-    let data = s(&repo_root().join("data/cifar10"));
-    let j = run(&[
-        "verify",
-        &s(original),
-        &s(candidate),
-        "--data",
-        &data,
-        "--runtime",
-        runtime,
-        "--json",
-    ])
-    .ok()
-    .json();
+    let data = repo_root().join("data/cifar10");
+    let line = "verify {} {} --data {} --runtime {} --json";
+    let j = cli(line, &[&original, &candidate, &data, &runtime])
+        .ok()
+        .json();
     j["outputs"][0]["top1_agreement"].as_f64().unwrap()
 }
 
@@ -94,7 +78,7 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
 
 #[test]
 fn an_opset_8_model_is_raised_to_13_and_quantized() {
-    let (Some(m), Some(data)) = (asset("models/mnist-8.onnx"), asset("data/mnist/test")) else {
+    let Some((m, data)) = mnist_and_digits() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -122,28 +106,11 @@ fn a_quantized_model_is_refused_and_nothing_is_written() {
         &once,
         &["--calib", &calib, "--calibrate", "minmax"],
     );
-    let r = run(&[
-        "compress",
-        &s(&once),
-        "-o",
-        &s(&twice),
-        "--quantize",
-        "int8",
-        "--calib",
-        &calib,
-    ]);
-    r.error(&["quantized already", "QuantizeLinear"]);
+    compress(&once, &twice, "--quantize int8 --calib {}", &[&calib])
+        .error(&["quantized already", "QuantizeLinear"]);
     assert!(!twice.exists(), "a refused model was written");
     // a quantize step without data is refused before any work
-    let r = run(&[
-        "compress",
-        &s(&resnet8()),
-        "-o",
-        &s(&twice),
-        "--quantize",
-        "int8",
-    ]);
-    r.error(&["quantize", "data"]);
+    compress(&resnet8(), &twice, "--quantize int8", &[]).error(&["quantize", "data"]);
     assert!(!twice.exists());
 }
 
@@ -273,10 +240,7 @@ fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
 #[test]
 fn minilm_int8_quantizes_only_its_layers_and_keeps_sts_spearman() {
     let dir = tempfile::tempdir().unwrap();
-    let (Some(m), Some(calib)) = (
-        minilm(),
-        sts_calibration(dir.path(), &["--limit", "256", "--max-length", "64"]),
-    ) else {
+    let Some((m, calib)) = minilm_and_calibration(dir.path(), "--limit 256 --max-length 64") else {
         return;
     };
     let out = dir.path().join("mini.int8.onnx");

@@ -38,8 +38,8 @@ fn assert_identical(r: &Run, items: u64) -> Value {
     v
 }
 
-/// inspect counts the weights; convert; verify the copy is identical on `data`.
-fn round_trip(model: &Path, data: &Path, extra: &[&str], items: u64) {
+/// inspect counts the weights; convert; verify the copy is identical on `data` (with `flags`).
+fn round_trip(model: &Path, data: &Path, flags: &str, items: u64) {
     let want = weight_elements(model);
     assert!(want > 0, "{}", model.display());
     assert_eq!(
@@ -60,15 +60,8 @@ fn round_trip(model: &Path, data: &Path, extra: &[&str], items: u64) {
     // The converted file holds the same weights (Constants become initializers on the way).
     assert_eq!(weight_elements(&out), want, "{}", out.display());
     assert_eq!(inspected_params(&out), want, "{}", out.display());
-    let mut args = vec![
-        "verify".to_string(),
-        s(model),
-        s(&out),
-        "--data".into(),
-        s(data),
-        "--json".into(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut args = argv("verify {} {} --data {} --json", &[&model, &out, &data]);
+    args.extend(argv(flags, &[]));
     let r = run(&args);
     assert_identical(&r.ok(), items);
 }
@@ -78,37 +71,24 @@ fn resnet8_round_trip_is_lossless() {
     let Some(data) = asset("data/cifar10/test-a") else {
         return;
     };
-    round_trip(
-        &resnet8(),
-        &data,
-        &["--profile", "resnet8", "--limit", "64"],
-        64,
-    );
+    round_trip(&resnet8(), &data, "--profile resnet8 --limit 64", 64);
 }
 
 #[test]
 fn efficientnet_lite0_round_trip_is_lossless() {
     // efficientnet_lite0_224 stands in for MobileNetV2 (see shared/assets/README.md).
-    let (Some(model), Some(data)) = (
-        asset("models/efficientnet_lite0_224.onnx"),
-        asset("data/imagenet"),
-    ) else {
+    let Some((model, data)) = lite0_and_photos() else {
         return;
     };
-    round_trip(
-        &model,
-        &data,
-        &["--profile", "efficientnet", "--limit", "16"],
-        16,
-    );
+    round_trip(&model, &data, "--profile efficientnet --limit 16", 16);
 }
 
 #[test]
 fn mnist8_round_trip_is_lossless() {
-    let (Some(model), Some(data)) = (asset("models/mnist-8.onnx"), asset("data/mnist/test")) else {
+    let Some((model, data)) = mnist_and_digits() else {
         return;
     };
-    round_trip(&model, &data, &["--profile", "mnist", "--limit", "64"], 64);
+    round_trip(&model, &data, "--profile mnist --limit 64", 64);
 }
 
 /// Token ids of the reference sentences (`[CLS] ... [SEP]`), cut or zero-padded to 16.
@@ -117,13 +97,7 @@ fn reference_tokens() -> Vec<Vec<i64>> {
     if let Some(p) = asset("models/minilm-l6-v2-reference.json") {
         let v: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
         for sent in v["sentences"].as_array().into_iter().flatten() {
-            let ids: Vec<i64> = sent["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect();
-            rows.push(ids);
+            rows.push(list(&sent["input_ids"], |x| x.as_i64()));
         }
     }
     // Top up to 8 rows with other valid ids: [CLS] 2000.. [SEP].
@@ -166,7 +140,7 @@ fn minilm_round_trip_is_lossless() {
     w.add_array("attention_mask", &mask).unwrap();
     w.add_array("token_type_ids", &types).unwrap();
     w.finish().unwrap();
-    round_trip(&model, &npz, &[], n as u64);
+    round_trip(&model, &npz, "", n as u64);
 }
 
 #[test]
@@ -178,22 +152,9 @@ fn resnet8_external_data_round_trip_is_lossless() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ext.onnx");
     let side = dir.path().join("ext.onnx.data");
-    let c = run(&[
-        "convert",
-        &s(&model),
-        "-o",
-        &s(&out),
-        "--external-data",
-        "--json",
-    ])
-    .ok();
+    let c = cli("convert {} -o {} --external-data --json", &[&model, &out]).ok();
     let j = c.json();
-    let written: Vec<&str> = j["written"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let written = list(&j["written"], |v| v.as_str());
     assert_eq!(written, vec![s(&out), s(&side)], "{}", c.dump());
     assert_eq!(
         listing(dir.path()),
@@ -209,33 +170,13 @@ fn resnet8_external_data_round_trip_is_lossless() {
     );
     assert_eq!(j["bytes"].as_u64(), Some(model_len + side_len));
     assert_eq!(inspected_params(&out), weight_elements(&model));
-    let r = run(&[
-        "verify",
-        &s(&model),
-        &s(&out),
-        "--data",
-        &s(&data),
-        "--profile",
-        "resnet8",
-        "--limit",
-        "64",
-        "--json",
-    ]);
-    assert_identical(&r.ok(), 64);
+    let verify = |copy: &Path, limit: &str| {
+        let line = "verify {} {} --data {} --profile resnet8 --limit {} --json";
+        cli(line, &[&model, &copy, &data, &limit])
+    };
+    assert_identical(&verify(&out, "64").ok(), 64);
     // Converting the external-data model back inline gives the original weights again.
     let back = dir.path().join("back.onnx");
-    run(&["convert", &s(&out), "-o", &s(&back)]).ok();
-    let r = run(&[
-        "verify",
-        &s(&model),
-        &s(&back),
-        "--data",
-        &s(&data),
-        "--profile",
-        "resnet8",
-        "--limit",
-        "32",
-        "--json",
-    ]);
-    assert_identical(&r.ok(), 32);
+    cli("convert {} -o {}", &[&out, &back]).ok();
+    assert_identical(&verify(&back, "32").ok(), 32);
 }

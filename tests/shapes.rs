@@ -17,6 +17,15 @@ fn write(dir: &Path, name: &str, m: &whittle_core::onnx::ModelProto) -> PathBuf 
     p
 }
 
+/// A temp folder, the shared ResNet-8 and in the folder `hw.onnx`, its copy with -1 height and
+/// width; `None` (after the skip note) without the shared model.
+fn resnet8_with_symbolic_hw() -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
+    let src = shared_model("resnet8_cifar10.onnx")?;
+    let dir = tempfile::tempdir().unwrap();
+    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
+    Some((dir, src, hw))
+}
+
 /// The bundled CIFAR-10 images and ResNet-8's preprocessing profile.
 fn bundled_cifar() -> (PathBuf, PathBuf) {
     (
@@ -39,7 +48,7 @@ fn r17_minus_one_batch_inspects_with_input() {
     assert_eq!(v["costed_at"], "input=1x3x32x32");
     assert_eq!(v["per_item"].as_array().map(Vec::len), Some(0));
     assert_eq!(v["inputs"][0]["shape"], "[1,3,32,32]");
-    let r = run(&["inspect", &s(&m), "--input", "input=2x3x32x32", "--brief"]).ok();
+    let r = cli("inspect {} --input input=2x3x32x32 --brief", &[&m]).ok();
     assert!(
         r.stdout.contains(&format!("MACs    {} ", 2 * original))
             && r.stdout.contains("at input=2x3x32x32"),
@@ -53,33 +62,21 @@ fn r17_minus_one_batch_inspects_with_input() {
     assert_eq!(v["per_item"][0], "input_dim0");
     assert_eq!(v["inputs"][0]["shape"], "[input_dim0,3,32,32]");
     let r = run(&["inspect", &s(&m), "--brief"]).ok();
-    assert!(
-        r.stdout
-            .contains("per item (input_dim0 as 1) at input=1x3x32x32"),
-        "{}",
-        r.dump()
-    );
+    r.stdout_has("per item (input_dim0 as 1) at input=1x3x32x32");
 }
 
 #[test]
 fn r17_symbolic_height_and_width_are_named_until_bound() {
-    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+    let Some((dir, src, m)) = resnet8_with_symbolic_hw() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let m = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
 
     let v = inspect_json(&m, &[]);
     assert!(
         v["macs"].is_null(),
         "MACs with H = W = 1 must not be printed: {v}"
     );
-    let names: Vec<&str> = v["unknown_dims"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["name"].as_str().unwrap())
-        .collect();
+    let names = list(&v["unknown_dims"], |d| d["name"].as_str());
     assert_eq!(names, ["input_dim2", "input_dim3"], "{v}");
     assert_eq!(v["unknown_dims"][0]["input"], "input");
     assert_eq!(v["unknown_dims"][0]["axis"], 2);
@@ -90,20 +87,12 @@ fn r17_symbolic_height_and_width_are_named_until_bound() {
         "[N,16,input_dim2,input_dim3]"
     );
     let r = run(&["inspect", &s(&m)]).ok();
-    assert!(
-        r.stdout.contains(
-            "MACs    unknown: dims input_dim2 (input input axis 2), input_dim3 (input input axis 3) \
-             not bound; give --input input=1x3x?x? (numbers for ?)"
-        ),
-        "{}",
-        r.dump()
+    r.stdout_has(
+        "MACs    unknown: dims input_dim2 (input input axis 2), input_dim3 (input input axis 3) \
+             not bound; give --input input=1x3x?x? (numbers for ?)",
     );
     // per layer: a conv's MACs are "?" with the dims they need
-    assert!(
-        r.stdout.contains("? (input_dim2, input_dim3)"),
-        "{}",
-        r.dump()
-    );
+    r.stdout_has("? (input_dim2, input_dim3)");
 
     // bound: the same count as a copy declared at that shape
     for shape in ["1x3x48x64", "2x3x16x40"] {
@@ -124,11 +113,9 @@ fn r17_symbolic_height_and_width_are_named_until_bound() {
 
 #[test]
 fn r17_profile_measures_at_the_bound_shape() {
-    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+    let Some((dir, src, m)) = resnet8_with_symbolic_hw() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let m = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
     run(&["profile", &s(&m)]).error(&["input_dim2 (input input axis 2)", "--input input=1x3x?x?"]);
 
     let t = run(&["profile", &s(&m), "--input", "input=1x3x48x64", "--json"])
@@ -144,8 +131,8 @@ fn r17_profile_measures_at_the_bound_shape() {
     // a -1 batch profiles with and without --input (the batch runs as 1)
     let b = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
     for extra in [&[][..], &["--input", "input=1x3x32x32"][..]] {
-        let mut a = vec!["profile".to_string(), s(&b), "--json".into()];
-        a.extend(extra.iter().map(|x| x.to_string()));
+        let mut a = argv("profile {} --json", &[&b]);
+        a.extend(extra.iter().map(std::ffi::OsString::from));
         let t = run(&a).ok().json();
         assert_eq!(
             t["layers"][0]["input_shape"],
@@ -175,19 +162,8 @@ fn r17_dynamic_fixtures_run_at_two_sizes_in_both_runtimes() {
         let native = format!("input=1x3x{native}x{native}");
         for rt in ["ort-cpu", "tract"] {
             for (m, shape) in [(&hw, &native), (&hw, &other), (&b, &native)] {
-                let r = run(&[
-                    "bench",
-                    &s(m),
-                    "--runtime",
-                    rt,
-                    "--iters",
-                    "1",
-                    "--warmup",
-                    "0",
-                    "--input",
-                    shape,
-                    "--json",
-                ]);
+                let line = "bench {} --runtime {} --iters 1 --warmup 0 --input {} --json";
+                let r = cli(line, &[m, &rt, shape]);
                 assert_eq!(r.code, 0, "{file} {rt} {shape}\n{}", r.dump());
             }
         }
@@ -206,16 +182,10 @@ fn r17_the_fixtures_global_pool_matches_the_original() {
     // every copy has the global pool in place of the 8x8 average pool: the same outputs at 32x32
     // (declared as the original is: verify compares the declarations)
     let b = write(dir.path(), "g.onnx", &derive(&src, "N", "32", "32"));
-    let r = run(&[
-        "verify",
-        &s(&src),
-        &s(&b),
-        "--data",
-        &s(&data),
-        "--limit",
-        "64",
-        "--json",
-    ])
+    let r = cli(
+        "verify {} {} --data {} --limit 64 --json",
+        &[&src, &b, &data],
+    )
     .ok();
     let v = r.json();
     for o in v["outputs"].as_array().unwrap() {
@@ -227,37 +197,19 @@ fn r17_the_fixtures_global_pool_matches_the_original() {
 /// shape, the budget is met there, and the written model stays dynamic.
 #[test]
 fn r17_compress_costs_symbolic_models_at_the_calibration_shape() {
-    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+    let Some((dir, src, hw)) = resnet8_with_symbolic_hw() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     let (data, profile) = bundled_cifar();
-    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
     let b = write(dir.path(), "b.onnx", &minus_one_batch(&src, 32));
     let at = inspect_json(&hw, &["--input", "input=1x3x32x32"])["macs"]
         .as_u64()
         .unwrap();
     for (m, other) in [(&hw, "input=2x3x48x40"), (&b, "input=2x3x32x32")] {
         let out = dir.path().join("out.onnx");
-        let j = run(&[
-            "compress",
-            &s(m),
-            "-o",
-            &s(&out),
-            "--calib",
-            &s(&data),
-            "--profile",
-            &s(&profile),
-            "--calib-items",
-            "48",
-            "--holdout-items",
-            "32",
-            "--target",
-            "macs=0.7",
-            "--json",
-        ])
-        .ok()
-        .json();
+        let flags = "--calib {} --profile {} --calib-items 48 --holdout-items 32 --target macs=0.7 \
+                     --json";
+        let j = compress(m, &out, flags, &[&data, &profile]).ok().json();
         assert_eq!(j["macs"][0].as_u64(), Some(at), "{}: {j}", m.display());
         assert_eq!(j["costed_at"], "input=1x3x32x32", "{j}");
         let kept = j["macs_kept"].as_f64().unwrap();
@@ -274,25 +226,9 @@ fn r17_compress_costs_symbolic_models_at_the_calibration_shape() {
         bench_once(&out, other);
     }
     // --input binds instead of the data: the count is at that shape
-    let j = run(&[
-        "compress",
-        &s(&hw),
-        "-o",
-        &s(&dir.path().join("big.onnx")),
-        "--calib",
-        &s(&data),
-        "--profile",
-        &s(&profile),
-        "--calib-items",
-        "32",
-        "--holdout-items",
-        "16",
-        "--input",
-        "input=1x3x64x64",
-        "--target",
-        "macs=0.8",
-        "--json",
-    ]);
+    let flags = "--calib {} --profile {} --calib-items 32 --holdout-items 16 \
+                 --input input=1x3x64x64 --target macs=0.8 --json";
+    let j = compress(&hw, &dir.path().join("big.onnx"), flags, &[&data, &profile]);
     // the data's 32x32 images do not fit a model bound at 64x64: refused, nothing written
     j.error(&["64"]);
     assert!(!dir.path().join("big.onnx").exists());
@@ -301,38 +237,16 @@ fn r17_compress_costs_symbolic_models_at_the_calibration_shape() {
 /// Without data or --input, a MAC budget on a model with symbolic H and W is refused naming them.
 #[test]
 fn r17_a_mac_budget_with_unknown_dims_is_refused_naming_them() {
-    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+    let Some((dir, _src, hw)) = resnet8_with_symbolic_hw() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
     let out = dir.path().join("out.onnx");
-    run(&[
-        "compress",
-        &s(&hw),
-        "-o",
-        &s(&out),
-        "--low-rank",
-        "--target",
-        "macs=0.8",
-    ])
-    .error(&["input_dim2 (input input axis 2)", "input_dim3"]);
+    compress(&hw, &out, "--low-rank --target macs=0.8", &[])
+        .error(&["input_dim2 (input input axis 2)", "input_dim3"]);
     assert!(!out.exists());
     // bound by --input, the same budget is planned and met
-    let j = run(&[
-        "compress",
-        &s(&hw),
-        "-o",
-        &s(&out),
-        "--low-rank",
-        "--target",
-        "macs=0.8",
-        "--input",
-        "input=1x3x32x32",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let flags = "--low-rank --target macs=0.8 --input input=1x3x32x32 --json";
+    let j = compress(&hw, &out, flags, &[]).ok().json();
     assert!(j["macs_kept"].as_f64().unwrap() <= 0.8 + 1e-6, "{j}");
 }
 
@@ -340,27 +254,13 @@ fn r17_a_mac_budget_with_unknown_dims_is_refused_naming_them() {
 /// round), at the data's shape; a real difference in the inputs is still refused.
 #[test]
 fn r17_verify_compares_a_dynamic_model_with_its_fixed_original() {
-    let Some(src) = shared_model("resnet8_cifar10.onnx") else {
+    let Some((dir, src, hw)) = resnet8_with_symbolic_hw() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     let (data, profile) = bundled_cifar();
-    let hw = write(dir.path(), "hw.onnx", &symbolic_hw(&src, "-1", "-1"));
     for (a, b) in [(&src, &hw), (&hw, &src)] {
-        let v = run(&[
-            "verify",
-            &s(a),
-            &s(b),
-            "--data",
-            &s(&data),
-            "--profile",
-            &s(&profile),
-            "--limit",
-            "40",
-            "--json",
-        ])
-        .ok()
-        .json();
+        let line = "verify {} {} --data {} --profile {} --limit 40 --json";
+        let v = cli(line, &[a, b, &data, &profile]).ok().json();
         // the same weights: the global pool of the fixture equals the original's fixed pool
         assert_eq!(v["outputs"][0]["top1_agreement"], 1.0, "{v}");
     }
@@ -377,14 +277,9 @@ fn r17_verify_compares_a_dynamic_model_with_its_fixed_original() {
         }
     }
     let bad = write(dir.path(), "bad.onnx", &other);
-    run(&[
-        "verify",
-        &s(&src),
-        &s(&bad),
-        "--data",
-        &s(&data),
-        "--profile",
-        &s(&profile),
-    ])
+    cli(
+        "verify {} {} --data {} --profile {}",
+        &[&src, &bad, &data, &profile],
+    )
     .error(&["differ from the reference's"]);
 }

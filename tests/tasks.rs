@@ -52,8 +52,8 @@ fn ctc_head(dir: &Path, name: &str, noise: f32) -> PathBuf {
 
 /// `whittle verify A B --data DATA EXTRA...`.
 fn verify(a: &Path, b: &Path, data: &Path, extra: &[&str]) -> Run {
-    let mut args = vec!["verify".to_string(), s(a), s(b), "--data".into(), s(data)];
-    args.extend(extra.iter().map(|x| x.to_string()));
+    let mut args = argv("verify {} {} --data {}", &[&a, &b, &data]);
+    args.extend(extra.iter().map(std::ffi::OsString::from));
     run(&args)
 }
 
@@ -86,16 +86,11 @@ fn r17_a_dense_map_is_judged_by_iou() {
     assert!(iou > 0.3 && iou < 0.999, "IoU {iou}: {v}");
     // the table says which metric and why
     let t = verify(&r, &c, &data, &[]).ok();
-    assert!(
-        t.stdout
-            .contains("task dense, IoU ([N, 1, 32, 32] made by Sigmoid: a map per pixel)"),
-        "{}",
-        t.dump()
-    );
+    t.stdout_has("task dense, IoU ([N, 1, 32, 32] made by Sigmoid: a map per pixel)");
     // --min-agreement checks the task metric
     let f = verify(&r, &c, &data, &["--min-agreement", "0.9999"]);
     assert_eq!(f.code, 1, "{}", f.dump());
-    assert!(f.stderr.contains("IoU of output 'map'"), "{}", f.dump());
+    f.stderr_has("IoU of output 'map'");
     // a task that does not fit the output is refused by name
     verify(&r, &c, &data, &["--task", "classify"])
         .error(&["--task classify needs an output [N, C]"]);
@@ -136,7 +131,7 @@ fn r17_a_ctc_head_is_judged_by_decoded_sequences() {
 fn r17_an_encoder_is_judged_by_cosine() {
     let Some(m) = minilm() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let Some(tokens) = sts_calibration(dir.path(), &["--limit", "16"]) else {
+    let Some(tokens) = sts_calibration(dir.path(), "--limit 16") else {
         return;
     };
     let v = verify_json(&m, &m, &tokens, &[]);
@@ -157,29 +152,12 @@ fn r17_compress_warns_under_its_floor_and_strict_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r8.onnx");
     let data = repo_root().join("data/cifar10");
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "compress",
-            &s(&resnet8()),
-            "-o",
-            &s(&out),
-            "--calib",
-            &s(&data),
-            "--calib-items",
-            "64",
-            "--holdout-items",
-            "64",
-            "--target",
-            "macs=0.5",
-            "--no-speed-check",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        a.extend(extra.iter().map(|x| x.to_string()));
-        a
+    let half = |flags: &str| {
+        let fixed = "--calib {} --calib-items 64 --holdout-items 64 --target macs=0.5 \
+                     --no-speed-check";
+        compress(&resnet8(), &out, &format!("{fixed} {flags}"), &[&data])
     };
-    let r = run(&args(&["--min-agreement", "0.99"])).ok();
+    let r = half("--min-agreement 0.99").ok();
     assert!(
         r.stdout
             .contains("warning: top-1 agreement of output 'output' is")
@@ -190,66 +168,39 @@ fn r17_compress_warns_under_its_floor_and_strict_exits_1() {
     assert!(out.exists());
     std::fs::remove_file(&out).unwrap();
     // --strict: the same result is written, and the exit code says it failed the check
-    let r = run(&args(&["--min-agreement", "0.99", "--strict", "--json"]));
+    let r = half("--min-agreement 0.99 --strict --json");
     assert_eq!(r.code, 1, "{}", r.dump());
-    assert!(
-        r.stderr.contains("--strict: top-1 agreement"),
-        "{}",
-        r.dump()
-    );
+    r.stderr_has("--strict: top-1 agreement");
     let j: Value = serde_json::from_str(r.stdout.trim()).unwrap();
     assert_eq!(j["warnings"].as_array().map(Vec::len), Some(1), "{j}");
     assert!(out.exists(), "a poor result is still written");
     // a floor it meets: no warning, exit 0
-    let j = run(&args(&["--min-agreement", "0.2", "--strict", "--json"]))
-        .ok()
-        .json();
+    let j = half("--min-agreement 0.2 --strict --json").ok().json();
     assert_eq!(j["warnings"].as_array().map(Vec::len), Some(0), "{j}");
-    run(&args(&["--min-agreement", "1.5"])).error(&["not a fraction"]);
+    half("--min-agreement 1.5").error(&["not a fraction"]);
 }
 
 /// The text-detector fixture (EfficientNet-Lite0 with -1 height and width, a Resize + Concat neck
 /// and a probability-map head) compresses at its data's shape and is judged by IoU.
 #[test]
 fn r17_the_detector_fixture_compresses_at_its_data_shape_and_reports_iou() {
-    let (Some(src), Some(photos)) = (
-        asset("models/efficientnet_lite0_224.onnx"),
-        asset("data/imagenet"),
-    ) else {
+    let Some((src, photos)) = lite0_and_photos() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let det = dir.path().join("det.onnx");
     write_model(&det, &whittle_test_support::fixtures::text_detector(&src));
-    let profile = dir.path().join("det.toml");
-    std::fs::write(
-        &profile,
+    let profile = write_text(
+        dir.path(),
+        "det.toml",
         "[preprocess]\nresize = [160, 128]\nmean = [127.5]\nstd = [127.5]\n",
-    )
-    .unwrap();
+    );
     let out = dir.path().join("det-pruned.onnx");
-    let j = run(&[
-        "compress",
-        &s(&det),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&photos),
-        "--profile",
-        &s(&profile),
-        "--calib-items",
-        "24",
-        "--holdout-items",
-        "16",
-        "--sensitivity-items",
-        "8",
-        "--target",
-        "macs=0.7",
-        "--no-speed-check",
-        "--json",
-    ])
-    .ok()
-    .json();
+    let flags = "--calib {} --profile {} --calib-items 24 --holdout-items 16 \
+                 --sensitivity-items 8 --target macs=0.7 --no-speed-check --json";
+    let j = compress(&det, &out, flags, &[&photos, &profile])
+        .ok()
+        .json();
     assert_eq!(j["costed_at"], "input=1x3x128x160", "{j}");
     let inspected = inspect_json(&det, &["--input", "input=1x3x128x160"]);
     assert_eq!(j["macs"][0], inspected["macs"], "{j}");

@@ -12,17 +12,11 @@ fn tokenize_writes_encoder_inputs_and_refuses_bad_requests() {
     let tok = assets.join("models/minilm-l6-v2-tokenizer");
     let sts = assets.join("data/sts/sts-dev.tsv");
     let out = dir.path().join("dev.npz");
-    let j = run(&[
-        "tokenize",
-        &s(&sts),
-        "--tokenizer",
-        &s(&tok),
-        "--limit",
-        "40",
-        "-o",
-        &s(&out),
-        "--json",
-    ])
+    let tokenize = "tokenize {} --tokenizer {} -o {}";
+    let j = cli(
+        &format!("{tokenize} --limit 40 --json"),
+        &[&sts, &tok, &out],
+    )
     .ok()
     .json();
     // 20 STS pairs give 40 sentences; each padded to the longest
@@ -42,35 +36,12 @@ fn tokenize_writes_encoder_inputs_and_refuses_bad_requests() {
 
     // bad requests: one line each, nothing written
     let bad = dir.path().join("bad.npz");
-    let r = run(&[
-        "tokenize",
-        &s(&sts),
-        "--tokenizer",
-        &s(&sts),
-        "-o",
-        &s(&bad),
-    ]);
-    r.error(&["not a tokenizer.json"]);
-    let r = run(&[
-        "tokenize",
-        &s(&sts),
-        "--tokenizer",
-        &s(&tok),
-        "-o",
-        &s(&dir.path().join("x.npy")),
-    ]);
-    r.error(&["must end in .npz"]);
+    cli(tokenize, &[&sts, &sts, &bad]).error(&["not a tokenizer.json"]);
+    let npy = dir.path().join("x.npy");
+    cli(tokenize, &[&sts, &tok, &npy]).error(&["must end in .npz"]);
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();
-    let r = run(&[
-        "tokenize",
-        &s(&empty),
-        "--tokenizer",
-        &s(&tok),
-        "-o",
-        &s(&bad),
-    ]);
-    r.error(&["holds no sentences"]);
+    cli(tokenize, &[&empty, &tok, &bad]).error(&["holds no sentences"]);
     assert!(!bad.exists());
 }
 
@@ -82,17 +53,11 @@ fn minilm_data_aware_low_rank_beats_plain_on_held_apart_sentences() {
     let dir = tempfile::tempdir().unwrap();
     let tok = assets.join("models/minilm-l6-v2-tokenizer");
     let tokenize = |tsv: &str, n: &str, out: &str| {
-        let p = dir.path().join(out);
-        run(&[
-            "tokenize",
-            &s(&assets.join("data/sts").join(tsv)),
-            "--tokenizer",
-            &s(&tok),
-            "--limit",
-            n,
-            "-o",
-            &s(&p),
-        ])
+        let (p, sts) = (dir.path().join(out), assets.join("data/sts").join(tsv));
+        cli(
+            "tokenize {} --tokenizer {} --limit {} -o {}",
+            &[&sts, &tok, &n, &p],
+        )
         .ok();
         p
     };
@@ -102,39 +67,17 @@ fn minilm_data_aware_low_rank_beats_plain_on_held_apart_sentences() {
     let mut cosine = vec![];
     for data_aware in [false, true] {
         let out = dir.path().join(format!("lr{data_aware}.onnx"));
-        let mut args = vec![
-            "compress".to_string(),
-            s(&model),
-            "-o".into(),
-            s(&out),
-            "--low-rank".into(),
-            "--target".into(),
-            "macs=0.8".into(),
-            "--calib".into(),
-            s(&calib),
-            "--calib-items".into(),
-            "128".into(),
-            "--json".into(),
-        ];
-        if data_aware {
-            args.push("--data-aware".into());
-        }
-        let j = run(&args).ok().json();
+        let flags = "--low-rank --target macs=0.8 --calib {} --calib-items 128 --json";
+        let flags = and_if(flags, data_aware, "--data-aware");
+        let j = compress(&model, &out, &flags, &[&calib]).ok().json();
         let (m0, m1) = (
             j["macs"][0].as_f64().unwrap(),
             j["macs"][1].as_f64().unwrap(),
         );
         assert!(m1 <= 0.8 * m0 + 1.0, "{m0} -> {m1}");
-        let v = run(&[
-            "verify",
-            &s(&model),
-            &s(&out),
-            "--data",
-            &s(&eval),
-            "--json",
-        ])
-        .ok()
-        .json();
+        let v = cli("verify {} {} --data {} --json", &[&model, &out, &eval])
+            .ok()
+            .json();
         let emb = v["outputs"]
             .as_array()
             .unwrap()

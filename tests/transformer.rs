@@ -10,7 +10,7 @@ fn tokenizer() -> Option<std::path::PathBuf> {
 #[test]
 fn inspect_lists_minilm_blocks() {
     let Some(m) = minilm() else { return };
-    let j = run(&["inspect", &s(&m), "--json", "--brief"]).ok().json();
+    let j = inspect_json(&m, &[]);
     let b = j["transformer_blocks"].as_array().unwrap();
     assert_eq!(b.len(), 6);
     for x in b {
@@ -26,39 +26,22 @@ fn inspect_lists_minilm_blocks() {
 #[test]
 fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
     let dir = tempfile::tempdir().unwrap();
-    let (Some(m), Some(calib)) = (minilm(), sts_calibration(dir.path(), &["--limit", "512"]))
-    else {
+    let Some((m, calib)) = minilm_and_calibration(dir.path(), "--limit 512") else {
         return;
     };
     let mut kept = vec![];
     for replace in [true, false] {
         let out = dir.path().join(format!("drop3_{replace}.onnx"));
-        let mut args = vec![
-            "compress".to_string(),
-            s(&m),
-            "-o".into(),
-            s(&out),
-            "--calib".into(),
-            s(&calib),
-            "--calib-items".into(),
-            "512".into(),
-            "--holdout-items".into(),
-            "0".into(),
-            "--drop-blocks".into(),
-            "3".into(),
-            "--json".into(),
-        ];
-        if replace {
-            args.push("--linear-replace".into());
-        }
-        let j = run(&args).ok().json();
+        let flags = "--calib {} --calib-items 512 --holdout-items 0 --drop-blocks 3 --json";
+        let flags = and_if(flags, replace, "--linear-replace");
+        let j = compress(&m, &out, &flags, &[&calib]).ok().json();
         let d = &j["drop_blocks"];
         assert_eq!(d["removed"].as_array().unwrap().len(), 3, "{d}");
         assert_eq!(d["linear_replace"], replace, "{d}");
         assert_eq!(d["importance"].as_array().unwrap().len(), 6);
         assert!(j["params"][1].as_u64() < j["params"][0].as_u64());
         // the smaller model has 3 blocks left
-        let left = run(&["inspect", &s(&out), "--json", "--brief"]).ok().json();
+        let left = inspect_json(&out, &[]);
         assert_eq!(left["transformer_blocks"].as_array().unwrap().len(), 3);
         let v = sts_verify(&m, &out, 300);
         assert_eq!(v["pairs"], 300);
@@ -82,70 +65,29 @@ fn block_removal_refusals_name_the_cause_and_write_nothing() {
     // a CNN: residual Adds, none with attention
     let r8 = resnet8();
     let calib = repo_root().join("data/cifar10");
-    run(&[
-        "compress",
-        &s(&r8),
-        "-o",
-        &s(&out),
-        "--calib",
-        &s(&calib),
-        "--drop-blocks",
-        "1",
-    ])
-    .error(&["transformer blocks", "none whose branch holds a Softmax"]);
-    run(&["compress", &s(&r8), "-o", &s(&out), "--linear-replace"])
-        .error(&["go with --drop-blocks"]);
+    compress(&r8, &out, "--calib {} --drop-blocks 1", &[&calib])
+        .error(&["transformer blocks", "none whose branch holds a Softmax"]);
+    compress(&r8, &out, "--linear-replace", &[]).error(&["go with --drop-blocks"]);
     if let (Some(m), Some(tok), Some(dev)) = (minilm(), tokenizer(), asset("data/sts/sts-dev.tsv"))
     {
         let calib = dir.path().join("c.npz");
-        run(&[
-            "tokenize",
-            &s(&dev),
-            "--tokenizer",
-            &s(&tok),
-            "--limit",
-            "8",
-            "-o",
-            &s(&calib),
-        ])
+        cli(
+            "tokenize {} --tokenizer {} --limit 8 -o {}",
+            &[&dev, &tok, &calib],
+        )
         .ok();
-        run(&[
-            "compress",
-            &s(&m),
-            "-o",
-            &s(&out),
-            "--calib",
-            &s(&calib),
-            "--drop-blocks",
-            "7",
-        ])
-        .error(&["asked to drop 7 blocks, the model has 6"]);
-        run(&["compress", &s(&m), "-o", &s(&out), "--drop-blocks", "2"]).error(&["--calib"]);
+        compress(&m, &out, "--calib {} --drop-blocks 7", &[&calib])
+            .error(&["asked to drop 7 blocks, the model has 6"]);
+        compress(&m, &out, "--drop-blocks 2", &[]).error(&["--calib"]);
         // a tokenizer file that does not parse, and a pair file that is not one
         let bad = dir.path().join("tokenizer.json");
         std::fs::write(&bad, "{ not json").unwrap();
-        run(&[
-            "verify",
-            &s(&m),
-            &s(&m),
-            "--data",
-            &s(&dev),
-            "--tokenizer",
-            &s(&bad),
-        ])
-        .error(&["not a tokenizer.json"]);
+        let verify = "verify {} {} --data {} --tokenizer {}";
+        cli(verify, &[&m, &m, &dev, &bad]).error(&["not a tokenizer.json"]);
         let pairs = dir.path().join("pairs.tsv");
         std::fs::write(&pairs, "4.0\tonly one sentence\n").unwrap();
-        run(&[
-            "verify",
-            &s(&m),
-            &s(&m),
-            "--data",
-            &s(&pairs),
-            "--tokenizer",
-            &s(&tok),
-        ])
-        .error(&["line 1 is not score<TAB>sentence<TAB>sentence"]);
+        cli(verify, &[&m, &m, &pairs, &tok])
+            .error(&["line 1 is not score<TAB>sentence<TAB>sentence"]);
     }
     assert!(!out.exists(), "nothing written");
 }

@@ -48,15 +48,11 @@ fn resnet8_against_itself_matches_the_reference_accuracy() {
 
     // The same, as a table.
     let t = run(&["verify", &m, &m, "--data", &s(&data)]).ok();
-    assert!(t.stdout.contains("500 items"), "{}", t.dump());
-    assert!(t.stdout.contains("100.00%"), "{}", t.dump());
-    assert!(t.stdout.contains("68.20%"), "{}", t.dump());
+    t.stdout_has("500 items");
+    t.stdout_has("100.00%");
+    t.stdout_has("68.20%");
     // The profile beside the model was used (that is what gives 68.20%).
-    assert!(
-        t.stderr.contains("resnet8_cifar10.profile.toml"),
-        "{}",
-        t.dump()
-    );
+    t.stderr_has("resnet8_cifar10.profile.toml");
 }
 
 /// A tiny CIFAR-shaped classifier with ResNet-8's interface: `input` float [N,3,32,32] →
@@ -131,7 +127,7 @@ fn min_agreement_not_met_exits_1_and_names_the_agreement() {
         r.dump()
     );
     // The table is still printed (results on stdout, the verdict on stderr).
-    assert!(r.stdout.contains(&pct), "{}", r.dump());
+    r.stdout_has(&pct);
 
     // With --json the one object still comes out, and the exit code still says 1.
     let r = run(&args(&["--min-agreement", "0.9", "--json"]));

@@ -31,8 +31,6 @@ fn minilm_blocks_heads_and_sizes_from_the_onnx_file() {
 // Built fixtures: `blocks` encoder blocks of hidden 8, 2 heads of 4, FFN 16, on x [N, S, 8]
 // ---------------------------------------------------------------------------------------------
 
-use std::ops::{Deref, DerefMut};
-
 use whittle_core::onnx::{AttributeProto, GraphProto};
 use whittle_core::tensor::{from_f32, from_i64};
 use whittle_test_support::runtime::{
@@ -52,18 +50,7 @@ impl Default for Builder {
     }
 }
 
-impl Deref for Builder {
-    type Target = GraphBuilder;
-    fn deref(&self) -> &GraphBuilder {
-        &self.0
-    }
-}
-
-impl DerefMut for Builder {
-    fn deref_mut(&mut self) -> &mut GraphBuilder {
-        &mut self.0
-    }
-}
+whittle_test_support::derefs_to_graph_builder!(Builder, 0);
 
 impl Builder {
     fn seeded(seed: u64) -> Builder {
@@ -310,17 +297,31 @@ fn drop(
     data: &Dataset,
     opts: DropOptions,
 ) -> Result<DropReport, whittle_compress::Error> {
-    let idx: Vec<usize> = (0..data.len()).collect();
-    let pre = Preprocess::default();
-    let spec = CaptureSpec {
-        dataset: data,
-        indices: &idx,
-        pre: &pre,
-        batch: 16,
-        runtime: RuntimeKind::OrtCpu,
-        threads: Some(2),
-    };
-    drop_blocks::drop_blocks(m, &opts, &spec)
+    spec_run(data, |spec| drop_blocks::drop_blocks(m, &opts, spec))
+}
+
+/// A model's output on a probe x [2, 9, D] in [-2, 2), to measure how far a cut copy moves.
+struct Probe {
+    x: Value,
+    want: Vec<f32>,
+}
+
+impl Probe {
+    fn new(m: &Model) -> Self {
+        let x = Value::F32(probe_tensor(&[2, 9, D], -2.0, 2.0));
+        let want = run_ort(m, &x);
+        Probe { x, want }
+    }
+
+    /// The summed squared difference of `cut`'s output on the probe from the original's.
+    fn err(&self, cut: &Model) -> f64 {
+        let got = run_ort(cut, &self.x);
+        self.want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum()
+    }
 }
 
 fn opts(count: usize, linear_replace: bool) -> DropOptions {
@@ -375,14 +376,7 @@ fn linear_replacement_beats_plain_removal_on_a_post_norm_encoder() {
     let m = post_norm(3, false);
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 48, 6);
-    let x = Value::F32(probe_tensor(&[2, 9, D], -2.0, 2.0));
-    let want = run_ort(&m, &x);
-    let err = |got: &[f32]| -> f64 {
-        want.iter()
-            .zip(got)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>()
-    };
+    let probe = Probe::new(&m);
     for count in [1, 2, 3] {
         let (mut plain, mut fitted) = (m.clone(), m.clone());
         let p = drop(&mut plain, &data, opts(count, false)).unwrap();
@@ -392,7 +386,7 @@ fn linear_replacement_beats_plain_removal_on_a_post_norm_encoder() {
         assert!(f.linear_replace, "{fit:?}");
         assert!(fit.rel_error_after < fit.rel_error_before, "{fit:?}");
         // on inputs it was not fitted on too
-        let (ep, ef) = (err(&run_ort(&plain, &x)), err(&run_ort(&fitted, &x)));
+        let (ep, ef) = (probe.err(&plain), probe.err(&fitted));
         assert!(ef < ep, "{count} blocks: fitted {ef} vs plain {ep}");
         assert_eq!(
             blocks::find_blocks(&plain).map_or(0, |b| b.len()),
@@ -509,14 +503,7 @@ fn ffn_pruning_keeps_the_best_neurons_and_the_refit_helps() {
     let m = post_norm(2, false);
     let dir = tempfile::tempdir().unwrap();
     let data = fixture_data(dir.path(), 48, 6);
-    let x = Value::F32(probe_tensor(&[2, 9, D], -2.0, 2.0));
-    let want = run_ort(&m, &x);
-    let err = |got: &[f32]| -> f64 {
-        want.iter()
-            .zip(got)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum()
-    };
+    let probe = Probe::new(&m);
     let mut errs = vec![];
     for refit in [false, true] {
         let mut cut = m.clone();
@@ -527,7 +514,7 @@ fn ffn_pruning_keeps_the_best_neurons_and_the_refit_helps() {
         let r = spec_run(&data, |s| prune_ffn::prune_ffn(&mut cut, &o, s)).unwrap();
         assert!(r.layers.iter().all(|l| (l.kept, l.of) == (12, 16)), "{r:?}");
         assert_eq!(blocks::find_blocks(&cut).unwrap()[1].ffn, Some(12));
-        errs.push(err(&run_ort(&cut, &x)));
+        errs.push(probe.err(&cut));
     }
     assert!(errs[1] < errs[0], "refit {} vs none {}", errs[1], errs[0]);
     // a fraction outside (0, 1) is refused

@@ -5,8 +5,6 @@
 //! in ONNX Runtime (CPU), and in tract where noted, on random inputs. The shared models in
 //! ../shared/assets/models are cleaned and compared the same way.
 
-use std::ops::{Deref, DerefMut};
-
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use whittle_compress::cleanup::{self, CleanupReport};
@@ -25,18 +23,7 @@ use whittle_test_support::{
 
 struct Net(GraphBuilder);
 
-impl Deref for Net {
-    type Target = GraphBuilder;
-    fn deref(&self) -> &GraphBuilder {
-        &self.0
-    }
-}
-
-impl DerefMut for Net {
-    fn deref_mut(&mut self) -> &mut GraphBuilder {
-        &mut self.0
-    }
-}
+whittle_test_support::derefs_to_graph_builder!(Net, 0);
 
 impl Net {
     fn new(seed: u64) -> Net {

@@ -9,8 +9,6 @@
 //! (same shapes, max |diff| < 1e-4) in ONNX Runtime (CPU) and tract, and its measured MACs must
 //! be the plan's prediction.
 
-use std::ops::{Deref, DerefMut};
-
 use whittle_compress::Error;
 use whittle_compress::cleanup::{self, CleanupReport};
 use whittle_compress::groups::{self, Group, Groups, Role};
@@ -33,18 +31,7 @@ struct Net {
     custom_domain: bool,
 }
 
-impl Deref for Net {
-    type Target = GraphBuilder;
-    fn deref(&self) -> &GraphBuilder {
-        &self.b
-    }
-}
-
-impl DerefMut for Net {
-    fn deref_mut(&mut self) -> &mut GraphBuilder {
-        &mut self.b
-    }
-}
+whittle_test_support::derefs_to_graph_builder!(Net, b);
 
 impl Net {
     fn new(seed: u64) -> Net {

@@ -9,7 +9,7 @@ use whittle_compress::prune::Budget;
 use whittle_core::onnx::{NodeProto, TensorProto};
 use whittle_core::tensor::from_f32;
 use whittle_core::{Model, cost, shape};
-use whittle_test_support::{attr_int, attr_ints, graph, model, value_info, values};
+use whittle_test_support::{attr_int, attr_ints, graph, model, node, value_info, values};
 
 fn one_node(node: NodeProto, x: &[&str], y: &[&str], inits: Vec<TensorProto>) -> Model {
     Model {
@@ -28,16 +28,12 @@ fn one_node(node: NodeProto, x: &[&str], y: &[&str], inits: Vec<TensorProto>) ->
 
 fn conv(o: usize, c: usize, k: usize, stride: i64, pad: i64) -> Model {
     let node = NodeProto {
-        name: Some("conv".into()),
-        op_type: Some("Conv".into()),
-        input: vec!["x".into(), "w".into(), "b".into()],
-        output: vec!["y".into()],
         attribute: vec![
             attr_ints("kernel_shape", &[k as i64, k as i64]),
             attr_ints("strides", &[stride, stride]),
             attr_ints("pads", &[pad, pad, pad, pad]),
         ],
-        ..Default::default()
+        ..node("conv", "Conv", &["x", "w", "b"], &["y"])
     };
     let w = from_f32(
         "w",
@@ -55,12 +51,8 @@ fn conv(o: usize, c: usize, k: usize, stride: i64, pad: i64) -> Model {
 
 fn gemm(o: usize, d: usize, trans_b: bool) -> Model {
     let node = NodeProto {
-        name: Some("fc".into()),
-        op_type: Some("Gemm".into()),
-        input: vec!["x".into(), "w".into(), "b".into()],
-        output: vec!["y".into()],
         attribute: vec![attr_int("transB", trans_b as i64)],
-        ..Default::default()
+        ..node("fc", "Gemm", &["x", "w", "b"], &["y"])
     };
     let dims = if trans_b {
         [o as i64, d as i64]
@@ -78,13 +70,7 @@ fn gemm(o: usize, d: usize, trans_b: bool) -> Model {
 }
 
 fn matmul(o: usize, d: usize) -> Model {
-    let node = NodeProto {
-        name: Some("mm".into()),
-        op_type: Some("MatMul".into()),
-        input: vec!["x".into(), "w".into()],
-        output: vec!["y".into()],
-        ..Default::default()
-    };
+    let node = node("mm", "MatMul", &["x", "w"], &["y"]);
     let w = from_f32("w", &[d as i64, o as i64], &values(o * d, 5));
     one_node(
         node,
@@ -268,12 +254,8 @@ fn bad_ranks_and_schemes_are_refused_or_skipped() {
     assert!(e.to_string().contains("spatial scheme needs"), "{e}");
     // a grouped conv is listed as skipped, with the reason
     let node = NodeProto {
-        name: Some("dw".into()),
-        op_type: Some("Conv".into()),
-        input: vec!["x".into(), "w".into()],
-        output: vec!["y".into()],
         attribute: vec![attr_ints("kernel_shape", &[3, 3]), attr_int("group", 4)],
-        ..Default::default()
+        ..node("dw", "Conv", &["x", "w"], &["y"])
     };
     let g = one_node(
         node,

@@ -87,43 +87,15 @@ fn merged(m: &Model, a: &str, b: &str) -> (Model, merge::MergeReport) {
 
 #[test]
 fn every_merge_shape_is_exact() {
+    // (what, the first conv, the second, the merged kernel): a table, one case a row
+    #[rustfmt::skip]
     let cases: [(&str, Spec, Spec, [usize; 2]); 6] = [
-        (
-            "kxk then 1x1",
-            (6, 4, 3, 1, 1, 1),
-            (5, 6, 1, 1, 0, 1),
-            [3, 3],
-        ),
-        (
-            "1x1 then kxk",
-            (6, 4, 1, 1, 0, 1),
-            (5, 6, 3, 1, 0, 1),
-            [3, 3],
-        ),
-        (
-            "depthwise then pointwise",
-            (4, 4, 3, 1, 1, 4),
-            (7, 4, 1, 1, 0, 1),
-            [3, 3],
-        ),
-        (
-            "kxk stride 2 then kxk",
-            (6, 4, 3, 2, 1, 1),
-            (5, 6, 3, 1, 0, 1),
-            [7, 7],
-        ),
-        (
-            "kxk then kxk stride 2",
-            (6, 4, 3, 1, 1, 1),
-            (5, 6, 3, 2, 0, 1),
-            [5, 5],
-        ),
-        (
-            "depthwise then depthwise",
-            (4, 4, 3, 1, 1, 4),
-            (4, 4, 3, 1, 0, 4),
-            [5, 5],
-        ),
+        ("kxk then 1x1",             (6, 4, 3, 1, 1, 1), (5, 6, 1, 1, 0, 1), [3, 3]),
+        ("1x1 then kxk",             (6, 4, 1, 1, 0, 1), (5, 6, 3, 1, 0, 1), [3, 3]),
+        ("depthwise then pointwise", (4, 4, 3, 1, 1, 4), (7, 4, 1, 1, 0, 1), [3, 3]),
+        ("kxk stride 2 then kxk",    (6, 4, 3, 2, 1, 1), (5, 6, 3, 1, 0, 1), [7, 7]),
+        ("kxk then kxk stride 2",    (6, 4, 3, 1, 1, 1), (5, 6, 3, 2, 0, 1), [5, 5]),
+        ("depthwise then depthwise", (4, 4, 3, 1, 1, 4), (4, 4, 3, 1, 0, 4), [5, 5]),
     ];
     for (what, a, b, kernel) in cases {
         let m = pair(a, b);

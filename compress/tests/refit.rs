@@ -57,6 +57,14 @@ struct Setup {
     held: Vec<usize>,
 }
 
+impl Setup {
+    /// Top-1 agreement of `m` with the original on the held-out items.
+    fn agreement(&self, m: &Model) -> f64 {
+        let predict = |m: &Model| predictions(m, &self.data, &self.pre, &self.held);
+        agreement(&predict(&self.original), &predict(m))
+    }
+}
+
 fn setup() -> Option<Setup> {
     let assets = shared_assets()?;
     let original = Model::load(&assets.join("models/resnet8_cifar10.onnx")).expect("loads resnet8");
@@ -127,12 +135,7 @@ fn refit_recovers_a_corrupted_conv_of_resnet8() {
     assert!(r.rel_error_after < 1e-4, "{r:?}");
     assert!(r.rel_error_after < r.rel_error_before, "{r:?}");
 
-    let reference = predictions(&s.original, &s.data, &s.pre, &s.held);
-    let noisy_agree = agreement(
-        &reference,
-        &predictions(&corrupted, &s.data, &s.pre, &s.held),
-    );
-    let refit_agree = agreement(&reference, &predictions(&pruned, &s.data, &s.pre, &s.held));
+    let (noisy_agree, refit_agree) = (s.agreement(&corrupted), s.agreement(&pruned));
     eprintln!(
         "top-1 agreement on 200 held-out images: corrupted {noisy_agree:.3}, refitted {refit_agree:.3}"
     );
@@ -225,12 +228,7 @@ fn refit_of_a_pruned_dense_layer_restores_agreement() {
         vec![10]
     );
 
-    let reference = predictions(&s.original, &s.data, &s.pre, &s.held);
-    let before = agreement(
-        &reference,
-        &predictions(&unrefitted, &s.data, &s.pre, &s.held),
-    );
-    let after = agreement(&reference, &predictions(&pruned, &s.data, &s.pre, &s.held));
+    let (before, after) = (s.agreement(&unrefitted), s.agreement(&pruned));
     eprintln!(
         "top-1 agreement with the original on 200 held-out images: unrefitted {before:.3}, refitted {after:.3}"
     );

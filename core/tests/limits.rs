@@ -16,6 +16,17 @@ fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, out: &str) -> Vec<u8> {
     model_proto(graph("g", nodes, io("x"), io(out), inits), &[]).encode_to_vec()
 }
 
+/// A float tensor `w` of `dims` whose data is 16 bytes (of zeros), whatever the dims say.
+fn w_holding_16_bytes(dims: Vec<i64>) -> TensorProto {
+    TensorProto {
+        name: Some("w".into()),
+        dims,
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(vec![0; 16]),
+        ..Default::default()
+    }
+}
+
 fn load(bytes: &[u8]) -> Result<Model, whittle_core::Error> {
     Model::from_bytes(bytes, None, "test model", &LoadOptions::default())
 }
@@ -77,13 +88,7 @@ fn r8_an_input_nothing_produces_is_an_error() {
 
 #[test]
 fn r8_dims_that_overflow_are_an_error() {
-    let t = TensorProto {
-        name: Some("w".into()),
-        dims: vec![i64::MAX / 2, 4, 4],
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(vec![0; 16]),
-        ..Default::default()
-    };
+    let t = w_holding_16_bytes(vec![i64::MAX / 2, 4, 4]);
     let e = load(&model(vec![relu("a", "x", "y")], vec![t], "y"))
         .unwrap_err()
         .to_string();
@@ -93,13 +98,7 @@ fn r8_dims_that_overflow_are_an_error() {
 #[test]
 fn r8_a_tensor_larger_than_its_data_or_the_cap_is_an_error() {
     // declares 1M floats, holds 16 bytes: refused before anything is allocated for it
-    let t = TensorProto {
-        name: Some("w".into()),
-        dims: vec![1024, 1024],
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(vec![0; 16]),
-        ..Default::default()
-    };
+    let t = w_holding_16_bytes(vec![1024, 1024]);
     let e = load(&model(vec![relu("a", "x", "y")], vec![t.clone()], "y"))
         .unwrap_err()
         .to_string();

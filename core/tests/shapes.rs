@@ -7,8 +7,9 @@ mod dynamic;
 use dynamic::*;
 use whittle_core::cost::{self, UnknownDim};
 use whittle_core::model::float_value_info;
-use whittle_core::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use whittle_core::onnx::{ModelProto, NodeProto};
 use whittle_core::{Dim, Model, shape};
+use whittle_test_support::{graph, model_with, node};
 
 fn model(m: &ModelProto) -> Model {
     Model::from_bytes(
@@ -178,32 +179,17 @@ fn bind_inputs_writes_the_shapes_and_restore_io_undoes_it() {
 }
 
 fn two_input_model() -> Model {
-    let node = NodeProto {
-        name: Some("add".into()),
-        op_type: Some("Add".into()),
-        input: vec!["a".into(), "b".into()],
-        output: vec!["y".into()],
-        ..Default::default()
-    };
-    let g = GraphProto {
-        name: Some("two".into()),
-        node: vec![node],
-        input: vec![
+    let g = graph(
+        "two",
+        vec![node("add", "Add", &["a", "b"], &["y"])],
+        vec![
             float_value_info("a", &["N", "-1"]),
             float_value_info("b", &["N", "4"]),
         ],
-        output: vec![float_value_info("y", &["N", "4"])],
-        ..Default::default()
-    };
-    model(&ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
-        graph: Some(g),
-        ..Default::default()
-    })
+        vec![float_value_info("y", &["N", "4"])],
+        vec![],
+    );
+    model(&model_with(8, &[("", 13)], g))
 }
 
 #[test]
@@ -232,42 +218,17 @@ fn a_symbol_takes_one_size_in_every_input() {
 #[test]
 fn a_mac_layer_without_a_shape_is_reported() {
     let fancy = NodeProto {
-        name: Some("fancy".into()),
-        op_type: Some("FancyOp".into()),
         domain: Some("com.example".into()),
-        input: vec!["x".into()],
-        output: vec!["f".into()],
-        ..Default::default()
+        ..node("fancy", "FancyOp", &["x"], &["f"])
     };
-    let mm = NodeProto {
-        name: Some("mm".into()),
-        op_type: Some("MatMul".into()),
-        input: vec!["f".into(), "x".into()],
-        output: vec!["y".into()],
-        ..Default::default()
-    };
-    let g = GraphProto {
-        name: Some("fancy".into()),
-        node: vec![fancy, mm],
-        input: vec![float_value_info("x", &["4", "4"])],
-        output: vec![float_value_info("y", &["4", "4"])],
-        ..Default::default()
-    };
-    let m = model(&ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![
-            OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(13),
-            },
-            OperatorSetIdProto {
-                domain: Some("com.example".into()),
-                version: Some(1),
-            },
-        ],
-        graph: Some(g),
-        ..Default::default()
-    });
+    let g = graph(
+        "fancy",
+        vec![fancy, node("mm", "MatMul", &["f", "x"], &["y"])],
+        vec![float_value_info("x", &["4", "4"])],
+        vec![float_value_info("y", &["4", "4"])],
+        vec![],
+    );
+    let m = model(&model_with(8, &[("", 13), ("com.example", 1)], g));
     let c = macs(&m, &[]);
     assert!(!c.is_exact());
     assert!(

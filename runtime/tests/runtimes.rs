@@ -35,6 +35,13 @@ fn ort_available() -> bool {
     }
 }
 
+/// The bytes of `shared/assets/models/<name>` where ONNX Runtime can be found too, or `None`
+/// (skip) when either is missing.
+fn model_with_ort(name: &str) -> Option<Vec<u8>> {
+    let bytes = model(name)?;
+    ort_available().then_some(bytes)
+}
+
 macro_rules! require {
     ($e:expr) => {
         match $e {
@@ -78,58 +85,62 @@ fn sig(infos: &[IoInfo]) -> Vec<String> {
     infos.iter().map(IoInfo::to_string).collect()
 }
 
-#[test]
-fn resnet8_matches_reference_on_ort_cpu_and_tract() {
-    let bytes = require!(model("resnet8_cifar10.onnx"));
-    if !ort_available() {
-        return;
-    }
-    let probe = probe_tensor(&[1, 3, 32, 32], -1.0, 1.0);
-    let mut ort = load_ok(RuntimeKind::OrtCpu, &bytes, &RuntimeOptions::default());
-    let mut tract = load_ok(RuntimeKind::Tract, &bytes, &RuntimeOptions::default());
+/// `bytes` loaded in ONNX Runtime (CPU) and tract: both show the one input `input` and the one
+/// output `output` (as [`sig`] writes them), and on `probe` agree with each other within 1e-4 and
+/// with `reference` within `tol`. The two sessions.
+fn both_match_reference(
+    bytes: &[u8],
+    (input, output): (&str, &str),
+    probe: ArrayD<f32>,
+    reference: &[f32],
+    tol: f32,
+) -> (Box<dyn Session>, Box<dyn Session>) {
+    let mut ort = load_ok(RuntimeKind::OrtCpu, bytes, &RuntimeOptions::default());
+    let mut tract = load_ok(RuntimeKind::Tract, bytes, &RuntimeOptions::default());
     for s in [&ort, &tract] {
-        assert_eq!(sig(s.inputs()), ["input: float [N,3,32,32]"]);
-        assert_eq!(sig(s.outputs()), ["output: float [N,10]"]);
+        assert_eq!(sig(s.inputs()), [input]);
+        assert_eq!(sig(s.outputs()), [output]);
     }
-    assert_eq!(ort.provider().actual, "CPUExecutionProvider");
-    assert!(!ort.provider().fallback);
-    assert_eq!(tract.provider().actual, "tract");
-
     let a = run_f32(ort.as_mut(), probe.clone());
     let b = run_f32(tract.as_mut(), probe);
     assert_close("ort-cpu vs tract", &a, &b, 1e-4);
-    assert_close("ort-cpu vs reference", &a, &RESNET8_REFERENCE, 1e-4);
-    assert_close("tract vs reference", &b, &RESNET8_REFERENCE, 1e-4);
+    assert_close("ort-cpu vs reference", &a, reference, tol);
+    assert_close("tract vs reference", &b, reference, tol);
+    (ort, tract)
+}
+
+#[test]
+fn resnet8_matches_reference_on_ort_cpu_and_tract() {
+    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
+    let (ort, tract) = both_match_reference(
+        &bytes,
+        ("input: float [N,3,32,32]", "output: float [N,10]"),
+        probe_tensor(&[1, 3, 32, 32], -1.0, 1.0),
+        &RESNET8_REFERENCE,
+        1e-4,
+    );
+    assert_eq!(ort.provider().actual, "CPUExecutionProvider");
+    assert!(!ort.provider().fallback);
+    assert_eq!(tract.provider().actual, "tract");
 }
 
 #[test]
 fn mnist8_opset8_ir3_matches_reference_on_ort_cpu_and_tract() {
-    let bytes = require!(model("mnist-8.onnx"));
-    if !ort_available() {
-        return;
-    }
-    let probe = probe_tensor(&[1, 1, 28, 28], 0.0, 1.0);
-    let mut ort = load_ok(RuntimeKind::OrtCpu, &bytes, &RuntimeOptions::default());
-    let mut tract = load_ok(RuntimeKind::Tract, &bytes, &RuntimeOptions::default());
-    // IR 3 lists the weights among the graph inputs; neither runtime may ask for them.
-    for s in [&ort, &tract] {
-        assert_eq!(sig(s.inputs()), ["input: float [N,1,28,28]"]);
-        assert_eq!(sig(s.outputs()), ["logits: float [N,10]"]);
-    }
-    let a = run_f32(ort.as_mut(), probe.clone());
-    let b = run_f32(tract.as_mut(), probe);
-    assert_close("ort-cpu vs tract", &a, &b, 1e-4);
-    // The reference is printed with 4 decimals (rounding error up to 5e-5).
-    assert_close("ort-cpu vs reference", &a, &MNIST_REFERENCE, 1.5e-4);
-    assert_close("tract vs reference", &b, &MNIST_REFERENCE, 1.5e-4);
+    let bytes = require!(model_with_ort("mnist-8.onnx"));
+    // IR 3 lists the weights among the graph inputs; neither runtime may ask for them. The
+    // reference is printed with 4 decimals (rounding error up to 5e-5).
+    both_match_reference(
+        &bytes,
+        ("input: float [N,1,28,28]", "logits: float [N,10]"),
+        probe_tensor(&[1, 1, 28, 28], 0.0, 1.0),
+        &MNIST_REFERENCE,
+        1.5e-4,
+    );
 }
 
 #[test]
 fn both_runtimes_reject_wrong_inputs_with_input_mismatch() {
-    let bytes = require!(model("resnet8_cifar10.onnx"));
-    if !ort_available() {
-        return;
-    }
+    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
     for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
         let mut s = load_ok(kind, &bytes, &RuntimeOptions::default());
         let err = s
@@ -175,10 +186,7 @@ fn both_runtimes_reject_wrong_inputs_with_input_mismatch() {
 
 #[test]
 fn symbolic_batch_runs_several_sizes_and_input_shapes_pin_it() {
-    let bytes = require!(model("resnet8_cifar10.onnx"));
-    if !ort_available() {
-        return;
-    }
+    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
     let one = run_f32(
         load_ok(RuntimeKind::OrtCpu, &bytes, &RuntimeOptions::default()).as_mut(),
         probe_tensor(&[1, 3, 32, 32], -1.0, 1.0),
@@ -249,10 +257,7 @@ fn symbolic_batch_runs_several_sizes_and_input_shapes_pin_it() {
 
 #[test]
 fn accelerated_providers_without_fallback_fail_naming_the_provider() {
-    let bytes = require!(model("resnet8_cifar10.onnx"));
-    if !ort_available() {
-        return;
-    }
+    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
     for (kind, name) in [
         (RuntimeKind::OrtCuda, "CUDA"),
         (RuntimeKind::OrtTensorRt, "TensorRT"),
@@ -285,10 +290,7 @@ fn accelerated_providers_without_fallback_fail_naming_the_provider() {
 
 #[test]
 fn cuda_with_fallback_runs_on_cpu_and_says_so() {
-    let bytes = require!(model("resnet8_cifar10.onnx"));
-    if !ort_available() {
-        return;
-    }
+    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
     let opts = RuntimeOptions {
         allow_fallback: true,
         ..Default::default()
@@ -316,10 +318,7 @@ fn cuda_with_fallback_runs_on_cpu_and_says_so() {
 
 #[test]
 fn bench_returns_sane_stats_on_both_runtimes() {
-    let bytes = require!(model("resnet8_cifar10.onnx"));
-    if !ort_available() {
-        return;
-    }
+    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
     for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
         let opts = RuntimeOptions {
             threads: Some(1),

@@ -23,6 +23,27 @@ pub use onnx::{
 pub use rng::{Lcg, noise, values};
 pub use runtime::{assert_same_outputs, max_abs, max_abs_diff, rel_diff, run_model};
 
+/// `Deref` and `DerefMut` to [`GraphBuilder`] for a test's own builder type wrapping one in the
+/// field `$field`: `derefs_to_graph_builder!(Net, 0)`, so the wrapper adds its layer helpers and
+/// keeps the builder's.
+#[macro_export]
+macro_rules! derefs_to_graph_builder {
+    ($t:ty, $field:tt) => {
+        impl ::std::ops::Deref for $t {
+            type Target = $crate::GraphBuilder;
+            fn deref(&self) -> &$crate::GraphBuilder {
+                &self.$field
+            }
+        }
+
+        impl ::std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut $crate::GraphBuilder {
+                &mut self.$field
+            }
+        }
+    };
+}
+
 /// Every `*.rs` file directly in `dir` but `main.rs` is declared as a module (`mod <name>;`) in
 /// `main` (the text of `dir/main.rs`): a test file added beside a one-binary `main.rs` that is not
 /// declared there would not be compiled, and its tests would silently not run.

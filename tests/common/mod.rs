@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,6 +12,21 @@ pub use whittle_test_support::{
     asset, attr_int, graph, minilm, model, node, noise, ready, repo_root, resnet8, shared_assets,
     shared_models, tensor_external, tensor_f32, value_info, weight_elements, write_model,
 };
+
+/// A temp folder holding a copy of ResNet-8 as `m.onnx`.
+pub fn with_resnet8() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.onnx");
+    std::fs::copy(resnet8(), &m).unwrap();
+    (dir, m)
+}
+
+/// `text` written to `dir/name`; its path.
+pub fn write_text(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    p
+}
 
 /// The built binary.
 pub fn whittle() -> PathBuf {
@@ -41,6 +57,22 @@ impl Run {
     pub fn ok(self) -> Self {
         assert_eq!(self.code, 0, "expected success\n{}", self.dump());
         assert!(!self.stderr.contains("panicked"), "{}", self.dump());
+        self
+    }
+
+    /// Assert stdout contains `needle`; returns self.
+    pub fn stdout_has(&self, needle: &str) -> &Self {
+        self.has("stdout", &self.stdout, needle)
+    }
+
+    /// Assert stderr contains `needle`; returns self.
+    pub fn stderr_has(&self, needle: &str) -> &Self {
+        self.has("stderr", &self.stderr, needle)
+    }
+
+    fn has(&self, stream: &str, text: &str, needle: &str) -> &Self {
+        let dump = self.dump();
+        assert!(text.contains(needle), "{stream} lacks {needle:?}\n{dump}");
         self
     }
 
@@ -123,6 +155,48 @@ pub fn run_in<S: AsRef<std::ffi::OsStr>>(cwd: Option<&Path>, args: &[S]) -> Run 
 /// Run `whittle args...` from the repository root.
 pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
     run_in(None, args)
+}
+
+/// A command line written as one string: its words split on whitespace, each word `{}` replaced
+/// by the next of `vals` (paths, or values that may hold spaces), taken as they are.
+pub fn argv(line: &str, vals: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
+    let mut vals = vals.iter();
+    let words: Vec<OsString> = line
+        .split_whitespace()
+        .map(|w| match w {
+            "{}" => vals
+                .next()
+                .unwrap_or_else(|| panic!("more {{}} than values in {line:?}"))
+                .as_ref()
+                .to_owned(),
+            w => w.into(),
+        })
+        .collect();
+    assert!(vals.next().is_none(), "more values than {{}} in {line:?}");
+    words
+}
+
+/// Run `whittle` from the repository root on the words of `line`, each `{}` one of `vals` (see
+/// [`argv`]): `cli("compress {} -o {} --target macs=0.5 --json", &[&model, &out])`.
+pub fn cli(line: &str, vals: &[&dyn AsRef<OsStr>]) -> Run {
+    run(&argv(line, vals))
+}
+
+/// The words of `flags`, then `extra` where `on`: `and_if("--json", aware, "--data-aware")`.
+pub fn and_if(flags: &str, on: bool, extra: &str) -> String {
+    if on {
+        format!("{flags} {extra}")
+    } else {
+        flags.to_string()
+    }
+}
+
+/// `whittle compress MODEL -o OUT` then the words of `flags`, each `{}` one of `vals` (see
+/// [`argv`]): `compress(&model, &out, "--calib {} --target macs=0.5", &[&data])`.
+pub fn compress(model: &Path, out: &Path, flags: &str, vals: &[&dyn AsRef<OsStr>]) -> Run {
+    let mut args = argv("compress {} -o {}", &[&model, &out]);
+    args.extend(argv(flags, vals));
+    run(&args)
 }
 
 /// Run `whittle args...` in `cwd` (the repository root when `None`) with these environment
@@ -235,7 +309,7 @@ pub fn assert_rows_match_host_runner(
     rel_tol: f64,
     how: &str,
 ) {
-    use whittle_deploy::transport::{Local, ModelSource, RunRequest, Transport};
+    use whittle_deploy::transport::{Local, Transport};
     let jrows = results["rows"].as_array().unwrap();
     assert_eq!(jrows.len(), 3, "{results:#}");
     let mut host = Local::find_runner()
@@ -266,18 +340,8 @@ pub fn assert_rows_match_host_runner(
         } else {
             report.join(model_name)
         };
-        let mut req = RunRequest::new(
-            1,
-            model_name,
-            ModelSource::Path(model.clone()),
-            whittle_runtime::RuntimeKind::OrtCpu,
-        );
-        req.bench = whittle_runtime::BenchConfig {
-            warmup: 0,
-            iters: 1,
-            max_seconds: None,
-        };
-        req.ort_library = (!ort_library.is_empty()).then(|| PathBuf::from(ort_library));
+        let lib = (!ort_library.is_empty()).then(|| PathBuf::from(ort_library));
+        let req = one_run_request(model_name, &model, lib);
         let expected = host
             .request(&req, &mut |_, _| {})
             .unwrap_or_else(|e| panic!("host runner on {}: {e}", model.display()))
@@ -288,13 +352,7 @@ pub fn assert_rows_match_host_runner(
         for (g, e) in got.iter().zip(&expected) {
             assert_eq!(g["name"].as_str(), Some(e.name.as_str()), "{row:#}");
             assert_eq!(g["dtype"].as_str(), Some(e.dtype.as_str()), "{row:#}");
-            let shape: Vec<u64> = g["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap())
-                .collect();
-            assert_eq!(shape, e.shape, "{row:#}");
+            assert_eq!(list(&g["shape"], |d| d.as_u64()), e.shape, "{row:#}");
             for (key, want) in [("sum", e.sum), ("sum_squares", e.sum_squares)] {
                 let have = g[key].as_f64().unwrap();
                 assert!(
@@ -308,23 +366,79 @@ pub fn assert_rows_match_host_runner(
     host.close().unwrap();
 }
 
-/// STS-B training sentences tokenised into `dir/train.npz` for MiniLM (`whittle tokenize`,
-/// `extra` flags such as `--limit N`), or `None` (after a skip note) without the shared assets.
-pub fn sts_calibration(dir: &Path, extra: &[&str]) -> Option<PathBuf> {
+/// A shared model and a shared data folder, or `None` (after the skip notes) when either is
+/// missing.
+pub fn model_and_data(model: &str, data: &str) -> Option<(PathBuf, PathBuf)> {
+    asset(model).zip(asset(data))
+}
+
+/// The VWW MobileNetV1 (96x96) and the imagenet photos, from the shared assets.
+pub fn vww_and_photos() -> Option<(PathBuf, PathBuf)> {
+    model_and_data("models/mobilenetv1_025_vww96.onnx", "data/imagenet")
+}
+
+/// EfficientNet-Lite0 (224x224) and the imagenet photos, from the shared assets.
+pub fn lite0_and_photos() -> Option<(PathBuf, PathBuf)> {
+    model_and_data("models/efficientnet_lite0_224.onnx", "data/imagenet")
+}
+
+/// MNIST-8 and its test digits, from the shared assets.
+pub fn mnist_and_digits() -> Option<(PathBuf, PathBuf)> {
+    model_and_data("models/mnist-8.onnx", "data/mnist/test")
+}
+
+/// MiniLM and STS-B calibration for it ([`sts_calibration`] with `flags`), or `None` (after the
+/// skip notes) without them.
+pub fn minilm_and_calibration(dir: &Path, flags: &str) -> Option<(PathBuf, PathBuf)> {
+    minilm().zip(sts_calibration(dir, flags))
+}
+
+/// Every element of the JSON array `v` through `f`, which must give `Some` for each.
+pub fn list<'a, T>(
+    v: &'a serde_json::Value,
+    f: impl Fn(&'a serde_json::Value) -> Option<T>,
+) -> Vec<T> {
+    let items = v.as_array().unwrap_or_else(|| panic!("not an array: {v}"));
+    items
+        .iter()
+        .map(|x| f(x).unwrap_or_else(|| panic!("unexpected element {x} in {v}")))
+        .collect()
+}
+
+/// A runner request for one untimed run (no warm-up) of `model` (`name` in the report) on
+/// ort-cpu, `ort_library` given to the runner when `Some`: the host's output checksums to compare
+/// a board's with.
+pub fn one_run_request(
+    name: &str,
+    model: &Path,
+    ort_library: Option<PathBuf>,
+) -> whittle_deploy::transport::RunRequest {
+    use whittle_deploy::transport::{ModelSource, RunRequest};
+    let mut req = RunRequest::new(
+        1,
+        name,
+        ModelSource::Path(model.to_path_buf()),
+        whittle_runtime::RuntimeKind::OrtCpu,
+    );
+    req.bench = whittle_runtime::BenchConfig {
+        warmup: 0,
+        iters: 1,
+        max_seconds: None,
+    };
+    req.ort_library = ort_library;
+    req
+}
+
+/// STS-B training sentences tokenised into `dir/train.npz` for MiniLM (`whittle tokenize`, then
+/// `flags` such as `--limit N`), or `None` (after a skip note) without the shared assets.
+pub fn sts_calibration(dir: &Path, flags: &str) -> Option<PathBuf> {
     let (tok, train) = (
         asset("models/minilm-l6-v2-tokenizer")?,
         asset("data/sts/sts-train.tsv")?,
     );
     let calib = dir.join("train.npz");
-    let mut args = vec![
-        "tokenize".to_string(),
-        s(&train),
-        "--tokenizer".into(),
-        s(&tok),
-        "-o".into(),
-        s(&calib),
-    ];
-    args.extend(extra.iter().map(|x| x.to_string()));
+    let mut args = argv("tokenize {} --tokenizer {} -o {}", &[&train, &tok, &calib]);
+    args.extend(argv(flags, &[]));
     run(&args).ok();
     Some(calib)
 }
@@ -336,18 +450,11 @@ pub fn sts_verify(original: &Path, candidate: &Path, limit: usize) -> serde_json
         asset("models/minilm-l6-v2-tokenizer").expect("the tokenizer"),
         asset("data/sts/sts-dev.tsv").expect("sts-dev"),
     );
-    run(&[
-        "verify",
-        &s(original),
-        &s(candidate),
-        "--data",
-        &s(&dev),
-        "--tokenizer",
-        &s(&tok),
-        "--limit",
-        &limit.to_string(),
-        "--json",
-    ])
+    let limit = limit.to_string();
+    cli(
+        "verify {} {} --data {} --tokenizer {} --limit {} --json",
+        &[&original, &candidate, &dev, &tok, &limit],
+    )
     .ok()
     .json()
 }
@@ -380,15 +487,9 @@ pub fn inspect_json(model: &Path, extra: &[&str]) -> serde_json::Value {
 
 /// One untimed-warmup, one-iteration `whittle bench` of `model` at `--input SHAPE`: it must run.
 pub fn bench_once(model: &Path, shape: &str) {
-    run(&[
-        "bench",
-        &s(model),
-        "--iters",
-        "1",
-        "--warmup",
-        "0",
-        "--input",
-        shape,
-    ])
+    cli(
+        "bench {} --iters 1 --warmup 0 --input {}",
+        &[&model, &shape],
+    )
     .ok();
 }
