@@ -1523,9 +1523,7 @@ mod tests {
     use super::*;
     use ndarray::IxDyn;
     use whittle_calib::{Dataset, Preprocess};
-    use whittle_core::onnx::{
-        AttributeProto, ModelProto, OperatorSetIdProto, ValueInfoProto, attribute_proto,
-    };
+    use whittle_core::onnx::{AttributeProto, ValueInfoProto, attribute_proto};
     use whittle_runtime::RuntimeKind;
 
     /// Deterministic values in [-1, 1).
@@ -1680,17 +1678,7 @@ mod tests {
                 ],
                 ..Default::default()
             };
-            Model {
-                proto: ModelProto {
-                    ir_version: Some(8),
-                    opset_import: vec![OperatorSetIdProto {
-                        domain: Some(String::new()),
-                        version: Some(13),
-                    }],
-                    graph: Some(graph),
-                    ..Default::default()
-                },
-            }
+            opset13(graph)
         };
         let sliced: Vec<f32> = (0..4)
             .flat_map(|o| c_w[(o * 3) * 9..(o * 3 + 2) * 9].to_vec())
@@ -1910,15 +1898,7 @@ mod tests {
 
     fn opset13(graph: GraphProto) -> Model {
         Model {
-            proto: ModelProto {
-                ir_version: Some(8),
-                opset_import: vec![OperatorSetIdProto {
-                    domain: Some(String::new()),
-                    version: Some(13),
-                }],
-                graph: Some(graph),
-                ..Default::default()
-            },
+            proto: whittle_test_support::model(graph, &[]),
         }
     }
 
@@ -2004,13 +1984,10 @@ mod tests {
     }
 
     fn put(model: &mut Model, name: &str, dims: &[i64], values: &[f32]) {
-        let t = model
-            .graph_mut()
-            .initializer
-            .iter_mut()
-            .find(|t| t.name() == name)
-            .expect("initializer exists");
-        *t = tensor::from_f32(name, dims, values);
+        whittle_core::edit::set_initializer(
+            model.graph_mut(),
+            tensor::from_f32(name, dims, values),
+        );
     }
 
     /// Slices the weight and bias of the job's layer in `model` (a copy of `original`) down to

@@ -9,13 +9,7 @@ use whittle_test_support::runtime::{RuntimeKind, RuntimeOptions, load};
 use whittle_test_support::{attr_int, shared_assets, values};
 
 fn replace_initializer(model: &mut Model, name: &str, dims: &[i64], values: &[f32]) {
-    let t = model
-        .graph_mut()
-        .initializer
-        .iter_mut()
-        .find(|t| t.name() == name)
-        .expect("initializer exists");
-    *t = tensor::from_f32(name, dims, values);
+    whittle_core::edit::set_initializer(model.graph_mut(), tensor::from_f32(name, dims, values));
 }
 
 /// The predicted class of every item, running `model` on ONNX Runtime's CPU provider.

@@ -354,11 +354,11 @@ mod tests {
         r.timing_note = None;
         r.link_events.clear();
         let json = serde_json::to_string(&r).expect("serialises");
-        for absent in ["timing_note", "link_events", "failures"] {
+        for absent in ["timing_note", "link_events", "failures", "runs_in_float"] {
             assert!(!json.contains(absent), "{json}");
         }
         assert!(
-            json.contains(r#""compression":null,"complete":true"#),
+            json.contains(r#""compression":null,"quantization":null,"complete":true"#),
             "{json}"
         );
         let json: serde_json::Value = serde_json::from_str(&json).expect("parses");
