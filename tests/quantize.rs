@@ -157,12 +157,7 @@ fn mixed_precision_by_default_keeps_the_most_measured_no_slower() {
     let j = quantize(&r8, &out, &["--calib", &calib]);
     let q = &j["quantize"];
     // up to 3 candidates, each measured beside the all-int8 model
-    let speeds: Vec<f64> = q["float_speed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let speeds: Vec<f64> = list(&q["float_speed"], |v| v.as_f64());
     assert!((1..=3).contains(&speeds.len()), "{q}");
     assert!(speeds.iter().all(|v| *v > 0.0), "{q}");
     // kept: the most whose model was not slower than all-int8 (beyond 5%)
