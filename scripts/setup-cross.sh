@@ -18,34 +18,12 @@ QEMU_MIN_MAJOR=10
 # The x86 library's version (scripts/setup.sh pins it): the runner speaks the same ORT API.
 ORT_VERSION="$(sed -n 's/^ORT_VERSION=\([0-9.]*\)$/\1/p' "$here/scripts/setup.sh")"
 
-step=""
-fail() {
-  echo "setup-cross: FAILED at step '$step': $*" >&2
-  exit 2
-}
+name=setup-cross
+source "$here/scripts/common.sh"
 
 [ -n "$ORT_VERSION" ] || { step="read ORT version"; fail "no ORT_VERSION=... line in scripts/setup.sh"; }
 
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi
-fi
-# apt's and dpkg's chatter goes to a log, quoted when a step fails.
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
 trap 'echo "setup-cross: FAILED at step '"'"'$step'"'"' (exit $?, see above)" >&2' ERR
-quiet() {
-  "$@" >"$log" 2>&1 && return 0
-  tail -n 15 "$log" >&2
-  return 1
-}
-apt_updated=""
-apt_update() {
-  if [ -z "$apt_updated" ]; then
-    quiet $SUDO apt-get update || fail "apt-get update failed"
-    apt_updated=1
-  fi
-}
 
 # 1. Rust target
 step="rust target $TRIPLE"
@@ -64,9 +42,7 @@ command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup-cross: $(aarch64-linux-gnu-gcc --version | head -n1), sysroot $SYSROOT" >&2
 else
-  apt_update
-  quiet $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >&2 ||
-    fail "apt-get install ${missing[*]} failed"
+  apt_install "${missing[@]}"
   command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || fail "aarch64-linux-gnu-gcc still missing after install"
   [ -e "$SYSROOT/lib/ld-linux-aarch64.so.1" ] || fail "$SYSROOT/lib/ld-linux-aarch64.so.1 missing after install"
   echo "setup-cross: installed ${missing[*]} ($(aarch64-linux-gnu-gcc --version | head -n1))" >&2

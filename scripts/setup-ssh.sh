@@ -5,23 +5,8 @@
 # step failed and why. apt needs root (or sudo).
 set -euo pipefail
 
-step=""
-fail() {
-  echo "setup-ssh: FAILED at step '$step': $*" >&2
-  exit 2
-}
-
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; fi
-fi
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-quiet() {
-  "$@" >"$log" 2>&1 && return 0
-  tail -n 15 "$log" >&2
-  return 1
-}
+name=setup-ssh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 step="openssh"
 missing=()
@@ -33,9 +18,7 @@ if [ ${#missing[@]} -eq 0 ]; then
   echo "setup-ssh: $(ssh -V 2>&1), sshd at /usr/sbin/sshd" >&2
 else
   command -v apt-get >/dev/null 2>&1 || fail "missing ${missing[*]} and there is no apt-get; install OpenSSH yourself"
-  quiet $SUDO apt-get update || fail "apt-get update failed"
-  quiet $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y openssh-server openssh-client ||
-    fail "apt-get install openssh-server openssh-client failed"
+  apt_install openssh-server openssh-client
   [ -x /usr/sbin/sshd ] || fail "/usr/sbin/sshd still missing after install"
   command -v ssh >/dev/null 2>&1 || fail "ssh still missing after install"
   echo "setup-ssh: installed ${missing[*]} ($(ssh -V 2>&1))" >&2

@@ -35,6 +35,26 @@ pub struct CaptureSpec<'a> {
     pub threads: Option<usize>,
 }
 
+impl<'a> CaptureSpec<'a> {
+    /// A capture on ONNX Runtime's CPU provider with `threads` intra-op threads.
+    pub fn ort_cpu(
+        dataset: &'a Dataset,
+        indices: &'a [usize],
+        pre: &'a Preprocess,
+        batch: usize,
+        threads: usize,
+    ) -> Self {
+        CaptureSpec {
+            dataset,
+            indices,
+            pre,
+            batch,
+            runtime: RuntimeKind::OrtCpu,
+            threads: Some(threads),
+        }
+    }
+}
+
 /// The input specs a dataset must fill, from a session's inputs: every dim but the batch axis must
 /// be fixed. Returns the specs and the batch size to use: the model's own batch when its first
 /// dim is fixed, else `batch` (at least 1).
@@ -313,14 +333,7 @@ mod tests {
     ) -> Vec<(Vec<ArrayD<f32>>, usize)> {
         let indices: Vec<usize> = (0..n).collect();
         let pre = Preprocess::default();
-        let spec = CaptureSpec {
-            dataset: data,
-            indices: &indices,
-            pre: &pre,
-            batch: 2,
-            runtime: RuntimeKind::OrtCpu,
-            threads: Some(1),
-        };
+        let spec = CaptureSpec::ort_cpu(data, &indices, &pre, 2, 1);
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut seen = Vec::new();
         capture(model, &names, &spec, &mut |values, count| {
@@ -373,14 +386,7 @@ mod tests {
         let model = relu_add_model("N");
         let indices = [0, 1];
         let pre = Preprocess::default();
-        let spec = CaptureSpec {
-            dataset: &data,
-            indices: &indices,
-            pre: &pre,
-            batch: 2,
-            runtime: RuntimeKind::OrtCpu,
-            threads: Some(1),
-        };
+        let spec = CaptureSpec::ort_cpu(&data, &indices, &pre, 2, 1);
         let mut visit = |_: &[ArrayD<f32>], _: usize| Ok(());
         let err = capture(&model, &["nope".into()], &spec, &mut visit).unwrap_err();
         assert_eq!(

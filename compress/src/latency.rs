@@ -375,15 +375,7 @@ fn layer_model(model: &Model, spec: &LayerSpec, f0: f64, f1: f64) -> Result<Mode
         output: vec![],
         ..Default::default()
     };
-    let mut m = Model {
-        proto: ModelProto {
-            ir_version: model.proto.ir_version,
-            opset_import: model.proto.opset_import.clone(),
-            producer_name: Some("whittle profile".into()),
-            graph: Some(graph),
-            ..Default::default()
-        },
-    };
+    let mut m = with_opsets_of(model, graph);
     // declare the output's shape (tract wants it)
     let y: Option<Vec<i64>> = shape::infer(&m, &[])?
         .shape("y")
@@ -410,6 +402,11 @@ fn call_model(model: &Model) -> Model {
         output: vec![tensor_info("y", &[1])],
         ..Default::default()
     };
+    with_opsets_of(model, graph)
+}
+
+/// A model of `graph` with `model`'s IR version and opsets.
+fn with_opsets_of(model: &Model, graph: GraphProto) -> Model {
     Model {
         proto: ModelProto {
             ir_version: model.proto.ir_version,

@@ -453,7 +453,7 @@ impl WidthSettings {
 }
 
 /// A width method's fraction must be in [0, 1).
-pub(crate) fn check_given_fraction(fraction: Option<f64>, what: &str) -> Result<(), Error> {
+fn check_given_fraction(fraction: Option<f64>, what: &str) -> Result<(), Error> {
     match fraction {
         Some(f) if (0.0..1.0).contains(&f) => Ok(()),
         Some(f) => Err(fail(what, format!("fraction {f} is not in [0, 1)"))),
@@ -468,30 +468,78 @@ pub struct WidthPlan {
     pub keep: Vec<Vec<usize>>,
 }
 
-/// Run a width pass on the calibration data (keeping a replayed plan's units) and read its plan
-/// off the report.
-pub(crate) fn run_width(
-    name: &str,
-    cx: &crate::pipeline::Context,
-    replay: Option<WidthPlan>,
-    pass: impl FnOnce(&CaptureSpec, Option<&[Vec<usize>]>) -> Result<WidthReport, Error>,
-) -> Result<(WidthPlan, WidthReport), Error> {
-    let c = cx.data(name)?;
-    cx.start(name, 0);
-    let r = pass(
-        &cx.spec(c, &c.fit),
-        replay.as_ref().map(|p| p.keep.as_slice()),
-    );
-    cx.progress.finish();
-    let r = r?;
-    let plan = WidthPlan {
-        keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
-    };
-    Ok((plan, r))
+/// A width method (feed-forward neurons, attention heads): a fraction flag and
+/// [`WidthSettings`], a per-block keep list as its plan, a [`WidthReport`]. Implementing it makes
+/// the type a [`crate::pipeline::Method`].
+pub trait Width: 'static {
+    /// The recipe step's name.
+    const NAME: &'static str;
+    /// What is pruned, for the summary line.
+    const WHAT: &'static str;
+    /// The flag's struct: the fraction and the settings.
+    type Options: clap::Args + Serialize + serde::de::DeserializeOwned + Default;
+    /// The fraction and the settings of `options`.
+    fn parts(options: &Self::Options) -> (Option<f64>, &WidthSettings);
+    /// Mutable settings of `options`.
+    fn settings_mut(options: &mut Self::Options) -> &mut WidthSettings;
+    /// The pass, keeping the units `keep` lists per block when given.
+    fn keeping(
+        model: &mut Model,
+        opts: &WidthOptions,
+        spec: &CaptureSpec,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<WidthReport, Error>;
+}
+
+impl<W: Width> crate::pipeline::Method for W {
+    const NAME: &'static str = W::NAME;
+    type Options = W::Options;
+    type Plan = WidthPlan;
+    type Report = WidthReport;
+
+    fn requested(o: &W::Options) -> bool {
+        W::parts(o).0.is_some()
+    }
+
+    fn inherit(o: &mut W::Options, s: &crate::pipeline::Shared) {
+        W::settings_mut(o).inherit(s);
+    }
+
+    fn validate(o: &W::Options) -> Result<(), Error> {
+        check_given_fraction(W::parts(o).0, W::NAME)
+    }
+
+    fn run(
+        o: &W::Options,
+        model: &mut Model,
+        cx: &crate::pipeline::Context,
+        replay: Option<WidthPlan>,
+    ) -> Result<(WidthPlan, WidthReport), Error> {
+        let (fraction, settings) = W::parts(o);
+        let opts = settings.width(fraction);
+        let c = cx.data(W::NAME)?;
+        cx.start(W::NAME, 0);
+        let r = W::keeping(
+            model,
+            &opts,
+            &cx.spec(c, &c.fit),
+            replay.as_ref().map(|p| p.keep.as_slice()),
+        );
+        cx.progress.finish();
+        let r = r?;
+        let plan = WidthPlan {
+            keep: r.layers.iter().map(|l| l.keep.clone()).collect(),
+        };
+        Ok((plan, r))
+    }
+
+    fn describe(r: &WidthReport) -> Vec<String> {
+        describe_width(W::WHAT, r)
+    }
 }
 
 /// A width report in a line.
-pub(crate) fn describe_width(what: &str, r: &WidthReport) -> Vec<String> {
+fn describe_width(what: &str, r: &WidthReport) -> Vec<String> {
     let per: Vec<String> = r
         .layers
         .iter()
@@ -534,37 +582,25 @@ pub struct PruneFfnOptions {
     pub settings: WidthSettings,
 }
 
-impl crate::pipeline::Method for PruneFfn {
+impl Width for PruneFfn {
     const NAME: &'static str = "prune_ffn";
+    const WHAT: &'static str = "feed-forward neurons";
     type Options = PruneFfnOptions;
-    type Plan = WidthPlan;
-    type Report = WidthReport;
 
-    fn requested(o: &PruneFfnOptions) -> bool {
-        o.fraction.is_some()
+    fn parts(o: &PruneFfnOptions) -> (Option<f64>, &WidthSettings) {
+        (o.fraction, &o.settings)
     }
 
-    fn inherit(o: &mut PruneFfnOptions, s: &crate::pipeline::Shared) {
-        o.settings.inherit(s);
+    fn settings_mut(o: &mut PruneFfnOptions) -> &mut WidthSettings {
+        &mut o.settings
     }
 
-    fn validate(o: &PruneFfnOptions) -> Result<(), Error> {
-        check_given_fraction(o.fraction, Self::NAME)
-    }
-
-    fn run(
-        o: &PruneFfnOptions,
+    fn keeping(
         model: &mut Model,
-        cx: &crate::pipeline::Context,
-        replay: Option<WidthPlan>,
-    ) -> Result<(WidthPlan, WidthReport), Error> {
-        let opts = o.settings.width(o.fraction);
-        run_width(Self::NAME, cx, replay, |spec, keep| {
-            prune_ffn_keeping(model, &opts, spec, keep)
-        })
-    }
-
-    fn describe(r: &WidthReport) -> Vec<String> {
-        describe_width("feed-forward neurons", r)
+        opts: &WidthOptions,
+        spec: &CaptureSpec,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<WidthReport, Error> {
+        prune_ffn_keeping(model, opts, spec, keep)
     }
 }

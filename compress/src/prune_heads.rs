@@ -25,9 +25,8 @@ use crate::Error;
 use crate::blocks::{self, Linear};
 use crate::index::Index;
 use crate::prune_ffn::{
-    WidthLayer, WidthOptions, WidthPlan, WidthReport, WidthSettings, check_fraction,
-    check_given_fraction, describe_width, fail, keep_columns, keep_rows_refitted, run_width, top,
-    weights,
+    Width, WidthLayer, WidthOptions, WidthReport, WidthSettings, check_fraction, fail,
+    keep_columns, keep_rows_refitted, top, weights,
 };
 use crate::refit::AffineFit;
 
@@ -310,37 +309,25 @@ pub struct PruneHeadsOptions {
     pub settings: WidthSettings,
 }
 
-impl crate::pipeline::Method for PruneHeads {
+impl Width for PruneHeads {
     const NAME: &'static str = "prune_heads";
+    const WHAT: &'static str = "attention heads";
     type Options = PruneHeadsOptions;
-    type Plan = WidthPlan;
-    type Report = WidthReport;
 
-    fn requested(o: &PruneHeadsOptions) -> bool {
-        o.fraction.is_some()
+    fn parts(o: &PruneHeadsOptions) -> (Option<f64>, &WidthSettings) {
+        (o.fraction, &o.settings)
     }
 
-    fn inherit(o: &mut PruneHeadsOptions, s: &crate::pipeline::Shared) {
-        o.settings.inherit(s);
+    fn settings_mut(o: &mut PruneHeadsOptions) -> &mut WidthSettings {
+        &mut o.settings
     }
 
-    fn validate(o: &PruneHeadsOptions) -> Result<(), Error> {
-        check_given_fraction(o.fraction, Self::NAME)
-    }
-
-    fn run(
-        o: &PruneHeadsOptions,
+    fn keeping(
         model: &mut Model,
-        cx: &crate::pipeline::Context,
-        replay: Option<WidthPlan>,
-    ) -> Result<(WidthPlan, WidthReport), Error> {
-        let opts = o.settings.width(o.fraction);
-        run_width(Self::NAME, cx, replay, |spec, keep| {
-            prune_heads_keeping(model, &opts, spec, keep)
-        })
-    }
-
-    fn describe(r: &WidthReport) -> Vec<String> {
-        describe_width("attention heads", r)
+        opts: &WidthOptions,
+        spec: &CaptureSpec,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<WidthReport, Error> {
+        prune_heads_keeping(model, opts, spec, keep)
     }
 }

@@ -1524,7 +1524,6 @@ mod tests {
     use ndarray::IxDyn;
     use whittle_calib::{Dataset, Preprocess};
     use whittle_core::onnx::{AttributeProto, ValueInfoProto, attribute_proto};
-    use whittle_runtime::RuntimeKind;
 
     /// Deterministic values in [-1, 1).
     fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -1699,14 +1698,7 @@ mod tests {
         let dataset = Dataset::open(&path).expect("opens npy");
         let indices: Vec<usize> = (0..items).collect();
         let pre = Preprocess::default();
-        let spec = CaptureSpec {
-            dataset: &dataset,
-            indices: &indices,
-            pre: &pre,
-            batch: 5,
-            runtime: RuntimeKind::OrtCpu,
-            threads: Some(1),
-        };
+        let spec = CaptureSpec::ort_cpu(&dataset, &indices, &pre, 5, 1);
         let job = RefitJob {
             node: "c".into(),
             input: "h".into(),
@@ -1779,14 +1771,7 @@ mod tests {
         ndarray_npy::write_npy(&path, &data).expect("writes npy");
         let dataset = Dataset::open(&path).expect("opens npy");
         let pre = Preprocess::default();
-        let spec = CaptureSpec {
-            dataset: &dataset,
-            indices: &[0, 1],
-            pre: &pre,
-            batch: 2,
-            runtime: RuntimeKind::OrtCpu,
-            threads: Some(1),
-        };
+        let spec = CaptureSpec::ort_cpu(&dataset, &[0, 1], &pre, 2, 1);
         let job = |kept_in: Vec<usize>| RefitJob {
             node: "c".into(),
             input: "h".into(),
@@ -1849,14 +1834,7 @@ mod tests {
         let dataset = Dataset::open(&path).expect("opens npy");
         let pre = Preprocess::default();
         let indices: Vec<usize> = (0..8).collect();
-        let spec = CaptureSpec {
-            dataset: &dataset,
-            indices: &indices,
-            pre: &pre,
-            batch: 4,
-            runtime: RuntimeKind::OrtCpu,
-            threads: Some(1),
-        };
+        let spec = CaptureSpec::ort_cpu(&dataset, &indices, &pre, 4, 1);
         let job = RefitJob {
             node: "c".into(),
             input: "h".into(),
@@ -1961,14 +1939,7 @@ mod tests {
         }
 
         fn spec(&self, batch: usize) -> CaptureSpec<'_> {
-            CaptureSpec {
-                dataset: &self.dataset,
-                indices: &self.indices,
-                pre: &self.pre,
-                batch,
-                runtime: RuntimeKind::OrtCpu,
-                threads: Some(1),
-            }
+            CaptureSpec::ort_cpu(&self.dataset, &self.indices, &self.pre, batch, 1)
         }
     }
 
@@ -2383,14 +2354,7 @@ mod tests {
         let data = Dataset::open(&dir.join("data/cifar10/test-b")).expect("opens test-b");
         let pre = Preprocess::from_name_or_path("resnet8").expect("built-in profile");
         let (calib, _) = data.split(0.6, 0).expect("splits");
-        let spec = CaptureSpec {
-            dataset: &data,
-            indices: &calib[..100],
-            pre: &pre,
-            batch: 50,
-            runtime: RuntimeKind::OrtCpu,
-            threads: Some(2),
-        };
+        let spec = CaptureSpec::ort_cpu(&data, &calib[..100], &pre, 50, 2);
         let opts = RefitOptions::default();
         let layer = |node: &str, input: &str, output: &str| LayerRef {
             node: node.into(),

@@ -19,6 +19,11 @@ pub trait Attrs {
     fn attr_ints(&self, name: &str) -> Option<&[i64]> {
         self.attr(name).map(|a| a.ints.as_slice())
     }
+    /// An integer-list attribute, or `len` copies of `default` when it is missing.
+    fn attr_ints_or(&self, name: &str, default: i64, len: usize) -> Vec<i64> {
+        self.attr_ints(name)
+            .map_or_else(|| vec![default; len], <[i64]>::to_vec)
+    }
     /// A float-list attribute.
     fn attr_floats(&self, name: &str) -> Option<&[f32]> {
         self.attr(name).map(|a| a.floats.as_slice())

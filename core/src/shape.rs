@@ -1163,18 +1163,9 @@ impl Cx {
 
     fn spatial(&self, n: &NodeProto, s: &[Dim], k: &[i64]) -> Vec<Dim> {
         let nsp = k.len();
-        let strides = n
-            .attr_ints("strides")
-            .map(|v| v.to_vec())
-            .unwrap_or(vec![1; nsp]);
-        let dil = n
-            .attr_ints("dilations")
-            .map(|v| v.to_vec())
-            .unwrap_or(vec![1; nsp]);
-        let pads = n
-            .attr_ints("pads")
-            .map(|v| v.to_vec())
-            .unwrap_or(vec![0; 2 * nsp]);
+        let strides = n.attr_ints_or("strides", 1, nsp);
+        let dil = n.attr_ints_or("dilations", 1, nsp);
+        let pads = n.attr_ints_or("pads", 0, 2 * nsp);
         let auto = n.attr_str("auto_pad").unwrap_or_default();
         let ceil = n.attr_int("ceil_mode").unwrap_or(0) != 0;
         (0..nsp)
@@ -1281,22 +1272,10 @@ impl Cx {
                         Some(k) => k.to_vec(),
                         None => w[2..].iter().map(|d| d.known().unwrap_or(1)).collect(),
                     };
-                    let st = n
-                        .attr_ints("strides")
-                        .map(|v| v.to_vec())
-                        .unwrap_or(vec![1; nsp]);
-                    let dl = n
-                        .attr_ints("dilations")
-                        .map(|v| v.to_vec())
-                        .unwrap_or(vec![1; nsp]);
-                    let pads = n
-                        .attr_ints("pads")
-                        .map(|v| v.to_vec())
-                        .unwrap_or(vec![0; 2 * nsp]);
-                    let op = n
-                        .attr_ints("output_padding")
-                        .map(|v| v.to_vec())
-                        .unwrap_or(vec![0; nsp]);
+                    let st = n.attr_ints_or("strides", 1, nsp);
+                    let dl = n.attr_ints_or("dilations", 1, nsp);
+                    let pads = n.attr_ints_or("pads", 0, 2 * nsp);
+                    let op = n.attr_ints_or("output_padding", 0, nsp);
                     let auto = n.attr_str("auto_pad").unwrap_or_default();
                     for i in 0..nsp {
                         let s = st.get(i).copied().unwrap_or(1);

@@ -9,16 +9,15 @@
 //! upload resumes from the last acknowledged byte; the runner checks the whole file's CRC-32 before
 //! it uses it.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serialport::{ClearBuffer, SerialPort};
 
 use crate::protocol::{MAX_FRAME_BYTES, Message, ProtocolError, decode_frame, encode_frame, pb};
 use crate::target::{Connection, Target};
-use crate::transport::{RunRequest, Transport, TransportError, safe_name, wrong_transport};
+use crate::transport::{RunRequest, Sent, Transport, TransportError, send_err, wrong_transport};
 
 /// An open serial device that carries frames.
 ///
@@ -174,8 +173,8 @@ pub struct Serial {
     next_id: u64,
     /// `whittle-runner <version>` and its upload folder, from the last Pong.
     runner: Option<pb::Pong>,
-    /// Files uploaded this session: local path -> (size, mtime, path on the board).
-    sent: HashMap<PathBuf, (u64, Option<SystemTime>, PathBuf)>,
+    /// Files uploaded this session.
+    sent: Sent,
     /// Drops and resumes, one line each.
     events: Vec<String>,
 }
@@ -201,7 +200,7 @@ impl Serial {
             link: None,
             next_id: 1,
             runner: None,
-            sent: HashMap::new(),
+            sent: Sent::default(),
             events: Vec::new(),
         }
     }
@@ -485,42 +484,16 @@ impl Transport for Serial {
         local: &Path,
         on_progress: &mut dyn FnMut(u64, u64),
     ) -> Result<PathBuf, TransportError> {
-        let send_err = |e: std::io::Error| TransportError::SendFile {
-            path: local.to_path_buf(),
-            message: e.to_string(),
+        let out = match self.sent.lookup(local)? {
+            Ok(remote) => return Ok(remote),
+            Err(out) => out,
         };
-        let canonical = std::fs::canonicalize(local).map_err(send_err)?;
-        let meta = std::fs::metadata(&canonical).map_err(send_err)?;
-        let stamp = (meta.len(), meta.modified().ok());
-        if let Some((len, modified, remote)) = self.sent.get(&canonical)
-            && (*len, *modified) == stamp
-        {
-            return Ok(remote.clone());
-        }
         self.start()?;
-        let bytes = std::fs::read(&canonical).map_err(send_err)?;
-        let base = safe_name(
-            &canonical
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-        let base: String = base.chars().take(180).collect();
+        let bytes = std::fs::read(&out.canonical).map_err(|e| send_err(local, e))?;
         // Two local files with one name get different names on the board.
-        let taken = |name: &str| {
-            self.sent
-                .iter()
-                .any(|(k, (_, _, r))| k != &canonical && r.file_name() == Some(name.as_ref()))
-        };
-        let mut name = base.clone();
-        let mut n = 1;
-        while taken(&name) {
-            name = format!("{n}-{base}");
-            n += 1;
-        }
+        let name = self.sent.remote_name(&out, 180, "");
         let remote = self.upload(&name, &bytes, on_progress)?;
-        self.sent
-            .insert(canonical, (stamp.0, stamp.1, remote.clone()));
+        self.sent.insert(out, remote.clone());
         Ok(remote)
     }
 

@@ -430,10 +430,7 @@ impl Local {
 impl Transport for Local {
     /// The runner shares this machine's files: the path is returned as it is.
     fn send_file(&mut self, local: &Path) -> Result<PathBuf, TransportError> {
-        std::fs::canonicalize(local).map_err(|e| TransportError::SendFile {
-            path: local.to_path_buf(),
-            message: e.to_string(),
-        })
+        std::fs::canonicalize(local).map_err(|e| send_err(local, e))
     }
 
     fn start(&mut self) -> Result<(), TransportError> {
@@ -650,8 +647,8 @@ pub struct Ssh {
     local_runner: PathBuf,
     /// Whether `remote_dir` exists and holds the runner.
     prepared: bool,
-    /// Files copied this session: local path -> (size, mtime, remote path).
-    sent: HashMap<PathBuf, (u64, Option<std::time::SystemTime>, PathBuf)>,
+    /// Files copied this session.
+    sent: Sent,
     /// The runner through ssh: the launcher is `ssh <options> <dest> --`, the "runner" its path on
     /// the board.
     inner: Local,
@@ -688,7 +685,7 @@ impl Ssh {
             remote_dir,
             local_runner: local_runner.into(),
             prepared: false,
-            sent: HashMap::new(),
+            sent: Sent::default(),
             inner: Local::new(PathBuf::new()),
         };
         let mut launcher: Vec<OsString> = vec!["ssh".into()];
@@ -948,6 +945,69 @@ impl Ssh {
     }
 }
 
+/// The files sent to a board this session: local path -> (size, mtime, path on the board), so
+/// that an unchanged file is sent once.
+#[derive(Default)]
+pub(crate) struct Sent(HashMap<PathBuf, (u64, Option<std::time::SystemTime>, PathBuf)>);
+
+/// A local file to send: its canonical path and its (size, mtime) stamp.
+pub(crate) struct Outgoing {
+    pub(crate) canonical: PathBuf,
+    stamp: (u64, Option<std::time::SystemTime>),
+}
+
+impl Sent {
+    /// `Ok(remote)` when `local` was sent unchanged this session, else `Err` with what to send.
+    pub(crate) fn lookup(&self, local: &Path) -> Result<Result<PathBuf, Outgoing>, TransportError> {
+        let canonical = std::fs::canonicalize(local).map_err(|e| send_err(local, e))?;
+        let meta = std::fs::metadata(&canonical).map_err(|e| send_err(local, e))?;
+        let stamp = (meta.len(), meta.modified().ok());
+        Ok(match self.0.get(&canonical) {
+            Some((len, modified, remote)) if (*len, *modified) == stamp => Ok(remote.clone()),
+            _ => Err(Outgoing { canonical, stamp }),
+        })
+    }
+
+    /// The file's name on the board: its safe name cut to `max_chars`, numbered (`1-name`) when
+    /// another local file of this session has it or it is `reserved`.
+    pub(crate) fn remote_name(&self, o: &Outgoing, max_chars: usize, reserved: &str) -> String {
+        let base = safe_name(
+            &o.canonical
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        let base: String = base.chars().take(max_chars).collect();
+        let taken = |name: &str| {
+            name == reserved
+                || self
+                    .0
+                    .iter()
+                    .any(|(k, (_, _, r))| k != &o.canonical && r.file_name() == Some(name.as_ref()))
+        };
+        let mut name = base.clone();
+        let mut n = 1;
+        while taken(&name) {
+            name = format!("{n}-{base}");
+            n += 1;
+        }
+        name
+    }
+
+    /// Records that `o` is now at `remote` on the board.
+    pub(crate) fn insert(&mut self, o: Outgoing, remote: PathBuf) {
+        self.0.insert(o.canonical, (o.stamp.0, o.stamp.1, remote));
+    }
+}
+
+/// A file that could not be read or sent.
+pub(crate) fn send_err(local: &Path, e: std::io::Error) -> TransportError {
+    TransportError::SendFile {
+        path: local.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
 /// A file name that passes through the board's shell unquoted.
 pub(crate) fn safe_name(name: &str) -> String {
     let n: String = name
@@ -971,47 +1031,20 @@ impl Transport for Ssh {
     /// Copies the file into `remote_dir` (once per session for an unchanged file) and returns its
     /// path on the board.
     fn send_file(&mut self, local: &Path) -> Result<PathBuf, TransportError> {
-        let send_err = |e: std::io::Error| TransportError::SendFile {
-            path: local.to_path_buf(),
-            message: e.to_string(),
+        let out = match self.sent.lookup(local)? {
+            Ok(remote) => return Ok(remote),
+            Err(out) => out,
         };
-        let canonical = std::fs::canonicalize(local).map_err(send_err)?;
-        let meta = std::fs::metadata(&canonical).map_err(send_err)?;
-        let stamp = (meta.len(), meta.modified().ok());
-        if let Some((len, modified, remote)) = self.sent.get(&canonical)
-            && (*len, *modified) == stamp
-        {
-            return Ok(remote.clone());
-        }
         self.prepare()?;
-        let base = safe_name(
-            &canonical
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
         // Two local files with one name get different remote names.
-        let taken = |name: &str| {
-            name == RUNNER_NAME
-                || self
-                    .sent
-                    .iter()
-                    .any(|(k, (_, _, r))| k != &canonical && r.file_name() == Some(name.as_ref()))
-        };
-        let mut name = base.clone();
-        let mut n = 1;
-        while taken(&name) {
-            name = format!("{n}-{base}");
-            n += 1;
-        }
+        let name = self.sent.remote_name(&out, usize::MAX, RUNNER_NAME);
         let remote = self.remote_path(&name);
         // scp keeps the source's mode: a read-only model copied in an earlier session could not
         // be overwritten by a user other than root.
         self.run_remote(&format!("rm -f {remote}"))?;
-        self.copy(&canonical, &remote)?;
+        self.copy(&out.canonical, &remote)?;
         let remote = PathBuf::from(remote);
-        self.sent
-            .insert(canonical, (stamp.0, stamp.1, remote.clone()));
+        self.sent.insert(out, remote.clone());
         Ok(remote)
     }
 

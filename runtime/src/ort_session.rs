@@ -12,16 +12,13 @@ use whittle_core::Value;
 use crate::error::{Error, one_line};
 use crate::ort_lib::{OrtRuntime, ort_runtime};
 use crate::session::{
-    CPU_EP, Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, check_inputs,
+    CPU_EP, Dim, Engine, IoInfo, Loaded, ProviderInfo, RuntimeKind, RuntimeOptions,
     onnx_dtype_name, resolve_shapes,
 };
 
 /// A model loaded into ONNX Runtime.
 pub(crate) struct OrtSession {
     session: OrtInner,
-    inputs: Vec<IoInfo>,
-    outputs: Vec<IoInfo>,
-    provider: ProviderInfo,
 }
 
 impl OrtSession {
@@ -30,7 +27,7 @@ impl OrtSession {
         kind: RuntimeKind,
         model_bytes: &[u8],
         opts: &RuntimeOptions,
-    ) -> Result<Self, Error> {
+    ) -> Result<Loaded<Self>, Error> {
         let rt = ort_runtime()?;
         let (session, provider) = match kind {
             RuntimeKind::OrtCuda | RuntimeKind::OrtTensorRt => {
@@ -51,8 +48,8 @@ impl OrtSession {
             .map(|o| io_info(o, "output"))
             .collect::<Result<Vec<_>, _>>()?;
         let (inputs, outputs) = resolve_shapes(&inputs, &outputs, &opts.input_shapes)?;
-        Ok(OrtSession {
-            session,
+        Ok(Loaded {
+            engine: OrtSession { session },
             inputs,
             outputs,
             provider,
@@ -60,21 +57,8 @@ impl OrtSession {
     }
 }
 
-impl Session for OrtSession {
-    fn inputs(&self) -> &[IoInfo] {
-        &self.inputs
-    }
-
-    fn outputs(&self) -> &[IoInfo] {
-        &self.outputs
-    }
-
-    fn provider(&self) -> &ProviderInfo {
-        &self.provider
-    }
-
-    fn run(&mut self, inputs: &[Value]) -> Result<Vec<Value>, Error> {
-        check_inputs(&self.inputs, inputs)?;
+impl Engine for OrtSession {
+    fn run(&mut self, inputs: &[Value], declared: &[IoInfo]) -> Result<Vec<Value>, Error> {
         let feeds = inputs
             .iter()
             .map(to_ort)
@@ -84,7 +68,7 @@ impl Session for OrtSession {
             .session
             .run(feeds.as_slice())
             .map_err(|e| Error::ort("running the model", e))?;
-        self.outputs
+        declared
             .iter()
             .enumerate()
             .map(|(ix, info)| from_ort(&outputs[ix], &info.name))

@@ -200,6 +200,39 @@ pub trait Session: Send {
     fn run(&mut self, inputs: &[Value]) -> Result<Vec<Value>, Error>;
 }
 
+/// A runtime's model, run on inputs [`Loaded`] has checked.
+pub(crate) trait Engine: Send {
+    /// Runs the model; `outputs` are the graph's outputs, in order.
+    fn run(&mut self, inputs: &[Value], outputs: &[IoInfo]) -> Result<Vec<Value>, Error>;
+}
+
+/// A loaded model: its engine, what it takes and gives, and the provider running it.
+pub(crate) struct Loaded<E> {
+    pub(crate) engine: E,
+    pub(crate) inputs: Vec<IoInfo>,
+    pub(crate) outputs: Vec<IoInfo>,
+    pub(crate) provider: ProviderInfo,
+}
+
+impl<E: Engine> Session for Loaded<E> {
+    fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+
+    fn provider(&self) -> &ProviderInfo {
+        &self.provider
+    }
+
+    fn run(&mut self, inputs: &[Value]) -> Result<Vec<Value>, Error> {
+        check_inputs(&self.inputs, inputs)?;
+        self.engine.run(inputs, &self.outputs)
+    }
+}
+
 /// Loads an ONNX model from memory into the given runtime.
 ///
 /// `ort-cuda` / `ort-tensorrt` without [`RuntimeOptions::allow_fallback`] fail when the execution

@@ -10,16 +10,13 @@ use whittle_core::Value;
 
 use crate::error::Error;
 use crate::session::{
-    Dim, IoInfo, ProviderInfo, RuntimeKind, RuntimeOptions, Session, check_inputs, onnx_dtype_name,
+    Dim, Engine, IoInfo, Loaded, ProviderInfo, RuntimeKind, RuntimeOptions, onnx_dtype_name,
     resolve_shapes,
 };
 
 /// A model optimised by tract into a runnable plan, with its reusable run state.
 pub(crate) struct TractSession {
     state: TypedSimpleState,
-    inputs: Vec<IoInfo>,
-    outputs: Vec<IoInfo>,
-    provider: ProviderInfo,
 }
 
 impl TractSession {
@@ -27,7 +24,7 @@ impl TractSession {
     ///
     /// This is `onnx().model_for_read(..)` split in its two steps, so that the graph's declared
     /// inputs and outputs can be read from the protobuf on the way.
-    pub(crate) fn load(model_bytes: &[u8], opts: &RuntimeOptions) -> Result<Self, Error> {
+    pub(crate) fn load(model_bytes: &[u8], opts: &RuntimeOptions) -> Result<Loaded<Self>, Error> {
         let onnx = tract_onnx::onnx();
         let mut reader = model_bytes;
         let proto = onnx
@@ -101,8 +98,8 @@ impl TractSession {
             fallback: false,
             reason: None,
         };
-        Ok(TractSession {
-            state,
+        Ok(Loaded {
+            engine: TractSession { state },
             inputs,
             outputs,
             provider,
@@ -110,39 +107,26 @@ impl TractSession {
     }
 }
 
-impl Session for TractSession {
-    fn inputs(&self) -> &[IoInfo] {
-        &self.inputs
-    }
-
-    fn outputs(&self) -> &[IoInfo] {
-        &self.outputs
-    }
-
-    fn provider(&self) -> &ProviderInfo {
-        &self.provider
-    }
-
-    fn run(&mut self, inputs: &[Value]) -> Result<Vec<Value>, Error> {
-        check_inputs(&self.inputs, inputs)?;
+impl Engine for TractSession {
+    fn run(&mut self, inputs: &[Value], declared: &[IoInfo]) -> Result<Vec<Value>, Error> {
         let feeds: TVec<TValue> = inputs.iter().map(to_tract).collect();
         let outputs = self
             .state
             .run(feeds)
             .map_err(|e| Error::tract("running the model", &e))?;
-        if outputs.len() != self.outputs.len() {
+        if outputs.len() != declared.len() {
             return Err(Error::Tract {
                 context: "running the model".into(),
                 message: format!(
                     "{} outputs came back, the graph declares {}",
                     outputs.len(),
-                    self.outputs.len()
+                    declared.len()
                 ),
             });
         }
         outputs
             .iter()
-            .zip(&self.outputs)
+            .zip(declared)
             .map(|(t, info)| from_tract(t, &info.name))
             .collect()
     }
