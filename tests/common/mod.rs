@@ -40,6 +40,25 @@ pub fn write_text(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// Whether `program arg` starts here (its output dropped): the tool is installed.
+pub fn installed(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// What a test needs and lacks (`gone`), with ONNX Runtime added where it cannot be found, as one
+/// line for [`ready`]; `None` when nothing is missing.
+pub fn missing_and_ort(mut gone: Vec<String>) -> Option<String> {
+    if let Err(e) = locate_ort_library() {
+        gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
+    }
+    (!gone.is_empty()).then(|| gone.join(", "))
+}
+
 /// The built binary.
 pub fn whittle() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_whittle"))
