@@ -162,7 +162,7 @@ fn bench_ort_cuda_with_fallback_says_so() {
 
 /// `whittle verify` of ResNet-8 against itself on 20 bundled images, `--json`, then `extra`.
 fn verify_json(extra: &str) -> Run {
-    let data = repo_root().join("data/cifar10");
+    let data = cifar10();
     let line = "verify {} {} --data {} --limit 20 --json";
     cli(&format!("{line} {extra}"), &[&m(), &m(), &data])
 }

@@ -19,24 +19,26 @@ use crate::common::*;
 /// What is missing to run socat and the runner here, if anything; `None` when all is there.
 fn missing() -> Option<String> {
     let mut gone = Vec::new();
-    let socat = Command::new("socat")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !socat {
+    if !installed("socat", "-V") {
         gone.push("socat".to_string());
     }
-    if let Err(e) = locate_ort_library() {
-        gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
-    }
-    (!gone.is_empty()).then(|| gone.join(", "))
+    missing_and_ort(gone)
 }
 
 /// True when the test should go on (see [`common::ready`]).
 fn ready() -> bool {
     crate::common::ready(missing(), "just setup-serial")
+}
+
+/// When socat and the runner are here (see [`ready`]): a new temp folder and a socat pty pair in
+/// it.
+fn pty_pair() -> Option<(tempfile::TempDir, Socat)> {
+    if !ready() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path());
+    Some((dir, socat))
 }
 
 /// A socat pty pair with the links `A` and `B` in a folder; stopped (SIGTERM) on drop.
@@ -177,11 +179,9 @@ fn target(dir: &Path, name: &str, device: &Path, baud: u32) -> PathBuf {
 
 #[test]
 fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
-    if !ready() {
+    let Some((dir, socat)) = pty_pair() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
+    };
     let uploads = dir.path().join("board");
     let runner = Runner::start(&socat.b, 2_000_000, &uploads);
     let target = target(dir.path(), "serial-pty", &socat.a, 2_000_000);
@@ -236,11 +236,9 @@ fn deploy_over_a_serial_pty_uploads_the_models_and_matches_the_host_runner() {
 
 #[test]
 fn a_link_dropped_mid_upload_reopens_and_resumes_from_the_acknowledged_offset() {
-    if !ready() {
+    let Some((dir, mut socat)) = pty_pair() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut socat = Socat::start(dir.path());
+    };
     let uploads = dir.path().join("board");
     // 460800 baud: the 320 KB model takes about 7 s, time enough to pull the plug in the middle.
     let baud = 460_800;
@@ -412,11 +410,9 @@ fn a_serial_device_that_does_not_exist_is_one_line_and_nothing_is_measured() {
 
 #[test]
 fn a_serial_device_with_no_runner_behind_it_is_one_line() {
-    if !ready() {
+    let Some((dir, socat)) = pty_pair() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
+    };
     let target = target(dir.path(), "silent", &socat.a, 115_200);
     let reports = dir.path().join("reports");
     let r = run(&deploy_args(&s(&target), 5, &reports, &[]));

@@ -23,20 +23,11 @@ fn missing() -> Option<String> {
         gone.push(SSHD.to_string());
     }
     for tool in ["ssh", "scp", "ssh-keygen", "ssh-keyscan"] {
-        let found = Command::new(tool)
-            .arg("-?")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
+        if !installed(tool, "-?") {
             gone.push(tool.to_string());
         }
     }
-    if let Err(e) = locate_ort_library() {
-        gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
-    }
-    (!gone.is_empty()).then(|| gone.join(", "))
+    missing_and_ort(gone)
 }
 
 /// True when the test should go on (see [`common::ready`]).

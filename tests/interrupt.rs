@@ -50,8 +50,7 @@ fn r8_sigint_during_compress_writes_nothing() {
     let Some((m, data)) = lite0_and_photos() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.onnx");
+    let (dir, out) = temp_path("out.onnx");
     let args = argv(
         "compress {} -o {} --calib {} --profile efficientnet",
         &[&m, &out, &data],

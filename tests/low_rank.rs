@@ -22,8 +22,7 @@ fn resnet56_at_30_percent_keeps_85_percent_agreement_data_aware() {
     for data_aware in [true, false] {
         let out = dir.path().join(format!("r56.{data_aware}.onnx"));
         let flags = "--calib {} --profile resnet-large --low-rank --target macs=0.7 --json";
-        let flags = and_if(flags, data_aware, "--data-aware");
-        let j = compress(&m, &out, &flags, &[&calib]).ok().json();
+        let j = compress_json_if(&m, &out, flags, (data_aware, "--data-aware"), &[&calib]);
         assert!(j["macs_kept"].as_f64().unwrap() <= 0.7 + 1e-6, "{j}");
         assert_eq!(j["low_rank"]["data_aware"], data_aware);
         let f = j["low_rank"]["factored"].as_array().unwrap();

@@ -42,10 +42,9 @@ fn set_table(
 
 #[test]
 fn merge_refusals_name_the_cause_and_write_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m.onnx");
+    let (dir, out) = temp_path("m.onnx");
     let r8 = resnet8();
-    let calib = repo_root().join("data/cifar10");
+    let calib = cifar10();
     let base = |flags: &str, vals: &[&dyn AsRef<OsStr>]| {
         compress(&r8, &out, &format!("--merge {flags}"), vals)
     };
@@ -81,10 +80,9 @@ fn a_saved_merge_plan_replays_without_measuring() {
     let Some((m, photos)) = vww_and_photos() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     // a plan as `--plan-out` writes it: one segment of the VWW MobileNet (depthwise 3x3, 1x1,
     // depthwise 3x3, with the two ReLUs between removed)
-    let plan = dir.path().join("plan.json");
+    let (dir, plan) = temp_path("plan.json");
     let segment = serde_json::json!({
         "convs": ["depthwise_conv2d", "conv2d_1", "depthwise_conv2d_1"],
         "acts": ["activation_1", "activation_2"],
@@ -172,14 +170,9 @@ fn a_merge_table_drives_the_plan_and_saved_damages_are_reused() {
     let Some((m, photos)) = vww_and_photos() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let measured = dir.path().join("vww.latency.json");
-    let t = cli(
-        "profile {} --merge --merge-rounds 1 -o {} --json",
-        &[&m, &measured],
-    )
-    .ok()
-    .json();
+    let (dir, measured) = temp_path("vww.latency.json");
+    let line = "profile {} --merge --merge-rounds 1 -o {} --json";
+    let t = cli(line, &[&m, &measured]).ok().json();
     let merges = t["merges"].as_array().expect("merge entries").clone();
     assert_eq!(merges.len(), 51, "every candidate measured");
     assert!(

@@ -43,7 +43,7 @@ fn saves_and_replays(model: &std::path::Path, calib: &[&str], args: &[&str], met
 
 #[test]
 fn channel_pruning_and_low_rank_plans_replay() {
-    let data = s(&repo_root().join("data/cifar10"));
+    let data = s(&cifar10());
     let data = ["--calib", &data];
     let r8 = resnet8();
     saves_and_replays(
@@ -80,8 +80,7 @@ fn depth_merging_plans_replay() {
         return;
     };
     // a set latency table: every candidate saves time, so the plan does not depend on timing
-    let dir = tempfile::tempdir().unwrap();
-    let table = dir.path().join("t.json");
+    let (_dir, table) = temp_path("t.json");
     cli("profile {} --merge --merge-rounds 1 -o {}", &[&m, &table]).ok();
     let mut t: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();

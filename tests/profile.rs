@@ -76,7 +76,7 @@ fn latency_budget_from_a_saved_table() {
     let table = dir.path().join("r8.latency.json");
     run(&["profile", &s(&resnet8()), "-o", &s(&table)]).ok();
     let out = dir.path().join("r8.lat.onnx");
-    let data = repo_root().join("data/cifar10");
+    let data = cifar10();
     let flags = "--calib {} --profile resnet8 --target latency=0.8 --latency-table {} \
                  --calib-items 64 --holdout-items 32 --json";
     let j = compress(&resnet8(), &out, flags, &[&data, &table])

@@ -12,13 +12,21 @@ fn quantize(model: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> s
     run(&a).ok().json()
 }
 
+/// ResNet-8 quantized (see [`quantize`]) on the bundled CIFAR-10 sample, then `extra`.
+fn quantize_resnet8(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let calib = s(&cifar10());
+    let mut flags = vec!["--calib", &calib];
+    flags.extend(extra);
+    quantize(&resnet8(), out, &flags)
+}
+
 fn io(model: &std::path::Path) -> (serde_json::Value, serde_json::Value) {
     let j = run(&["inspect", &s(model), "--json"]).ok().json();
     (j["inputs"].clone(), j["outputs"].clone())
 }
 
 fn agreement(original: &std::path::Path, candidate: &std::path::Path, runtime: &str) -> f64 {
-    let data = repo_root().join("data/cifar10");
+    let data = cifar10();
     let line = "verify {} {} --data {} --runtime {} --json";
     let j = cli(line, &[&original, &candidate, &data, &runtime])
         .ok()
@@ -28,11 +36,9 @@ fn agreement(original: &std::path::Path, candidate: &std::path::Path, runtime: &
 
 #[test]
 fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r8, out) = (resnet8(), dir.path().join("r8.int8.onnx"));
-    let calib = s(&repo_root().join("data/cifar10"));
+    let (dir, out) = temp_path("r8.int8.onnx");
     // all int8 (the default may keep a few activations float where that measures no slower)
-    let j = quantize(&r8, &out, &["--calib", &calib, "--keep-float", "0"]);
+    let j = quantize_resnet8(&out, &["--keep-float", "0"]);
     let q = &j["quantize"];
     // every Conv and the Gemm: int8 weights, int8 kernels in ONNX Runtime, nothing left in float
     assert_eq!(q["quantized"]["Conv"], 9, "{q}");
@@ -51,6 +57,7 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
         .unwrap();
     assert_eq!(least.0, chosen, "{q}");
     // the model's interface is the original's
+    let r8 = resnet8();
     assert_eq!(io(&r8), io(&out));
     // it agrees with the float model in both runtimes
     let fid = j["fidelity"]["outputs"][0]["top1_agreement"]
@@ -63,12 +70,7 @@ fn resnet8_int8_runs_on_int8_kernels_in_onnx_runtime_and_loads_in_tract() {
     }
     // --float-stem keeps the stem (3 input channels) and the model input float
     let stem = dir.path().join("r8.stem.onnx");
-    let q = quantize(
-        &r8,
-        &stem,
-        &["--calib", &calib, "--float-stem", "--keep-float", "0"],
-    )["quantize"]
-        .clone();
+    let q = quantize_resnet8(&stem, &["--float-stem", "--keep-float", "0"])["quantize"].clone();
     assert_eq!(q["float_activations"][0][0], "input", "{q}");
     assert_eq!(q["weights"], 9, "{q}");
     assert_eq!(q["kept_float"]["Conv"], 1, "{q}");
@@ -81,8 +83,7 @@ fn an_opset_8_model_is_raised_to_13_and_quantized() {
     let Some((m, data)) = mnist_and_digits() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("mnist.int8.onnx");
+    let (_dir, out) = temp_path("mnist.int8.onnx");
     let j = quantize(&m, &out, &["--calib", &s(&data), "--profile", "mnist"]);
     assert_eq!(j["quantize"]["opset_raised_from"], 8, "{j}");
     assert_eq!(
@@ -100,13 +101,8 @@ fn an_opset_8_model_is_raised_to_13_and_quantized() {
 fn a_quantized_model_is_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let (once, twice) = (dir.path().join("once.onnx"), dir.path().join("twice.onnx"));
-    let calib = s(&repo_root().join("data/cifar10"));
-    quantize(
-        &resnet8(),
-        &once,
-        &["--calib", &calib, "--calibrate", "minmax"],
-    );
-    compress(&once, &twice, "--quantize int8 --calib {}", &[&calib])
+    quantize_resnet8(&once, &["--calibrate", "minmax"]);
+    compress(&once, &twice, "--quantize int8 --calib {}", &[&cifar10()])
         .error(&["quantized already", "QuantizeLinear"]);
     assert!(!twice.exists(), "a refused model was written");
     // a quantize step without data is refused before any work
@@ -116,10 +112,8 @@ fn a_quantized_model_is_refused_and_nothing_is_written() {
 
 #[test]
 fn keep_float_measures_each_activation_and_keeps_the_costliest_in_float() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r8, out) = (resnet8(), dir.path().join("r8.mixed.onnx"));
-    let calib = s(&repo_root().join("data/cifar10"));
-    let j = quantize(&r8, &out, &["--calib", &calib, "--keep-float", "1"]);
+    let (_dir, out) = temp_path("r8.mixed.onnx");
+    let j = quantize_resnet8(&out, &["--keep-float", "1"]);
     let q = &j["quantize"];
     let kept = q["float_activations"].as_array().unwrap();
     assert_eq!(kept.len(), 1, "{q}");
@@ -146,15 +140,13 @@ fn keep_float_measures_each_activation_and_keeps_the_costliest_in_float() {
         .unwrap();
     let needle = format!("{other}_QuantizeLinear");
     assert!(bytes.windows(needle.len()).any(|w| w == needle.as_bytes()));
-    assert!(agreement(&r8, &out, "ort-cpu") >= 0.95);
+    assert!(agreement(&resnet8(), &out, "ort-cpu") >= 0.95);
 }
 
 #[test]
 fn mixed_precision_by_default_keeps_the_most_measured_no_slower() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r8, out) = (resnet8(), dir.path().join("r8.int8.onnx"));
-    let calib = s(&repo_root().join("data/cifar10"));
-    let j = quantize(&r8, &out, &["--calib", &calib]);
+    let (_dir, out) = temp_path("r8.int8.onnx");
+    let j = quantize_resnet8(&out, &[]);
     let q = &j["quantize"];
     // up to 3 candidates, each measured beside the all-int8 model
     let speeds: Vec<f64> = list(&q["float_speed"], |v| v.as_f64());
@@ -171,7 +163,7 @@ fn mixed_precision_by_default_keeps_the_most_measured_no_slower() {
         j["steps"][0]["plan"]["float"].as_array().unwrap().len(),
         expect
     );
-    assert!(agreement(&r8, &out, "ort-cpu") >= 0.95);
+    assert!(agreement(&resnet8(), &out, "ort-cpu") >= 0.95);
 }
 
 #[test]
@@ -179,21 +171,8 @@ fn the_tensorrt_form_follows_its_explicit_quantization_rules() {
     // checked on the graph (no GPU here): every Q/DQ zero point int8 and 0, per-channel weight
     // scales along the output axis, biases float, Q/DQ in front of every Conv input
     use whittle_core::attr::Attrs;
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("r8.trt.onnx");
-    let calib = s(&repo_root().join("data/cifar10"));
-    let j = quantize(
-        &resnet8(),
-        &out,
-        &[
-            "--calib",
-            &calib,
-            "--qdq-for",
-            "tensorrt",
-            "--keep-float",
-            "0",
-        ],
-    );
+    let (_dir, out) = temp_path("r8.trt.onnx");
+    let j = quantize_resnet8(&out, &["--qdq-for", "tensorrt", "--keep-float", "0"]);
     assert_eq!(j["quantize"]["qdq_for"], "tensorrt", "{j}");
     let m = whittle_core::Model::load(&out).unwrap();
     let g = m.graph();

@@ -29,7 +29,7 @@ fn resnet8_with_symbolic_hw() -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
 /// The bundled CIFAR-10 images and ResNet-8's preprocessing profile.
 fn bundled_cifar() -> (PathBuf, PathBuf) {
     (
-        repo_root().join("data/cifar10"),
+        cifar10(),
         repo_root().join("models/resnet8_cifar10.profile.toml"),
     )
 }

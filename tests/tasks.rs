@@ -151,7 +151,7 @@ fn r17_an_encoder_is_judged_by_cosine() {
 fn r17_compress_warns_under_its_floor_and_strict_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r8.onnx");
-    let data = repo_root().join("data/cifar10");
+    let data = cifar10();
     let half = |flags: &str| {
         let fixed = "--calib {} --calib-items 64 --holdout-items 64 --target macs=0.5 \
                      --no-speed-check";
@@ -187,8 +187,7 @@ fn r17_the_detector_fixture_compresses_at_its_data_shape_and_reports_iou() {
     let Some((src, photos)) = lite0_and_photos() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let det = dir.path().join("det.onnx");
+    let (dir, det) = temp_path("det.onnx");
     write_model(&det, &whittle_test_support::fixtures::text_detector(&src));
     let profile = write_text(
         dir.path(),

@@ -68,8 +68,7 @@ fn minilm_data_aware_low_rank_beats_plain_on_held_apart_sentences() {
     for data_aware in [false, true] {
         let out = dir.path().join(format!("lr{data_aware}.onnx"));
         let flags = "--low-rank --target macs=0.8 --calib {} --calib-items 128 --json";
-        let flags = and_if(flags, data_aware, "--data-aware");
-        let j = compress(&model, &out, &flags, &[&calib]).ok().json();
+        let j = compress_json_if(&model, &out, flags, (data_aware, "--data-aware"), &[&calib]);
         let (m0, m1) = (
             j["macs"][0].as_f64().unwrap(),
             j["macs"][1].as_f64().unwrap(),

@@ -33,8 +33,7 @@ fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
     for replace in [true, false] {
         let out = dir.path().join(format!("drop3_{replace}.onnx"));
         let flags = "--calib {} --calib-items 512 --holdout-items 0 --drop-blocks 3 --json";
-        let flags = and_if(flags, replace, "--linear-replace");
-        let j = compress(&m, &out, &flags, &[&calib]).ok().json();
+        let j = compress_json_if(&m, &out, flags, (replace, "--linear-replace"), &[&calib]);
         let d = &j["drop_blocks"];
         assert_eq!(d["removed"].as_array().unwrap().len(), 3, "{d}");
         assert_eq!(d["linear_replace"], replace, "{d}");
@@ -60,11 +59,10 @@ fn three_blocks_replaced_by_a_linear_map_keep_sts_spearman() {
 
 #[test]
 fn block_removal_refusals_name_the_cause_and_write_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.onnx");
+    let (dir, out) = temp_path("out.onnx");
     // a CNN: residual Adds, none with attention
     let r8 = resnet8();
-    let calib = repo_root().join("data/cifar10");
+    let calib = cifar10();
     compress(&r8, &out, "--calib {} --drop-blocks 1", &[&calib])
         .error(&["transformer blocks", "none whose branch holds a Softmax"]);
     compress(&r8, &out, "--linear-replace", &[]).error(&["go with --drop-blocks"]);

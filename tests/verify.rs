@@ -163,7 +163,7 @@ fn min_agreement_met_exits_0() {
 #[test]
 fn min_agreement_outside_0_1_is_an_error() {
     let m = s(&resnet8());
-    let data = s(&repo_root().join("data/cifar10"));
+    let data = s(&cifar10());
     for bad in ["1.5", "NaN"] {
         let r = run(&["verify", &m, &m, "--data", &data, "--min-agreement", bad]);
         r.error(&["--min-agreement", "fraction"]);

@@ -956,6 +956,58 @@ mod tests {
         value.as_f32().expect("a float value")
     }
 
+    /// The shared assets' dataset `rel`, and the assets' folder; `None` (`test` skipped, see
+    /// `assets`) without the assets.
+    fn shared_dataset(test: &str, rel: &str) -> Option<(Dataset, PathBuf)> {
+        let assets = assets(test)?;
+        Some((Dataset::open(&assets.join(rel)).unwrap(), assets))
+    }
+
+    /// The name of the folder that item `i` of `data` is in (its class).
+    fn folder_of(data: &Dataset, i: usize) -> &str {
+        let folder = data.item_path(i).unwrap().parent().unwrap();
+        folder.file_name().unwrap().to_str().unwrap()
+    }
+
+    /// Items `items` of the shared dataset the built-in profile `profile` is for (resnet8: CIFAR-10
+    /// test-a, mnist: the test digits, efficientnet: the imagenet photos), loaded with that profile
+    /// for one float input of `shape`: the dataset, the batch and its input; `None` (the test
+    /// `<profile>_profile` skipped, see `assets`) without the assets.
+    fn profile_batch(
+        profile: &str,
+        items: &[usize],
+        shape: &[usize],
+    ) -> Option<(Dataset, Batch, ArrayD<f32>)> {
+        let rel = match profile {
+            "resnet8" => "data/cifar10/test-a",
+            "mnist" => "data/mnist/test",
+            "efficientnet" => "data/imagenet",
+            _ => panic!("no shared dataset for {profile}"),
+        };
+        let (data, _) = shared_dataset(&format!("{profile}_profile"), rel)?;
+        let pre = Preprocess::from_name_or_path(profile).unwrap();
+        let batch = data.load_batch(items, &float_input(shape), &pre).unwrap();
+        let x = f32_of(&batch.inputs[0]).clone();
+        Some((data, batch, x))
+    }
+
+    /// `array` written as `dir/name`: its path and the dataset it opens as.
+    fn npy_dataset(
+        dir: &Path,
+        name: &str,
+        array: &impl ndarray_npy::WriteNpyExt,
+    ) -> (PathBuf, Dataset) {
+        let path = dir.join(name);
+        write_npy(&path, array).unwrap();
+        let data = Dataset::open(&path).unwrap();
+        (path, data)
+    }
+
+    /// Items `items` of `data` for `inputs`, with no preprocessing.
+    fn plain(data: &Dataset, items: &[usize], inputs: &[InputSpec]) -> Result<Batch, Error> {
+        data.load_batch(items, inputs, &Preprocess::default())
+    }
+
     /// Writes a `w` x `h` RGB PNG whose pixel (x, y) is (x, y, x + y) mod 256.
     fn write_png(path: &Path, w: u32, h: u32) {
         RgbImage::from_fn(w, h, |x, y| Rgb([x as u8, y as u8, (x + y) as u8]))
@@ -965,10 +1017,10 @@ mod tests {
 
     #[test]
     fn cifar_image_folder_has_500_items_with_standard_class_order() {
-        let Some(assets) = assets("cifar_image_folder") else {
+        let Some((data, assets)) = shared_dataset("cifar_image_folder", "data/cifar10/test-a")
+        else {
             return;
         };
-        let data = Dataset::open(&assets.join("data/cifar10/test-a")).unwrap();
         assert_eq!(data.kind(), DatasetKind::ImageFolder);
         assert_eq!(data.len(), 500);
         let classes = data.classes().unwrap().to_vec();
@@ -981,14 +1033,8 @@ mod tests {
         let labels = data.labels().unwrap();
         assert_eq!(labels.len(), 500);
         for (i, &label) in labels.iter().enumerate() {
-            let class = data
-                .item_path(i)
-                .unwrap()
-                .parent()
-                .unwrap()
-                .file_name()
-                .unwrap();
-            assert_eq!(class.to_str().unwrap(), classes[label]);
+            let class = folder_of(&data, i);
+            assert_eq!(class, classes[label]);
             if class == "airplane" {
                 assert_eq!(label, 0);
             }
@@ -1008,22 +1054,15 @@ mod tests {
 
     #[test]
     fn imagenet_folder_labels_are_the_folder_integers() {
-        let Some(assets) = assets("imagenet_folder") else {
+        let Some((data, _)) = shared_dataset("imagenet_folder", "data/imagenet") else {
             return;
         };
-        let data = Dataset::open(&assets.join("data/imagenet")).unwrap();
         assert_eq!(data.kind(), DatasetKind::ImageFolder);
         assert_eq!(data.len(), 400);
         let labels = data.labels().unwrap();
         for (i, &label) in labels.iter().enumerate() {
-            let folder = data
-                .item_path(i)
-                .unwrap()
-                .parent()
-                .unwrap()
-                .file_name()
-                .unwrap();
-            assert_eq!(folder.to_str().unwrap().parse::<usize>().unwrap(), label);
+            let folder = folder_of(&data, i);
+            assert_eq!(folder.parse::<usize>().unwrap(), label);
         }
         assert_eq!(labels[0], 1, "0001/n01443537_goldfish.jpg is class 1");
         assert_eq!(*labels.last().unwrap(), 999);
@@ -1035,16 +1074,10 @@ mod tests {
 
     #[test]
     fn efficientnet_profile_crops_an_imagenet_photo_to_224_in_unit_range() {
-        let Some(assets) = assets("efficientnet_profile") else {
+        let Some((data, batch, x)) = profile_batch("efficientnet", &[0, 17], &[3, 224, 224]) else {
             return;
         };
-        let data = Dataset::open(&assets.join("data/imagenet")).unwrap();
-        let pre = Preprocess::from_name_or_path("efficientnet").unwrap();
-        let batch = data
-            .load_batch(&[0, 17], &float_input(&[3, 224, 224]), &pre)
-            .unwrap();
         assert_eq!(batch.labels, Some(vec![1, data.labels().unwrap()[17]]));
-        let x = f32_of(&batch.inputs[0]);
         assert_eq!(x.shape(), &[2, 3, 224, 224]);
         assert!(x.iter().all(|v| (-1.0..=1.0).contains(v)));
         assert!(x.iter().any(|&v| v < -0.5) && x.iter().any(|&v| v > 0.5));
@@ -1062,15 +1095,9 @@ mod tests {
 
     #[test]
     fn resnet8_profile_matches_the_pixel_formula() {
-        let Some(assets) = assets("resnet8_profile") else {
+        let Some((data, _, x)) = profile_batch("resnet8", &[123, 4], &[3, 32, 32]) else {
             return;
         };
-        let data = Dataset::open(&assets.join("data/cifar10/test-a")).unwrap();
-        let pre = Preprocess::builtin("resnet8").unwrap();
-        let batch = data
-            .load_batch(&[123, 4], &float_input(&[3, 32, 32]), &pre)
-            .unwrap();
-        let x = f32_of(&batch.inputs[0]);
         assert_eq!(x.shape(), &[2, 3, 32, 32]);
         let raw = image::open(data.item_path(123).unwrap()).unwrap().to_rgb8();
         let (px, py) = (5u32, 7u32);
@@ -1089,17 +1116,11 @@ mod tests {
 
     #[test]
     fn mnist_profile_gives_one_gray_channel_and_digit_labels() {
-        let Some(assets) = assets("mnist_profile") else {
+        let Some((data, batch, x)) = profile_batch("mnist", &[0, 999], &[1, 28, 28]) else {
             return;
         };
-        let data = Dataset::open(&assets.join("data/mnist/test")).unwrap();
         assert_eq!(data.len(), 1000);
-        let pre = Preprocess::builtin("mnist").unwrap();
-        let batch = data
-            .load_batch(&[0, 999], &float_input(&[1, 28, 28]), &pre)
-            .unwrap();
         assert_eq!(batch.labels, Some(vec![0, 9]));
-        let x = f32_of(&batch.inputs[0]);
         assert_eq!(x.shape(), &[2, 1, 28, 28]);
         let raw = image::open(data.item_path(999).unwrap())
             .unwrap()
@@ -1114,13 +1135,8 @@ mod tests {
     #[test]
     fn sample_is_deterministic_and_split_is_disjoint() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.npy");
-        write_npy(
-            &path,
-            &Array::from_shape_fn((500, 2), |(i, j)| (i * 2 + j) as f32),
-        )
-        .unwrap();
-        let data = Dataset::open(&path).unwrap();
+        let items = Array::from_shape_fn((500, 2), |(i, j)| (i * 2 + j) as f32);
+        let (_, data) = npy_dataset(dir.path(), "x.npy", &items);
 
         let a = data.sample(64, 7);
         assert_eq!(a, data.sample(64, 7));
@@ -1154,24 +1170,18 @@ mod tests {
     #[test]
     fn npy_round_trips_and_checks_shape_and_dtype() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("items.npy");
         let array = Array::from_shape_fn((5, 2, 3), |(i, j, k)| (i * 100 + j * 10 + k) as f32);
-        write_npy(&path, &array).unwrap();
-        let data = Dataset::open(&path).unwrap();
+        let (path, data) = npy_dataset(dir.path(), "items.npy", &array);
         assert_eq!(
             (data.kind(), data.len(), data.labels()),
             (DatasetKind::Npy, 5, None)
         );
-        let batch = data
-            .load_batch(&[4, 0], &float_input(&[2, 3]), &Preprocess::default())
-            .unwrap();
+        let batch = plain(&data, &[4, 0], &float_input(&[2, 3])).unwrap();
         let want = array.select(Axis(0), &[4, 0]).into_dyn();
         assert_eq!(batch.inputs, vec![Value::F32(want)]);
         assert_eq!(batch.labels, None);
 
-        let err = data
-            .load_batch(&[0], &float_input(&[3, 2]), &Preprocess::default())
-            .unwrap_err();
+        let err = plain(&data, &[0], &float_input(&[3, 2])).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -1179,9 +1189,7 @@ mod tests {
                 path.display()
             )
         );
-        let err = data
-            .load_batch(&[5], &float_input(&[2, 3]), &Preprocess::default())
-            .unwrap_err();
+        let err = plain(&data, &[5], &float_input(&[2, 3])).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1197,35 +1205,19 @@ mod tests {
             InputSpec::new("a", "float", &[2, 3]),
             InputSpec::new("b", "float", &[2, 3]),
         ];
-        let err = data
-            .load_batch(&[0], &two, &Preprocess::default())
-            .unwrap_err();
+        let err = plain(&data, &[0], &two).unwrap_err();
         assert!(err.to_string().contains("feeds exactly one input"), "{err}");
 
         // float64 becomes float32.
-        let p64 = dir.path().join("f64.npy");
-        write_npy(
-            &p64,
-            &Array::from_shape_fn((3, 2), |(i, j)| (i + j) as f64 * 0.5),
-        )
-        .unwrap();
-        let batch = Dataset::open(&p64)
-            .unwrap()
-            .load_batch(&[2], &float_input(&[2]), &Preprocess::default())
-            .unwrap();
+        let f64s = Array::from_shape_fn((3, 2), |(i, j)| (i + j) as f64 * 0.5);
+        let (_, f64s) = npy_dataset(dir.path(), "f64.npy", &f64s);
+        let batch = plain(&f64s, &[2], &float_input(&[2])).unwrap();
         assert_eq!(batch.inputs[0].to_f32_vec(), vec![1.0, 1.5]);
 
         // int64 stays int64 and must match the input's type.
-        let pi = dir.path().join("ids.npy");
-        write_npy(
-            &pi,
-            &Array::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as i64),
-        )
-        .unwrap();
-        let ids = Dataset::open(&pi).unwrap();
-        let err = ids
-            .load_batch(&[0], &float_input(&[4]), &Preprocess::default())
-            .unwrap_err();
+        let ids = Array::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as i64);
+        let (pi, ids) = npy_dataset(dir.path(), "ids.npy", &ids);
+        let err = plain(&ids, &[0], &float_input(&[4])).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -1233,33 +1225,17 @@ mod tests {
                 pi.display()
             )
         );
-        let batch = ids
-            .load_batch(
-                &[1],
-                &[InputSpec::new("input_ids", "int64", &[4])],
-                &Preprocess::default(),
-            )
-            .unwrap();
+        let batch = plain(&ids, &[1], &[InputSpec::new("input_ids", "int64", &[4])]).unwrap();
         assert_eq!(
             batch.inputs[0],
             Value::I64(Array::from_shape_vec(vec![1, 4], vec![4, 5, 6, 7]).unwrap())
         );
 
         // int32 is read as well; uint8 is refused with its descriptor.
-        let p32 = dir.path().join("i32.npy");
-        write_npy(&p32, &Array::from_shape_fn((2, 2), |(i, j)| (i + j) as i32)).unwrap();
-        assert!(matches!(
-            Dataset::open(&p32)
-                .unwrap()
-                .load_batch(
-                    &[0],
-                    &[InputSpec::new("x", "int32", &[2])],
-                    &Preprocess::default()
-                )
-                .unwrap()
-                .inputs[0],
-            Value::I32(_)
-        ));
+        let i32s = Array::from_shape_fn((2, 2), |(i, j)| (i + j) as i32);
+        let (_, i32s) = npy_dataset(dir.path(), "i32.npy", &i32s);
+        let batch = plain(&i32s, &[0], &[InputSpec::new("x", "int32", &[2])]).unwrap();
+        assert!(matches!(batch.inputs[0], Value::I32(_)));
         let pu8 = dir.path().join("u8.npy");
         write_npy(&pu8, &Array::from_shape_fn((2, 2), |(i, j)| (i + j) as u8)).unwrap();
         let err = Dataset::open(&pu8).unwrap_err();
@@ -1358,9 +1334,7 @@ mod tests {
             InputSpec::new("attention_mask", "int64", &[8]),
             InputSpec::new("input_ids", "int64", &[8]),
         ];
-        let batch = data
-            .load_batch(&[3, 1], &inputs, &Preprocess::default())
-            .unwrap();
+        let batch = plain(&data, &[3, 1], &inputs).unwrap();
         assert_eq!(
             batch.inputs[0],
             Value::I64(mask.select(Axis(0), &[3, 1]).into_dyn())
@@ -1370,13 +1344,12 @@ mod tests {
             Value::I64(ids.select(Axis(0), &[3, 1]).into_dyn())
         );
 
-        let err = data
-            .load_batch(
-                &[0],
-                &[InputSpec::new("token_type_ids", "int64", &[8])],
-                &Preprocess::default(),
-            )
-            .unwrap_err();
+        let err = plain(
+            &data,
+            &[0],
+            &[InputSpec::new("token_type_ids", "int64", &[8])],
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -1429,9 +1402,7 @@ mod tests {
         assert!(matches!(err, Error::BinNeedsShape { .. }), "{err}");
         let data = Dataset::open_bin(&path, Dtype::F32, &[2, 2]).unwrap();
         assert_eq!((data.kind(), data.len()), (DatasetKind::Bin, 3));
-        let batch = data
-            .load_batch(&[2], &float_input(&[2, 2]), &Preprocess::default())
-            .unwrap();
+        let batch = plain(&data, &[2], &float_input(&[2, 2])).unwrap();
         assert_eq!(batch.inputs[0].to_f32_vec(), values[8..].to_vec());
 
         let err = Dataset::open_bin(&path, Dtype::F32, &[5]).unwrap_err();
@@ -1470,13 +1441,8 @@ mod tests {
 
         let data = Dataset::open(dir.path()).unwrap();
         assert_eq!((data.kind(), data.len()), (DatasetKind::Images, 2));
-        assert!(
-            data.load_batch(&[1], &float_input(&[3, 8, 8]), &Preprocess::default())
-                .is_ok()
-        );
-        let err = data
-            .load_batch(&[1, 0], &float_input(&[3, 8, 8]), &Preprocess::default())
-            .unwrap_err();
+        assert!(plain(&data, &[1], &float_input(&[3, 8, 8])).is_ok());
+        let err = plain(&data, &[1, 0], &float_input(&[3, 8, 8])).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::Decode { .. }), "{msg}");
         assert!(
@@ -1492,9 +1458,7 @@ mod tests {
         let path = dir.path().join("a.png");
         write_png(&path, 64, 64);
         let data = Dataset::open(dir.path()).unwrap();
-        let err = data
-            .load_batch(&[0], &float_input(&[3, 32, 32]), &Preprocess::default())
-            .unwrap_err();
+        let err = plain(&data, &[0], &float_input(&[3, 32, 32])).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -1512,21 +1476,13 @@ mod tests {
             .unwrap();
         assert_eq!(batch.inputs[0].shape(), &[1, 3, 32, 32]);
         // Images feed one float input only.
-        let err = data
-            .load_batch(
-                &[0],
-                &[InputSpec::new("input", "int64", &[3, 32, 32])],
-                &pre,
-            )
-            .unwrap_err();
+        let refused = |dtype: &str| {
+            let input = InputSpec::new("input", dtype, &[3, 32, 32]);
+            data.load_batch(&[0], &[input], &pre).unwrap_err()
+        };
+        let err = refused("int64");
         assert!(matches!(err, Error::DtypeMismatch { .. }), "{err}");
-        let err = data
-            .load_batch(
-                &[0],
-                &[InputSpec::new("input", "complex", &[3, 32, 32])],
-                &pre,
-            )
-            .unwrap_err();
+        let err = refused("complex");
         assert!(matches!(err, Error::UnknownDtype { .. }), "{err}");
     }
 
@@ -1553,9 +1509,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.JPG", "b.png", "c.jpeg"]);
         assert_eq!(data.labels(), None);
-        let batch = data
-            .load_batch(&[0, 1, 2], &float_input(&[3, 4, 4]), &Preprocess::default())
-            .unwrap();
+        let batch = plain(&data, &[0, 1, 2], &float_input(&[3, 4, 4])).unwrap();
         assert_eq!(batch.inputs[0].shape(), &[3, 3, 4, 4]);
     }
 

@@ -585,6 +585,13 @@ mod tests {
         path
     }
 
+    /// `image` saved as the PNG `dir/name`; its path.
+    fn save_png(dir: &Path, name: &str, image: RgbImage) -> std::path::PathBuf {
+        let path = dir.join(name);
+        image.save(&path).unwrap();
+        path
+    }
+
     #[test]
     fn builtin_profiles_are_valid_and_named_in_errors() {
         for name in BUILTIN_PROFILES {
@@ -712,10 +719,8 @@ mod tests {
         assert_eq!(short_side_size(256, 256, 256), (256, 256));
 
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wide.png");
-        RgbImage::from_fn(64, 48, |x, y| Rgb([x as u8, y as u8, 0]))
-            .save(&path)
-            .unwrap();
+        let wide = RgbImage::from_fn(64, 48, |x, y| Rgb([x as u8, y as u8, 0]));
+        let path = save_png(dir.path(), "wide.png", wide);
         let pre = Preprocess {
             resize: Some(Resize::ShortSide(24)),
             ..Preprocess::default()
@@ -724,10 +729,8 @@ mod tests {
         assert_eq!(pre.item_shape(64, 48), vec![3, 24, 32]);
 
         // A 5x4 crop of a 6x7 image starts at (round_even(0.5), round_even(1.5)) = (0, 2).
-        let path = dir.path().join("small.png");
-        RgbImage::from_fn(6, 7, |x, y| Rgb([x as u8, y as u8, 0]))
-            .save(&path)
-            .unwrap();
+        let small = RgbImage::from_fn(6, 7, |x, y| Rgb([x as u8, y as u8, 0]));
+        let path = save_png(dir.path(), "small.png", small);
         let pre = Preprocess {
             center_crop: Some((5, 4)),
             ..Preprocess::default()
@@ -755,10 +758,8 @@ mod tests {
         // Found by fuzzing (fuzz/regressions/calib_image/): a 1x100000 PNG is a few hundred
         // bytes, and a short-side resize to 256 would make it 256x25600000 (19.7 GB as RGB).
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("thin.png");
-        RgbImage::from_pixel(1, 100_000, Rgb([10, 20, 30]))
-            .save(&path)
-            .unwrap();
+        let thin = RgbImage::from_pixel(1, 100_000, Rgb([10, 20, 30]));
+        let path = save_png(dir.path(), "thin.png", thin);
         let pre = Preprocess::builtin("efficientnet").unwrap();
         let err = pre.load_image(&path).unwrap_err();
         assert!(matches!(err, Error::ResizeTooLarge { .. }), "{err}");
@@ -796,16 +797,14 @@ mod tests {
     #[test]
     fn gray_conversion_uses_itu_601_luma() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("rgb.png");
-        RgbImage::from_fn(2, 1, |x, _| {
+        let red_then_green = RgbImage::from_fn(2, 1, |x, _| {
             if x == 0 {
                 Rgb([255, 0, 0])
             } else {
                 Rgb([10, 200, 30])
             }
-        })
-        .save(&path)
-        .unwrap();
+        });
+        let path = save_png(dir.path(), "rgb.png", red_then_green);
         let pre = Preprocess {
             color: Color::Gray,
             ..Preprocess::default()
@@ -819,10 +818,8 @@ mod tests {
     #[test]
     fn per_channel_mean_and_std_apply_in_model_channel_order() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("px.png");
-        RgbImage::from_pixel(1, 1, Rgb([255, 128, 0]))
-            .save(&path)
-            .unwrap();
+        let pixel = RgbImage::from_pixel(1, 1, Rgb([255, 128, 0]));
+        let path = save_png(dir.path(), "px.png", pixel);
         let pre = Preprocess::builtin("resnet-large").unwrap();
         let x = pre.load_image(&path).unwrap();
         let want: Vec<f32> = [255u8, 128, 0]

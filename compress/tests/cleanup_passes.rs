@@ -100,6 +100,13 @@ impl Net {
     fn model(self) -> Model {
         load_fixture(self.proto_with(8, 13))
     }
+
+    /// The model, what cleanup makes of it (see [`clean`]) and cleanup's report.
+    fn model_and_cleaned(self) -> (Model, Model, CleanupReport) {
+        let m = self.model();
+        let (cleaned, report) = clean(&m);
+        (m, cleaned, report)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -111,6 +118,11 @@ fn clean(m: &Model) -> (Model, CleanupReport) {
     let r = cleanup::cleanup(&mut c).expect("cleanup");
     eprintln!("{r:?}");
     (c, r)
+}
+
+/// The BatchNormalizations cleanup folded: (into the node before, into the node after).
+fn bn_folds(r: &CleanupReport) -> (usize, usize) {
+    (r.folded_batchnorms, r.folded_batchnorms_forward)
 }
 
 fn ops(m: &Model) -> Vec<String> {
@@ -166,10 +178,8 @@ fn batchnorm_folds_into_the_unpadded_conv_after_it() {
         vec![attr_str("auto_pad", "SAME_UPPER")],
     );
     n.output(&c1, &[None, Some(5), Some(4), Some(4)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
-    assert_eq!(report.folded_batchnorms_forward, 2, "{report:?}");
-    assert_eq!(report.folded_batchnorms, 0, "{report:?}");
+    let (m, cleaned, report) = n.model_and_cleaned();
+    assert_eq!(bn_folds(&report), (0, 2), "{report:?}");
     assert_eq!(
         count(&cleaned, "BatchNormalization"),
         0,
@@ -207,8 +217,7 @@ fn batchnorm_folds_into_the_gemm_after_it() {
             vec![attr_int("transB", trans_b)],
         );
         n.output(&y, &[None, Some(3)]);
-        let m = n.model();
-        let (cleaned, report) = clean(&m);
+        let (m, cleaned, report) = n.model_and_cleaned();
         assert_eq!(report.folded_batchnorms_forward, 1, "transB {trans_b}");
         assert_eq!(ops(&cleaned), ["Gemm"]);
         for seed in [4, 5] {
@@ -229,10 +238,8 @@ fn batchnorm_before_a_padded_conv_is_left_alone() {
         let b = n.batchnorm("bn", &x, 3);
         let c = n.conv("conv", &b, (3, 4, 3), true, attrs);
         n.output(&c, &[None, Some(4), Some(6), Some(6)]);
-        let m = n.model();
-        let (cleaned, report) = clean(&m);
-        assert_eq!(report.folded_batchnorms_forward, 0);
-        assert_eq!(report.folded_batchnorms, 0);
+        let (m, cleaned, report) = n.model_and_cleaned();
+        assert_eq!(bn_folds(&report), (0, 0));
         assert_eq!(ops(&cleaned), ["BatchNormalization", "Conv"]);
         assert_same_outputs(&m, &cleaned, &[random_input(&[1, 3, 6, 6], 7)], ORT);
     }
@@ -247,10 +254,8 @@ fn batchnorm_after_a_conv_still_folds_backwards_first() {
     let b = n.batchnorm("bn", &c0, 4);
     let c1 = n.conv("conv1", &b, (4, 2, 3), true, vec![]);
     n.output(&c1, &[None, Some(2), Some(3), Some(3)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
-    assert_eq!(report.folded_batchnorms, 1);
-    assert_eq!(report.folded_batchnorms_forward, 0);
+    let (m, cleaned, report) = n.model_and_cleaned();
+    assert_eq!(bn_folds(&report), (1, 0));
     assert_eq!(ops(&cleaned), ["Conv", "Conv"]);
     assert_same_outputs(&m, &cleaned, &[random_input(&[2, 3, 7, 7], 9)], BOTH);
 }
@@ -273,8 +278,7 @@ fn batchnorm_read_twice_or_before_a_grouped_conv_is_left_alone() {
         vec![attr_int("group", 4), attr_ints("kernel_shape", &[1, 1])],
     );
     n.output(&dw, &[None, Some(4), Some(5), Some(5)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (m, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_batchnorms_forward, 0, "{:?}", ops(&cleaned));
     assert_eq!(count(&cleaned, "BatchNormalization"), 2);
     assert_same_outputs(&m, &cleaned, &[random_input(&[1, 4, 5, 5], 11)], ORT);
@@ -303,8 +307,7 @@ fn constant_subgraph() -> Net {
 
 #[test]
 fn constant_weight_and_reshape_shape_are_folded_exactly() {
-    let m = constant_subgraph().model();
-    let (cleaned, report) = clean(&m);
+    let (m, cleaned, report) = constant_subgraph().model_and_cleaned();
     assert_eq!(report.folded_constants, 3, "{report:?}");
     assert_eq!(report.constant_folding_skipped, None);
     assert_eq!(ops(&cleaned), ["MatMul", "Reshape"]);
@@ -347,8 +350,7 @@ fn random_nodes_and_what_they_feed_are_not_folded() {
     let rk = n.node("Mul", "scaled_noise", &[&r, &k], vec![]);
     let y = n.node("Add", "add", &[&x, &rk], vec![]);
     n.output(&y, &[None, Some(3)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (_, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_constants, 0);
     assert_eq!(report.constant_folding_skipped, None);
     assert_eq!(ops(&cleaned), ["RandomNormal", "Mul", "Add"]);
@@ -387,8 +389,7 @@ fn expand_that_would_bloat_the_file_is_not_folded() {
     let e = n.node("Expand", "expand", &[&half, &big], vec![]);
     let y = n.node("Add", "add", &[&x, &e], vec![]);
     n.output(&y, &[Some(2000), Some(1000)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (m, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_constants, 2, "{report:?}");
     assert_eq!(ops(&cleaned), ["Expand", "Add"]);
     let shape = cleaned.initializer("big_shape_out").expect("folded shape");
@@ -408,8 +409,7 @@ fn constant_of_shape_that_would_bloat_the_file_is_not_folded() {
     let zeros = n.node("ConstantOfShape", "zeros", &[&abs], vec![]);
     let y = n.node("Add", "add", &[&x, &zeros], vec![]);
     n.output(&y, &[Some(2000), Some(1000)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (m, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_constants, 1, "{report:?}");
     assert_eq!(ops(&cleaned), ["ConstantOfShape", "Add"]);
     let dims = cleaned.initializer("abs_dims_out").expect("folded dims");
@@ -430,8 +430,7 @@ fn tensors_whittle_cannot_carry_are_not_folded_but_their_inputs_are() {
     let s = n.node("Add", "add", &[&xd, &wd], vec![]);
     let y = n.node("Cast", "back", &[&s], vec![attr_int("to", 1)]);
     n.output(&y, &[None, Some(3)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (m, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_constants, 1, "{report:?}");
     assert_eq!(ops(&cleaned), ["Cast", "Cast", "Add", "Cast"]);
     assert!(cleaned.initializer("w2_out").is_some());
@@ -449,8 +448,7 @@ fn constants_that_feed_only_graph_outputs_or_nothing() {
     let y = n.node("Add", "add", &[&x, &a], vec![]);
     n.output(&y, &[None, Some(2)]);
     n.output(&neg, &[Some(2)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (m, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_constants, 1, "{report:?}");
     assert_eq!(ops(&cleaned), ["Neg", "Add"]);
     assert!(cleaned.initializer("a").is_some());
@@ -465,8 +463,7 @@ fn constants_onnx_runtime_cannot_evaluate_are_left_with_a_reason() {
     let b = n.node("NoSuchOp", "mystery", &[&a], vec![]);
     let y = n.node("Add", "add", &[&x, &b], vec![]);
     n.output(&y, &[None, Some(2)]);
-    let m = n.model();
-    let (cleaned, report) = clean(&m);
+    let (_, cleaned, report) = n.model_and_cleaned();
     assert_eq!(report.folded_constants, 0);
     let reason = report.constant_folding_skipped.expect("a reason");
     assert!(reason.contains("could not load"), "{reason}");

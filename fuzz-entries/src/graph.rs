@@ -160,6 +160,12 @@ impl Bytes<'_> {
         xs[self.below(xs.len())]
     }
 
+    /// Fewer than `n` values (the count read first), each from `each`.
+    fn several<T>(&mut self, n: usize, mut each: impl FnMut(&mut Self) -> T) -> Vec<T> {
+        let count = self.below(n);
+        (0..count).map(|_| each(self)).collect()
+    }
+
     /// Mostly small integers (-4..=11), sometimes the extremes shape code must survive.
     fn int(&mut self) -> i64 {
         match self.byte() {
@@ -343,33 +349,21 @@ fn attribute(b: &mut Bytes) -> AttributeProto {
     } else {
         kind
     };
+    match kind {
+        Kind::Int => a.i = Some(b.int()),
+        Kind::Ints => a.ints = b.several(7, Bytes::int),
+        Kind::Float => a.f = Some(b.float()),
+        Kind::Floats => a.floats = b.several(6, Bytes::float),
+        Kind::Str => a.s = Some(b.pick(AUTO_PADS).as_bytes().to_vec()),
+        Kind::Tensor => a.t = Some(tensor(b, "")),
+    }
     let ty = match kind {
-        Kind::Int => {
-            a.i = Some(b.int());
-            AttributeType::Int
-        }
-        Kind::Ints => {
-            let n = b.below(7);
-            a.ints = (0..n).map(|_| b.int()).collect();
-            AttributeType::Ints
-        }
-        Kind::Float => {
-            a.f = Some(b.float());
-            AttributeType::Float
-        }
-        Kind::Floats => {
-            let n = b.below(6);
-            a.floats = (0..n).map(|_| b.float()).collect();
-            AttributeType::Floats
-        }
-        Kind::Str => {
-            a.s = Some(b.pick(AUTO_PADS).as_bytes().to_vec());
-            AttributeType::String
-        }
-        Kind::Tensor => {
-            a.t = Some(tensor(b, ""));
-            AttributeType::Tensor
-        }
+        Kind::Int => AttributeType::Int,
+        Kind::Ints => AttributeType::Ints,
+        Kind::Float => AttributeType::Float,
+        Kind::Floats => AttributeType::Floats,
+        Kind::Str => AttributeType::String,
+        Kind::Tensor => AttributeType::Tensor,
     };
     a.r#type = Some(ty as i32);
     a
@@ -407,18 +401,16 @@ pub fn build(data: &[u8]) -> Built {
             250..=252 => Some("ai.onnx"),
             _ => Some("com.microsoft"),
         };
-        let inputs: Vec<String> = (0..b.below(5))
-            .map(|_| match b.byte() {
-                0..=99 => last.clone(),
-                100..=109 => String::new(),
-                x => names[usize::from(x) % names.len()].clone(),
-            })
-            .collect();
+        let inputs = b.several(5, |b| match b.byte() {
+            0..=99 => last.clone(),
+            100..=109 => String::new(),
+            x => names[usize::from(x) % names.len()].clone(),
+        });
         let outputs: Vec<String> =
             (0..1 + usize::from(b.byte() >= 224) + usize::from(b.byte() >= 248))
                 .map(|k| format!("t{i}_{k}"))
                 .collect();
-        let attribute = (0..b.below(5)).map(|_| attribute(&mut b)).collect();
+        let attribute = b.several(5, attribute);
         g.node.push(NodeProto {
             input: inputs,
             output: outputs.clone(),

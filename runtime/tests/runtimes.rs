@@ -42,6 +42,19 @@ fn model_with_ort(name: &str) -> Option<Vec<u8>> {
     ort_available().then_some(bytes)
 }
 
+/// The bundled ResNet-8, where ONNX Runtime is here too (see [`model_with_ort`]).
+fn resnet8_with_ort() -> Option<Vec<u8>> {
+    model_with_ort("resnet8_cifar10.onnx")
+}
+
+/// The runtimes whose results the tests compare.
+const BOTH: [RuntimeKind; 2] = [RuntimeKind::OrtCpu, RuntimeKind::Tract];
+
+/// A float input of zeros.
+fn zeros(shape: &[usize]) -> ArrayD<f32> {
+    ArrayD::zeros(IxDyn(shape))
+}
+
 macro_rules! require {
     ($e:expr) => {
         match $e {
@@ -53,6 +66,14 @@ macro_rules! require {
 
 fn load_ok(kind: RuntimeKind, bytes: &[u8], opts: &RuntimeOptions) -> Box<dyn Session> {
     load(kind, bytes, opts).unwrap_or_else(|e| panic!("{kind} failed to load: {e}"))
+}
+
+/// Options that pin the input `input` to `shape`.
+fn pinned(input: &str, shape: &[usize]) -> RuntimeOptions {
+    RuntimeOptions {
+        input_shapes: vec![(input.into(), shape.to_vec())],
+        ..Default::default()
+    }
 }
 
 fn run_f32(session: &mut dyn Session, input: ArrayD<f32>) -> Vec<f32> {
@@ -111,7 +132,7 @@ fn both_match_reference(
 
 #[test]
 fn resnet8_matches_reference_on_ort_cpu_and_tract() {
-    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
+    let bytes = require!(resnet8_with_ort());
     let (ort, tract) = both_match_reference(
         &bytes,
         ("input: float [N,3,32,32]", "output: float [N,10]"),
@@ -140,12 +161,10 @@ fn mnist8_opset8_ir3_matches_reference_on_ort_cpu_and_tract() {
 
 #[test]
 fn both_runtimes_reject_wrong_inputs_with_input_mismatch() {
-    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
+    let bytes = require!(resnet8_with_ort());
+    for kind in BOTH {
         let mut s = load_ok(kind, &bytes, &RuntimeOptions::default());
-        let err = s
-            .run(&[Value::F32(ArrayD::zeros(IxDyn(&[1, 3, 64, 64])))])
-            .unwrap_err();
+        let err = s.run(&[Value::F32(zeros(&[1, 3, 64, 64]))]).unwrap_err();
         assert!(
             matches!(err, Error::InputMismatch { .. }),
             "{kind}: {err:?}"
@@ -165,15 +184,13 @@ fn both_runtimes_reject_wrong_inputs_with_input_mismatch() {
             "{kind}"
         );
 
-        let err = s
-            .run(&[Value::F32(ArrayD::zeros(IxDyn(&[3, 32, 32])))])
-            .unwrap_err();
+        let err = s.run(&[Value::F32(zeros(&[3, 32, 32]))]).unwrap_err();
         assert!(
             matches!(err, Error::InputMismatch { .. }),
             "{kind}: {err:?}"
         );
 
-        let x = Value::F32(ArrayD::zeros(IxDyn(&[1, 3, 32, 32])));
+        let x = Value::F32(zeros(&[1, 3, 32, 32]));
         let err = s.run(&[x.clone(), x]).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -186,31 +203,27 @@ fn both_runtimes_reject_wrong_inputs_with_input_mismatch() {
 
 #[test]
 fn symbolic_batch_runs_several_sizes_and_input_shapes_pin_it() {
-    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
+    let bytes = require!(resnet8_with_ort());
     let one = run_f32(
         load_ok(RuntimeKind::OrtCpu, &bytes, &RuntimeOptions::default()).as_mut(),
         probe_tensor(&[1, 3, 32, 32], -1.0, 1.0),
     );
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
+    for kind in BOTH {
         // Free batch: one session, two batch sizes.
         let mut s = load_ok(kind, &bytes, &RuntimeOptions::default());
         assert_eq!(
-            run_f32(s.as_mut(), ArrayD::zeros(IxDyn(&[3, 3, 32, 32]))).len(),
+            run_f32(s.as_mut(), zeros(&[3, 3, 32, 32])).len(),
             30,
             "{kind}"
         );
         assert_eq!(
-            run_f32(s.as_mut(), ArrayD::zeros(IxDyn(&[1, 3, 32, 32]))).len(),
+            run_f32(s.as_mut(), zeros(&[1, 3, 32, 32])).len(),
             10,
             "{kind}"
         );
 
         // Pinned batch 2: reported as fixed, other batches refused, both rows equal the batch-1 result.
-        let opts = RuntimeOptions {
-            input_shapes: vec![("input".into(), vec![2, 3, 32, 32])],
-            ..Default::default()
-        };
-        let mut s = load_ok(kind, &bytes, &opts);
+        let mut s = load_ok(kind, &bytes, &pinned("input", &[2, 3, 32, 32]));
         assert_eq!(sig(s.inputs()), ["input: float [2,3,32,32]"], "{kind}");
         assert_eq!(
             s.outputs()[0].dims,
@@ -223,9 +236,7 @@ fn symbolic_batch_runs_several_sizes_and_input_shapes_pin_it() {
         let out = run_f32(s.as_mut(), two);
         assert_close(&format!("{kind} batch 2, row 0"), &out[..10], &one, 1e-4);
         assert_close(&format!("{kind} batch 2, row 1"), &out[10..], &one, 1e-4);
-        let err = s
-            .run(&[Value::F32(ArrayD::zeros(IxDyn(&[1, 3, 32, 32])))])
-            .unwrap_err();
+        let err = s.run(&[Value::F32(zeros(&[1, 3, 32, 32]))]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "input 'input' expects float [2,3,32,32], got float [1,3,32,32]",
@@ -233,20 +244,13 @@ fn symbolic_batch_runs_several_sizes_and_input_shapes_pin_it() {
         );
 
         // A shape that contradicts the model is refused at load time.
-        let bad = RuntimeOptions {
-            input_shapes: vec![("input".into(), vec![1, 3, 64, 64])],
-            ..Default::default()
-        };
-        let err = load(kind, &bytes, &bad).err().expect("refused");
+        let refused = |opts| load(kind, &bytes, &opts).err().expect("refused");
+        let err = refused(pinned("input", &[1, 3, 64, 64]));
         assert!(
             matches!(err, Error::ShapeOverride { .. }),
             "{kind}: {err:?}"
         );
-        let bad = RuntimeOptions {
-            input_shapes: vec![("image".into(), vec![1, 3, 32, 32])],
-            ..Default::default()
-        };
-        let err = load(kind, &bytes, &bad).err().expect("refused");
+        let err = refused(pinned("image", &[1, 3, 32, 32]));
         assert_eq!(
             err.to_string(),
             "shape for input 'image': the model has no such input (inputs: input)",
@@ -257,7 +261,7 @@ fn symbolic_batch_runs_several_sizes_and_input_shapes_pin_it() {
 
 #[test]
 fn accelerated_providers_without_fallback_fail_naming_the_provider() {
-    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
+    let bytes = require!(resnet8_with_ort());
     for (kind, name) in [
         (RuntimeKind::OrtCuda, "CUDA"),
         (RuntimeKind::OrtTensorRt, "TensorRT"),
@@ -290,7 +294,7 @@ fn accelerated_providers_without_fallback_fail_naming_the_provider() {
 
 #[test]
 fn cuda_with_fallback_runs_on_cpu_and_says_so() {
-    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
+    let bytes = require!(resnet8_with_ort());
     let opts = RuntimeOptions {
         allow_fallback: true,
         ..Default::default()
@@ -318,12 +322,12 @@ fn cuda_with_fallback_runs_on_cpu_and_says_so() {
 
 #[test]
 fn bench_returns_sane_stats_on_both_runtimes() {
-    let bytes = require!(model_with_ort("resnet8_cifar10.onnx"));
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
-        let opts = RuntimeOptions {
-            threads: Some(1),
-            ..Default::default()
-        };
+    let bytes = require!(resnet8_with_ort());
+    let opts = RuntimeOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    for kind in BOTH {
         let mut s = load_ok(kind, &bytes, &opts);
         let inputs = synthetic_inputs(s.inputs(), &[]).expect("synthetic inputs");
         assert_eq!(inputs[0].shape(), &[1, 3, 32, 32]);
@@ -389,7 +393,7 @@ fn bench_returns_sane_stats_on_both_runtimes() {
         assert!(matches!(err, Error::InvalidBenchConfig(_)), "{err:?}");
 
         // A run error stops the benchmark with that error.
-        let wrong = [Value::F32(ArrayD::zeros(IxDyn(&[1, 3, 8, 8])))];
+        let wrong = [Value::F32(zeros(&[1, 3, 8, 8]))];
         let cfg = BenchConfig {
             warmup: 1,
             iters: 3,
@@ -406,7 +410,7 @@ fn garbage_bytes_are_an_error_not_a_panic() {
     if !ort_available() {
         return;
     }
-    for kind in [RuntimeKind::OrtCpu, RuntimeKind::Tract] {
+    for kind in BOTH {
         let err = load(
             kind,
             b"definitely not an onnx model",

@@ -18,7 +18,7 @@ pub use assets::{
 };
 pub use onnx::{
     GraphBuilder, attr_float, attr_int, attr_ints, attr_str, graph, load_fixture, model,
-    model_with, node, tensor_external, tensor_f32, value_info, write_model,
+    model_with, node, op_count, tensor_external, tensor_f32, value_info, write_model,
 };
 pub use rng::{Lcg, noise, values};
 pub use runtime::{assert_same_outputs, max_abs, max_abs_diff, rel_diff, run_model};

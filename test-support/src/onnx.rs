@@ -169,6 +169,11 @@ pub fn load_fixture(m: ModelProto) -> Model {
         .expect("the fixture loads")
 }
 
+/// How many nodes of `m`'s main graph run `op`.
+pub fn op_count(m: &Model, op: &str) -> usize {
+    m.graph().node.iter().filter(|n| n.op_type() == op).count()
+}
+
 /// Encode a model into a file.
 pub fn write_model(path: &Path, m: &ModelProto) {
     std::fs::write(path, m.encode_to_vec()).unwrap();

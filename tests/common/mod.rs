@@ -21,11 +21,42 @@ pub fn with_resnet8() -> (tempfile::TempDir, PathBuf) {
     (dir, m)
 }
 
+/// A new temp folder and the path `name` in it (nothing written there yet).
+pub fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    (dir, p)
+}
+
+/// The bundled CIFAR-10 sample (`data/cifar10`), ResNet-8's data.
+pub fn cifar10() -> PathBuf {
+    repo_root().join("data/cifar10")
+}
+
 /// `text` written to `dir/name`; its path.
 pub fn write_text(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     p
+}
+
+/// Whether `program arg` starts here (its output dropped): the tool is installed.
+pub fn installed(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// What a test needs and lacks (`gone`), with ONNX Runtime added where it cannot be found, as one
+/// line for [`ready`]; `None` when nothing is missing.
+pub fn missing_and_ort(mut gone: Vec<String>) -> Option<String> {
+    if let Err(e) = locate_ort_library() {
+        gone.push(format!("ONNX Runtime ({e}; run `just setup`)"));
+    }
+    (!gone.is_empty()).then(|| gone.join(", "))
 }
 
 /// The built binary.
@@ -180,6 +211,20 @@ pub fn argv(line: &str, vals: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
 /// [`argv`]): `cli("compress {} -o {} --target macs=0.5 --json", &[&model, &out])`.
 pub fn cli(line: &str, vals: &[&dyn AsRef<OsStr>]) -> Run {
     run(&argv(line, vals))
+}
+
+/// `whittle compress MODEL -o OUT` then the words of `flags`, and of `extra` where `on` (see
+/// [`and_if`]), each `{}` one of `vals`: it must succeed; its `--json` object.
+pub fn compress_json_if(
+    model: &Path,
+    out: &Path,
+    flags: &str,
+    (on, extra): (bool, &str),
+    vals: &[&dyn AsRef<OsStr>],
+) -> serde_json::Value {
+    compress(model, out, &and_if(flags, on, extra), vals)
+        .ok()
+        .json()
 }
 
 /// The words of `flags`, then `extra` where `on`: `and_if("--json", aware, "--data-aware")`.
