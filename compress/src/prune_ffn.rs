@@ -491,6 +491,36 @@ pub trait Width: 'static {
     ) -> Result<WidthReport, Error>;
 }
 
+/// `impl Width` for a method type whose options have `fraction` and `settings`, with its step
+/// name, what it prunes, and its pass.
+macro_rules! width_method {
+    ($method:ident, $options:ident, $name:literal, $what:literal, $keeping:path) => {
+        impl $crate::prune_ffn::Width for $method {
+            const NAME: &'static str = $name;
+            const WHAT: &'static str = $what;
+            type Options = $options;
+
+            fn parts(o: &$options) -> (Option<f64>, &$crate::prune_ffn::WidthSettings) {
+                (o.fraction, &o.settings)
+            }
+
+            fn settings_mut(o: &mut $options) -> &mut $crate::prune_ffn::WidthSettings {
+                &mut o.settings
+            }
+
+            fn keeping(
+                model: &mut Model,
+                opts: &$crate::prune_ffn::WidthOptions,
+                spec: &CaptureSpec,
+                keep: Option<&[Vec<usize>]>,
+            ) -> Result<$crate::prune_ffn::WidthReport, Error> {
+                $keeping(model, opts, spec, keep)
+            }
+        }
+    };
+}
+pub(crate) use width_method;
+
 impl<W: Width> crate::pipeline::Method for W {
     const NAME: &'static str = W::NAME;
     type Options = W::Options;
@@ -582,25 +612,10 @@ pub struct PruneFfnOptions {
     pub settings: WidthSettings,
 }
 
-impl Width for PruneFfn {
-    const NAME: &'static str = "prune_ffn";
-    const WHAT: &'static str = "feed-forward neurons";
-    type Options = PruneFfnOptions;
-
-    fn parts(o: &PruneFfnOptions) -> (Option<f64>, &WidthSettings) {
-        (o.fraction, &o.settings)
-    }
-
-    fn settings_mut(o: &mut PruneFfnOptions) -> &mut WidthSettings {
-        &mut o.settings
-    }
-
-    fn keeping(
-        model: &mut Model,
-        opts: &WidthOptions,
-        spec: &CaptureSpec,
-        keep: Option<&[Vec<usize>]>,
-    ) -> Result<WidthReport, Error> {
-        prune_ffn_keeping(model, opts, spec, keep)
-    }
-}
+width_method!(
+    PruneFfn,
+    PruneFfnOptions,
+    "prune_ffn",
+    "feed-forward neurons",
+    prune_ffn_keeping
+);

@@ -25,8 +25,8 @@ use crate::Error;
 use crate::blocks::{self, Linear};
 use crate::index::Index;
 use crate::prune_ffn::{
-    Width, WidthLayer, WidthOptions, WidthReport, WidthSettings, check_fraction, fail,
-    keep_columns, keep_rows_refitted, top, weights,
+    WidthLayer, WidthOptions, WidthReport, WidthSettings, check_fraction, fail, keep_columns,
+    keep_rows_refitted, top, weights, width_method,
 };
 use crate::refit::AffineFit;
 
@@ -309,25 +309,10 @@ pub struct PruneHeadsOptions {
     pub settings: WidthSettings,
 }
 
-impl Width for PruneHeads {
-    const NAME: &'static str = "prune_heads";
-    const WHAT: &'static str = "attention heads";
-    type Options = PruneHeadsOptions;
-
-    fn parts(o: &PruneHeadsOptions) -> (Option<f64>, &WidthSettings) {
-        (o.fraction, &o.settings)
-    }
-
-    fn settings_mut(o: &mut PruneHeadsOptions) -> &mut WidthSettings {
-        &mut o.settings
-    }
-
-    fn keeping(
-        model: &mut Model,
-        opts: &WidthOptions,
-        spec: &CaptureSpec,
-        keep: Option<&[Vec<usize>]>,
-    ) -> Result<WidthReport, Error> {
-        prune_heads_keeping(model, opts, spec, keep)
-    }
-}
+width_method!(
+    PruneHeads,
+    PruneHeadsOptions,
+    "prune_heads",
+    "attention heads",
+    prune_heads_keeping
+);

@@ -1689,23 +1689,10 @@ mod tests {
     #[allow(clippy::result_large_err)]
     fn a_dropped_channel_that_is_a_linear_combination_is_recovered_exactly() {
         let (original, mut pruned) = linear_combination_models();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.npy");
         let items = 24;
-        let data = ArrayD::from_shape_vec(IxDyn(&[items, 2, 5, 5]), noise(items * 50, 20))
-            .expect("shape fits");
-        ndarray_npy::write_npy(&path, &data).expect("writes npy");
-        let dataset = Dataset::open(&path).expect("opens npy");
-        let indices: Vec<usize> = (0..items).collect();
-        let pre = Preprocess::default();
-        let spec = CaptureSpec::ort_cpu(&dataset, &indices, &pre, 5, 1);
-        let job = RefitJob {
-            node: "c".into(),
-            input: "h".into(),
-            output: "c".into(),
-            kept_in: vec![0, 1],
-            kept_out: vec![0, 1, 2, 3],
-        };
+        let calib = Calib::new(&[items, 2, 5, 5], 20);
+        let spec = calib.spec(5);
+        let job = job_for(&layer_ref("c", "h", "c"), vec![0, 1], vec![0, 1, 2, 3]);
         let opts = RefitOptions {
             ridge: 1e-10,
             rows_per_item: 16,
@@ -1827,21 +1814,9 @@ mod tests {
             .output
             .push(value_info("c.w", &["4", "2", "3", "3"]));
         let old = pruned.initializer("c.w").expect("weight").clone();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.npy");
-        let data = ArrayD::from_shape_vec(IxDyn(&[8, 2, 5, 5]), noise(400, 4)).expect("shape");
-        ndarray_npy::write_npy(&path, &data).expect("writes npy");
-        let dataset = Dataset::open(&path).expect("opens npy");
-        let pre = Preprocess::default();
-        let indices: Vec<usize> = (0..8).collect();
-        let spec = CaptureSpec::ort_cpu(&dataset, &indices, &pre, 4, 1);
-        let job = RefitJob {
-            node: "c".into(),
-            input: "h".into(),
-            output: "c".into(),
-            kept_in: vec![0, 1],
-            kept_out: vec![0, 1, 2, 3],
-        };
+        let calib = Calib::new(&[8, 2, 5, 5], 4);
+        let spec = calib.spec(4);
+        let job = job_for(&layer_ref("c", "h", "c"), vec![0, 1], vec![0, 1, 2, 3]);
         let reports = refit(
             &original,
             &mut pruned,
@@ -2079,6 +2054,31 @@ mod tests {
         solve_system(&job.node, &sys, &layer.w_before, opts.ridge)
     }
 
+    fn layer_ref(node: &str, input: &str, output: &str) -> LayerRef {
+        LayerRef {
+            node: node.into(),
+            input: input.into(),
+            output: output.into(),
+        }
+    }
+
+    /// [`check_against_one_shot`] for each set of jobs, each on its own copy; jobs that wrote.
+    fn check_sets(
+        original: &Model,
+        stats: &RefitStats,
+        layers: &[LayerRef],
+        sets: &[Vec<RefitJob>],
+        spec: &CaptureSpec,
+        opts: &RefitOptions,
+    ) -> usize {
+        sets.iter()
+            .map(|jobs| {
+                let pruned = pruned_for(original, jobs);
+                check_against_one_shot(original, &pruned, stats, layers, jobs, spec, opts)
+            })
+            .sum()
+    }
+
     fn close(a: f64, b: f64) -> bool {
         (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-13
     }
@@ -2164,18 +2164,15 @@ mod tests {
     #[test]
     fn collected_statistics_refit_conv_subsets_like_the_per_job_path() {
         let (original, _) = linear_combination_models();
-        let calib = Calib::new(&[24, 2, 5, 5], 20);
+        let items = 24;
+        let calib = Calib::new(&[items, 2, 5, 5], 20);
         let spec = calib.spec(5);
         let opts = RefitOptions {
             ridge: 1e-4,
             rows_per_item: 16,
             seed: 7,
         };
-        let layer = |node: &str, input: &str, output: &str| LayerRef {
-            node: node.into(),
-            input: input.into(),
-            output: output.into(),
-        };
+        let layer = layer_ref;
         let layers = [layer("pre", "x", "h"), layer("c", "h", "c")];
         let stats = collect(&original, &layers, &spec, &opts).expect("collects");
         assert_eq!(stats.layers(), ["pre", "c"]);
@@ -2192,13 +2189,8 @@ mod tests {
             // Kept outputs only.
             vec![job_for(c, vec![0, 1, 2], vec![1, 2])],
         ];
-        let mut written = 0;
         // Each set from the ONE collection, on its own copy.
-        for jobs in &sets {
-            let pruned = pruned_for(&original, jobs);
-            written +=
-                check_against_one_shot(&original, &pruned, &stats, &layers, jobs, &spec, &opts);
-        }
+        let written = check_sets(&original, &stats, &layers, &sets, &spec, &opts);
         assert!(written >= 3, "{written}");
 
         // refit is one collection plus apply: with the layers in the same order it writes the
@@ -2217,11 +2209,7 @@ mod tests {
         let calib = Calib::new(&[20, 3, 6], 40);
         let spec = calib.spec(8);
         let opts = RefitOptions::default();
-        let layer = |node: &str, input: &str| LayerRef {
-            node: node.into(),
-            input: input.into(),
-            output: node.into(),
-        };
+        let layer = |node: &str, input: &str| layer_ref(node, input, node);
         let layers = [layer("mm", "x"), layer("flat", "mm"), layer("g", "flat")];
         let stats = collect(&original, &layers, &spec, &opts).expect("collects");
         assert_eq!(stats.layers(), ["mm", "flat", "g"]);
@@ -2239,12 +2227,7 @@ mod tests {
                 job_for(mm, vec![1, 2, 3, 4, 5], vec![0, 4]),
             ],
         ];
-        let mut written = 0;
-        for jobs in &sets {
-            let pruned = pruned_for(&original, jobs);
-            written +=
-                check_against_one_shot(&original, &pruned, &stats, &layers, jobs, &spec, &opts);
-        }
+        let written = check_sets(&original, &stats, &layers, &sets, &spec, &opts);
         assert!(written >= 3, "{written}");
     }
 
@@ -2257,11 +2240,7 @@ mod tests {
         let calib = Calib::new(&[4, 2, 5, 5], 5);
         let spec = calib.spec(4);
         let opts = RefitOptions::default();
-        let c = LayerRef {
-            node: "c".into(),
-            input: "h".into(),
-            output: "c".into(),
-        };
+        let c = layer_ref("c", "h", "c");
         // An identical duplicate is collected once; a conflicting one and an unknown node are
         // errors.
         let stats = collect(&original, &[c.clone(), c.clone()], &spec, &opts).expect("collects");
@@ -2356,11 +2335,7 @@ mod tests {
         let (calib, _) = data.split(0.6, 0).expect("splits");
         let spec = CaptureSpec::ort_cpu(&data, &calib[..100], &pre, 50, 2);
         let opts = RefitOptions::default();
-        let layer = |node: &str, input: &str, output: &str| LayerRef {
-            node: node.into(),
-            input: input.into(),
-            output: output.into(),
-        };
+        let layer = layer_ref;
         let layers = [
             layer("conv2d_1", "activation", "conv2d_1"),
             layer("conv2d_4", "activation_3", "conv2d_4"),
