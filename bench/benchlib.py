@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,34 @@ def minilm_path() -> Path:
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+class Clock:
+    """A bench's start: the time and the load average then; end() the figures every result carries."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.load0 = loadavg()
+
+    def line(self, what: str) -> str:
+        """what, then the load average at the start: a bench's opening log line."""
+        return f"{what}; load average {' '.join(map(str, self.load0))}"
+
+    def end(self, status: int | None = None) -> dict:
+        """loadavg_start, loadavg_end, elapsed_s, and with an exit status ok (status 0)."""
+        ends = {"loadavg_start": self.load0, "loadavg_end": loadavg(),
+                "elapsed_s": round(time.monotonic() - self.started, 1)}
+        return ends if status is None else {**ends, "ok": status == 0}
+
+
+def started(log, what: str, a: argparse.Namespace, iters: bool = True, after: str = "") -> Clock:
+    """A Clock, its start logged: `WHAT, --calib-items N; T threads, R interleaved rounds x (warmup W +
+    I timed runs) per row AFTER; load average L` (iters False: no I, where it differs per model)."""
+    n = f"{a.iters} " if iters else ""
+    clock = Clock()
+    log(clock.line(f"{what}, --calib-items {a.calib_items}; {a.threads} threads, {a.rounds} interleaved rounds x "
+                   f"(warmup {a.warmup} + {n}timed runs) per row{after}"))
+    return clock
 
 
 # ---------------------------------------------------------------- running whittle
@@ -324,6 +353,15 @@ def workdir(keep: Path | None, prefix: str):
             yield Path(d)
 
 
+def own_copy(a: argparse.Namespace, work: Path) -> tuple[Path, str]:
+    """Copies a.whittle into work (so a rebuild during the run cannot change what is measured) and
+    points a.whittle at the copy; returns the path it came from and the copy's `--version`."""
+    binary = work / "whittle"
+    shutil.copy2(a.whittle, binary)
+    origin, a.whittle = a.whittle, binary
+    return origin, subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def split_image_folder(src: Path, work: Path) -> tuple[Path, Path, dict]:
     """Two folders of links to src's class folders: sorted by name, alternating calib, eval."""
     src = src.resolve()
@@ -405,6 +443,15 @@ def add_measure_args(ap: argparse.ArgumentParser, rounds: str, iters: str,
     ap.add_argument("--warmup", type=int, help=warmup)
     ap.add_argument("--iters", type=int, help=iters)
     ap.add_argument("--calib-items", type=int, default=calib_items, help=f"default {calib_items}")
+
+
+def add_budget_args(ap: argparse.ArgumentParser, what: str, full: list[float], quick: list[float],
+                    specs: list[dict] | None = None) -> None:
+    """--budgets (what they are, their defaults full and quick), and --models where specs are given."""
+    ap.add_argument("--budgets", type=budget_list, help=f"comma-separated {what} (default "
+                                                         f"{','.join(map(str, full))}; --quick {','.join(map(str, quick))})")
+    if specs is not None:
+        ap.add_argument("--models", help=f"comma-separated subset of: {', '.join(s['name'] for s in specs)}")
 
 
 def add_output_args(ap: argparse.ArgumentParser, keep: str, quick: str, json_help: str) -> None:

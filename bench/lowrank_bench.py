@@ -41,7 +41,6 @@ import argparse
 import os
 import sys
 from functools import partial
-import time
 from pathlib import Path
 
 import benchlib
@@ -186,8 +185,7 @@ def render(result: dict) -> str:
 def add_args(ap: argparse.ArgumentParser) -> None:
     benchlib.add_measure_args(ap, rounds="interleaved latency rounds per row (default 3)",
                               iters="timed runs per bench run, ort-cpu and tract (default 50; --quick 20)")
-    ap.add_argument("--budgets", type=benchlib.budget_list,
-                    help="comma-separated fractions of MACs kept (default 0.9,0.8,0.7,0.6; --quick 0.7)")
+    benchlib.add_budget_args(ap, "fractions of MACs kept", BUDGETS, QUICK_BUDGETS)
     benchlib.add_output_args(ap, keep="write the compressed models here and keep them "
                                       "(default: a temporary folder, removed)",
                              quick="only the 30 %% budget, fewer bench iterations",
@@ -205,11 +203,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     if why:
         return {"error": why}, 2
     budgets = a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)
-    started = time.monotonic()
-    load0 = benchlib.loadavg()
-    log(f"low-rank bench: budgets {', '.join(f'macs={b}' for b in budgets)}, plain and data-aware, "
-        f"--calib-items {a.calib_items}; {a.threads} threads, {a.rounds} interleaved rounds x (warmup {a.warmup} + "
-        f"{a.iters} timed runs) per row; load average {' '.join(map(str, load0))}")
+    clock = benchlib.started(log, f"low-rank bench: budgets {', '.join(f'macs={b}' for b in budgets)}, "
+                             "plain and data-aware", a)
     models, status = [], 0
     with benchlib.workdir(a.keep, "whittle-lowrank-bench-") as work:
         try:
@@ -232,13 +227,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                                "rows": rows, "data_aware_vs_plain": data_aware_verdict(rows, spec["metric"])})
         except RunError as e:
             return {"error": benchlib.first_line(str(e))}, 1
-    result = {
-        "settings": benchlib.settings(a, work, budgets_macs_kept=budgets),
-        "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
-        "models": models, "elapsed_s": round(time.monotonic() - started, 1),
-        "ok": status == 0,
-    }
-    return result, status
+    return {"settings": benchlib.settings(a, work, budgets_macs_kept=budgets), "models": models,
+            **clock.end(status)}, status
 
 
 # the command line: parse, run, print the tables or --json

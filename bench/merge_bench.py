@@ -274,9 +274,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     benchlib.add_measure_args(ap, rounds="interleaved latency rounds per plan (default 5; --quick 3)",
                               iters="timed runs per bench run (default 50; --quick 20), times 10 for "
                                     "the VWW model; tract on efficientnet at most 10")
-    ap.add_argument("--budgets", type=benchlib.budget_list, help="comma-separated latency fractions kept "
-                                                                  "(default 0.97,0.94,0.9,0.85,0.8; --quick 0.9)")
-    ap.add_argument("--models", help="comma-separated subset of: efficientnet_lite0_224, mobilenetv1_025_vww96")
+    benchlib.add_budget_args(ap, "latency fractions kept", BUDGETS, QUICK_BUDGETS, model_specs())
     ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of: ort-cpu, tract")
     benchlib.add_output_args(ap, keep="keep the tables, plans and models here (default: a temporary folder)",
                              quick="only latency=0.9, fewer bench iterations",
@@ -298,9 +296,9 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     if why:
         return {"error": why}, 2
     budgets = a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)
-    started, load0 = time.monotonic(), benchlib.loadavg()
-    log(f"depth merging bench: budgets {', '.join(f'latency={b}' for b in budgets)} on {', '.join(runtimes)}; "
-        f"{a.threads} threads, {a.rounds} interleaved rounds per plan; load average {' '.join(map(str, load0))}")
+    clock = benchlib.Clock()
+    log(clock.line(f"depth merging bench: budgets {', '.join(f'latency={b}' for b in budgets)} on "
+                   f"{', '.join(runtimes)}; {a.threads} threads, {a.rounds} interleaved rounds per plan"))
     models, status = [], 0
     with benchlib.workdir(a.keep, "whittle-merge-bench-") as work:
         for s in specs:
@@ -336,10 +334,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
             models.append({"model": s["name"], "note": s["note"], "profile": s["profile"], "split": info,
                            "calib_desc": f"{info['calib_images']} photos (even class folders)",
                            "eval_desc": f"the other {info['eval_images']}", "runtimes": per_rt})
-    result = {"settings": benchlib.settings(a, work, budgets_latency_kept=budgets, runtimes=runtimes),
-              "loadavg_start": load0, "loadavg_end": benchlib.loadavg(), "models": models,
-              "goal": goal(models), "elapsed_s": round(time.monotonic() - started, 1), "ok": status == 0}
-    return result, status
+    return {"settings": benchlib.settings(a, work, budgets_latency_kept=budgets, runtimes=runtimes),
+            "models": models, "goal": goal(models), **clock.end(status)}, status
 
 
 # the command line: parse, run, print the tables or --json

@@ -39,11 +39,10 @@ import argparse
 import shutil
 import sys
 from functools import partial
-import time
 from pathlib import Path
 
 import benchlib
-from benchlib import ASSETS, REPO, RunError, budget_list, check, fmt, split_image_folder, verify, workdir
+from benchlib import ASSETS, REPO, RunError, check, fmt, split_image_folder, verify, workdir
 
 BUDGETS = [0.9, 0.75, 0.6, 0.5]  # fraction of MACs kept
 QUICK_BUDGETS = [0.75]
@@ -180,9 +179,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     benchlib.add_measure_args(ap, rounds="interleaved latency rounds per row (default 3)",
                               iters="timed runs per bench run (default 50; --quick 20), times 10 "
                                     "for resnet8; tract on efficientnet at most 10 (--quick 5)")
-    ap.add_argument("--budgets", type=budget_list,
-                    help="comma-separated fractions of MACs kept (default 0.9,0.75,0.6,0.5; --quick 0.75)")
-    ap.add_argument("--models", help="comma-separated subset of: resnet8_cifar10, efficientnet_lite0_224")
+    benchlib.add_budget_args(ap, "fractions of MACs kept", BUDGETS, QUICK_BUDGETS, model_specs())
     benchlib.add_output_args(ap, keep="write the pruned models and data splits here and keep them "
                                       "(default: a temporary folder, removed)",
                              quick="only the 25 %% budget, fewer bench iterations",
@@ -203,11 +200,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     if why:
         return {"error": why}, 2
     budgets = a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)
-    started = time.monotonic()
-    load0 = benchlib.loadavg()
-    log(f"channel pruning bench: budgets {', '.join(f'macs={b}' for b in budgets)}, reconstruction on and off, "
-        f"--calib-items {a.calib_items}; {a.threads} threads, {a.rounds} interleaved rounds x (warmup {a.warmup} + "
-        f"timed runs) per row; load average {' '.join(map(str, load0))}")
+    clock = benchlib.started(log, f"channel pruning bench: budgets {', '.join(f'macs={b}' for b in budgets)}, "
+                             "reconstruction on and off", a, iters=False)
     models = []
     status = 0
     with workdir(a.keep, "whittle-prune-bench-") as work:
@@ -236,12 +230,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                            "calib_desc": calib_desc, "eval_desc": eval_desc, "eval_items": eval_items,
                            "ort_iters": spec["ort_iters"], "tract_iters": spec["tract_iters"], "rows": rows,
                            "reconstruction": recon_verdict(rows)})
-    result = {
-        "settings": benchlib.settings(a, work, budgets_macs_kept=budgets),
-        "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
-        "models": models, "elapsed_s": round(time.monotonic() - started, 1), "ok": status == 0,
-    }
-    return result, status
+    return {"settings": benchlib.settings(a, work, budgets_macs_kept=budgets), "models": models,
+            **clock.end(status)}, status
 
 
 # the command line: parse, run, print the tables or --json

@@ -273,12 +273,9 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     why = benchlib.counts_error(a)
     if why:
         return {"error": why}, 2
-    started = time.monotonic()
-    load0 = benchlib.loadavg()
     vs = variants(a.quick)
-    log(f"transformer bench (minilm-l6-v2): {len(vs)} compressed variants, --calib-items {a.calib_items}; "
-        f"{a.threads} threads, {a.rounds} interleaved rounds x (warmup {a.warmup} + {a.iters} timed runs) per row "
-        f"at batch 1, sequence {SEQ}; load average {' '.join(map(str, load0))}")
+    clock = benchlib.started(log, f"transformer bench (minilm-l6-v2): {len(vs)} compressed variants", a,
+                             after=f" at batch 1, sequence {SEQ}")
     with benchlib.workdir(a.keep, "whittle-transformer-bench-") as work:
         try:
             calib = work / "sts-train-calib.npz"
@@ -297,17 +294,15 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     original = {"params": params0, "spearman": ver.get("reference_spearman"), "pairs": ver.get("pairs"),
                 "ort_p50_ms": statistics.median(orig_p50["ort-cpu"]) if orig_p50["ort-cpu"] else None,
                 "tract_p50_ms": statistics.median(orig_p50["tract"]) if orig_p50["tract"] else None}
-    result = {
+    return {
         "model": "minilm-l6-v2", "path": str(model.resolve()),
         "settings": {"calib_items": a.calib_items, "calib_max_length": CALIB_MAX_LENGTH, "seq": SEQ,
                      "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
                      "verify_limit": a.verify_limit, "quick": a.quick, "whittle": str(a.whittle),
                      "work": str(work) if a.keep else None},
-        "calibration": tok, "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
-        "original": original, "rows": rows, "statements": statements(rows),
-        "elapsed_s": round(time.monotonic() - started, 1), "ok": status == 0,
-    }
-    return result, status
+        "calibration": tok, "original": original, "rows": rows, "statements": statements(rows),
+        **clock.end(status),
+    }, status
 
 
 # the command line: parse, run, print the tables or --json

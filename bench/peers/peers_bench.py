@@ -70,7 +70,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +244,16 @@ def count(path: Path, a) -> dict:
     return {"macs": rep["macs"], "params": rep["params"]}
 
 
+def verified(row: dict, spec: dict, evald: Path, path: Path, a) -> bool:
+    """Whether row["verify"] (`whittle verify` of path on evald) is there; else row["error"] says why."""
+    try:
+        row["verify"] = verify(spec, evald, path, a)
+        return True
+    except (RunError, KeyError, IndexError, TypeError) as e:
+        row["error"] = f"whittle verify: {first_line(str(e))}"
+        return False
+
+
 def measure(row: dict, spec: dict, evald: Path, path: Path, base: dict, caches: dict, a, log) -> None:
     """Fills row with counts, verify and latency; a failure marks the row failed with its reason."""
     try:
@@ -258,10 +267,7 @@ def measure(row: dict, spec: dict, evald: Path, path: Path, base: dict, caches: 
     if digest in caches["verify"]:
         row["verify"], row["verify_shared_with"] = caches["verify"][digest]
     else:
-        try:
-            row["verify"] = verify(spec, evald, path, a)
-        except (RunError, KeyError, IndexError, TypeError) as e:
-            row["error"] = f"whittle verify: {first_line(str(e))}"
+        if not verified(row, spec, evald, path, a):
             return
         caches["verify"][digest] = (row["verify"], row["label"])
     v = row["verify"]
@@ -434,9 +440,15 @@ def table(model: dict) -> str:
                       f"{v['candidate_accuracy']:.3f}", speed, fmt(r.get("tool_seconds"), ".1f"),
                       f"{r['sparsity']:.4f} ({r['steps']})" if "sparsity" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    return table_end(lines, shared, " (same budget)")
+
+
+def table_end(lines: list[str], shared: dict, scope: str = "") -> str:
+    """A table's lines, then a note for each row whose latency another (shared: its label -> the
+    note's number) measured: one measurement for models of the same ops and tensor shapes."""
     if shared:
         lines.append("")
-    lines += [f"[{n}] same ops and tensor shapes as {label} (same budget): latency measured once for both  "
+    lines += [f"[{n}] same ops and tensor shapes as {label}{scope}: latency measured once for both  "
               for label, n in shared.items()]
     return "\n".join(lines)
 
@@ -454,14 +466,24 @@ def check_line(chk: dict) -> str:
             f"{chk['worst_item_mean_abs_levels']:.3f} levels: {'ok' if chk['ok'] else 'FAILED'}")
 
 
+def run_lines(result: dict, others: tuple[str, ...]) -> list[str]:
+    """A report's `- date`, `- command` and `- whittle: VERSION (sha256 ...); ` lines, the versions of
+    others (packages of PINNED, as named in the report) after whittle's."""
+    v = result["versions"]
+    return [f"- date: {result['date']}", f"- command: `{result['command']}`",
+            f"- whittle: {v['whittle']} (sha256 {result['whittle_sha256'][:16]}); "
+            + ", ".join(f"{name} {v[name.lower()]}" for name in others)]
+
+
+def wall_line(result: dict) -> str:
+    return (f"- total wall time {result['elapsed_s'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
+            f"{' '.join(map(str, result['loadavg_start']))}, at the end {' '.join(map(str, result['loadavg_end']))}")
+
+
 def render(result: dict) -> str:
     s = result["settings"]
     out = [f"# whittle vs onnxsim {result['versions']['onnxsim']}: channel pruning at equal MAC budgets", "",
-           f"- date: {result['date']}",
-           f"- command: `{result['command']}`",
-           f"- whittle: {result['versions']['whittle']} (sha256 {result['whittle_sha256'][:16]}); onnxruntime "
-           f"{result['versions']['onnxruntime']}, numpy {result['versions']['numpy']}, "
-           f"Pillow {result['versions']['pillow']}",
+           *run_lines(result, ("onnxruntime", "numpy", "Pillow")),
            f"- {s['calib_items']} calibration items for every tool; onnxsim bisects `sparsity` (at most "
            f"{s['steps'] + 1} tries) to the closest MACs removed at or above the target; agreement = top-1 "
            "agreement with the original on the evaluation images; accuracy = pruned model's top-1 vs labels",
@@ -471,8 +493,7 @@ def render(result: dict) -> str:
            f"{' with its Constant nodes lifted to initializers' if s['lift_constants'] else ''}",
            "- tool s: whittle = `whittle compress` `seconds`; onnxsim = simplify + all pruning calls of the "
            "bisection (+ finetune), time inside onnxsim only",
-           f"- total wall time {result['elapsed_s'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
-           f"{' '.join(map(str, result['loadavg_start']))}, at the end {' '.join(map(str, result['loadavg_end']))}"]
+           wall_line(result)]
     for m in result["models"]:
         out += ["", f"## {m['model']}", "",
                 f"profile {m['profile']}; calibration {m['calib_desc']}; evaluation {m['eval_desc']}; original "
@@ -562,9 +583,44 @@ def svg_plot(result: dict) -> str:
 
 # ---------------------------------------------------------------- the run
 
-def prepare_model(s: dict, work: Path, a, log) -> dict:
-    """Data split, calibration arrays and their check, the base counts and the simplified model."""
+class Report:
+    """What a peers report says of its run beside the rows: the clock, the UTC time (its folder is
+    named by it), the command line, the versions, and the binary, copied into the work folder."""
+
+    def __init__(self, reports: Path, pinned: tuple[str, ...]) -> None:
+        self.clock = benchlib.Clock()
+        self.now = datetime.datetime.now(datetime.timezone.utc)
+        self.dir = reports / self.now.strftime("%Y%m%d-%H%M%S")
+        self.pinned = pinned
+
+    def own_copy(self, a, work: Path, log, what: str) -> None:
+        """benchlib.own_copy (a.whittle becomes the copy), its hash; logs what, the copy and the load."""
+        self.origin, self.version = benchlib.own_copy(a, work)
+        self.sha256 = sha256(a.whittle)
+        log(self.clock.line(f"{what}; {self.origin} copied to {a.whittle}"))
+
+    def result(self, settings: dict, models: list[dict]) -> dict:
+        return {
+            "date": self.now.isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.executable).name, os.path.relpath(Path(sys.argv[0]).resolve(), REPO),
+                                   *sys.argv[1:]]),
+            "versions": {"whittle": self.version, **{k: importlib.metadata.version(k) for k in self.pinned}},
+            "whittle_sha256": self.sha256, "whittle_binary": str(self.origin),
+            "settings": settings, "models": models, "report_dir": str(self.dir), **self.clock.end(),
+        }
+
+    def write(self, files: dict[str, str]) -> None:
+        """The report's files (name: text) into its folder."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (self.dir / name).write_text(text)
+
+
+def prepare_calib(s: dict, work: Path, a, log) -> dict:
+    """Data split (an earlier --keep run's links removed first), the calibration arrays (saved) and
+    their check (logged)."""
     if s["split"] is not None:
+        shutil.rmtree(work / f"{s['name']}_split", ignore_errors=True)
         calib, evald, info = benchlib.split_image_folder(s["split"], work / f"{s['name']}_split")
         calib_desc = f"{a.calib_items} of the {info['calib_images']} images in the even sorted class folders of " \
                      f"{s['split'].resolve()}"
@@ -580,19 +636,24 @@ def prepare_model(s: dict, work: Path, a, log) -> dict:
     except (RunError, KeyError, IndexError) as e:
         check = {"ok": False, "error": first_line(str(e))}
     log(f"  {check_line(check)}")
+    return {"calib": calib, "eval": evald, "calib_desc": calib_desc, "eval_desc": eval_desc, "calib_npy": calib_npy,
+            "calib_files": [str(p) for p in picked], "check": check}
+
+
+def prepare_model(s: dict, work: Path, a, log) -> dict:
+    """prepare_calib's, then the base counts and the simplified model."""
+    prep = prepare_calib(s, work, a, log)
     sim_path = work / f"{s['name']}_simplified.onnx"
     try:
         lift = [] if a.no_lift_constants else ["--lift-constants"]
         sim = run_worker(["simplify", str(s["path"]), str(sim_path), *lift]) | {"path": sim_path}
-        sim["verify"] = verify(s, evald, sim_path, a)
+        sim["verify"] = verify(s, prep["eval"], sim_path, a)
         log(f"  onnxsim.simplify: {sim['seconds']:.2f} s, {sim['constants_lifted']} Constant nodes lifted; against "
             f"the original: {simplify_line(sim)}")
     except (WorkerError, RunError, KeyError, IndexError, TypeError) as e:
         sim = {"error": first_line(str(e)), "seconds": None}
         log(f"  onnxsim.simplify FAILED: {sim['error']}")
-    return {"calib": calib, "eval": evald, "calib_desc": calib_desc, "eval_desc": eval_desc, "calib_npy": calib_npy,
-            "calib_files": [str(p) for p in picked], "check": check, "simplify": sim,
-            "base": count(s["path"], a)}
+    return {**prep, "simplify": sim, "base": count(s["path"], a)}
 
 
 def run(a: argparse.Namespace, log) -> tuple[dict, int]:
@@ -605,24 +666,15 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     if why:
         return {"error": why}, 2
     budgets = a.budgets or (pb.QUICK_BUDGETS if a.quick else pb.BUDGETS)
-    started = time.monotonic()
-    load0 = benchlib.loadavg()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    report_dir = a.reports / now.strftime("%Y%m%d-%H%M%S")
+    report = Report(a.reports, PINNED)
     status = 0
     models = []
     with benchlib.workdir(a.keep, "whittle-peers-bench-") as work:
-        binary = work / "whittle"
-        shutil.copy2(a.whittle, binary)
-        origin, a.whittle = a.whittle, binary
-        whittle_version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip()
-        log(f"peers bench: {len(specs)} model(s), budgets {', '.join(f'{1 - b:.0%}' for b in budgets)} of MACs "
-            f"removed; {origin} copied to {binary}; load average {' '.join(map(str, load0))}")
+        report.own_copy(a, work, log, f"peers bench: {len(specs)} model(s), budgets "
+                                      f"{', '.join(f'{1 - b:.0%}' for b in budgets)} of MACs removed")
         for s in specs:
             log(f"{s['name']}:")
             s = dict(s, ort_iters=a.iters * s["iters_scale"])
-            if s["split"] is not None:
-                shutil.rmtree(work / f"{s['name']}_split", ignore_errors=True)  # an earlier --keep run's links
             prep = prepare_model(s, work, a, log)
             rows = []
             if not prep["check"]["ok"]:
@@ -645,24 +697,12 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                            "simplify": {k: str(v) if isinstance(v, Path) else v for k, v in prep["simplify"].items()},
                            "base": prep["base"], "reference_accuracy": ref_acc, "ort_iters": s["ort_iters"],
                            "rows": rows, "verdicts": budget_verdicts(rows)})
-        whittle_sha = sha256(binary)
-    result = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, os.path.relpath(Path(sys.argv[0]).resolve(), REPO),
-                               *sys.argv[1:]]),
-        "versions": {"whittle": whittle_version, **{k: importlib.metadata.version(k) for k in PINNED}},
-        "whittle_sha256": whittle_sha, "whittle_binary": str(origin),
-        "settings": {"budgets_macs_kept": budgets, "calib_items": a.calib_items, "calib_batch": CALIB_BATCH,
-                     "steps": a.steps, "lift_constants": not a.no_lift_constants, "threads": a.threads,
-                     "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters, "quick": a.quick,
-                     "work": str(work) if a.keep else None},
-        "models": models, "elapsed_s": round(time.monotonic() - started, 1), "report_dir": str(report_dir),
-        "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
-    }
-    report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "table.md").write_text(render(result) + "\n")
-    (report_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (report_dir / "plot.svg").write_text(svg_plot(result))
+    result = report.result({"budgets_macs_kept": budgets, "calib_items": a.calib_items, "calib_batch": CALIB_BATCH,
+                            "steps": a.steps, "lift_constants": not a.no_lift_constants, "threads": a.threads,
+                            "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters, "quick": a.quick,
+                            "work": str(work) if a.keep else None}, models)
+    report.write({"table.md": render(result) + "\n", "results.json": json.dumps(result, indent=1) + "\n",
+                  "plot.svg": svg_plot(result)})
     return result, status
 
 

@@ -84,14 +84,8 @@ pass, 2 when the binary, models or data are missing (DS-CNN's missing inputs are
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
-import os
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,7 +101,7 @@ import lowrank_bench  # noqa: E402  (ResNet-56's spec)
 import merge_bench  # noqa: E402  (the VWW MobileNet's spec)
 import peers_bench as peers  # noqa: E402  (calibration items, preprocessing and its check)
 import prune_bench as pb  # noqa: E402  (models, data, measuring defaults)
-from benchlib import RUN_TIMEOUT_S, RunError, first_line, fmt, run_json, verify  # noqa: E402
+from benchlib import RUN_TIMEOUT_S, RunError, first_line, fmt, run_json  # noqa: E402
 
 PINNED = ("onnxsim", "onnx", "onnxruntime", "numpy", "pillow")
 CALIB_BATCH = 16
@@ -273,13 +267,16 @@ def new_row(spec: dict, tool: str, config: str) -> dict:
     return {"model": spec["name"], "tool": tool, "config": config, "label": f"{tool} {config}".strip()}
 
 
-def compress(cmd: list[str], row: dict) -> tuple[dict, dict] | None:
-    """`whittle compress ... --json`: its report and figures, or None with the row's error set."""
+def compress(cmd: list[str], row: dict, out: Path) -> dict | None:
+    """`whittle compress ... --json` writing out: the row gets the command, the tool seconds, the path
+    and the report's quantize section; returns the figures, or None with the row's error set."""
     try:
-        return benchlib.compress_json(cmd)
+        rep, figures = benchlib.compress_json(cmd)
     except (RunError, KeyError, TypeError, ValueError) as e:
         row["error"] = f"whittle compress: {first_line(str(e))}"
         return None
+    row.update(command=cmd, tool_seconds=figures["seconds"], path=out, quantize=rep.get("quantize") or {})
+    return figures
 
 
 def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, ...] = ()) -> dict:
@@ -291,12 +288,9 @@ def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, .
            "--profile", spec["profile"], "--calib-items", str(a.calib_items), "--quantize", "int8",
            *extra, "--threads", str(a.threads), "--json"]
     log(f"  whittle compress {flags} ...")
-    got = compress(cmd, row)
-    if got is None:
+    if compress(cmd, row, out) is None:
         return row
-    rep, figures = got
-    q = rep.get("quantize") or {}
-    row.update(command=cmd, tool_seconds=figures["seconds"], path=out, quantize=q)
+    q = row["quantize"]
     if q.get("calibrator"):
         row["config"] += (f" (calibrator chosen: {q['calibrator']}; bias corrected in {q.get('bias_corrected')} "
                           f"layers; {q.get('items')} items calibrate)")
@@ -319,13 +313,12 @@ def compose_row(spec: dict, calib: Path, work: Path, keep: float, int8_label: st
            "--calib-items", str(a.calib_items), "--recipe", str(recipe), "-o", str(out),
            "--threads", str(a.threads), "--json"]
     log(f"  whittle compress --recipe (prune_channels macs={keep}, quantize int8) ...")
-    got = compress(cmd, row)
-    if got is None:
+    figures = compress(cmd, row, out)
+    if figures is None:
         return row
-    rep, figures = got
-    q = rep.get("quantize") or {}
-    row.update(command=cmd, recipe=recipe_text(keep), tool_seconds=figures["seconds"], path=out, quantize=q,
-               macs=figures["macs"], params=figures["params"], macs_kept=figures["macs_kept"])
+    row.update(recipe=recipe_text(keep), macs=figures["macs"], params=figures["params"],
+               macs_kept=figures["macs_kept"])
+    q = row["quantize"]
     row["config"] += f" (MACs kept {fmt(figures['macs_kept'], '.1%')}" + (
         f"; calibrator chosen: {q['calibrator']})" if q.get("calibrator") else ")")
     return row
@@ -384,10 +377,7 @@ def quality(row: dict, spec: dict, evald: Path, eval_npy: Path, ref_out: np.ndar
     if digest in caches:
         row["verify"], row["mse"], row["same_file_as"] = caches[digest]
     else:
-        try:
-            row["verify"] = verify(spec, evald, path, a)
-        except (RunError, KeyError, IndexError, TypeError) as e:
-            row["error"] = f"whittle verify: {first_line(str(e))}"
+        if not peers.verified(row, spec, evald, path, a):
             return
         row["mse"] = None
         if ref_out is not None:
@@ -517,21 +507,14 @@ def table(model: dict) -> str:
             accuracy = fmt(v.get("candidate_accuracy"), ".3f") if labels else "n/a"
             cells += [agreement, accuracy, mse, *speeds, vs, fmt(r.get("tool_seconds"), ".1f", "", "")]
         lines.append("| " + " | ".join(cells) + " |")
-    if shared:
-        lines.append("")
-    lines += [f"[{n}] same ops and tensor shapes as {label}: latency measured once for both  "
-              for label, n in shared.items()]
-    return "\n".join(lines)
+    return peers.table_end(lines, shared)
 
 
 def render(result: dict) -> str:
     s = result["settings"]
     out = [f"# INT8 quantization: whittle vs ONNX Runtime {result['versions']['onnxruntime']} and onnxsim "
            f"{result['versions']['onnxsim']}", "",
-           f"- date: {result['date']}",
-           f"- command: `{result['command']}`",
-           f"- whittle: {result['versions']['whittle']} (sha256 {result['whittle_sha256'][:16]}); numpy "
-           f"{result['versions']['numpy']}, Pillow {result['versions']['pillow']}, onnx {result['versions']['onnx']}",
+           *peers.run_lines(result, ("numpy", "Pillow", "onnx")),
            f"- {s['calib_items']} calibration items (whittle compress's own split) for every tool, batches of "
            f"{CALIB_BATCH} for the peers; agreement = top-1 agreement with fp32 on the evaluation images "
            "(`whittle verify`); accuracy = top-1 vs labels; output MSE = mean (quant - fp32)^2 over the evaluation "
@@ -542,8 +525,7 @@ def render(result: dict) -> str:
            f"- prune + int8 rows: one `whittle compress --recipe` of two steps, prune_channels (macs=F) then "
            f"quantize (int8), at {', '.join(f'macs={b}' for b in s['compose_budgets']) or 'no budget (--compose none)'}; "
            f"goal: a point >= {GOAL_VS_INT8}x the speed of whittle int8 alone at >= {GOAL_AGREEMENT:.0%} agreement",
-           f"- total wall time {result['elapsed_s'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
-           f"{' '.join(map(str, result['loadavg_start']))}, at the end {' '.join(map(str, result['loadavg_end']))}"]
+           peers.wall_line(result)]
     for m in result["models"]:
         if m.get("unavailable"):
             out += ["", f"## {m['model']}", "", table(m)]
@@ -600,29 +582,12 @@ def printed(result: dict) -> str:
 # ---------------------------------------------------------------- the run
 
 def prepare(s: dict, work: Path, a, log) -> dict:
-    """Data split, calibration and evaluation arrays, and the preprocessing check."""
-    if s["split"] is not None:
-        shutil.rmtree(work / f"{s['name']}_split", ignore_errors=True)  # an earlier --keep run's links
-        calib, evald, info = benchlib.split_image_folder(s["split"], work / f"{s['name']}_split")
-        calib_desc = f"{a.calib_items} of the {info['calib_images']} images in the even sorted class folders of " \
-                     f"{s['split'].resolve()}"
-        eval_desc = f"the other {info['eval_images']} (odd class folders)"
-    else:
-        calib, evald = s["calib"], s["eval"]
-        calib_desc, eval_desc = f"{a.calib_items} of {calib.resolve()}", str(evald.resolve())
-    x, picked = peers.calibration_arrays(s, calib, a.calib_items)
-    calib_npy = work / f"{s['name']}_calib.npy"
-    np.save(calib_npy, x)
-    try:
-        check = peers.check_preprocessing(s, calib, x, work, a)
-    except (RunError, KeyError, IndexError) as e:
-        check = {"ok": False, "error": first_line(str(e))}
-    log(f"  {peers.check_line(check)}")
+    """Data split, calibration arrays and the preprocessing check (peers_bench's), evaluation arrays."""
+    prep = peers.prepare_calib(s, work, a, log)
     prof = peers.PROFILES[s["profile"]]
     eval_npy = work / f"{s['name']}_eval.npy"
-    np.save(eval_npy, np.stack([peers.preprocess(p, prof) for p in peers.image_folder(evald)]))
-    return {"calib": calib, "eval": evald, "calib_desc": calib_desc, "eval_desc": eval_desc, "calib_npy": calib_npy,
-            "eval_npy": eval_npy, "calib_files": [str(p) for p in picked], "check": check}
+    np.save(eval_npy, np.stack([peers.preprocess(p, prof) for p in peers.image_folder(prep["eval"])]))
+    return {**prep, "eval_npy": eval_npy}
 
 
 def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict, int]:
@@ -638,11 +603,8 @@ def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict
         ref_out = np.load(ref_npy).astype(np.float64)
     except WorkerError as e:
         log(f"  fp32 outputs failed (no MSE column): {e}")
-    try:
-        base["verify"] = verify(s, prep["eval"], s["path"], a)
+    if peers.verified(base, s, prep["eval"], s["path"], a):
         base["mse"] = 0.0
-    except (RunError, KeyError, IndexError, TypeError) as e:
-        base["error"] = f"whittle verify: {first_line(str(e))}"
     rows.append(base)
     w = whittle_row(s, prep["calib"], work, a, log)
     # every activation int8 (the default keeps a few in float where that is measured no slower)
@@ -675,18 +637,11 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     why = benchlib.check(a, specs) or benchlib.counts_error(a)
     if why:
         return {"error": why}, 2
-    started = time.monotonic()
-    load0 = benchlib.loadavg()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    report_dir = a.reports / now.strftime("%Y%m%d-%H%M%S")
+    report = peers.Report(a.reports, PINNED)
     status = 0
     models = []
     with benchlib.workdir(a.keep, "whittle-quant-bench-") as work:
-        binary = work / "whittle"
-        shutil.copy2(a.whittle, binary)
-        origin, a.whittle = a.whittle, binary
-        whittle_version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip()
-        log(f"quant bench: {len(specs)} model(s); {origin} copied to {binary}; load average {' '.join(map(str, load0))}")
+        report.own_copy(a, work, log, f"quant bench: {len(specs)} model(s)")
         for s in specs:
             log(f"{s['name']}:")
             if s.get("unavailable"):
@@ -712,23 +667,11 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
                            "calib_files": prep["calib_files"], "preprocessing_check": prep["check"],
                            "ort_iters": s["ort_iters"], "fp32_latency": fp32, "labels": s.get("labels", True),
                            "rows": rows})
-        whittle_sha = peers.sha256(binary)
-    result = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, os.path.relpath(Path(sys.argv[0]).resolve(), REPO),
-                               *sys.argv[1:]]),
-        "versions": {"whittle": whittle_version, **{k: importlib.metadata.version(k) for k in PINNED}},
-        "whittle_sha256": whittle_sha, "whittle_binary": str(origin),
-        "settings": {"calib_items": a.calib_items, "calib_batch": CALIB_BATCH, "threads": a.threads,
-                     "latency_threads": list(THREADS), "rounds": a.rounds, "warmup": a.warmup, "iters": a.iters,
-                     "compose_budgets": list(a.compose),
-                     "quick": a.quick, "work": str(work) if a.keep else None},
-        "models": models, "elapsed_s": round(time.monotonic() - started, 1), "report_dir": str(report_dir),
-        "loadavg_start": load0, "loadavg_end": benchlib.loadavg(),
-    }
-    report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "table.md").write_text(render(result) + "\n")
-    (report_dir / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result = report.result({"calib_items": a.calib_items, "calib_batch": CALIB_BATCH, "threads": a.threads,
+                            "latency_threads": list(THREADS), "rounds": a.rounds, "warmup": a.warmup,
+                            "iters": a.iters, "compose_budgets": list(a.compose), "quick": a.quick,
+                            "work": str(work) if a.keep else None}, models)
+    report.write({"table.md": render(result) + "\n", "results.json": json.dumps(result, indent=1, default=str) + "\n"})
     return result, status
 
 
