@@ -764,9 +764,19 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe, Error> {
                 .join(", ")
         )));
     }
-    let shared = Shared::default();
+    // steps before a quantize step keep channel counts that int8 kernels run at full speed
+    let quantize_at = steps.iter().position(|s| {
+        s.get("method").and_then(toml::Value::as_str) == Some(crate::quantize::Quantize::NAME)
+    });
     let mut out = Vec::new();
     for (i, s) in steps.into_iter().enumerate() {
+        let shared = match quantize_at {
+            Some(q) if i < q => Shared {
+                round_to: crate::quantize::INT8_ROUND_TO,
+                ..Shared::default()
+            },
+            _ => Shared::default(),
+        };
         let toml::Value::Table(mut s) = s else {
             return Err(at(format!("step {} is not a table", i + 1)));
         };
@@ -1184,5 +1194,24 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("no method 'sharpen'"), "{e}");
+    }
+
+    #[test]
+    fn steps_before_quantize_round_to_int8_blocks_unless_they_say() {
+        let recipe = |prune: &str| {
+            let text = format!(
+                "[[step]]\nmethod = \"prune_channels\"\n{prune}\n[[step]]\nmethod = \"low_rank\"\n\n[[step]]\nmethod = \"quantize\"\nprecision = \"int8\"\n\n[[step]]\nmethod = \"prune_channels\"\n"
+            );
+            parse_recipe(&text, Path::new("r.toml")).unwrap()
+        };
+        let r = recipe("");
+        let round: Vec<&Value> = r.steps.iter().map(|s| &s.options()["round_to"]).collect();
+        // before the quantize step 16, after it the plain default
+        assert_eq!(round[0], crate::quantize::INT8_ROUND_TO);
+        assert_eq!(round[1], crate::quantize::INT8_ROUND_TO);
+        assert_eq!(round[3], 1);
+        // a step's own round_to wins
+        let r = recipe("round_to = 4\n");
+        assert_eq!(r.steps[0].options()["round_to"], 4);
     }
 }
