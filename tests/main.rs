@@ -3,6 +3,7 @@
 
 mod common;
 
+mod auto;
 mod bad_input;
 mod cli_json;
 mod compress;

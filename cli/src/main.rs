@@ -47,6 +47,8 @@ enum Command {
     Profile(cmd::profile::Args),
     /// Compress a model (channel pruning with least-squares repair) and write it.
     Compress(Box<cmd::compress::Args>),
+    /// Search recipes for the fastest model that keeps a fidelity floor, measured here.
+    Auto(Box<cmd::auto::Args>),
     /// Read a model into the IR and write it back (optionally with external data).
     Convert(cmd::convert::Args),
     /// Measure a model on a target: inspect, bench each runtime, verify, one table.
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Deploy(a) => cmd::deploy::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Compress(a) => cmd::compress::run(*a),
+        Command::Auto(a) => cmd::auto::run(*a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
     };
     match result {

@@ -23,6 +23,7 @@ use crate::report::{self, LayerChange};
 pub const DEFAULT_FLOOR: f64 = 0.5;
 
 /// What to compress and how to judge it.
+#[derive(Clone)]
 pub struct Job<'a> {
     /// The model as loaded (never changed).
     pub original: &'a Model,

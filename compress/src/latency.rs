@@ -552,46 +552,116 @@ pub fn local_pair_measure(
     cfg: BenchConfig,
 ) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), Error> {
     move |a: &Model, b: &Model| {
-        let opts = runtime_options(a, threads, &input_shapes);
-        let fail = |m: &Model, e| measure_failed(runtime, m, e);
-        let bytes = [a.to_bytes(), b.to_bytes()];
-        let models = [a, b];
-        let load = |k: usize| {
-            whittle_runtime::load(runtime, &bytes[k], &opts).map_err(|e| fail(models[k], e))
-        };
-        let keep = runtime == RuntimeKind::Tract;
-        let mut live = if keep {
-            vec![Some(load(0)?), Some(load(1)?)]
-        } else {
-            vec![None, None]
-        };
-        let mut inputs = None;
-        let (mut pa, mut diffs) = (vec![], vec![]);
-        for r in 0..rounds.max(1) {
-            let mut p = [0.0; 2];
-            for k in [r % 2, 1 - r % 2] {
-                let mut fresh = None;
-                let s = match live[k].as_mut() {
-                    Some(s) => s,
-                    None => fresh.insert(load(k)?),
-                };
-                if inputs.is_none() {
-                    inputs = Some(
-                        whittle_runtime::synthetic_inputs(s.inputs(), &opts.input_shapes)
-                            .map_err(|e| fail(a, e))?,
-                    );
-                }
-                let x = inputs.as_ref().expect("set above");
-                p[k] = whittle_runtime::bench(s.as_mut(), x, &cfg, &mut |_, _| {})
-                    .map_err(|e| fail(models[k], e))?
-                    .p50_ms;
-            }
-            pa.push(p[0]);
-            diffs.push(p[0] - p[1]);
-        }
+        let p = rounds_p50(&[a, b], runtime, threads, &input_shapes, rounds, &cfg)?;
+        let mut pa: Vec<f64> = p.iter().map(|r| r[0]).collect();
+        let mut diffs: Vec<f64> = p.iter().map(|r| r[0] - r[1]).collect();
         let before = median(&mut pa);
         Ok((before, before - median(&mut diffs)))
     }
+}
+
+/// The p50 latency of each of `models` in each of `rounds` interleaved rounds (rounds x models),
+/// each round `cfg`'s timed runs after its warmup, the model going first rotating from round to
+/// round. ONNX Runtime sessions are loaded afresh for each turn (see [`local_pair_measure`]);
+/// tract keeps them.
+fn rounds_p50(
+    models: &[&Model],
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    input_shapes: &[(String, Vec<usize>)],
+    rounds: usize,
+    cfg: &BenchConfig,
+) -> Result<Vec<Vec<f64>>, Error> {
+    let Some(first) = models.first() else {
+        return Ok(vec![]);
+    };
+    let opts = runtime_options(first, threads, input_shapes);
+    let fail = |m: &Model, e| measure_failed(runtime, m, e);
+    let bytes: Vec<Vec<u8>> = models.iter().map(|m| m.to_bytes()).collect();
+    let load =
+        |k: usize| whittle_runtime::load(runtime, &bytes[k], &opts).map_err(|e| fail(models[k], e));
+    let mut live = Vec::with_capacity(models.len());
+    for k in 0..models.len() {
+        live.push(if runtime == RuntimeKind::Tract {
+            Some(load(k)?)
+        } else {
+            None
+        });
+    }
+    let n = models.len();
+    let mut inputs = None;
+    let mut out = Vec::with_capacity(rounds.max(1));
+    for r in 0..rounds.max(1) {
+        let mut p = vec![0.0; n];
+        for j in 0..n {
+            let k = (r + j) % n;
+            let mut fresh = None;
+            let s = match live[k].as_mut() {
+                Some(s) => s,
+                None => fresh.insert(load(k)?),
+            };
+            if inputs.is_none() {
+                inputs = Some(
+                    whittle_runtime::synthetic_inputs(s.inputs(), &opts.input_shapes)
+                        .map_err(|e| fail(first, e))?,
+                );
+            }
+            let x = inputs.as_ref().expect("set above");
+            p[k] = whittle_runtime::bench(s.as_mut(), x, cfg, &mut |_, _| {})
+                .map_err(|e| fail(models[k], e))?
+                .p50_ms;
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// One model's latency beside the first of a side-by-side measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Beside {
+    /// Median over rounds of its p50, ms.
+    pub p50_ms: f64,
+    /// Median over rounds of the first model's p50 over its own in that round (> 1: faster).
+    pub speedup: f64,
+    /// The smallest and largest of those per-round ratios: a difference inside them is a tie.
+    pub spread: (f64, f64),
+}
+
+impl Beside {
+    /// Whether `self` is faster than `other` beyond both spreads (not a tie).
+    pub fn faster_than(&self, other: &Beside) -> bool {
+        self.spread.0 > other.spread.1
+    }
+}
+
+/// Measure `models` side by side on one item in `rounds` interleaved rounds: each one's p50 and
+/// its per-round speedup over the first (`models[0]`, the reference, gets 1).
+pub fn compare_many(
+    models: &[&Model],
+    runtime: RuntimeKind,
+    threads: Option<usize>,
+    rounds: usize,
+) -> Result<Vec<Beside>, Error> {
+    let cfg = BenchConfig {
+        warmup: 2,
+        iters: 40,
+        max_seconds: Some(0.15),
+    };
+    let p = rounds_p50(models, runtime, threads, &[], rounds, &cfg)?;
+    Ok((0..models.len())
+        .map(|k| {
+            let mut ms: Vec<f64> = p.iter().map(|r| r[k]).collect();
+            let mut ratio: Vec<f64> = p.iter().map(|r| r[0] / r[k].max(1e-9)).collect();
+            let spread = ratio.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+            Beside {
+                p50_ms: median(&mut ms),
+                speedup: median(&mut ratio),
+                spread,
+            }
+        })
+        .collect())
 }
 
 fn median(v: &mut [f64]) -> f64 {

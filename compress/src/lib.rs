@@ -23,6 +23,7 @@
 //! and checks the model after each; `job.rs` runs a whole compression as `whittle compress` and
 //! `deploy` do (cleanup, shapes, the calibration split, the steps, the speed and fidelity checks).
 
+pub mod auto;
 pub mod blocks;
 pub mod cleanup;
 pub mod drop_attention;

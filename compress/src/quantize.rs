@@ -892,19 +892,21 @@ fn float_speeds(
 ) -> Result<Vec<f64>, Error> {
     let mut all_int8 = model.clone();
     apply(&mut all_int8, sites, plan, codes)?;
-    cx.start("quantize: mixed precision, measured", top.len());
-    let mut out = Vec::new();
+    let mut models = vec![all_int8];
     for k in 1..=top.len() {
         let mut p = plan.clone();
         p.float.extend(top[..k].iter().cloned());
         let mut q = model.clone();
         apply(&mut q, sites, &p, codes)?;
-        let s = crate::latency::compare_speed(&all_int8, &q, cx.runtime, cx.threads)?;
-        out.push(s.speedup);
-        cx.progress.set(k);
+        models.push(q);
     }
+    // one side-by-side measurement of all of them: each candidate under the same load
+    cx.start("quantize: mixed precision, measured", 1);
+    let refs: Vec<&Model> = models.iter().collect();
+    let speeds =
+        crate::latency::compare_many(&refs, cx.runtime, cx.threads, crate::latency::SPEED_ROUNDS);
     cx.progress.finish();
-    Ok(out)
+    Ok(speeds?.iter().skip(1).map(|b| b.speedup).collect())
 }
 
 /// The graph inputs that only stem Convs read: Convs of at most 4 input channels (an image's).

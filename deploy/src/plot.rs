@@ -20,10 +20,26 @@ pub struct Point {
 /// The SVG text of the plot: one filled circle per point, coloured by runtime (a legend names the
 /// runtimes), labelled with its variant.
 pub fn svg(title: &str, points: &[Point]) -> Result<String, PlotError> {
-    draw(title, points).map_err(|e| PlotError(e.to_string()))
+    draw(title, points, &[], None).map_err(|e| PlotError(e.to_string()))
 }
 
-fn draw(title: &str, points: &[Point]) -> Result<String, Box<dyn std::error::Error>> {
+/// [`svg`] with a Pareto front drawn as a line through `front` ((agreement, p50 ms) points) and
+/// the `chosen` point ringed.
+pub fn front_svg(
+    title: &str,
+    points: &[Point],
+    front: &[(f64, f64)],
+    chosen: Option<(f64, f64)>,
+) -> Result<String, PlotError> {
+    draw(title, points, front, chosen).map_err(|e| PlotError(e.to_string()))
+}
+
+fn draw(
+    title: &str,
+    points: &[Point],
+    front: &[(f64, f64)],
+    chosen: Option<(f64, f64)>,
+) -> Result<String, Box<dyn std::error::Error>> {
     let mut runtimes: Vec<&str> = Vec::new();
     for p in points {
         if !runtimes.contains(&p.runtime.as_str()) {
@@ -83,6 +99,20 @@ fn draw(title: &str, points: &[Point]) -> Result<String, Box<dyn std::error::Err
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
                 });
+        }
+        if !front.is_empty() {
+            let mut line = front.to_vec();
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(line, BLACK.stroke_width(2)))?
+                .label("front")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 10, y)], BLACK));
+        }
+        if let Some(c) = chosen {
+            chart
+                .draw_series([Circle::new(c, 10, RED.stroke_width(3))])?
+                .label("chosen")
+                .legend(|(x, y)| Circle::new((x + 5, y), 5, RED.stroke_width(2)));
         }
         chart
             .configure_series_labels()

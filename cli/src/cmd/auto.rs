@@ -1,0 +1,227 @@
+//! `whittle auto`: search recipes for the fastest model that keeps a fidelity floor, measured on
+//! this machine beside the original; write it with a recipe and plan that rebuild it, and the
+//! search's report (results.json, report.md, plot.svg).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use whittle_calib::Dataset;
+use whittle_compress::auto::{self, AutoJob, AutoReport};
+use whittle_compress::job::Job;
+use whittle_runtime::RuntimeKind;
+
+use crate::Outcome;
+use crate::progress::Bars;
+
+/// Arguments of `whittle auto`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model (never written).
+    model: PathBuf,
+    /// Where to write the chosen model (atomically).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Calibration data (image folder, .npy, .npz): the methods fit on part of it and every
+    /// candidate is judged on held-apart items of it.
+    #[arg(long)]
+    calib: PathBuf,
+    /// Preprocessing: a built-in profile or a TOML file (default: `<model>.profile.toml`).
+    #[arg(long)]
+    profile: Option<String>,
+    /// The floor of the task metric on held-apart items (top-1 agreement, cosine, ...), 0..1.
+    #[arg(long, value_name = "F")]
+    min_agreement: f64,
+    /// Time the compressions may take, e.g. `10m`, `90s` (a candidate is not started after it).
+    #[arg(long, default_value = "10m", value_parser = seconds)]
+    budget: f64,
+    /// Where the target runs: `host` (this machine) is the one measured today.
+    #[arg(long, default_value = "host")]
+    target: String,
+    /// Runtime the candidates are measured and checked on.
+    #[arg(long, default_value = "ort-cpu")]
+    runtime: RuntimeKind,
+    /// Threads for ONNX Runtime.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Calibration items for the methods [default: 128; fewer for a large input].
+    #[arg(long)]
+    calib_items: Option<usize>,
+    /// Held-apart items every candidate is judged on [default: 128; fewer for a large input].
+    #[arg(long)]
+    holdout_items: Option<usize>,
+    /// Give an input its shape, e.g. `x=1x3x48x320` (repeatable).
+    #[arg(long = "input", value_name = "NAME=SHAPE")]
+    inputs: Vec<String>,
+    /// What the outputs are for (classify, embed, dense, ctc); default: guessed per output.
+    #[arg(long)]
+    task: Option<whittle_export::Task>,
+    /// Side-by-side rounds of the final measurement.
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Folder for recipe.toml, plan.json, results.json, report.md and plot.svg [default:
+    /// OUTPUT with `.auto` in place of its extension].
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print one JSON object (the search's results) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `10m`, `90s`, `1h` or plain seconds.
+fn seconds(s: &str) -> Result<f64, String> {
+    let (n, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let v: f64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (10m, 90s, 1h)"))?;
+    let scale = match unit {
+        's' => 1.0,
+        'm' => 60.0,
+        'h' => 3600.0,
+        _ => return Err(format!("'{s}': the unit is s, m or h")),
+    };
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("'{s}' is not a positive duration"));
+    }
+    Ok(v * scale)
+}
+
+/// Run the command.
+pub fn run(a: Args) -> Result<Outcome> {
+    if a.target != "host" {
+        bail!(
+            "--target {}: auto measures on this machine only so far (--target host); measure a board's candidates with `whittle deploy`",
+            a.target
+        );
+    }
+    if !(0.0..=1.0).contains(&a.min_agreement) {
+        bail!(
+            "--min-agreement {} is not a fraction between 0 and 1",
+            a.min_agreement
+        );
+    }
+    let same = a.output == a.model
+        || matches!((a.output.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
+    if same {
+        bail!(
+            "output {} is the input model; whittle never overwrites its input",
+            a.output.display()
+        );
+    }
+    let dir = a
+        .report
+        .clone()
+        .unwrap_or_else(|| a.output.with_extension("auto"));
+    let pre = super::resolve_profile(a.profile.as_deref(), &a.model, &a.calib)?;
+    let inputs = super::parse_overrides(&a.inputs)?;
+    let data = Dataset::open(&a.calib)?;
+    let original = super::load_model(&a.model)?;
+    let job = AutoJob {
+        base: Job {
+            original: &original,
+            steps: &[],
+            replay: None,
+            data: Some((&data, &pre)),
+            inputs: &inputs,
+            items: a.calib_items,
+            holdout: a.holdout_items,
+            floor: Some(a.min_agreement),
+            strict: false,
+            runtime: a.runtime,
+            threads: a.threads,
+            task: a.task,
+            speed_check: false,
+        },
+        floor: a.min_agreement,
+        budget_s: a.budget,
+        candidates: auto::candidates(&original),
+        rounds: a.rounds,
+    };
+    let input = a.model.display().to_string();
+    let (model, summary, report) = auto::run(&job, &input, &Bars::default())?;
+    write_report(&dir, &report, &summary, &a)?;
+    whittle_export::save_model(&model, &a.output, Some(&a.model), false)?;
+    if a.json {
+        outln!("{}", serde_json::to_string(&report)?);
+    } else {
+        outln!("{}", auto::markdown(&report));
+        outln!(
+            "wrote {} and {}/ (recipe.toml, plan.json, results.json, report.md, plot.svg)",
+            a.output.display(),
+            dir.display()
+        );
+    }
+    Ok(Outcome::Ok)
+}
+
+/// The report folder: the recipe and plan that rebuild the choice, the results, Markdown, plot.
+fn write_report(
+    dir: &Path,
+    r: &AutoReport,
+    summary: &whittle_compress::job::Summary,
+    a: &Args,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let best = r.best();
+    let recipe = format!(
+        "# whittle auto's choice for {}: {} ({} {:.3} on held-apart items, {:.2}x on {}).\n# `whittle compress MODEL --calib DATA --recipe recipe.toml -o OUT` runs it again (mixed\n# precision is chosen by timing); `--apply-plan plan.json` rebuilds it exactly.\n\n[calibration]\n{}{}\n[checks]\nmin_agreement = {}\n\n{}",
+        r.input,
+        best.name,
+        r.metric,
+        best.fidelity.unwrap_or(f64::NAN),
+        best.latency.as_ref().map_or(f64::NAN, |l| l.speedup),
+        r.runtime,
+        a.calib_items
+            .map_or(String::new(), |n| format!("items = {n}\n")),
+        a.holdout_items
+            .map_or(String::new(), |n| format!("holdout = {n}\n")),
+        r.floor,
+        best.recipe
+    );
+    let write =
+        |name: &str, text: &str| whittle_export::write_atomic(&dir.join(name), text.as_bytes());
+    write("recipe.toml", &recipe)?;
+    write("plan.json", &serde_json::to_string_pretty(&summary.plan())?)?;
+    write("results.json", &serde_json::to_string_pretty(r)?)?;
+    write("report.md", &auto::markdown(r))?;
+    let point = |t: &auto::Tried| Some((t.fidelity?, t.latency.as_ref()?.p50_ms));
+    let mut points = vec![whittle_deploy::plot::Point {
+        variant: "original".into(),
+        runtime: "original".into(),
+        agreement: 1.0,
+        p50_ms: r.original_ms,
+    }];
+    points.extend(r.candidates.iter().filter_map(|t| {
+        let (f, ms) = point(t)?;
+        Some(whittle_deploy::plot::Point {
+            variant: t.name.clone(),
+            runtime: if t.meets_floor {
+                "meets the floor"
+            } else {
+                "under the floor"
+            }
+            .into(),
+            agreement: f,
+            p50_ms: ms,
+        })
+    }));
+    let front: Vec<(f64, f64)> = r
+        .candidates
+        .iter()
+        .filter(|t| t.on_front)
+        .filter_map(point)
+        .collect();
+    let svg = whittle_deploy::plot::front_svg(
+        &format!(
+            "whittle auto on {}: latency against {}",
+            r.runtime, r.metric
+        ),
+        &points,
+        &front,
+        point(best),
+    )?;
+    write("plot.svg", &svg)?;
+    Ok(())
+}

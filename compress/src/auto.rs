@@ -1,0 +1,422 @@
+//! `whittle auto`: the fastest model that keeps a fidelity floor on held-apart items, searched
+//! over recipes of every method that applies and measured side by side with the original.
+//!
+//! Candidates are recipes ([`candidates`]): INT8 alone, channel pruning at several budgets
+//! followed by INT8 (its kept counts rounded for int8 kernels), and pruning alone, which pays on
+//! runtimes without fast int8 kernels (tract); for transformers, INT8 of the layers, block removal
+//! with a linear replacement, and the two together. Each runs as one compression job
+//! ([`crate::job::run`], the calibration split and held-apart items of `whittle compress`) and is
+//! judged on the held-apart items; candidates are tried in order, cheap first, while the time
+//! budget lasts. Then every candidate that compressed is measured with the original in one
+//! interleaved measurement ([`latency::compare_many`]): each candidate's speedup is the median of
+//! its per-round ratios, and its spread the smallest and largest of them. The choice is the
+//! fastest that meets the floor; candidates whose spreads overlap it are reported as ties, never as
+//! slower. The Pareto front of (latency, fidelity) is reported with every candidate.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use whittle_core::Model;
+
+use crate::Error;
+use crate::job::{self, Job, Summary};
+use crate::latency::{self, Beside};
+use crate::pipeline::{self, Progress};
+
+/// One recipe to try.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// A short name (`prune macs=0.8 + int8`).
+    pub name: String,
+    /// The recipe's `[[step]]` tables.
+    pub steps: String,
+}
+
+fn candidate(name: &str, steps: &[&str]) -> Candidate {
+    Candidate {
+        name: name.to_string(),
+        steps: steps.join("\n"),
+    }
+}
+
+const INT8: &str = "[[step]]\nmethod = \"quantize\"\nprecision = \"int8\"\n";
+
+fn prune(keep: f64) -> String {
+    format!("[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs={keep}\"\n")
+}
+
+fn drop_blocks(count: usize) -> String {
+    format!("[[step]]\nmethod = \"drop_blocks\"\ncount = {count}\nlinear_replace = true\n")
+}
+
+/// The candidates for `model`, cheapest to judge first: for a transformer (blocks found) INT8 of
+/// its layers, one and two blocks removed with a linear replacement, and those with INT8; else
+/// INT8 alone, pruning to 90%, 80% and 70% of the MACs followed by INT8, and pruning alone to 90%
+/// and 75%.
+pub fn candidates(model: &Model) -> Vec<Candidate> {
+    let transformer = crate::blocks::find_blocks(model).is_ok_and(|b| !b.is_empty());
+    if transformer {
+        let (d1, d2) = (drop_blocks(1), drop_blocks(2));
+        return vec![
+            candidate("int8", &[INT8]),
+            candidate("drop 1 block", &[&d1]),
+            candidate("drop 1 block + int8", &[&d1, INT8]),
+            candidate("drop 2 blocks", &[&d2]),
+            candidate("drop 2 blocks + int8", &[&d2, INT8]),
+        ];
+    }
+    let (p9, p8, p7, p75) = (prune(0.9), prune(0.8), prune(0.7), prune(0.75));
+    vec![
+        candidate("int8", &[INT8]),
+        candidate("prune macs=0.9 + int8", &[&p9, INT8]),
+        candidate("prune macs=0.8 + int8", &[&p8, INT8]),
+        candidate("prune macs=0.7 + int8", &[&p7, INT8]),
+        candidate("prune macs=0.9", &[&p9]),
+        candidate("prune macs=0.75", &[&p75]),
+    ]
+}
+
+/// What a search is given: the compression job's settings (its `steps` and `floor` are the
+/// search's own), the floor, the time budget and the candidates.
+pub struct AutoJob<'a> {
+    /// Data, runtime, items and task, as for `whittle compress`.
+    pub base: Job<'a>,
+    /// The fidelity floor on held-apart items (the task metric: top-1 agreement, cosine, ...).
+    pub floor: f64,
+    /// Seconds the compressions may take; a candidate is not started once they are spent.
+    pub budget_s: f64,
+    /// The recipes to try, in order.
+    pub candidates: Vec<Candidate>,
+    /// Side-by-side rounds of the final measurement.
+    pub rounds: usize,
+}
+
+/// One candidate's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tried {
+    /// Its name.
+    pub name: String,
+    /// Its recipe's steps.
+    pub recipe: String,
+    /// The task metric on the held-apart items.
+    pub fidelity: Option<f64>,
+    /// Fraction of the original's MACs kept.
+    pub macs_kept: Option<f64>,
+    /// Seconds its compression took.
+    pub seconds: Option<f64>,
+    /// Its latency beside the original's.
+    pub latency: Option<Beside>,
+    /// Why it has no result: failed, does not apply, or not started within the budget.
+    pub error: Option<String>,
+    /// Whether it meets the floor.
+    pub meets_floor: bool,
+    /// Whether no other measured candidate is both faster and more faithful.
+    pub on_front: bool,
+}
+
+/// What the search found.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoReport {
+    /// The model searched.
+    pub input: String,
+    /// The runtime the latencies are measured on.
+    pub runtime: String,
+    /// The floor.
+    pub floor: f64,
+    /// The task metric's name (`top1_agreement`, `cosine`, ...).
+    pub metric: String,
+    /// The original's latency (median p50 over the rounds, ms).
+    pub original_ms: f64,
+    /// Side-by-side rounds.
+    pub rounds: usize,
+    /// Every candidate, in the order tried.
+    pub candidates: Vec<Tried>,
+    /// The chosen candidate's index.
+    pub chosen: usize,
+    /// Candidates meeting the floor whose speed is a tie with the chosen one's (inside both
+    /// spreads), by name.
+    pub ties: Vec<String>,
+    /// The time budget, and the seconds the search took.
+    pub budget_s: f64,
+    /// Wall time of the whole search.
+    pub seconds: f64,
+}
+
+impl AutoReport {
+    /// The chosen candidate.
+    pub fn best(&self) -> &Tried {
+        &self.candidates[self.chosen]
+    }
+}
+
+/// Search: the chosen model, its compression summary, and the report.
+pub fn run(
+    job: &AutoJob,
+    input: &str,
+    progress: &dyn Progress,
+) -> Result<(Model, Summary, AutoReport), Error> {
+    let started = Instant::now();
+    if !(0.0..=1.0).contains(&job.floor) {
+        return Err(Error::Recipe(format!(
+            "the floor {} is not a fraction between 0 and 1",
+            job.floor
+        )));
+    }
+    if job.candidates.is_empty() {
+        return Err(Error::Recipe("no candidate recipes to try".into()));
+    }
+    let mut tried = Vec::new();
+    let mut results: Vec<Option<(Model, Summary)>> = Vec::new();
+    let mut metric = None;
+    for c in &job.candidates {
+        let mut t = Tried {
+            name: c.name.clone(),
+            recipe: c.steps.clone(),
+            fidelity: None,
+            macs_kept: None,
+            seconds: None,
+            latency: None,
+            error: None,
+            meets_floor: false,
+            on_front: false,
+        };
+        if started.elapsed().as_secs_f64() >= job.budget_s {
+            t.error = Some(format!(
+                "not started: the time budget ({:.0} s) was spent",
+                job.budget_s
+            ));
+            tried.push(t);
+            results.push(None);
+            continue;
+        }
+        let outcome =
+            pipeline::parse_recipe(&c.steps, std::path::Path::new("auto.toml")).and_then(|r| {
+                let j = Job {
+                    steps: &r.steps,
+                    floor: Some(job.floor),
+                    speed_check: false,
+                    ..job.base.clone()
+                };
+                job::run(&j, input, progress)
+            });
+        match outcome {
+            Ok((model, summary)) => {
+                let primary = summary.fidelity.as_ref().and_then(|f| f.primary());
+                match primary {
+                    Some((_, task, value)) => {
+                        metric.get_or_insert(task.metric_name().to_string());
+                        t.fidelity = Some(value);
+                        t.meets_floor = value >= job.floor;
+                    }
+                    None => t.error = Some("no task metric on the held-apart items".into()),
+                }
+                t.macs_kept = Some(summary.macs_kept);
+                t.seconds = Some(summary.seconds);
+                results.push(Some((model, summary)));
+            }
+            Err(e) => {
+                t.error = Some(e.to_string());
+                results.push(None);
+            }
+        }
+        tried.push(t);
+    }
+    let Some(metric) = metric else {
+        let why = tried
+            .iter()
+            .find_map(|t| t.error.clone())
+            .unwrap_or_default();
+        return Err(Error::Recipe(format!(
+            "no method applies to this model or none could be judged (first reason: {why})"
+        )));
+    };
+    // one side-by-side measurement: the original first, then every candidate with a result
+    let measured: Vec<usize> = (0..tried.len())
+        .filter(|&i| results[i].is_some() && tried[i].fidelity.is_some())
+        .collect();
+    let mut models: Vec<&Model> = vec![job.base.original];
+    models.extend(
+        measured
+            .iter()
+            .map(|&i| &results[i].as_ref().expect("kept").0),
+    );
+    progress.start("auto: measuring side by side", 1);
+    let speeds = latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds);
+    progress.finish();
+    let speeds = speeds?;
+    for (&i, b) in measured.iter().zip(&speeds[1..]) {
+        tried[i].latency = Some(b.clone());
+    }
+    mark_front(&mut tried);
+    let chosen = choose(&tried).ok_or_else(|| {
+        let best = measured
+            .iter()
+            .max_by(|&&a, &&b| {
+                let f = |i: usize| tried[i].fidelity.unwrap_or(f64::NEG_INFINITY);
+                f(a).total_cmp(&f(b))
+            })
+            .map(|&i| &tried[i]);
+        Error::Budget(match best {
+            Some(t) => format!(
+                "no candidate reaches the floor {:.3}: the most faithful is '{}' at {:.3} ({:.2}x the original's speed)",
+                job.floor,
+                t.name,
+                t.fidelity.unwrap_or(f64::NAN),
+                t.latency.as_ref().map_or(f64::NAN, |b| b.speedup)
+            ),
+            None => format!("no candidate reaches the floor {:.3}", job.floor),
+        })
+    })?;
+    let best = tried[chosen].latency.clone().expect("measured");
+    let ties = tried
+        .iter()
+        .enumerate()
+        .filter(|&(i, t)| i != chosen && t.meets_floor)
+        .filter(|(_, t)| t.latency.as_ref().is_some_and(|b| !best.faster_than(b)))
+        .map(|(_, t)| t.name.clone())
+        .collect();
+    let (model, summary) = results[chosen].take().expect("measured");
+    let report = AutoReport {
+        input: input.to_string(),
+        runtime: job.base.runtime.to_string(),
+        floor: job.floor,
+        metric,
+        original_ms: speeds[0].p50_ms,
+        rounds: job.rounds,
+        candidates: tried,
+        chosen,
+        ties,
+        budget_s: job.budget_s,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((model, summary, report))
+}
+
+/// The fastest measured candidate meeting the floor (by median speedup).
+fn choose(tried: &[Tried]) -> Option<usize> {
+    tried
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.meets_floor)
+        .filter_map(|(i, t)| Some((i, t.latency.as_ref()?.speedup)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+}
+
+/// Marks the measured candidates that no other is both at least as fast and at least as
+/// faithful as, and strictly better in one.
+fn mark_front(tried: &mut [Tried]) {
+    let points: Vec<Option<(f64, f64)>> = tried
+        .iter()
+        .map(|t| Some((t.latency.as_ref()?.speedup, t.fidelity?)))
+        .collect();
+    for (i, t) in tried.iter_mut().enumerate() {
+        let Some((s, f)) = points[i] else { continue };
+        t.on_front = !points
+            .iter()
+            .flatten()
+            .any(|&(s2, f2)| s2 >= s && f2 >= f && (s2 > s || f2 > f));
+    }
+}
+
+/// The report as Markdown: the choice, then every candidate (front marked).
+pub fn markdown(r: &AutoReport) -> String {
+    let b = r.best();
+    let lat = b.latency.as_ref().expect("the chosen one is measured");
+    let mut out = format!(
+        "# whittle auto: {}\n\nChosen: **{}**, {} {:.3} on held-apart items (floor {:.3}), {:.2}x the original's speed on {} (per-round ratios {:.2}-{:.2}, {} interleaved rounds; original {:.3} ms).\n",
+        r.input,
+        b.name,
+        r.metric,
+        b.fidelity.unwrap_or(f64::NAN),
+        r.floor,
+        lat.speedup,
+        r.runtime,
+        lat.spread.0,
+        lat.spread.1,
+        r.rounds,
+        r.original_ms
+    );
+    if !r.ties.is_empty() {
+        out += &format!(
+            "\nA tie within the spread of the measurement: {}.\n",
+            r.ties.join(", ")
+        );
+    }
+    out += "\n| candidate | fidelity | meets floor | speedup | spread | p50 ms | MACs kept | front | compress s | note |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    for (i, t) in r.candidates.iter().enumerate() {
+        let l = t.latency.as_ref();
+        let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+        out += &format!(
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            t.name,
+            if i == r.chosen { " (chosen)" } else { "" },
+            f(t.fidelity, 3),
+            if t.meets_floor { "yes" } else { "no" },
+            l.map_or("-".into(), |l| format!("{:.2}x", l.speedup)),
+            l.map_or("-".into(), |l| format!(
+                "{:.2}-{:.2}",
+                l.spread.0, l.spread.1
+            )),
+            f(l.map(|l| l.p50_ms), 3),
+            t.macs_kept
+                .map_or("-".into(), |m| format!("{:.1}%", m * 100.0)),
+            if t.on_front { "yes" } else { "" },
+            f(t.seconds, 1),
+            t.error.as_deref().unwrap_or("")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tried(name: &str, speedup: f64, spread: (f64, f64), fidelity: f64, floor: f64) -> Tried {
+        Tried {
+            name: name.into(),
+            recipe: String::new(),
+            fidelity: Some(fidelity),
+            macs_kept: None,
+            seconds: None,
+            latency: Some(Beside {
+                p50_ms: 1.0 / speedup,
+                speedup,
+                spread,
+            }),
+            error: None,
+            meets_floor: fidelity >= floor,
+            on_front: false,
+        }
+    }
+
+    #[test]
+    fn the_fastest_over_the_floor_is_chosen_and_the_front_is_marked() {
+        let mut t = vec![
+            tried("a", 1.8, (1.7, 1.9), 0.99, 0.97),
+            tried("b", 2.2, (2.1, 2.3), 0.96, 0.97),
+            tried("c", 1.9, (1.85, 1.95), 0.98, 0.97),
+            tried("d", 1.5, (1.4, 1.6), 0.97, 0.97),
+        ];
+        mark_front(&mut t);
+        let front: Vec<&str> = t
+            .iter()
+            .filter(|t| t.on_front)
+            .map(|t| t.name.as_str())
+            .collect();
+        // d is slower and less faithful than a: not on the front
+        assert_eq!(front, ["a", "b", "c"]);
+        // b is fastest but under the floor
+        assert_eq!(choose(&t), Some(2));
+        // c's spread overlaps a's: a tie, not a win
+        let c = t[2].latency.as_ref().unwrap();
+        assert!(!c.faster_than(t[0].latency.as_ref().unwrap()));
+        assert!(c.faster_than(t[3].latency.as_ref().unwrap()));
+        // nothing over the floor: no choice
+        for x in &mut t {
+            x.meets_floor = false;
+        }
+        assert_eq!(choose(&t), None);
+    }
+}

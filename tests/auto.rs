@@ -1,0 +1,137 @@
+//! `whittle auto` on the bundled ResNet-8 and its CIFAR-10 images: the choice, what rebuilds it,
+//! the report, the time budget and refusals.
+
+use crate::common::*;
+
+/// `whittle auto` on ResNet-8 writing `out` (and `out.auto/`), with `flags`.
+fn auto(out: &std::path::Path, flags: &str) -> Run {
+    cli(
+        &format!("auto {{}} -o {{}} --calib {{}} --profile resnet8 --threads 1 {flags}"),
+        &[&resnet8(), &out, &cifar10()],
+    )
+}
+
+#[test]
+fn auto_chooses_the_fastest_over_the_floor_and_writes_what_rebuilds_it() {
+    let (dir, out) = temp_path("chosen.onnx");
+    let r = auto(&out, "--min-agreement 0.9 --rounds 5 --json")
+        .ok()
+        .json();
+    let cands = r["candidates"].as_array().unwrap();
+    assert!(cands.len() >= 4, "{r}");
+    let chosen = &cands[r["chosen"].as_u64().unwrap() as usize];
+    assert!(chosen["meets_floor"].as_bool().unwrap(), "{r}");
+    assert!(chosen["fidelity"].as_f64().unwrap() >= 0.9, "{r}");
+    // nothing over the floor is faster by its median
+    let speed = |c: &serde_json::Value| c["latency"]["speedup"].as_f64();
+    let best = speed(chosen).unwrap();
+    for c in cands.iter().filter(|c| c["meets_floor"] == true) {
+        assert!(speed(c).unwrap() <= best, "{c} beats the choice\n{r}");
+    }
+    // the chosen one is on the front; every measured candidate has a spread around its speedup
+    assert_eq!(chosen["on_front"], true, "{r}");
+    for c in cands.iter().filter(|c| !c["latency"].is_null()) {
+        let (lo, hi) = (
+            c["latency"]["spread"][0].as_f64().unwrap(),
+            c["latency"]["spread"][1].as_f64().unwrap(),
+        );
+        let s = speed(c).unwrap();
+        assert!(lo <= s && s <= hi, "{c}");
+    }
+    let report = dir.path().join("chosen.auto");
+    for f in [
+        "recipe.toml",
+        "plan.json",
+        "results.json",
+        "report.md",
+        "plot.svg",
+    ] {
+        assert!(
+            report.join(f).is_file(),
+            "{f} missing: {:?}",
+            listing(&report)
+        );
+    }
+    let svg = std::fs::read_to_string(report.join("plot.svg")).unwrap();
+    assert!(svg.contains("front") && svg.contains("chosen"), "{svg}");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("(chosen)"), "{md}");
+    // the plan rebuilds the written model byte for byte
+    let again = dir.path().join("again.onnx");
+    cli(
+        "compress {} -o {} --calib {} --profile resnet8 --apply-plan {} --no-speed-check",
+        &[&resnet8(), &again, &cifar10(), &report.join("plan.json")],
+    )
+    .ok();
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&again).unwrap(),
+        "the plan does not rebuild the choice"
+    );
+    // the recipe runs as a recipe
+    let recipe_out = dir.path().join("recipe.onnx");
+    cli(
+        "compress {} -o {} --calib {} --profile resnet8 --recipe {} --no-speed-check",
+        &[
+            &resnet8(),
+            &recipe_out,
+            &cifar10(),
+            &report.join("recipe.toml"),
+        ],
+    )
+    .ok();
+}
+
+#[test]
+fn a_small_budget_starts_no_candidate_after_it_is_spent() {
+    let (dir, out) = temp_path("quick.onnx");
+    let r = auto(&out, "--min-agreement 0.5 --budget 1s --rounds 3 --json")
+        .ok()
+        .json();
+    let cands = r["candidates"].as_array().unwrap();
+    // the first starts; once a second has gone by no other does
+    assert!(cands[0]["error"].is_null(), "{r}");
+    let skipped = cands
+        .iter()
+        .filter(|c| {
+            c["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("time budget"))
+        })
+        .count();
+    assert!(skipped >= 1, "{r}");
+    // a candidate starts only while the budget lasts: the compressions before it took less
+    let mut before = 0.0;
+    for c in cands.iter().filter(|c| c["error"].is_null()) {
+        assert!(
+            before < 1.0,
+            "{c} started after {before} s of compressing\n{r}"
+        );
+        before += c["seconds"].as_f64().unwrap();
+    }
+    assert!(out.is_file() && dir.path().join("quick.auto/results.json").is_file());
+}
+
+#[test]
+fn an_unreachable_floor_names_the_most_faithful_and_writes_nothing() {
+    let (dir, out) = temp_path("none.onnx");
+    let e = auto(&out, "--min-agreement 1.0 --rounds 3").error(&["floor", "most faithful"]);
+    assert!(e.contains("x the original's speed"), "{e}");
+    assert!(!out.exists(), "{:?}", listing(dir.path()));
+    assert!(!dir.path().join("none.auto").exists());
+}
+
+#[test]
+fn a_board_or_bad_floor_is_refused_before_any_work() {
+    let (dir, out) = temp_path("x.onnx");
+    auto(&out, "--min-agreement 0.9 --target pi4").error(&["--target pi4"]);
+    auto(&out, "--min-agreement 1.5").error(&["--min-agreement 1.5"]);
+    // clap's own refusal (with its usage hint)
+    let r = cli(
+        "auto {} -o {} --calib {} --min-agreement 0.9 --budget 5x",
+        &[&resnet8(), &out, &cifar10()],
+    );
+    assert_eq!(r.code, 2, "{}", r.dump());
+    r.stderr_has("'5x': the unit is s, m or h");
+    assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+}
