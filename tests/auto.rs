@@ -3,6 +3,17 @@
 
 use crate::common::*;
 
+/// `whittle auto` on ResNet-8 writing `name` in a new temp folder, with `flags` and `--json`: it
+/// must succeed; the folder, the output and the JSON.
+fn auto_json(
+    name: &str,
+    flags: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
+    let (dir, out) = temp_path(name);
+    let r = auto(&out, &format!("{flags} --json")).ok().json();
+    (dir, out, r)
+}
+
 /// `whittle auto` on ResNet-8 writing `out` (and `out.auto/`), with `flags`.
 fn auto(out: &std::path::Path, flags: &str) -> Run {
     cli(
@@ -13,10 +24,7 @@ fn auto(out: &std::path::Path, flags: &str) -> Run {
 
 #[test]
 fn auto_chooses_the_fastest_over_the_floor_and_writes_what_rebuilds_it() {
-    let (dir, out) = temp_path("chosen.onnx");
-    let r = auto(&out, "--min-agreement 0.9 --rounds 5 --json")
-        .ok()
-        .json();
+    let (dir, out, r) = auto_json("chosen.onnx", "--min-agreement 0.9 --rounds 5");
     let cands = r["candidates"].as_array().unwrap();
     assert!(cands.len() >= 4, "{r}");
     let chosen = &cands[r["chosen"].as_u64().unwrap() as usize];
@@ -84,10 +92,7 @@ fn auto_chooses_the_fastest_over_the_floor_and_writes_what_rebuilds_it() {
 
 #[test]
 fn a_small_budget_starts_no_candidate_after_it_is_spent() {
-    let (dir, out) = temp_path("quick.onnx");
-    let r = auto(&out, "--min-agreement 0.5 --budget 1s --rounds 3 --json")
-        .ok()
-        .json();
+    let (dir, out, r) = auto_json("quick.onnx", "--min-agreement 0.5 --budget 1s --rounds 3");
     let cands = r["candidates"].as_array().unwrap();
     // the first starts; once a second has gone by no other does
     assert!(cands[0]["error"].is_null(), "{r}");

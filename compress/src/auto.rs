@@ -149,11 +149,13 @@ impl AutoReport {
     }
 }
 
-/// Search: the chosen model, its compression summary, and the report.
+/// Search: the chosen model, its compression summary, and the report. `log` gets a line as each
+/// candidate starts and ends, and before the measurement.
 pub fn run(
     job: &AutoJob,
     input: &str,
     progress: &dyn Progress,
+    log: &mut dyn FnMut(String),
 ) -> Result<(Model, Summary, AutoReport), Error> {
     let started = Instant::now();
     if !(0.0..=1.0).contains(&job.floor) {
@@ -168,7 +170,8 @@ pub fn run(
     let mut tried = Vec::new();
     let mut results: Vec<Option<(Model, Summary)>> = Vec::new();
     let mut metric = None;
-    for c in &job.candidates {
+    let n = job.candidates.len();
+    for (k, c) in job.candidates.iter().enumerate() {
         let mut t = Tried {
             name: c.name.clone(),
             recipe: c.steps.clone(),
@@ -185,10 +188,17 @@ pub fn run(
                 "not started: the time budget ({:.0} s) was spent",
                 job.budget_s
             ));
+            log(format!(
+                "auto: '{}' ({} of {n}) {}",
+                c.name,
+                k + 1,
+                t.error.as_deref().unwrap_or_default()
+            ));
             tried.push(t);
             results.push(None);
             continue;
         }
+        log(format!("auto: compressing '{}' ({} of {n})", c.name, k + 1));
         let outcome =
             pipeline::parse_recipe(&c.steps, std::path::Path::new("auto.toml")).and_then(|r| {
                 let j = Job {
@@ -219,6 +229,19 @@ pub fn run(
                 results.push(None);
             }
         }
+        log(match (&t.error, t.fidelity) {
+            (Some(e), _) => format!("auto: '{}': {e}", c.name),
+            (None, f) => format!(
+                "auto: '{}': {:.3} on held-apart items, {}",
+                c.name,
+                f.unwrap_or(f64::NAN),
+                if t.meets_floor {
+                    "meets the floor"
+                } else {
+                    "under the floor"
+                }
+            ),
+        });
         tried.push(t);
     }
     let Some(metric) = metric else {
@@ -240,6 +263,12 @@ pub fn run(
             .iter()
             .map(|&i| &results[i].as_ref().expect("kept").0),
     );
+    log(format!(
+        "auto: measuring the original and {} candidates side by side ({} rounds on {})",
+        measured.len(),
+        job.rounds,
+        job.base.runtime
+    ));
     progress.start("auto: measuring side by side", 1);
     let speeds = latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds);
     progress.finish();

@@ -82,6 +82,24 @@ fn check_len(t: &TensorProto, got: usize) -> Result<usize> {
     Ok(got)
 }
 
+/// The raw bytes as `N`-byte little-endian values, each read by `f`.
+fn decode<const N: usize, T>(
+    t: &TensorProto,
+    raw: &[u8],
+    f: impl Fn([u8; N]) -> T,
+) -> Result<Vec<T>> {
+    Ok(raw_chunks::<N>(t, raw)?.into_iter().map(f).collect())
+}
+
+/// A loaded tensor's element type and raw bytes (`None`: typed fields); external data refused.
+fn storage(t: &TensorProto) -> Result<(DataType, Option<&[u8]>)> {
+    if is_external(t) {
+        return Err(bad(t, "external data was not loaded".into()));
+    }
+    let dt = DataType::try_from(t.data_type()).unwrap_or(DataType::Undefined);
+    Ok((dt, t.raw_data.as_deref()))
+}
+
 fn raw_chunks<const N: usize>(t: &TensorProto, raw: &[u8]) -> Result<Vec<[u8; N]>> {
     if !raw.len().is_multiple_of(N) {
         return Err(bad(
@@ -103,26 +121,15 @@ fn raw_chunks<const N: usize>(t: &TensorProto, raw: &[u8]) -> Result<Vec<[u8; N]
 
 /// The tensor's values as f32 (from float, double, float16 or integer storage).
 pub fn to_f32(t: &TensorProto) -> Result<Vec<f32>> {
-    if is_external(t) {
-        return Err(bad(t, "external data was not loaded".into()));
-    }
-    let dt = DataType::try_from(t.data_type()).unwrap_or(DataType::Undefined);
-    let raw = t.raw_data.as_deref();
+    let (dt, raw) = storage(t)?;
     let v: Vec<f32> = match (dt, raw) {
-        (DataType::Float, Some(r)) => raw_chunks::<4>(t, r)?
-            .into_iter()
-            .map(f32::from_le_bytes)
-            .collect(),
+        (DataType::Float, Some(r)) => decode::<4, _>(t, r, f32::from_le_bytes)?,
         (DataType::Float, None) => t.float_data.clone(),
-        (DataType::Double, Some(r)) => raw_chunks::<8>(t, r)?
-            .into_iter()
-            .map(|b| f64::from_le_bytes(b) as f32)
-            .collect(),
+        (DataType::Double, Some(r)) => decode::<8, _>(t, r, |b| f64::from_le_bytes(b) as f32)?,
         (DataType::Double, None) => t.double_data.iter().map(|&v| v as f32).collect(),
-        (DataType::Float16, Some(r)) => raw_chunks::<2>(t, r)?
-            .into_iter()
-            .map(|b| f16_to_f32(u16::from_le_bytes(b)))
-            .collect(),
+        (DataType::Float16, Some(r)) => {
+            decode::<2, _>(t, r, |b| f16_to_f32(u16::from_le_bytes(b)))?
+        }
         (DataType::Float16, None) => t.int32_data.iter().map(|&v| f16_to_f32(v as u16)).collect(),
         _ => to_i64(t)?.into_iter().map(|v| v as f32).collect(),
     };
@@ -132,38 +139,16 @@ pub fn to_f32(t: &TensorProto) -> Result<Vec<f32>> {
 
 /// The tensor's values as i64 (from any integer or bool storage).
 pub fn to_i64(t: &TensorProto) -> Result<Vec<i64>> {
-    if is_external(t) {
-        return Err(bad(t, "external data was not loaded".into()));
-    }
-    let dt = DataType::try_from(t.data_type()).unwrap_or(DataType::Undefined);
-    let raw = t.raw_data.as_deref();
+    let (dt, raw) = storage(t)?;
     let v: Vec<i64> = match (dt, raw) {
-        (DataType::Int64, Some(r)) => raw_chunks::<8>(t, r)?
-            .into_iter()
-            .map(i64::from_le_bytes)
-            .collect(),
+        (DataType::Int64, Some(r)) => decode::<8, _>(t, r, i64::from_le_bytes)?,
         (DataType::Int64, None) => t.int64_data.clone(),
-        (DataType::Uint64, Some(r)) => raw_chunks::<8>(t, r)?
-            .into_iter()
-            .map(|b| u64::from_le_bytes(b) as i64)
-            .collect(),
+        (DataType::Uint64, Some(r)) => decode::<8, _>(t, r, |b| u64::from_le_bytes(b) as i64)?,
         (DataType::Uint64, None) => t.uint64_data.iter().map(|&v| v as i64).collect(),
-        (DataType::Int32, Some(r)) => raw_chunks::<4>(t, r)?
-            .into_iter()
-            .map(|b| i32::from_le_bytes(b) as i64)
-            .collect(),
-        (DataType::Uint32, Some(r)) => raw_chunks::<4>(t, r)?
-            .into_iter()
-            .map(|b| u32::from_le_bytes(b) as i64)
-            .collect(),
-        (DataType::Int16, Some(r)) => raw_chunks::<2>(t, r)?
-            .into_iter()
-            .map(|b| i16::from_le_bytes(b) as i64)
-            .collect(),
-        (DataType::Uint16, Some(r)) => raw_chunks::<2>(t, r)?
-            .into_iter()
-            .map(|b| u16::from_le_bytes(b) as i64)
-            .collect(),
+        (DataType::Int32, Some(r)) => decode::<4, _>(t, r, |b| i32::from_le_bytes(b) as i64)?,
+        (DataType::Uint32, Some(r)) => decode::<4, _>(t, r, |b| u32::from_le_bytes(b) as i64)?,
+        (DataType::Int16, Some(r)) => decode::<2, _>(t, r, |b| i16::from_le_bytes(b) as i64)?,
+        (DataType::Uint16, Some(r)) => decode::<2, _>(t, r, |b| u16::from_le_bytes(b) as i64)?,
         (DataType::Int8, Some(r)) => r.iter().map(|&b| b as i8 as i64).collect(),
         (DataType::Uint8 | DataType::Bool, Some(r)) => r.iter().map(|&b| b as i64).collect(),
         (

@@ -294,31 +294,20 @@ fn from_ort(value: &DynValue, name: &str) -> Result<Value, Error> {
             });
         }
     };
+    // the array of element type `T`, owned
+    macro_rules! array {
+        ($t:ty) => {
+            value
+                .try_extract_array::<$t>()
+                .map_err(|e| Error::ort(context(), e))?
+                .to_owned()
+        };
+    }
     let out = match ty {
-        TensorElementType::Float32 => Value::F32(
-            value
-                .try_extract_array::<f32>()
-                .map_err(|e| Error::ort(context(), e))?
-                .to_owned(),
-        ),
-        TensorElementType::Int64 => Value::I64(
-            value
-                .try_extract_array::<i64>()
-                .map_err(|e| Error::ort(context(), e))?
-                .to_owned(),
-        ),
-        TensorElementType::Int32 => Value::I32(
-            value
-                .try_extract_array::<i32>()
-                .map_err(|e| Error::ort(context(), e))?
-                .to_owned(),
-        ),
-        TensorElementType::Bool => Value::Bool(
-            value
-                .try_extract_array::<bool>()
-                .map_err(|e| Error::ort(context(), e))?
-                .to_owned(),
-        ),
+        TensorElementType::Float32 => Value::F32(array!(f32)),
+        TensorElementType::Int64 => Value::I64(array!(i64)),
+        TensorElementType::Int32 => Value::I32(array!(i32)),
+        TensorElementType::Bool => Value::Bool(array!(bool)),
         other => {
             return Err(Error::UnsupportedType {
                 io: "output",

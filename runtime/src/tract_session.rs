@@ -181,31 +181,20 @@ fn to_tract(value: &Value) -> TValue {
 
 fn from_tract(tensor: &Tensor, name: &str) -> Result<Value, Error> {
     let context = || format!("reading output '{name}'");
+    // the array of element type `T`, owned
+    macro_rules! array {
+        ($t:ty) => {
+            tensor
+                .to_plain_array_view::<$t>()
+                .map_err(|e| Error::tract(context(), &e))?
+                .to_owned()
+        };
+    }
     let value = match tensor.datum_type() {
-        DatumType::F32 => Value::F32(
-            tensor
-                .to_plain_array_view::<f32>()
-                .map_err(|e| Error::tract(context(), &e))?
-                .to_owned(),
-        ),
-        DatumType::I64 => Value::I64(
-            tensor
-                .to_plain_array_view::<i64>()
-                .map_err(|e| Error::tract(context(), &e))?
-                .to_owned(),
-        ),
-        DatumType::I32 => Value::I32(
-            tensor
-                .to_plain_array_view::<i32>()
-                .map_err(|e| Error::tract(context(), &e))?
-                .to_owned(),
-        ),
-        DatumType::Bool => Value::Bool(
-            tensor
-                .to_plain_array_view::<bool>()
-                .map_err(|e| Error::tract(context(), &e))?
-                .to_owned(),
-        ),
+        DatumType::F32 => Value::F32(array!(f32)),
+        DatumType::I64 => Value::I64(array!(i64)),
+        DatumType::I32 => Value::I32(array!(i32)),
+        DatumType::Bool => Value::Bool(array!(bool)),
         other => {
             return Err(Error::UnsupportedType {
                 io: "output",

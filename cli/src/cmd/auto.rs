@@ -16,18 +16,12 @@ use crate::progress::Bars;
 /// Arguments of `whittle auto`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The ONNX model (never written).
-    model: PathBuf,
-    /// Where to write the chosen model (atomically).
-    #[arg(short, long)]
-    output: PathBuf,
+    #[command(flatten)]
+    files: super::Files,
     /// Calibration data (image folder, .npy, .npz): the methods fit on part of it and every
     /// candidate is judged on held-apart items of it.
     #[arg(long)]
     calib: PathBuf,
-    /// Preprocessing: a built-in profile or a TOML file (default: `<model>.profile.toml`).
-    #[arg(long)]
-    profile: Option<String>,
     /// The floor of the task metric on held-apart items (top-1 agreement, cosine, ...), 0..1.
     #[arg(long, value_name = "F")]
     min_agreement: f64,
@@ -43,15 +37,8 @@ pub struct Args {
     /// Threads for ONNX Runtime.
     #[arg(long)]
     threads: Option<usize>,
-    /// Calibration items for the methods [default: 128; fewer for a large input].
-    #[arg(long)]
-    calib_items: Option<usize>,
-    /// Held-apart items every candidate is judged on [default: 128; fewer for a large input].
-    #[arg(long)]
-    holdout_items: Option<usize>,
-    /// Give an input its shape, e.g. `x=1x3x48x320` (repeatable).
-    #[arg(long = "input", value_name = "NAME=SHAPE")]
-    inputs: Vec<String>,
+    #[command(flatten)]
+    data: super::DataArgs,
     /// What the outputs are for (classify, embed, dense, ctc); default: guessed per output.
     #[arg(long)]
     task: Option<whittle_export::Task>,
@@ -102,22 +89,15 @@ pub fn run(a: Args) -> Result<Outcome> {
             a.min_agreement
         );
     }
-    let same = a.output == a.model
-        || matches!((a.output.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
-    if same {
-        bail!(
-            "output {} is the input model; whittle never overwrites its input",
-            a.output.display()
-        );
-    }
+    super::not_the_input(&a.files.output, &a.files.model)?;
     let dir = a
         .report
         .clone()
-        .unwrap_or_else(|| a.output.with_extension("auto"));
-    let pre = super::resolve_profile(a.profile.as_deref(), &a.model, &a.calib)?;
-    let inputs = super::parse_overrides(&a.inputs)?;
+        .unwrap_or_else(|| a.files.output.with_extension("auto"));
+    let pre = super::resolve_profile(a.data.profile.as_deref(), &a.files.model, &a.calib)?;
+    let inputs = super::parse_overrides(&a.data.inputs)?;
     let data = Dataset::open(&a.calib)?;
-    let original = super::load_model(&a.model)?;
+    let original = super::load_model(&a.files.model)?;
     let job = AutoJob {
         base: Job {
             original: &original,
@@ -125,8 +105,8 @@ pub fn run(a: Args) -> Result<Outcome> {
             replay: None,
             data: Some((&data, &pre)),
             inputs: &inputs,
-            items: a.calib_items,
-            holdout: a.holdout_items,
+            items: a.data.calib_items,
+            holdout: a.data.holdout_items,
             floor: Some(a.min_agreement),
             strict: false,
             runtime: a.runtime,
@@ -139,17 +119,18 @@ pub fn run(a: Args) -> Result<Outcome> {
         candidates: auto::candidates(&original),
         rounds: a.rounds,
     };
-    let input = a.model.display().to_string();
-    let (model, summary, report) = auto::run(&job, &input, &Bars::default())?;
+    let input = a.files.model.display().to_string();
+    let (model, summary, report) =
+        auto::run(&job, &input, &Bars::default(), &mut |l| eprintln!("{l}"))?;
     write_report(&dir, &report, &summary, &a)?;
-    whittle_export::save_model(&model, &a.output, Some(&a.model), false)?;
+    whittle_export::save_model(&model, &a.files.output, Some(&a.files.model), false)?;
     if a.json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {
         outln!("{}", auto::markdown(&report));
         outln!(
             "wrote {} and {}/ (recipe.toml, plan.json, results.json, report.md, plot.svg)",
-            a.output.display(),
+            a.files.output.display(),
             dir.display()
         );
     }
@@ -173,9 +154,11 @@ fn write_report(
         best.fidelity.unwrap_or(f64::NAN),
         best.latency.as_ref().map_or(f64::NAN, |l| l.speedup),
         r.runtime,
-        a.calib_items
+        a.data
+            .calib_items
             .map_or(String::new(), |n| format!("items = {n}\n")),
-        a.holdout_items
+        a.data
+            .holdout_items
             .map_or(String::new(), |n| format!("holdout = {n}\n")),
         r.floor,
         best.recipe

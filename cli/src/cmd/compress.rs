@@ -30,23 +30,8 @@ pub struct Args {
     /// Calibration data (image folder, .npy, .npz): importance, reconstruction and the fidelity check.
     #[arg(long)]
     calib: Option<PathBuf>,
-    /// Preprocessing: a built-in profile or a TOML file (default: `<model>.profile.toml`).
-    #[arg(long)]
-    profile: Option<String>,
-    /// Calibration items the methods use [default: 128; for a large input fewer, each giving
-    /// more sampled positions: the summary says how many].
-    #[arg(long)]
-    calib_items: Option<usize>,
-    /// Held-apart calibration items for the fidelity report [default: 128; fewer for a large
-    /// input].
-    #[arg(long)]
-    holdout_items: Option<usize>,
-    /// Give an input its shape, e.g. `x=1x3x48x320` (repeatable): binds its symbolic dims for
-    /// costs, budgets and the passes. Without it they are bound to the calibration data's item
-    /// shape; a batch axis stays symbolic (costs are per item). The written model keeps the
-    /// original's dynamic dims.
-    #[arg(long = "input", value_name = "NAME=SHAPE")]
-    inputs: Vec<String>,
+    #[command(flatten)]
+    data: super::DataArgs,
     #[command(flatten)]
     shared: Shared,
     #[command(flatten)]
@@ -156,16 +141,9 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         })?;
     // a recipe's calibration settings replace the flags'
     let data = c.data.or(a.calib.clone());
-    let profile = c.profile.or(a.profile.clone());
+    let profile = c.profile.or(a.data.profile.clone());
     if let Some(out) = &a.output {
-        let same = out == &a.model
-            || matches!((out.canonicalize(), a.model.canonicalize()), (Ok(x), Ok(y)) if x == y);
-        if same {
-            bail!(
-                "output {} is the input model; whittle never overwrites its input",
-                out.display()
-            );
-        }
+        super::not_the_input(out, &a.model)?;
     } else if !a.explain {
         bail!("give -o OUTPUT (or --explain to only list the channel groups)");
     }
@@ -180,7 +158,7 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         Some(c) => super::resolve_profile(profile.as_deref(), &a.model, c)?,
         None => Preprocess::default(),
     };
-    let inputs = super::parse_overrides(&a.inputs)?;
+    let inputs = super::parse_overrides(&a.data.inputs)?;
     let data = data.as_ref().map(|p| Dataset::open(p)).transpose()?;
     let original = super::load_model(&a.model)?;
     if a.explain {
@@ -198,8 +176,8 @@ pub fn execute(a: &Args) -> Result<Option<Summary>> {
         replay: replay.as_ref(),
         data: data.as_ref().map(|d| (d, &pre)),
         inputs: &inputs,
-        items: c.items.or(a.calib_items),
-        holdout: c.holdout.or(a.holdout_items),
+        items: c.items.or(a.data.calib_items),
+        holdout: c.holdout.or(a.data.holdout_items),
         floor: a.min_agreement.or(checks.min_agreement),
         strict: a.strict || checks.strict == Some(true),
         runtime: a.runtime,

@@ -2,8 +2,6 @@
 //! external data). The round trip keeps outputs identical; it is how the IR's losslessness is
 //! checked from the outside.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use serde::Serialize;
 
@@ -12,11 +10,8 @@ use crate::Outcome;
 /// Arguments of `whittle convert`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The ONNX model to read (never written).
-    model: PathBuf,
-    /// Where to write the result (atomically).
-    #[arg(short, long)]
-    output: PathBuf,
+    #[command(flatten)]
+    files: super::Files,
     /// Store tensors of 1 KiB and more in `<output>.data` beside the model.
     #[arg(long)]
     external_data: bool,
@@ -34,14 +29,15 @@ struct Report {
 
 /// Run the command.
 pub fn run(a: Args) -> Result<Outcome> {
-    let m = super::load_model(&a.model)?;
-    let written = whittle_export::save_model(&m, &a.output, Some(&a.model), a.external_data)?;
+    let m = super::load_model(&a.files.model)?;
+    let written =
+        whittle_export::save_model(&m, &a.files.output, Some(&a.files.model), a.external_data)?;
     let bytes = written
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
     let r = Report {
-        input: a.model.display().to_string(),
+        input: a.files.model.display().to_string(),
         written: written.iter().map(|p| p.display().to_string()).collect(),
         bytes,
     };

@@ -11,7 +11,7 @@ pub mod tokenize;
 pub mod verify;
 
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use whittle_calib::Preprocess;
 use whittle_core::Model;
 
@@ -21,6 +21,51 @@ pub fn parse_overrides(flags: &[String]) -> Result<Vec<(String, Vec<i64>)>> {
         .iter()
         .map(|s| whittle_core::shape::parse_override(s).map_err(anyhow::Error::from))
         .collect()
+}
+
+/// The model read (never written) and the file written (atomically).
+#[derive(clap::Args)]
+pub struct Files {
+    /// The ONNX model (never written).
+    pub model: PathBuf,
+    /// Where to write the result (atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// How calibration data is read and split, shared by `compress` and `auto`.
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// Preprocessing: a built-in profile or a TOML file (default: `<model>.profile.toml`).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Calibration items the methods use [default: 128; for a large input fewer, each giving
+    /// more sampled positions: the summary says how many].
+    #[arg(long)]
+    pub calib_items: Option<usize>,
+    /// Held-apart calibration items for the fidelity report [default: 128; fewer for a large
+    /// input].
+    #[arg(long)]
+    pub holdout_items: Option<usize>,
+    /// Give an input its shape, e.g. `x=1x3x48x320` (repeatable): binds its symbolic dims for
+    /// costs, budgets and the passes. Without it they are bound to the calibration data's item
+    /// shape; a batch axis stays symbolic (costs are per item). The written model keeps the
+    /// original's dynamic dims.
+    #[arg(long = "input", value_name = "NAME=SHAPE")]
+    pub inputs: Vec<String>,
+}
+
+/// Refuse to write `output` when it is the input `model` (same path or same file).
+pub fn not_the_input(output: &Path, model: &Path) -> Result<()> {
+    let same = output == model
+        || matches!((output.canonicalize(), model.canonicalize()), (Ok(x), Ok(y)) if x == y);
+    if same {
+        anyhow::bail!(
+            "output {} is the input model; whittle never overwrites its input",
+            output.display()
+        );
+    }
+    Ok(())
 }
 
 /// Load a model with a message naming the file.
