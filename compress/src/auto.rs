@@ -136,10 +136,13 @@ pub struct AutoReport {
     /// Candidates meeting the floor whose speed is a tie with the chosen one's (inside both
     /// spreads), by name.
     pub ties: Vec<String>,
-    /// The time budget, and the seconds the search took.
+    /// The time budget of the compressions, seconds.
     pub budget_s: f64,
     /// Wall time of the whole search.
     pub seconds: f64,
+    /// What a user should know about the choice (not faster than the original beyond the
+    /// spread of the measurement): a line each.
+    pub warnings: Vec<String>,
 }
 
 impl AutoReport {
@@ -304,6 +307,13 @@ pub fn run(
         .filter(|(_, t)| t.latency.as_ref().is_some_and(|b| !best.faster_than(b)))
         .map(|(_, t)| t.name.clone())
         .collect();
+    let mut warnings = Vec::new();
+    if best.spread.0 <= 1.0 {
+        warnings.push(format!(
+            "'{}' is not faster than the original beyond the spread of the measurement ({:.2}x, per-round {:.2}-{:.2}x on {})",
+            tried[chosen].name, best.speedup, best.spread.0, best.spread.1, job.base.runtime
+        ));
+    }
     let (model, summary) = results[chosen].take().expect("measured");
     let report = AutoReport {
         input: input.to_string(),
@@ -317,6 +327,7 @@ pub fn run(
         ties,
         budget_s: job.budget_s,
         seconds: started.elapsed().as_secs_f64(),
+        warnings,
     };
     Ok((model, summary, report))
 }
@@ -366,6 +377,9 @@ pub fn markdown(r: &AutoReport) -> String {
         r.rounds,
         r.original_ms
     );
+    for w in &r.warnings {
+        out += &format!("\nWarning: {w}.\n");
+    }
     if !r.ties.is_empty() {
         out += &format!(
             "\nA tie within the spread of the measurement: {}.\n",

@@ -124,6 +124,9 @@ pub fn run(a: Args) -> Result<Outcome> {
         auto::run(&job, &input, &Bars::default(), &mut |l| eprintln!("{l}"))?;
     write_report(&dir, &report, &summary, &a)?;
     whittle_export::save_model(&model, &a.files.output, Some(&a.files.model), false)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     if a.json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {
