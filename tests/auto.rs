@@ -140,3 +140,48 @@ fn a_board_or_bad_floor_is_refused_before_any_work() {
     r.stderr_has("'5x': the unit is s, m or h");
     assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
 }
+
+#[test]
+fn a_latency_table_standing_in_for_a_board_changes_the_choice() {
+    // a board where int8 kernels are slow and a pruned float model is fastest, and one where
+    // int8 is fastest: the same candidates, judged alike, choose differently
+    let (dir, _) = temp_path("x");
+    let table = |int8: f64, pruned: f64| {
+        format!(
+            r#"{{"original": 1.0, "int8": {int8}, "prune macs=0.9 + int8": 0.95, "prune macs=0.8 + int8": 0.95, "prune macs=0.7 + int8": 0.95, "prune macs=0.9": {pruned}, "prune macs=0.75": 0.9}}"#
+        )
+    };
+    let chosen = |name: &str, text: &str| {
+        let t = write_text(dir.path(), &format!("{name}.json"), text);
+        let out = dir.path().join(format!("{name}.onnx"));
+        let r = auto(
+            &out,
+            &format!("--min-agreement 0.5 --json --latencies {}", t.display()),
+        )
+        .ok()
+        .json();
+        assert!(
+            r["runtime"].as_str().unwrap().contains("latency table"),
+            "{r}"
+        );
+        let c = &r["candidates"][r["chosen"].as_u64().unwrap() as usize];
+        (c["name"].as_str().unwrap().to_string(), r)
+    };
+    let (no_int8, r) = chosen("no-int8", &table(1.2, 0.5));
+    assert_eq!(no_int8, "prune macs=0.9", "{r}");
+    let (fast_int8, r) = chosen("fast-int8", &table(0.3, 0.5));
+    assert_eq!(fast_int8, "int8", "{r}");
+    // a table that lacks a candidate is refused before any work, naming it
+    let t = write_text(
+        dir.path(),
+        "short.json",
+        r#"{"original": 1.0, "int8": 0.5}"#,
+    );
+    let out = dir.path().join("short.onnx");
+    auto(
+        &out,
+        &format!("--min-agreement 0.5 --latencies {}", t.display()),
+    )
+    .error(&["lacks", "prune macs=0.9"]);
+    assert!(!out.exists());
+}

@@ -13,6 +13,7 @@
 //! fastest that meets the floor; candidates whose spreads overlap it are reported as ties, never as
 //! slower. The Pareto front of (latency, fidelity) is reported with every candidate.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -89,6 +90,9 @@ pub struct AutoJob<'a> {
     pub candidates: Vec<Candidate>,
     /// Side-by-side rounds of the final measurement.
     pub rounds: usize,
+    /// Latencies measured elsewhere (another board), ms, by candidate name and `original`,
+    /// with where they come from: used instead of measuring here.
+    pub latencies: Option<(String, BTreeMap<String, f64>)>,
 }
 
 /// One candidate's outcome.
@@ -169,6 +173,27 @@ pub fn run(
     }
     if job.candidates.is_empty() {
         return Err(Error::Recipe("no candidate recipes to try".into()));
+    }
+    if let Some((from, table)) = &job.latencies {
+        let names =
+            std::iter::once("original").chain(job.candidates.iter().map(|c| c.name.as_str()));
+        let missing: Vec<&str> = names.filter(|n| !table.contains_key(*n)).collect();
+        if let Some(bad) = table.iter().find(|(_, ms)| !(ms.is_finite() && **ms > 0.0)) {
+            return Err(Error::Recipe(format!(
+                "latency table {from}: '{}' has {} ms",
+                bad.0, bad.1
+            )));
+        }
+        if !missing.is_empty() {
+            return Err(Error::Recipe(format!(
+                "latency table {from} lacks {} (it needs 'original' and every candidate)",
+                missing
+                    .iter()
+                    .map(|m| format!("'{m}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
     }
     let mut tried = Vec::new();
     let mut results: Vec<Option<(Model, Summary)>> = Vec::new();
@@ -266,16 +291,34 @@ pub fn run(
             .iter()
             .map(|&i| &results[i].as_ref().expect("kept").0),
     );
-    log(format!(
-        "auto: measuring the original and {} candidates side by side ({} rounds on {})",
-        measured.len(),
-        job.rounds,
-        job.base.runtime
-    ));
-    progress.start("auto: measuring side by side", 1);
-    let speeds = latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds);
-    progress.finish();
-    let speeds = speeds?;
+    let speeds = match &job.latencies {
+        Some((from, table)) => {
+            log(format!("auto: latencies from {from}"));
+            let original = table["original"];
+            let at = |ms: f64| Beside {
+                p50_ms: ms,
+                speedup: original / ms,
+                spread: (original / ms, original / ms),
+            };
+            std::iter::once(original)
+                .chain(measured.iter().map(|&i| table[&tried[i].name]))
+                .map(at)
+                .collect()
+        }
+        None => {
+            log(format!(
+                "auto: measuring the original and {} candidates side by side ({} rounds on {})",
+                measured.len(),
+                job.rounds,
+                job.base.runtime
+            ));
+            progress.start("auto: measuring side by side", 1);
+            let speeds =
+                latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds);
+            progress.finish();
+            speeds?
+        }
+    };
     for (&i, b) in measured.iter().zip(&speeds[1..]) {
         tried[i].latency = Some(b.clone());
     }
@@ -317,7 +360,10 @@ pub fn run(
     let (model, summary) = results[chosen].take().expect("measured");
     let report = AutoReport {
         input: input.to_string(),
-        runtime: job.base.runtime.to_string(),
+        runtime: match &job.latencies {
+            Some((from, _)) => format!("the latency table {from}"),
+            None => job.base.runtime.to_string(),
+        },
         floor: job.floor,
         metric,
         original_ms: speeds[0].p50_ms,

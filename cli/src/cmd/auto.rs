@@ -45,6 +45,10 @@ pub struct Args {
     /// Side-by-side rounds of the final measurement.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
+    /// Latencies measured on another board, in ms, as a JSON object naming `original` and every
+    /// candidate (`{"original": 12.0, "int8": 7.1, ...}`): used instead of measuring here.
+    #[arg(long, value_name = "JSON")]
+    latencies: Option<PathBuf>,
     /// Folder for recipe.toml, plan.json, results.json, report.md and plot.svg [default:
     /// OUTPUT with `.auto` in place of its extension].
     #[arg(long)]
@@ -94,6 +98,16 @@ pub fn run(a: Args) -> Result<Outcome> {
         .report
         .clone()
         .unwrap_or_else(|| a.files.output.with_extension("auto"));
+    let latencies = match &a.latencies {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("latency table {}: {e}", p.display()))?;
+            let table: std::collections::BTreeMap<String, f64> = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("latency table {}: {e}", p.display()))?;
+            Some((p.display().to_string(), table))
+        }
+        None => None,
+    };
     let pre = super::resolve_profile(a.data.profile.as_deref(), &a.files.model, &a.calib)?;
     let inputs = super::parse_overrides(&a.data.inputs)?;
     let data = Dataset::open(&a.calib)?;
@@ -118,6 +132,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         budget_s: a.budget,
         candidates: auto::candidates(&original),
         rounds: a.rounds,
+        latencies,
     };
     let input = a.files.model.display().to_string();
     let (model, summary, report) =
