@@ -405,6 +405,25 @@ fn mark_front(tried: &mut [Tried]) {
     }
 }
 
+/// A recipe that runs the chosen candidate again: its steps, the floor as `[checks]`, and the
+/// calibration item counts the search was given.
+pub fn recipe(r: &AutoReport, items: Option<usize>, holdout: Option<usize>) -> String {
+    let best = r.best();
+    format!(
+        "# whittle auto's choice for {}: {} ({} {:.3} on held-apart items, {:.2}x on {}).\n# `whittle compress MODEL --calib DATA --recipe recipe.toml -o OUT` runs it again (mixed\n# precision is chosen by timing); `--apply-plan plan.json` rebuilds it exactly.\n\n[calibration]\n{}{}\n[checks]\nmin_agreement = {}\n\n{}",
+        r.input,
+        best.name,
+        r.metric,
+        best.fidelity.unwrap_or(f64::NAN),
+        best.latency.as_ref().map_or(f64::NAN, |l| l.speedup),
+        r.runtime,
+        items.map_or(String::new(), |n| format!("items = {n}\n")),
+        holdout.map_or(String::new(), |n| format!("holdout = {n}\n")),
+        r.floor,
+        best.recipe
+    )
+}
+
 /// The report as Markdown: the choice, then every candidate (front marked).
 pub fn markdown(r: &AutoReport) -> String {
     let b = r.best();

@@ -163,24 +163,7 @@ fn write_report(
     a: &Args,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let best = r.best();
-    let recipe = format!(
-        "# whittle auto's choice for {}: {} ({} {:.3} on held-apart items, {:.2}x on {}).\n# `whittle compress MODEL --calib DATA --recipe recipe.toml -o OUT` runs it again (mixed\n# precision is chosen by timing); `--apply-plan plan.json` rebuilds it exactly.\n\n[calibration]\n{}{}\n[checks]\nmin_agreement = {}\n\n{}",
-        r.input,
-        best.name,
-        r.metric,
-        best.fidelity.unwrap_or(f64::NAN),
-        best.latency.as_ref().map_or(f64::NAN, |l| l.speedup),
-        r.runtime,
-        a.data
-            .calib_items
-            .map_or(String::new(), |n| format!("items = {n}\n")),
-        a.data
-            .holdout_items
-            .map_or(String::new(), |n| format!("holdout = {n}\n")),
-        r.floor,
-        best.recipe
-    );
+    let recipe = auto::recipe(r, a.data.calib_items, a.data.holdout_items);
     let write =
         |name: &str, text: &str| whittle_export::write_atomic(&dir.join(name), text.as_bytes());
     write("recipe.toml", &recipe)?;
@@ -221,7 +204,7 @@ fn write_report(
         ),
         &points,
         &front,
-        point(best),
+        point(r.best()),
     )?;
     write("plot.svg", &svg)?;
     Ok(())
