@@ -1,13 +1,124 @@
-//! `whittle deploy --target host` from the repository root: the main job prunes and quantizes the
-//! bundled ResNet-8, measures original, pruned and int8 on each runtime, and writes
-//! `<reports>/host/<stamp>/results.json` + `report.md` + `plot.svg` (+ the two compressed models).
+//! `whittle deploy --target host` from the repository root: the main job searches (`whittle
+//! auto`) for the fastest ResNet-8 keeping 97% agreement and measures the original and its
+//! choice on each runtime; with `--no-auto` it prunes and quantizes the bundled ResNet-8 and
+//! measures original, pruned and int8; either way it writes `<reports>/host/<stamp>/results.json`
+//! + `report.md` + `plot.svg` (+ the compressed models).
 
 use crate::common::*;
 
 #[test]
-fn deploy_host_measures_resnet8_on_both_runtimes() {
+fn deploy_host_main_job_measures_autos_choice() {
     let dir = tempfile::tempdir().unwrap();
     let r = run(&deploy_args("host", 5, dir.path(), &[])).ok();
+    // the search's table, the front marked, then the measurements
+    r.stdout_has("# whittle auto");
+    r.stdout_has("(chosen)");
+    let report = report_dir(&dir.path().join("host"), &r);
+    let results = results_json(&report);
+    let search = &results["auto"];
+    let chosen = &search["candidates"][search["chosen"].as_u64().unwrap() as usize];
+    assert!(
+        chosen["fidelity"].as_f64().unwrap() >= 0.97 && chosen["meets_floor"] == true,
+        "{search:#}"
+    );
+    assert_eq!(search["floor"].as_f64(), Some(0.97));
+    assert!(
+        search["candidates"].as_array().unwrap().len() >= 4,
+        "{search:#}"
+    );
+    assert_eq!(chosen["on_front"], true, "the choice is on the front");
+    let rows = results["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "original and the choice on two runtimes");
+    let label = format!("auto: {}", chosen["name"].as_str().unwrap());
+    for row in rows {
+        let v = row["variant"].as_str().unwrap();
+        assert!(v == "original" || v == label, "{v}");
+        assert_eq!(
+            row["items"].as_u64(),
+            Some(172),
+            "judged on the images held apart"
+        );
+        if v != "original" {
+            assert_eq!(row["model"].as_str(), Some("resnet8_cifar10.auto.onnx"));
+            // the search's floor, judged on 128 of these images, holds on all 172 within a few
+            assert!(row["agreement"].as_f64().unwrap() > 0.93, "{row:#}");
+        }
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("[auto/report.md](auto/report.md)"), "{md}");
+    let stamp = report.file_name().unwrap().to_string_lossy().into_owned();
+    let auto_files: Vec<String> = [
+        "plan.json",
+        "plot.svg",
+        "recipe.toml",
+        "report.md",
+        "results.json",
+    ]
+    .iter()
+    .map(|f| format!("host/{stamp}/auto/{f}"))
+    .collect();
+    let listed = listing(dir.path());
+    for f in auto_files
+        .iter()
+        .chain([&format!("host/{stamp}/resnet8_cifar10.auto.onnx")])
+    {
+        assert!(listed.contains(f), "{f} missing: {listed:?}");
+    }
+    // the recipe rebuilds the choice's steps
+    let recipe = std::fs::read_to_string(report.join("auto/recipe.toml")).unwrap();
+    assert!(recipe.contains("min_agreement = 0.97"), "{recipe}");
+}
+
+#[test]
+fn deploy_host_pins_a_recipe_or_refuses_a_bad_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = s(&repo_root().join("recipes/int8.toml"));
+    let r = run(&deploy_args(
+        "host",
+        3,
+        dir.path(),
+        &["--recipe".into(), recipe],
+    ))
+    .ok();
+    let results = results_json(&report_dir(&dir.path().join("host"), &r));
+    let variants: Vec<&str> = results["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        variants,
+        [
+            "original",
+            "original",
+            "recipe (int8.toml)",
+            "recipe (int8.toml)"
+        ]
+    );
+    assert!(results.get("auto").is_none(), "no search: {results:#}");
+    // refused before any work: nothing written
+    let other = tempfile::tempdir().unwrap();
+    for (bad, words) in [
+        ("--min-agreement=1.5", &["--min-agreement 1.5"][..]),
+        (
+            "--recipe=no-such.toml",
+            &["no-such.toml", "no such file"][..],
+        ),
+    ] {
+        run(&deploy_args("host", 3, other.path(), &[bad.into()])).error(words);
+    }
+    assert!(
+        listing(other.path()).is_empty(),
+        "{:?}",
+        listing(other.path())
+    );
+}
+
+#[test]
+fn deploy_host_measures_resnet8_on_both_runtimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&deploy_args("host", 5, dir.path(), &["--no-auto".into()])).ok();
     let rows = r.rows("resnet8_cifar10");
     assert_eq!(rows.len(), 6, "{}", r.dump());
     assert!(
@@ -58,9 +169,14 @@ fn deploy_host_measures_resnet8_on_both_runtimes() {
         compression["macs_kept"].as_f64().unwrap() <= 0.75 + 1e-6,
         "{compression:#}"
     );
-    // the int8 variant: every layer quantized, calibrated on the same split
+    // the int8 variant, calibrated on the same split
     let q = &results["quantization"]["quantize"];
-    assert_eq!(q["weights"], 10, "{q:#}");
+    let kept_float = |op: &str| q["kept_float"][op].as_u64().unwrap_or(0);
+    assert_eq!(
+        q["weights"].as_u64().unwrap() + kept_float("Conv") + kept_float("Gemm"),
+        10,
+        "every layer int8 or listed as kept float: {q:#}"
+    );
     for row in jrows {
         let variant = row["variant"].as_str().unwrap();
         let expect_model = match variant {

@@ -15,11 +15,14 @@ pub const PLOT_FILE: &str = "plot.svg";
 /// The Markdown report's file name in the report folder.
 pub const MARKDOWN_FILE: &str = "report.md";
 
+/// The folder, inside a report's, of the main job's search (`whittle auto`'s own report).
+pub const AUTO_DIR: &str = "auto";
+
 /// The machine-readable results of a deployment (`results.json`, `whittle deploy --json`).
 ///
 /// `C` is the summary of the compression that made the variants, when one ran.
 #[derive(Debug, Clone, Serialize)]
-pub struct Results<C> {
+pub struct Results<C, A = ()> {
     /// The target's name.
     pub target: String,
     /// The target's triple (`host` for this machine).
@@ -35,6 +38,10 @@ pub struct Results<C> {
     pub compression: Option<C>,
     /// The main job's INT8 quantization, when it ran.
     pub quantization: Option<C>,
+    /// The main job's search (`whittle auto`), when it chose the compressed model; its own
+    /// report is in [`AUTO_DIR`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto: Option<A>,
     /// What happened to the link (serial: drops, reopenings, resumed uploads), one line each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub link_events: Vec<String>,
@@ -127,7 +134,7 @@ pub struct Rendered {
 
 /// Renders the table, `report.md` and the plot of `results`. `held_out` is the number of items
 /// agreement and accuracy were measured on.
-pub fn render<C>(results: &Results<C>, held_out: usize) -> Result<Rendered, PlotError> {
+pub fn render<C, A>(results: &Results<C, A>, held_out: usize) -> Result<Rendered, PlotError> {
     let table = table(results);
     let points: Vec<plot::Point> = results
         .rows
@@ -155,7 +162,7 @@ pub fn render<C>(results: &Results<C>, held_out: usize) -> Result<Rendered, Plot
 }
 
 /// The results table: one line per row.
-pub fn table<C>(r: &Results<C>) -> String {
+pub fn table<C, A>(r: &Results<C, A>) -> String {
     let mut t = Table::new(&[
         "model",
         "variant",
@@ -194,7 +201,12 @@ pub fn table<C>(r: &Results<C>) -> String {
 }
 
 /// The text of `report.md`: the table, startup times, link events, the plot and the failures.
-fn markdown<C>(results: &Results<C>, held_out: usize, table: &str, unplotted: usize) -> String {
+fn markdown<C, A>(
+    results: &Results<C, A>,
+    held_out: usize,
+    table: &str,
+    unplotted: usize,
+) -> String {
     let note = results
         .timing_note
         .as_ref()
@@ -253,8 +265,15 @@ fn markdown<C>(results: &Results<C>, held_out: usize, table: &str, unplotted: us
     } else {
         String::new()
     };
+    let search = if results.auto.is_some() {
+        format!(
+            "The compressed model is `whittle auto`'s choice: every candidate it tried, the front and its plot are in [{AUTO_DIR}/report.md]({AUTO_DIR}/report.md), with the recipe that rebuilds it.\n\n"
+        )
+    } else {
+        String::new()
+    };
     let md = format!(
-        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}Accuracy and agreement with the original are measured on {held_out} held-apart images.\n\n```\n{table}```\n{startup}{link}\n![p50 latency against top-1 agreement, one point per variant and runtime]({PLOT_FILE}){unplotted}\n",
+        "# whittle deploy: {} ({})\n\nstarted {}\n\n{note}{search}Accuracy and agreement with the original are measured on {held_out} held-apart images.\n\n```\n{table}```\n{startup}{link}\n![p50 latency against top-1 agreement, one point per variant and runtime]({PLOT_FILE}){unplotted}\n",
         results.target, results.triple, results.started,
     );
     let failed: Vec<String> = results
@@ -316,6 +335,7 @@ mod tests {
             timing_note: Some("timings are emulated".into()),
             compression: None,
             quantization: None,
+            auto: None,
             link_events: vec!["the link dropped".into()],
             complete: true,
             rows,

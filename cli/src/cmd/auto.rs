@@ -59,7 +59,7 @@ pub struct Args {
 }
 
 /// `10m`, `90s`, `1h` or plain seconds.
-fn seconds(s: &str) -> Result<f64, String> {
+pub fn seconds(s: &str) -> Result<f64, String> {
     let (n, unit) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
         _ => (s, 's'),
@@ -137,7 +137,13 @@ pub fn run(a: Args) -> Result<Outcome> {
     let input = a.files.model.display().to_string();
     let (model, summary, report) =
         auto::run(&job, &input, &Bars::default(), &mut |l| eprintln!("{l}"))?;
-    write_report(&dir, &report, &summary, &a)?;
+    write_report(
+        &dir,
+        &report,
+        &summary,
+        a.data.calib_items,
+        a.data.holdout_items,
+    )?;
     whittle_export::save_model(&model, &a.files.output, Some(&a.files.model), false)?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -155,15 +161,17 @@ pub fn run(a: Args) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-/// The report folder: the recipe and plan that rebuild the choice, the results, Markdown, plot.
-fn write_report(
+/// The report folder: the recipe and plan that rebuild the choice (with the calibration item
+/// counts the search was given), the results, Markdown, plot.
+pub fn write_report(
     dir: &Path,
     r: &AutoReport,
     summary: &whittle_compress::job::Summary,
-    a: &Args,
+    items: Option<usize>,
+    holdout: Option<usize>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let recipe = auto::recipe(r, a.data.calib_items, a.data.holdout_items);
+    let recipe = auto::recipe(r, items, holdout);
     let write =
         |name: &str, text: &str| whittle_export::write_atomic(&dir.join(name), text.as_bytes());
     write("recipe.toml", &recipe)?;

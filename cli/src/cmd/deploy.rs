@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use whittle_calib::Dataset;
+use whittle_compress::auto::{self, AutoJob, AutoReport};
+use whittle_compress::job::Job;
 use whittle_core::{cost, shape};
 use whittle_deploy::report::{self, Failure, OutputSum, Row};
 use whittle_deploy::serial::Serial;
@@ -24,8 +26,9 @@ use whittle_deploy::transport::{
 use whittle_export::VerifyOptions;
 use whittle_runtime::{BenchConfig, BenchReport, RuntimeKind};
 
+use super::compress::Summary;
 use crate::Outcome;
-use crate::progress::bar;
+use crate::progress::{Bars, bar};
 
 /// Arguments of `whittle deploy`.
 #[derive(clap::Args)]
@@ -50,13 +53,25 @@ pub struct Args {
     /// Folder for reports (a `<target>/<timestamp>/` folder is made inside).
     #[arg(long, default_value = "reports")]
     reports: PathBuf,
+    /// The main job: the agreement floor of its search (`whittle auto`) on the held-apart images.
+    #[arg(long, default_value_t = 0.97, value_name = "F")]
+    min_agreement: f64,
+    /// The main job: time its search's compressions may take (`2m`, `90s`).
+    #[arg(long, default_value = "2m", value_parser = super::auto::seconds)]
+    budget: f64,
+    /// The main job: measure the default recipe (channel pruning) and INT8 instead of searching.
+    #[arg(long, conflicts_with = "recipe")]
+    no_auto: bool,
+    /// The main job: compress with this recipe instead of searching (one pinned point).
+    #[arg(long, value_name = "TOML")]
+    recipe: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 /// The report's results, with the summary of the main job's compression.
-type Results = report::Results<super::compress::Summary>;
+type Results = report::Results<super::compress::Summary, AutoReport>;
 
 /// The repository root: the current folder when it holds targets/, else the build's source tree.
 fn repo_root() -> PathBuf {
@@ -68,6 +83,15 @@ fn repo_root() -> PathBuf {
 
 /// Run the command.
 pub fn run(a: Args) -> Result<Outcome> {
+    if !(0.0..=1.0).contains(&a.min_agreement) {
+        anyhow::bail!(
+            "--min-agreement {} is not a fraction between 0 and 1",
+            a.min_agreement
+        );
+    }
+    if let Some(r) = a.recipe.as_deref().filter(|r| !r.is_file()) {
+        anyhow::bail!("--recipe {}: no such file", r.display());
+    }
     let root = repo_root();
     let target = Target::load(&a.target, &root.join("targets"))?;
     let (mut runner, timing_note) = connect(&target)?;
@@ -76,58 +100,29 @@ pub fn run(a: Args) -> Result<Outcome> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let data = a.data.clone().unwrap_or_else(|| root.join("data/cifar10"));
     let ds = Dataset::open(&data)?;
-    // the main job: compress the bundled model with the default recipe, calibrating on one half
-    // of the data and judging on the other
-    let (variants, (compression, quantization), eval_idx) = if a.models.is_empty() {
-        let original = root.join("models/resnet8_cifar10.onnx");
-        let out = dir.join("resnet8_cifar10.pruned.onnx");
-        let recipe = root.join("recipes/default.toml");
-        let args = super::compress::with_recipe(&original, &out, &data, &recipe)?;
-        eprintln!(
-            "compressing {} with {}",
-            original.display(),
-            recipe.display()
-        );
-        let summary = super::compress::execute(&args)?.context("compression wrote nothing")?;
-        for w in &summary.warnings {
-            eprintln!("warning: {w}");
-        }
-        // INT8 alone, calibrated on the same split
-        let int8_out = dir.join("resnet8_cifar10.int8.onnx");
-        let int8_recipe = root.join("recipes/int8.toml");
-        eprintln!(
-            "quantizing {} with {}",
-            original.display(),
-            int8_recipe.display()
-        );
-        let args = super::compress::with_recipe(&original, &int8_out, &data, &int8_recipe)?;
-        let int8 = super::compress::execute(&args)?.context("quantization wrote nothing")?;
-        for w in &int8.warnings {
-            eprintln!("warning: int8: {w}");
-        }
-        anyhow::ensure!(
-            int8.held_apart == summary.held_apart,
-            "the two compressions split the data differently"
-        );
-        // judge on the images compress held apart
-        let hold = summary.held_apart.clone();
-        let label = format!("pruned ({})", summary.target().unwrap_or("recipe"));
-        (
-            vec![
-                ("original".to_string(), original.clone()),
-                (label, out),
-                ("int8".to_string(), int8_out),
-            ],
-            (Some(summary), Some(int8)),
-            hold,
-        )
+    let MainJob {
+        variants,
+        compression,
+        quantization,
+        auto,
+        eval_idx,
+    } = if a.models.is_empty() {
+        // a main job that fails (an unreachable floor) leaves no report folder behind
+        main_job(&a, &root, &dir, &data, &ds, &target).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?
     } else {
-        let v = a
-            .models
-            .iter()
-            .map(|m| ("given".to_string(), m.clone()))
-            .collect();
-        (v, (None, None), (0..ds.len()).collect())
+        MainJob {
+            variants: a
+                .models
+                .iter()
+                .map(|m| ("given".to_string(), m.clone()))
+                .collect(),
+            compression: None,
+            quantization: None,
+            auto: None,
+            eval_idx: (0..ds.len()).collect(),
+        }
     };
     let reference = variants[0].1.clone();
     let pre = super::resolve_profile(a.profile.as_deref(), &reference, &data)?;
@@ -144,6 +139,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         timing_note: timing_note.clone(),
         compression,
         quantization,
+        auto,
         link_events: Vec::new(),
         complete: false,
         rows: Vec::new(),
@@ -277,6 +273,158 @@ pub fn run(a: Args) -> Result<Outcome> {
     }
     Ok(Outcome::Ok)
 }
+
+/// What the main job measures: the variants (label, file), what made them, and the images to
+/// judge them on (those no compression calibrated on).
+struct MainJob {
+    variants: Vec<(String, PathBuf)>,
+    compression: Option<Summary>,
+    quantization: Option<Summary>,
+    auto: Option<AutoReport>,
+    eval_idx: Vec<usize>,
+}
+
+/// The main job on the bundled ResNet-8, calibrating on one part of the data and judging on the
+/// rest: `whittle auto`'s choice at the floor (on a target measured in this process), one pinned
+/// recipe (`--recipe`), or the default recipe and INT8 (`--no-auto`, and boards: auto measures on
+/// this machine only so far).
+fn main_job(
+    a: &Args,
+    root: &Path,
+    dir: &Path,
+    data: &Path,
+    ds: &Dataset,
+    target: &Target,
+) -> Result<MainJob> {
+    let original = root.join("models/resnet8_cifar10.onnx");
+    let variant = |label: &str, out: PathBuf| {
+        vec![
+            ("original".to_string(), original.clone()),
+            (label.to_string(), out),
+        ]
+    };
+    let compress = |recipe: &Path, out: &Path, what: &str| -> Result<Summary> {
+        eprintln!("{what} {} with {}", original.display(), recipe.display());
+        let args = super::compress::with_recipe(&original, out, data, recipe)?;
+        let summary = super::compress::execute(&args)?.context("compression wrote nothing")?;
+        for w in &summary.warnings {
+            eprintln!("warning: {w}");
+        }
+        Ok(summary)
+    };
+    if let Some(recipe) = &a.recipe {
+        let out = dir.join("resnet8_cifar10.recipe.onnx");
+        let summary = compress(recipe, &out, "compressing")?;
+        let label = format!(
+            "recipe ({})",
+            recipe
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        );
+        return Ok(MainJob {
+            variants: variant(&label, out),
+            eval_idx: summary.held_apart.clone(),
+            compression: Some(summary),
+            quantization: None,
+            auto: None,
+        });
+    }
+    let local = matches!(target.connection, Connection::Local(_));
+    if !a.no_auto && !local {
+        eprintln!(
+            "note: auto measures candidates on this machine only so far: on {} the default recipe and INT8 are measured (--no-auto)",
+            target.name
+        );
+    }
+    if a.no_auto || !local {
+        let out = dir.join("resnet8_cifar10.pruned.onnx");
+        let summary = compress(&root.join("recipes/default.toml"), &out, "compressing")?;
+        // INT8 alone, calibrated on the same split
+        let int8_out = dir.join("resnet8_cifar10.int8.onnx");
+        let int8 = compress(&root.join("recipes/int8.toml"), &int8_out, "quantizing")?;
+        anyhow::ensure!(
+            int8.held_apart == summary.held_apart,
+            "the two compressions split the data differently"
+        );
+        let label = format!("pruned ({})", summary.target().unwrap_or("recipe"));
+        let mut variants = variant(&label, out);
+        variants.push(("int8".to_string(), int8_out));
+        return Ok(MainJob {
+            variants,
+            eval_idx: summary.held_apart.clone(),
+            compression: Some(summary),
+            quantization: Some(int8),
+            auto: None,
+        });
+    }
+    // the search, on the target's first runtime and its threads, with the recipes' split
+    let model = super::load_model(&original)?;
+    let pre = super::resolve_profile(a.profile.as_deref(), &original, data)?;
+    let runtime = *target
+        .runtimes
+        .first()
+        .context("the target names no runtime")?;
+    let job = AutoJob {
+        base: Job {
+            original: &model,
+            steps: &[],
+            replay: None,
+            data: Some((ds, &pre)),
+            inputs: &[],
+            items: Some(MAIN_JOB_ITEMS),
+            holdout: Some(MAIN_JOB_ITEMS),
+            floor: Some(a.min_agreement),
+            strict: false,
+            runtime,
+            threads: target.threads,
+            task: None,
+            speed_check: false,
+        },
+        floor: a.min_agreement,
+        budget_s: a.budget,
+        candidates: auto::candidates(&model),
+        rounds: AUTO_ROUNDS,
+        latencies: None,
+    };
+    eprintln!(
+        "searching for the fastest model of {} on {} ({runtime}) that keeps {:.1}% top-1 agreement (whittle auto)",
+        original.display(),
+        target.name,
+        a.min_agreement * 100.0
+    );
+    let input = original.display().to_string();
+    let (chosen, summary, report) =
+        auto::run(&job, &input, &Bars::default(), &mut |l| eprintln!("{l}"))?;
+    for w in &report.warnings {
+        eprintln!("warning: auto: {w}");
+    }
+    super::auto::write_report(
+        &dir.join(report::AUTO_DIR),
+        &report,
+        &summary,
+        Some(MAIN_JOB_ITEMS),
+        Some(MAIN_JOB_ITEMS),
+    )?;
+    if !a.json {
+        outln!("{}", auto::markdown(&report));
+    }
+    let out = dir.join("resnet8_cifar10.auto.onnx");
+    whittle_export::save_model(&chosen, &out, Some(&original), false)?;
+    Ok(MainJob {
+        variants: variant(&format!("auto: {}", report.best().name), out),
+        eval_idx: summary.held_apart.clone(),
+        compression: Some(summary),
+        quantization: None,
+        auto: Some(report),
+    })
+}
+
+/// Calibration items (and as many held-apart ones for the search's judging) of the main job's
+/// search: those of recipes/default.toml, so every mode judges on the same images.
+const MAIN_JOB_ITEMS: usize = 128;
+
+/// Side-by-side rounds of the main job's search.
+const AUTO_ROUNDS: usize = 7;
 
 /// The transport the target names, and a note for the report when its timings are emulated.
 fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)> {
