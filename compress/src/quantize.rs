@@ -14,9 +14,11 @@
 //! stays float and is listed in the report; float ops keep reading the float tensors. Only
 //! float tensors are quantized.
 //!
-//! Float on purpose: with `--float-stem`, an image's stem (a Conv reading a graph input of at
-//! most 4 channels, and that input); with `--keep-float N`, the N activations whose
-//! quantization alone costs most (measured) and the layers that read them; in a model with
+//! Float on purpose: by default an image's stem (a Conv reading a graph input of at most 4
+//! channels, and that input), then up to two of the activations whose quantization alone costs
+//! most, each group kept where the model measures no slower than all-int8; with `--float-stem`
+//! the stem whatever it costs; with `--keep-float N`, the N activations whose quantization alone
+//! costs most (measured) and the layers that read them; in a model with
 //! transformer blocks (or `--layers-only`), everything but the layers' inputs and weights.
 //! `--qdq-for tensorrt` writes TensorRT's explicit-quantization form instead: symmetric int8
 //! activations (zero point 0) and float biases.
@@ -131,9 +133,10 @@ pub struct QuantizeOptions {
     pub no_gptq: bool,
     /// Mixed precision: keep in float the N activations (with the layers that read them) whose
     /// quantization costs the most, each measured on held-out calibration items as the damage
-    /// saved by keeping it alone in float (one model run per activation). Default: up to 3 of
-    /// them, chosen by measurement: the most that leave the model no slower than with all int8 on
-    /// the checking runtime (not for transformers or large inputs); 0 turns it off.
+    /// saved by keeping it alone in float (one model run per activation). Default: an image's
+    /// stem, then the costliest, up to 3 in all, chosen by measurement: the most that leave the
+    /// model no slower than with all int8 on the checking runtime (not for transformers or large
+    /// inputs); 0 turns it off.
     #[arg(id = "quant_keep_float", long = "keep-float", value_name = "N")]
     pub keep_float: Option<usize>,
     /// The runtime whose QDQ rules to follow: `ort` (uint8 activations, int32 biases) or
@@ -151,9 +154,10 @@ pub struct QuantizeOptions {
     /// normalisations do not survive 8 bits.
     #[arg(id = "quant_layers_only", long = "layers-only")]
     pub layers_only: bool,
-    /// Keep an image's stem float: a Conv that reads a graph input of at most 4 channels, and
-    /// that input (8 bits lose most there; the speed is a tie on EfficientNet-Lite0, 25% slower
-    /// on ResNet-56 at 2 threads).
+    /// Keep an image's stem float whatever it costs: a Conv that reads a graph input of at most 4
+    /// channels, and that input (8 bits lose most there). By default it is tried first and kept
+    /// where the model measures no slower (faster on ResNet-8 at 1 thread, a tie on
+    /// EfficientNet-Lite0, 25% slower on ResNet-56 at 2 threads).
     #[arg(id = "quant_float_stem", long = "float-stem")]
     pub float_stem: bool,
 }
