@@ -185,3 +185,58 @@ fn a_latency_table_standing_in_for_a_board_changes_the_choice() {
     .error(&["lacks", "prune macs=0.9"]);
     assert!(!out.exists());
 }
+
+#[test]
+fn a_text_encoder_is_judged_by_the_sts_spearman_it_keeps() {
+    // MiniLM calibrated on 64 STS-B train sentences, judged on 40 other train pairs; a 1 s
+    // budget lets only the first candidate (int8 of the layers) start
+    let dir = tempfile::tempdir().unwrap();
+    let Some((model, calib)) = minilm_and_calibration(dir.path(), "--limit 64") else {
+        return;
+    };
+    let (tok, train) = (
+        asset("models/minilm-l6-v2-tokenizer").expect("the tokenizer"),
+        asset("data/sts/sts-train.tsv").expect("sts-train"),
+    );
+    let text = std::fs::read_to_string(&train).unwrap();
+    let judge = dir.path().join("judge.tsv");
+    let lines: Vec<&str> = text.lines().skip(1000).take(40).collect();
+    std::fs::write(&judge, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("mini.onnx");
+    let r = cli(
+        "auto {} -o {} --calib {} --judge-pairs {} --tokenizer {} --min-agreement 0.9 --budget 1s --rounds 3 --threads 1 --json",
+        &[&model, &out, &calib, &judge, &tok],
+    )
+    .ok()
+    .json();
+    assert_eq!(r["metric"], "sts_spearman_kept", "{r}");
+    assert!(
+        r["judged_on"].as_str().unwrap().contains("judge.tsv"),
+        "{r}"
+    );
+    let chosen = &r["candidates"][r["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(chosen["name"], "int8", "{r}");
+    let kept = chosen["fidelity"].as_f64().unwrap();
+    assert!((0.9..1.1).contains(&kept), "{r}");
+    // the judge agrees with `whittle verify` on the same pairs
+    let v = cli(
+        "verify {} {} --data {} --tokenizer {} --json",
+        &[&model, &out, &judge, &tok],
+    )
+    .ok()
+    .json();
+    assert!(
+        (v["kept"].as_f64().unwrap() - kept).abs() < 1e-6,
+        "{v}\n{r}"
+    );
+    // pairs that cannot be read are refused before any compression, nothing written
+    let bad = dir.path().join("bad.tsv");
+    std::fs::write(&bad, "not a pair\n").unwrap();
+    let out2 = dir.path().join("none.onnx");
+    cli(
+        "auto {} -o {} --calib {} --judge-pairs {} --tokenizer {} --min-agreement 0.9",
+        &[&model, &out2, &calib, &bad, &tok],
+    )
+    .error(&["--judge-pairs", "bad.tsv"]);
+    assert!(!out2.exists() && !dir.path().join("none.auto").exists());
+}

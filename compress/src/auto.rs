@@ -93,6 +93,19 @@ pub struct AutoJob<'a> {
     /// Latencies measured elsewhere (another board), ms, by candidate name and `original`,
     /// with where they come from: used instead of measuring here.
     pub latencies: Option<(String, BTreeMap<String, f64>)>,
+    /// A judge of fidelity in place of the task metric on held-apart items: its metric's name
+    /// and the candidate's value (e.g. the STS Spearman a text encoder keeps on sentence pairs).
+    pub judge: Option<Judge<'a>>,
+}
+
+/// A fidelity judge: the metric's name, what it judges on, and its value for a candidate model.
+pub struct Judge<'a> {
+    /// The metric's name (`sts_spearman_kept`).
+    pub metric: String,
+    /// What it is measured on (`the pairs of judge.tsv`).
+    pub on: String,
+    /// The candidate's value, 0..1 where the original scores 1.
+    pub value: &'a dyn Fn(&Model) -> Result<f64, Error>,
 }
 
 /// One candidate's outcome.
@@ -102,7 +115,7 @@ pub struct Tried {
     pub name: String,
     /// Its recipe's steps.
     pub recipe: String,
-    /// The task metric on the held-apart items.
+    /// The task metric on the held-apart items (or the judge's).
     pub fidelity: Option<f64>,
     /// Fraction of the original's MACs kept.
     pub macs_kept: Option<f64>,
@@ -129,6 +142,8 @@ pub struct AutoReport {
     pub floor: f64,
     /// The task metric's name (`top1_agreement`, `cosine`, ...).
     pub metric: String,
+    /// What the metric is measured on (`held-apart items`, or a judge's data).
+    pub judged_on: String,
     /// The original's latency (median p50 over the rounds, ms).
     pub original_ms: f64,
     /// Side-by-side rounds.
@@ -195,6 +210,10 @@ pub fn run(
             )));
         }
     }
+    let judged_on = job
+        .judge
+        .as_ref()
+        .map_or_else(|| "held-apart items".to_string(), |j| j.on.clone());
     let mut tried = Vec::new();
     let mut results: Vec<Option<(Model, Summary)>> = Vec::new();
     let mut metric = None;
@@ -239,14 +258,24 @@ pub fn run(
             });
         match outcome {
             Ok((model, summary)) => {
-                let primary = summary.fidelity.as_ref().and_then(|f| f.primary());
-                match primary {
-                    Some((_, task, value)) => {
-                        metric.get_or_insert(task.metric_name().to_string());
+                let judged = match &job.judge {
+                    Some(j) => (j.value)(&model).map(|v| (j.metric.clone(), v)),
+                    None => summary
+                        .fidelity
+                        .as_ref()
+                        .and_then(|f| f.primary())
+                        .map(|(_, task, value)| (task.metric_name().to_string(), value))
+                        .ok_or_else(|| {
+                            Error::Recipe("no task metric on the held-apart items".into())
+                        }),
+                };
+                match judged {
+                    Ok((name, value)) => {
+                        metric.get_or_insert(name);
                         t.fidelity = Some(value);
                         t.meets_floor = value >= job.floor;
                     }
-                    None => t.error = Some("no task metric on the held-apart items".into()),
+                    Err(e) => t.error = Some(e.to_string()),
                 }
                 t.macs_kept = Some(summary.macs_kept);
                 t.seconds = Some(summary.seconds);
@@ -260,7 +289,7 @@ pub fn run(
         log(match (&t.error, t.fidelity) {
             (Some(e), _) => format!("auto: '{}': {e}", c.name),
             (None, f) => format!(
-                "auto: '{}': {:.3} on held-apart items, {}",
+                "auto: '{}': {:.3} on {judged_on}, {}",
                 c.name,
                 f.unwrap_or(f64::NAN),
                 if t.meets_floor {
@@ -366,6 +395,7 @@ pub fn run(
         },
         floor: job.floor,
         metric,
+        judged_on,
         original_ms: speeds[0].p50_ms,
         rounds: job.rounds,
         candidates: tried,
@@ -410,11 +440,12 @@ fn mark_front(tried: &mut [Tried]) {
 pub fn recipe(r: &AutoReport, items: Option<usize>, holdout: Option<usize>) -> String {
     let best = r.best();
     format!(
-        "# whittle auto's choice for {}: {} ({} {:.3} on held-apart items, {:.2}x on {}).\n# `whittle compress MODEL --calib DATA --recipe recipe.toml -o OUT` runs it again (mixed\n# precision is chosen by timing); `--apply-plan plan.json` rebuilds it exactly.\n\n[calibration]\n{}{}\n[checks]\nmin_agreement = {}\n\n{}",
+        "# whittle auto's choice for {}: {} ({} {:.3} on {}, {:.2}x on {}).\n# `whittle compress MODEL --calib DATA --recipe recipe.toml -o OUT` runs it again (mixed\n# precision is chosen by timing); `--apply-plan plan.json` rebuilds it exactly.\n\n[calibration]\n{}{}\n[checks]\nmin_agreement = {}\n\n{}",
         r.input,
         best.name,
         r.metric,
         best.fidelity.unwrap_or(f64::NAN),
+        r.judged_on,
         best.latency.as_ref().map_or(f64::NAN, |l| l.speedup),
         r.runtime,
         items.map_or(String::new(), |n| format!("items = {n}\n")),
@@ -429,11 +460,12 @@ pub fn markdown(r: &AutoReport) -> String {
     let b = r.best();
     let lat = b.latency.as_ref().expect("the chosen one is measured");
     let mut out = format!(
-        "# whittle auto: {}\n\nChosen: **{}**, {} {:.3} on held-apart items (floor {:.3}), {:.2}x the original's speed on {} (per-round ratios {:.2}-{:.2}, {} interleaved rounds; original {:.3} ms).\n",
+        "# whittle auto: {}\n\nChosen: **{}**, {} {:.3} on {} (floor {:.3}), {:.2}x the original's speed on {} (per-round ratios {:.2}-{:.2}, {} interleaved rounds; original {:.3} ms).\n",
         r.input,
         b.name,
         r.metric,
         b.fidelity.unwrap_or(f64::NAN),
+        r.judged_on,
         r.floor,
         lat.speedup,
         r.runtime,

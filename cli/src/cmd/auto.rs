@@ -49,6 +49,15 @@ pub struct Args {
     /// candidate (`{"original": 12.0, "int8": 7.1, ...}`): used instead of measuring here.
     #[arg(long, value_name = "JSON")]
     latencies: Option<PathBuf>,
+    /// Text encoders: judge each candidate by the STS Spearman correlation it keeps on these
+    /// `score<TAB>sentence<TAB>sentence` pairs (with --tokenizer) instead of the task metric on
+    /// held-apart items; --min-agreement is then the fraction of the original's Spearman kept.
+    /// Use pairs the calibration sentences did not come from.
+    #[arg(long, value_name = "TSV", requires = "tokenizer")]
+    judge_pairs: Option<PathBuf>,
+    /// The tokenizer.json (or a folder holding one) for --judge-pairs.
+    #[arg(long, value_name = "DIR", requires = "judge_pairs")]
+    tokenizer: Option<PathBuf>,
     /// Folder for recipe.toml, plan.json, results.json, report.md and plot.svg [default:
     /// OUTPUT with `.auto` in place of its extension].
     #[arg(long)]
@@ -133,6 +142,41 @@ pub fn run(a: Args) -> Result<Outcome> {
         candidates: auto::candidates(&original),
         rounds: a.rounds,
         latencies,
+        judge: None,
+    };
+    let original_bytes = original.to_bytes();
+    let sts = |m: &whittle_core::Model| -> Result<f64, whittle_compress::Error> {
+        let (pairs, tok) = (
+            a.judge_pairs.as_deref().expect("judge set"),
+            a.tokenizer.as_deref().expect("clap requires it"),
+        );
+        let opts = whittle_export::VerifyOptions {
+            runtime: a.runtime,
+            threads: a.threads,
+            ..Default::default()
+        };
+        whittle_export::sts::sts(
+            &original_bytes,
+            &m.to_bytes(),
+            pairs,
+            tok,
+            &opts,
+            &mut |_, _| {},
+        )
+        .map(|r| r.kept)
+        .map_err(|e| whittle_compress::Error::Check(format!("STS pairs: {e}")))
+    };
+    if let Some(p) = &a.judge_pairs {
+        // refused before any compression: pairs that cannot be read or a tokenizer that fails
+        sts(&original).map_err(|e| anyhow::anyhow!("--judge-pairs {}: {e}", p.display()))?;
+    }
+    let job = AutoJob {
+        judge: a.judge_pairs.as_ref().map(|p| auto::Judge {
+            metric: "sts_spearman_kept".into(),
+            on: format!("the STS pairs of {}", p.display()),
+            value: &sts,
+        }),
+        ..job
     };
     let input = a.files.model.display().to_string();
     let (model, summary, report) =

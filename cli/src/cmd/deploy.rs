@@ -385,6 +385,7 @@ fn main_job(
         candidates: auto::candidates(&model),
         rounds: AUTO_ROUNDS,
         latencies: None,
+        judge: None,
     };
     eprintln!(
         "searching for the fastest model of {} on {} ({runtime}) that keeps {:.1}% top-1 agreement (whittle auto)",
