@@ -240,3 +240,35 @@ fn a_text_encoder_is_judged_by_the_sts_spearman_it_keeps() {
     .error(&["--judge-pairs", "bad.tsv"]);
     assert!(!out2.exists() && !dir.path().join("none.auto").exists());
 }
+
+#[test]
+fn a_model_no_method_applies_to_says_why() {
+    // x [N,10] -> Relu -> Softmax: nothing to prune or quantize
+    use whittle_test_support::{GraphBuilder, Lcg};
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = GraphBuilder::new("plain", Lcg::seeded(1, 0));
+    let x = g.input("x", &["N", "10"]);
+    let r = g.node("Relu", "relu", &[&x], vec![]);
+    g.node("Softmax", "soft", &[&r], vec![]);
+    g.graph.node.last_mut().unwrap().output[0] = "y".into();
+    g.output("y", &["N", "10"]);
+    let model = dir.path().join("plain.onnx");
+    write_model(&model, &g.model(8, &[("", 13)]));
+    let data = npy(dir.path(), "x.npy", 64, &[10], -1.0, 1.0);
+    let out = dir.path().join("out.onnx");
+    let e = cli(
+        "auto {} -o {} --calib {} --min-agreement 0.9",
+        &[&model, &out, &data],
+    )
+    .error(&[
+        "no method applies",
+        "nothing to quantize",
+        "nothing to prune",
+    ]);
+    assert_eq!(
+        e.matches("nothing to prune").count(),
+        1,
+        "each reason once: {e}"
+    );
+    assert!(!out.exists() && !dir.path().join("out.auto").exists());
+}

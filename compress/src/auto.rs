@@ -302,12 +302,17 @@ pub fn run(
         tried.push(t);
     }
     let Some(metric) = metric else {
-        let why = tried
-            .iter()
-            .find_map(|t| t.error.clone())
-            .unwrap_or_default();
+        // each distinct reason once, with the first candidate that gave it
+        let mut why: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for t in &tried {
+            if let Some(e) = t.error.as_deref().filter(|e| seen.insert(e.to_string())) {
+                why.push(format!("'{}': {e}", t.name));
+            }
+        }
         return Err(Error::Recipe(format!(
-            "no method applies to this model or none could be judged (first reason: {why})"
+            "no method applies to this model or none could be judged: {}",
+            why.join("; ")
         )));
     };
     // one side-by-side measurement: the original first, then every candidate with a result
