@@ -148,7 +148,7 @@ fn a_latency_table_standing_in_for_a_board_changes_the_choice() {
     let (dir, _) = temp_path("x");
     let table = |int8: f64, pruned: f64| {
         format!(
-            r#"{{"original": 1.0, "int8": {int8}, "prune macs=0.9 + int8": 0.95, "prune macs=0.8 + int8": 0.95, "prune macs=0.7 + int8": 0.95, "prune macs=0.9": {pruned}, "prune macs=0.75": 0.9}}"#
+            r#"{{"original": 1.0, "int8": {int8}, "int8, stem float": {int8}, "prune macs=0.9 + int8": 0.95, "prune macs=0.8 + int8": 0.95, "prune macs=0.7 + int8": 0.95, "prune macs=0.9": {pruned}, "prune macs=0.75": 0.9}}"#
         )
     };
     let chosen = |name: &str, text: &str| {
@@ -170,7 +170,7 @@ fn a_latency_table_standing_in_for_a_board_changes_the_choice() {
     let (no_int8, r) = chosen("no-int8", &table(1.2, 0.5));
     assert_eq!(no_int8, "prune macs=0.9", "{r}");
     let (fast_int8, r) = chosen("fast-int8", &table(0.3, 0.5));
-    assert_eq!(fast_int8, "int8", "{r}");
+    assert!(fast_int8.starts_with("int8"), "{r}");
     // a table that lacks a candidate is refused before any work, naming it
     let t = write_text(
         dir.path(),

@@ -187,8 +187,10 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     );
     let reports = sshd.path("reports");
     let r = deploy(&target, &reports).ok();
+    // the main job's search timed its candidates on the board: the original and the choice
     let rows = r.rows("resnet8_cifar10");
-    assert_eq!(rows.len(), 3, "{}", r.dump());
+    assert_eq!(rows.len(), 2, "{}", r.dump());
+    r.stdout_has("(chosen)");
     let board = sshd.path("board");
     assert!(
         r.stderr.contains(&format!(
@@ -213,10 +215,12 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     }
     assert!(board.join("resnet8_cifar10.onnx").is_file(), "{}", r.dump());
     assert!(
-        board.join("resnet8_cifar10.pruned.onnx").is_file(),
+        board.join("resnet8_cifar10.auto.onnx").is_file(),
         "{}",
         r.dump()
     );
+    // every candidate went to the board to be timed there
+    assert!(board.join("candidate-0.onnx").is_file(), "{}", r.dump());
 
     // A second run over the first one's files (the runner and models are replaced; as root this
     // does not show that a read-only copy is replaced for another user).
@@ -226,7 +230,7 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
             .lines()
             .filter(|l| l.starts_with("resnet8_cifar10"))
             .count(),
-        3,
+        2,
         "{}",
         r2.dump()
     );
@@ -237,6 +241,21 @@ fn deploy_over_ssh_runs_ort_cpu_and_matches_the_host_runner() {
     assert_eq!(results["transport"].as_str(), Some("ssh"));
     assert_eq!(results["complete"], true);
     assert!(results.get("timing_note").is_none(), "{results:#}");
+    let search = &results["auto"];
+    assert!(
+        search["runtime"]
+            .as_str()
+            .is_some_and(|r| r.contains("ssh-loopback (ssh)")),
+        "the search says where it measured\n{search:#}"
+    );
+    assert!(
+        search["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["latency"]["speedup"].as_f64().is_some()),
+        "{search:#}"
+    );
 
     let lib = locate_ort_library().expect("ONNX Runtime");
     assert_rows_match_host_runner(report, &results, &s(&lib), 1e-6, "over ssh");

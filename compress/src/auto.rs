@@ -42,6 +42,9 @@ fn candidate(name: &str, steps: &[&str]) -> Candidate {
 
 const INT8: &str = "[[step]]\nmethod = \"quantize\"\nprecision = \"int8\"\n";
 
+const INT8_STEM_FLOAT: &str =
+    "[[step]]\nmethod = \"quantize\"\nprecision = \"int8\"\nfloat_stem = true\n";
+
 fn prune(keep: f64) -> String {
     format!("[[step]]\nmethod = \"prune_channels\"\ntarget = \"macs={keep}\"\n")
 }
@@ -52,8 +55,8 @@ fn drop_blocks(count: usize) -> String {
 
 /// The candidates for `model`, cheapest to judge first: for a transformer (blocks found) INT8 of
 /// its layers, one and two blocks removed with a linear replacement, and those with INT8; else
-/// INT8 alone, pruning to 90%, 80% and 70% of the MACs followed by INT8, and pruning alone to 90%
-/// and 75%.
+/// INT8 alone (as its default decides, and with an image's stem float), pruning to 90%, 80% and
+/// 70% of the MACs followed by INT8, and pruning alone to 90% and 75%.
 pub fn candidates(model: &Model) -> Vec<Candidate> {
     let transformer = crate::blocks::find_blocks(model).is_ok_and(|b| !b.is_empty());
     if transformer {
@@ -69,6 +72,9 @@ pub fn candidates(model: &Model) -> Vec<Candidate> {
     let (p9, p8, p7, p75) = (prune(0.9), prune(0.8), prune(0.7), prune(0.75));
     vec![
         candidate("int8", &[INT8]),
+        // INT8 tries an image's stem in float and keeps it where that measures no slower on
+        // this machine; this one keeps it float whatever the timing (a board may differ)
+        candidate("int8, stem float", &[INT8_STEM_FLOAT]),
         candidate("prune macs=0.9 + int8", &[&p9, INT8]),
         candidate("prune macs=0.8 + int8", &[&p8, INT8]),
         candidate("prune macs=0.7 + int8", &[&p7, INT8]),
@@ -93,9 +99,21 @@ pub struct AutoJob<'a> {
     /// Latencies measured elsewhere (another board), ms, by candidate name and `original`,
     /// with where they come from: used instead of measuring here.
     pub latencies: Option<(String, BTreeMap<String, f64>)>,
+    /// Where the candidates are measured when not in this process (and no table is given).
+    pub board: Option<Board<'a>>,
     /// A judge of fidelity in place of the task metric on held-apart items: its metric's name
     /// and the candidate's value (e.g. the STS Spearman a text encoder keeps on sentence pairs).
     pub judge: Option<Judge<'a>>,
+}
+
+/// Latencies measured by the caller (a board, through its runner) instead of in this process.
+pub struct Board<'a> {
+    /// The board and runtime, as the report names them (`pi5 (ssh), ort-cpu`).
+    pub name: String,
+    /// `p[round][model]`: each model's p50 in ms in each of `rounds` interleaved rounds, the
+    /// first model being the original.
+    #[allow(clippy::type_complexity)]
+    pub measure: &'a dyn Fn(&[&Model], usize) -> Result<Vec<Vec<f64>>, Error>,
 }
 
 /// A fidelity judge: the metric's name, what it judges on, and its value for a candidate model.
@@ -340,15 +358,24 @@ pub fn run(
                 .collect()
         }
         None => {
+            let on = job
+                .board
+                .as_ref()
+                .map_or_else(|| job.base.runtime.to_string(), |b| b.name.clone());
             log(format!(
-                "auto: measuring the original and {} candidates side by side ({} rounds on {})",
+                "auto: measuring the original and {} candidates side by side ({} rounds on {on})",
                 measured.len(),
                 job.rounds,
-                job.base.runtime
             ));
             progress.start("auto: measuring side by side", 1);
-            let speeds =
-                latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds);
+            let speeds = match &job.board {
+                Some(b) => {
+                    (b.measure)(&models, job.rounds).map(|p| latency::beside_from_rounds(&p))
+                }
+                None => {
+                    latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds)
+                }
+            };
             progress.finish();
             speeds?
         }
@@ -394,9 +421,10 @@ pub fn run(
     let (model, summary) = results[chosen].take().expect("measured");
     let report = AutoReport {
         input: input.to_string(),
-        runtime: match &job.latencies {
-            Some((from, _)) => format!("the latency table {from}"),
-            None => job.base.runtime.to_string(),
+        runtime: match (&job.latencies, &job.board) {
+            (Some((from, _)), _) => format!("the latency table {from}"),
+            (None, Some(b)) => b.name.clone(),
+            (None, None) => job.base.runtime.to_string(),
         },
         floor: job.floor,
         metric,

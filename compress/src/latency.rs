@@ -648,7 +648,14 @@ pub fn compare_many(
         max_seconds: Some(0.15),
     };
     let p = rounds_p50(models, runtime, threads, &[], rounds, &cfg)?;
-    Ok((0..models.len())
+    Ok(beside_from_rounds(&p))
+}
+
+/// Each model's p50 (median over the rounds) and speedup over the first (the median of the
+/// per-round ratios, with their smallest and largest), from `p[round][model]` p50s in ms.
+pub fn beside_from_rounds(p: &[Vec<f64>]) -> Vec<Beside> {
+    let n = p.first().map_or(0, Vec::len);
+    (0..n)
         .map(|k| {
             let mut ms: Vec<f64> = p.iter().map(|r| r[k]).collect();
             let mut ratio: Vec<f64> = p.iter().map(|r| r[0] / r[k].max(1e-9)).collect();
@@ -661,7 +668,7 @@ pub fn compare_many(
                 spread,
             }
         })
-        .collect())
+        .collect()
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -83,6 +83,9 @@ pub enum Error {
     /// A recipe cannot be read.
     #[error("{0}")]
     Recipe(String),
+    /// Latencies could not be measured (on a board, through its runner).
+    #[error("measuring: {0}")]
+    Measure(String),
     /// A recipe in the old form (a section per method); `new_form` is the same recipe as steps.
     #[error(
         "recipe {path}: {sections} is the old form of a recipe; each method is now a [[step]] with method = \"...\", run in the order listed (the recipe in the new form is printed above; see recipes/README.md)"

@@ -356,7 +356,10 @@ pub fn assert_rows_match_host_runner(
 ) {
     use whittle_deploy::transport::{Local, Transport};
     let jrows = results["rows"].as_array().unwrap();
-    assert_eq!(jrows.len(), 3, "{results:#}");
+    assert!(
+        jrows.len() >= 2,
+        "the original and a compressed model\n{results:#}"
+    );
     let mut host = Local::find_runner()
         .map(Local::new)
         .unwrap_or_else(|e| panic!("the host runner: {e}"));

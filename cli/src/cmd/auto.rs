@@ -142,6 +142,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         candidates: auto::candidates(&original),
         rounds: a.rounds,
         latencies,
+        board: None,
         judge: None,
     };
     let original_bytes = original.to_bytes();

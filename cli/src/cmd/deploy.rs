@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use whittle_calib::Dataset;
 use whittle_compress::auto::{self, AutoJob, AutoReport};
 use whittle_compress::job::Job;
+use whittle_core::Model;
 use whittle_core::{cost, shape};
 use whittle_deploy::report::{self, Failure, OutputSum, Row};
 use whittle_deploy::serial::Serial;
@@ -108,7 +109,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         eval_idx,
     } = if a.models.is_empty() {
         // a main job that fails (an unreachable floor) leaves no report folder behind
-        main_job(&a, &root, &dir, &data, &ds, &target).inspect_err(|_| {
+        main_job(&a, &root, &dir, (&data, &ds), &target, runner.as_mut()).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
         })?
     } else {
@@ -159,12 +160,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         whittle_compress::pipeline::bind_shapes(&mut bound, &[], Some((&ds, &pre)))?;
         let c = cost::count(&bound, &shape::infer(&bound, &[])?);
         let bytes = m.to_bytes();
-        let declared = whittle_runtime::declared_inputs(&bytes)?;
-        let (specs, bs) = whittle_calib::input_specs(&declared, 1, Some((&ds, &pre)))?;
-        let shapes: Vec<(String, Vec<usize>)> = specs
-            .into_iter()
-            .map(|s| (s.name, std::iter::once(bs).chain(s.item_shape).collect()))
-            .collect();
+        let shapes = one_item_shapes(&bytes, &ds, &pre)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -274,6 +270,20 @@ pub fn run(a: Args) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// The shapes the model's inputs take for one item of `ds` (symbolic dims bound by the data).
+fn one_item_shapes(
+    bytes: &[u8],
+    ds: &Dataset,
+    pre: &whittle_calib::Preprocess,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let declared = whittle_runtime::declared_inputs(bytes)?;
+    let (specs, bs) = whittle_calib::input_specs(&declared, 1, Some((ds, pre)))?;
+    Ok(specs
+        .into_iter()
+        .map(|s| (s.name, std::iter::once(bs).chain(s.item_shape).collect()))
+        .collect())
+}
+
 /// What the main job measures: the variants (label, file), what made them, and the images to
 /// judge them on (those no compression calibrated on).
 struct MainJob {
@@ -292,9 +302,9 @@ fn main_job(
     a: &Args,
     root: &Path,
     dir: &Path,
-    data: &Path,
-    ds: &Dataset,
+    (data, ds): (&Path, &Dataset),
     target: &Target,
+    runner: &mut dyn RunnerTransport,
 ) -> Result<MainJob> {
     let original = root.join("models/resnet8_cifar10.onnx");
     let variant = |label: &str, out: PathBuf| {
@@ -329,14 +339,17 @@ fn main_job(
             auto: None,
         });
     }
-    let local = matches!(target.connection, Connection::Local(_));
-    if !a.no_auto && !local {
+    // the search times candidates in this process (host) or on an ssh board through its runner;
+    // emulated timings mean nothing, and a serial link uploads each candidate slowly
+    let searchable = matches!(target.connection, Connection::Local(_) | Connection::Ssh(_));
+    if !a.no_auto && !searchable {
         eprintln!(
-            "note: auto measures candidates on this machine only so far: on {} the default recipe and INT8 are measured (--no-auto)",
-            target.name
+            "note: the search times candidates here or on an ssh board only so far: on {} ({}) the default recipe and INT8 are measured (--no-auto)",
+            target.name,
+            target.transport().name()
         );
     }
-    if a.no_auto || !local {
+    if a.no_auto || !searchable {
         let out = dir.join("resnet8_cifar10.pruned.onnx");
         let summary = compress(&root.join("recipes/default.toml"), &out, "compressing")?;
         // INT8 alone, calibrated on the same split
@@ -385,7 +398,30 @@ fn main_job(
         candidates: auto::candidates(&model),
         rounds: AUTO_ROUNDS,
         latencies: None,
+        board: None,
         judge: None,
+    };
+    // on a board, every candidate is sent once and timed there in interleaved rounds
+    let runner = std::cell::RefCell::new(runner);
+    let shapes = one_item_shapes(&model.to_bytes(), ds, &pre)?;
+    let measure = |models: &[&Model], rounds: usize| {
+        measure_on_board(
+            &mut **runner.borrow_mut(),
+            models,
+            rounds,
+            target,
+            runtime,
+            &shapes,
+            dir,
+        )
+        .map_err(|e| whittle_compress::Error::Measure(format!("{e:#}")))
+    };
+    let job = AutoJob {
+        board: matches!(target.connection, Connection::Ssh(_)).then(|| auto::Board {
+            name: format!("{} ({}), {runtime}", target.name, target.transport().name()),
+            measure: &measure,
+        }),
+        ..job
     };
     eprintln!(
         "searching for the fastest model of {} on {} ({runtime}) that keeps {:.1}% top-1 agreement (whittle auto)",
@@ -418,6 +454,68 @@ fn main_job(
         quantization: None,
         auto: Some(report),
     })
+}
+
+/// `p[round][model]`: each model's p50 on the board in `rounds` interleaved rounds (the first
+/// model of a round rotating), each model written to a file in `dir` and sent once.
+fn measure_on_board(
+    runner: &mut dyn RunnerTransport,
+    models: &[&Model],
+    rounds: usize,
+    target: &Target,
+    runtime: RuntimeKind,
+    shapes: &[(String, Vec<usize>)],
+    dir: &Path,
+) -> Result<Vec<Vec<f64>>> {
+    let tmp = dir.join(".candidates");
+    std::fs::create_dir_all(&tmp)?;
+    let p = rounds_on_board(runner, models, rounds, target, runtime, shapes, &tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    p
+}
+
+/// [`measure_on_board`] with the models written to `tmp`.
+fn rounds_on_board(
+    runner: &mut dyn RunnerTransport,
+    models: &[&Model],
+    rounds: usize,
+    target: &Target,
+    runtime: RuntimeKind,
+    shapes: &[(String, Vec<usize>)],
+    tmp: &Path,
+) -> Result<Vec<Vec<f64>>> {
+    let mut sent = Vec::with_capacity(models.len());
+    for (k, m) in models.iter().enumerate() {
+        let local = tmp.join(format!("candidate-{k}.onnx"));
+        whittle_export::write_atomic(&local, &m.to_bytes())?;
+        sent.push(runner.send_file(&local)?);
+    }
+    let n = models.len();
+    let mut p = Vec::with_capacity(rounds);
+    for r in 0..rounds.max(1) {
+        let mut row = vec![0.0; n];
+        for j in 0..n {
+            let k = (r + j) % n;
+            let mut req = RunRequest {
+                bench: BenchConfig {
+                    warmup: 5,
+                    iters: 50,
+                    max_seconds: Some(0.5),
+                },
+                ..RunRequest::for_target(
+                    target,
+                    (r * n + j) as u64 + 1,
+                    format!("candidate-{k}"),
+                    ModelSource::Path(sent[k].clone()),
+                    runtime,
+                )
+            };
+            req.options.input_shapes = shapes.to_vec();
+            row[k] = runner.request(&req, &mut |_, _| {})?.stats().p50_ms;
+        }
+        p.push(row);
+    }
+    Ok(p)
 }
 
 /// Calibration items (and as many held-apart ones for the search's judging) of the main job's
