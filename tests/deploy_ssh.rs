@@ -323,3 +323,62 @@ fn unreachable_ssh_targets_fail_with_one_line_naming_the_cause() {
     // Nothing was copied anywhere.
     assert!(!sshd.path("board").exists());
 }
+
+#[test]
+fn auto_times_its_candidates_on_an_ssh_board() {
+    if !ready() {
+        return;
+    }
+    let sshd = Sshd::start();
+    let key = sshd.path("client_ed25519");
+    let target = sshd.target("ssh-loopback", &sshd.known_hosts_line(), &key, sshd.port);
+    let out = sshd.path("chosen.onnx");
+    let args = argv(
+        "auto {} -o {} --calib {} --profile resnet8 --target {} --min-agreement 0.9 --budget 1s --rounds 3 --json",
+        &[&resnet8(), &out, &cifar10(), &target],
+    );
+    let r = run_env(None, &args, &[("WHITTLE_RUNNER", None)])
+        .ok()
+        .json();
+    assert!(
+        r["runtime"]
+            .as_str()
+            .is_some_and(|w| w.contains("ssh-loopback (ssh), ort-cpu")),
+        "{r}"
+    );
+    let timed: Vec<&serde_json::Value> = r["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["latency"]["p50_ms"].as_f64().is_some_and(|ms| ms > 0.0))
+        .collect();
+    assert!(!timed.is_empty(), "{r}");
+    // the original and each timed candidate went to the board
+    for k in 0..=timed.len() {
+        assert!(
+            sshd.path("board")
+                .join(format!("candidate-{k}.onnx"))
+                .is_file(),
+            "candidate {k}\n{r}"
+        );
+    }
+    assert!(out.is_file());
+
+    // a board that cannot be reached fails in one line before any compression
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = sshd.target("closed-port", &sshd.known_hosts_line(), &key, closed);
+    let none = sshd.path("none.onnx");
+    let args = argv(
+        "auto {} -o {} --calib {} --profile resnet8 --target {} --min-agreement 0.9",
+        &[&resnet8(), &none, &cifar10(), &t],
+    );
+    let r = run_env(None, &args, &[("WHITTLE_RUNNER", None)]);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line\n{}", r.dump());
+    assert!(lines[0].contains("connection refused"), "{}", r.dump());
+    assert!(!none.exists() && !sshd.path("none.auto").exists());
+}

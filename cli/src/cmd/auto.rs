@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use whittle_calib::Dataset;
 use whittle_compress::auto::{self, AutoJob, AutoReport};
 use whittle_compress::job::Job;
+use whittle_deploy::target::{Connection, Target};
 use whittle_runtime::RuntimeKind;
 
 use crate::Outcome;
@@ -28,7 +29,9 @@ pub struct Args {
     /// Time the compressions may take, e.g. `10m`, `90s` (a candidate is not started after it).
     #[arg(long, default_value = "10m", value_parser = seconds)]
     budget: f64,
-    /// Where the target runs: `host` (this machine) is the one measured today.
+    /// The target the candidates are timed on: a name from targets/ or a target TOML (`host`:
+    /// this machine, in process; an ssh or serial board: through its runner, each candidate sent
+    /// once; an emulated board needs --latencies measured on the real one).
     #[arg(long, default_value = "host")]
     target: String,
     /// Runtime the candidates are measured and checked on.
@@ -90,12 +93,6 @@ pub fn seconds(s: &str) -> Result<f64, String> {
 
 /// Run the command.
 pub fn run(a: Args) -> Result<Outcome> {
-    if a.target != "host" {
-        bail!(
-            "--target {}: auto measures on this machine only so far (--target host); measure a board's candidates with `whittle deploy`",
-            a.target
-        );
-    }
     if !(0.0..=1.0).contains(&a.min_agreement) {
         bail!(
             "--min-agreement {} is not a fraction between 0 and 1",
@@ -121,6 +118,45 @@ pub fn run(a: Args) -> Result<Outcome> {
     let inputs = super::parse_overrides(&a.data.inputs)?;
     let data = Dataset::open(&a.calib)?;
     let original = super::load_model(&a.files.model)?;
+    // the board: reached now (an unreachable one fails here, before any compression)
+    let target = Target::load(&a.target, &super::deploy::repo_root().join("targets"))?;
+    if !target.runtimes.contains(&a.runtime) {
+        bail!(
+            "--runtime {}: target {} runs {}",
+            a.runtime,
+            target.name,
+            target
+                .runtimes
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let on_board = match &target.connection {
+        Connection::Local(_) => false,
+        Connection::Emulated(_) if latencies.is_none() => bail!(
+            "--target {}: timings under emulation mean nothing, so auto cannot rank candidates there; give --latencies measured on the real board",
+            target.name
+        ),
+        Connection::Emulated(_) => false,
+        _ => latencies.is_none(),
+    };
+    let mut runner = if on_board {
+        Some(super::deploy::connect(&target)?.0)
+    } else {
+        None
+    };
+    let threads = a.threads.or(target.threads);
+    let shapes = super::deploy::one_item_shapes(&original.to_bytes(), &data, &pre)?;
+    let tmp = tempfile::tempdir()?;
+    let runner_cell = std::cell::RefCell::new(runner.as_deref_mut());
+    let measure = |models: &[&whittle_core::Model], rounds: usize| {
+        let mut r = runner_cell.borrow_mut();
+        let r = r.as_deref_mut().expect("a board's runner");
+        super::deploy::measure_on_board(r, models, rounds, &target, a.runtime, &shapes, tmp.path())
+            .map_err(|e| whittle_compress::Error::Measure(format!("{e:#}")))
+    };
     let job = AutoJob {
         base: Job {
             original: &original,
@@ -133,7 +169,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             floor: Some(a.min_agreement),
             strict: false,
             runtime: a.runtime,
-            threads: a.threads,
+            threads,
             task: a.task,
             speed_check: false,
         },
@@ -142,7 +178,15 @@ pub fn run(a: Args) -> Result<Outcome> {
         candidates: auto::candidates(&original),
         rounds: a.rounds,
         latencies,
-        board: None,
+        board: on_board.then(|| auto::Board {
+            name: format!(
+                "{} ({}), {}",
+                target.name,
+                target.transport().name(),
+                a.runtime
+            ),
+            measure: &measure,
+        }),
         judge: None,
     };
     let original_bytes = original.to_bytes();
@@ -182,6 +226,10 @@ pub fn run(a: Args) -> Result<Outcome> {
     let input = a.files.model.display().to_string();
     let (model, summary, report) =
         auto::run(&job, &input, &Bars::default(), &mut |l| eprintln!("{l}"))?;
+    drop(job);
+    if let Some(r) = runner_cell.into_inner() {
+        r.close()?;
+    }
     write_report(
         &dir,
         &report,

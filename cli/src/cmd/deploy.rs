@@ -75,7 +75,7 @@ pub struct Args {
 type Results = report::Results<super::compress::Summary, AutoReport>;
 
 /// The repository root: the current folder when it holds targets/, else the build's source tree.
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     if Path::new("targets").is_dir() {
         return PathBuf::from(".");
     }
@@ -271,7 +271,7 @@ pub fn run(a: Args) -> Result<Outcome> {
 }
 
 /// The shapes the model's inputs take for one item of `ds` (symbolic dims bound by the data).
-fn one_item_shapes(
+pub fn one_item_shapes(
     bytes: &[u8],
     ds: &Dataset,
     pre: &whittle_calib::Preprocess,
@@ -458,7 +458,7 @@ fn main_job(
 
 /// `p[round][model]`: each model's p50 on the board in `rounds` interleaved rounds (the first
 /// model of a round rotating), each model written to a file in `dir` and sent once.
-fn measure_on_board(
+pub fn measure_on_board(
     runner: &mut dyn RunnerTransport,
     models: &[&Model],
     rounds: usize,
@@ -526,7 +526,7 @@ const MAIN_JOB_ITEMS: usize = 128;
 const AUTO_ROUNDS: usize = 7;
 
 /// The transport the target names, and a note for the report when its timings are emulated.
-fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)> {
+pub fn connect(target: &Target) -> Result<(Box<dyn RunnerTransport>, Option<String>)> {
     match &target.connection {
         Connection::Local(_) => Ok((Box::new(Local::from_env()?), None)),
         Connection::Emulated(link) => {
