@@ -29,6 +29,8 @@ Rows per model, each measured against the fp32 original:
   prune+int8  --calib-items 128 --recipe R`, R a recipe of two steps, `prune_channels` with
               `target = "macs=F"` (least-squares reconstruction on) then `quantize` with
               `precision = "int8"`; one row per F in --compose (default 0.8 and 0.7; --quick 0.8)
+  whittle     with --auto FLOOR: `whittle auto MODEL --calib CALIB --profile P --calib-items 128
+  auto        --min-agreement FLOOR --threads 1`, its choice (the row says which candidate)
 
 Calibration: whittle compress's own 128 items (`Dataset::split(128 / n, seed 0)`), preprocessed in
 numpy as whittle's built-in profile does, for every peer, in batches of 16 (bench/peers/peers_bench.py's
@@ -294,6 +296,32 @@ def whittle_row(spec: dict, calib: Path, work: Path, a, log, extra: tuple[str, .
     if q.get("calibrator"):
         row["config"] += (f" (calibrator chosen: {q['calibrator']}; bias corrected in {q.get('bias_corrected')} "
                           f"layers; {q.get('items')} items calibrate)")
+    return row
+
+
+def auto_row(spec: dict, calib: Path, work: Path, floor: float, a, log) -> dict:
+    """`whittle auto --min-agreement FLOOR`: the fastest candidate over the floor, timed by whittle
+    on this machine at --threads; the row is its choice, measured here like every other row."""
+    row = new_row(spec, "whittle", f"auto --min-agreement {floor}")
+    row["kind"] = "auto"
+    out = work / f"{spec['name']}_auto.onnx"
+    cmd = [str(a.whittle), "auto", str(spec["path"]), "-o", str(out), "--calib", str(calib),
+           "--profile", spec["profile"], "--calib-items", str(a.calib_items), "--min-agreement", str(floor),
+           "--threads", "1", "--json"]
+    log(f"  whittle auto --min-agreement {floor} ...")
+    try:
+        rep = benchlib.run_json(cmd, benchlib.COMPRESS_TIMEOUT_S)
+        chosen = rep["candidates"][rep["chosen"]]
+    except (RunError, KeyError, TypeError, ValueError, IndexError) as e:
+        row["error"] = f"whittle auto: {first_line(str(e))}"
+        return row
+    row.update(command=cmd, tool_seconds=round(rep["seconds"], 2), path=out,
+               auto={"chosen": chosen["name"], "fidelity": chosen["fidelity"],
+                     "speedup": chosen["latency"]["speedup"], "spread": chosen["latency"]["spread"],
+                     "candidates": [(c["name"], c.get("fidelity"), (c.get("latency") or {}).get("speedup"))
+                                    for c in rep["candidates"]]})
+    row["config"] += (f" (chose {chosen['name']}: {chosen['fidelity']:.3f} on its held-apart calibration items, "
+                      f"{chosen['latency']['speedup']:.2f}x in its own 1-thread measurement)")
     return row
 
 
@@ -611,6 +639,8 @@ def run_model(s: dict, prep: dict, work: Path, a, log) -> tuple[list[dict], dict
     w2 = whittle_row(s, prep["calib"], work, a, log, ("--keep-float", "0"))
     # composition: channel pruning then int8, one recipe per MAC budget
     composed = [compose_row(s, prep["calib"], work, keep, w["label"], a, log) for keep in a.compose]
+    if a.auto is not None:
+        composed.append(auto_row(s, prep["calib"], work, a.auto, a, log))
     rows += peer_rows(s, prep["calib_npy"], work, log)
     rows[1:1] = [w, w2, *composed]
     caches: dict = {}
@@ -697,6 +727,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compose", type=compose_list,
                     help="MAC fractions kept by the prune + int8 rows, comma-separated, or none (default "
                          f"{','.join(map(str, COMPOSE_BUDGETS))}; --quick {','.join(map(str, QUICK_COMPOSE_BUDGETS))})")
+    ap.add_argument("--auto", type=float, metavar="FLOOR",
+                    help="add a row for `whittle auto --min-agreement FLOOR` (its choice, timed with the others)")
     ap.add_argument("--calib-items", type=int, default=benchlib.CALIB_ITEMS, help=f"every tool (default {benchlib.CALIB_ITEMS})")
     ap.add_argument("--threads", type=int, default=2, help="threads for whittle compress / verify and the MSE runs "
                                                            "(default 2; latency is taken at 1 and 2)")
