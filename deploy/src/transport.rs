@@ -242,6 +242,48 @@ impl RunRequest {
     }
 }
 
+/// Times `files` on the board in `rounds` interleaved rounds, the first of each round rotating:
+/// `p[round][file]`, each one's p50 in ms (`bench` runs per request). Each file is sent once.
+pub fn interleaved_p50(
+    runner: &mut dyn Transport,
+    files: &[PathBuf],
+    rounds: usize,
+    target: &Target,
+    runtime: RuntimeKind,
+    input_shapes: &[(String, Vec<usize>)],
+    bench: &BenchConfig,
+) -> Result<Vec<Vec<f64>>, TransportError> {
+    let sent = files
+        .iter()
+        .map(|f| runner.send_file(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = files.len();
+    let mut p = Vec::with_capacity(rounds.max(1));
+    for r in 0..rounds.max(1) {
+        let mut row = vec![0.0; n];
+        for j in 0..n {
+            let k = (r + j) % n;
+            let name = files[k]
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            let mut req = RunRequest {
+                bench: bench.clone(),
+                ..RunRequest::for_target(
+                    target,
+                    (r * n + j) as u64 + 1,
+                    name,
+                    ModelSource::Path(sent[k].clone()),
+                    runtime,
+                )
+            };
+            req.options.input_shapes = input_shapes.to_vec();
+            row[k] = runner.request(&req, &mut |_, _| {})?.stats().p50_ms;
+        }
+        p.push(row);
+    }
+    Ok(p)
+}
+
 /// A way to reach a board and its runner.
 pub trait Transport {
     /// Makes a local file readable by the runner and returns its path on the board.

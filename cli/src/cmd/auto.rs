@@ -149,12 +149,11 @@ pub fn run(a: Args) -> Result<Outcome> {
     };
     let threads = a.threads.or(target.threads);
     let shapes = super::deploy::one_item_shapes(&original.to_bytes(), &data, &pre)?;
-    let tmp = tempfile::tempdir()?;
     let runner_cell = std::cell::RefCell::new(runner.as_deref_mut());
     let measure = |models: &[&whittle_core::Model], rounds: usize| {
         let mut r = runner_cell.borrow_mut();
         let r = r.as_deref_mut().expect("a board's runner");
-        super::deploy::measure_on_board(r, models, rounds, &target, a.runtime, &shapes, tmp.path())
+        super::deploy::measure_on_board(r, models, rounds, &target, a.runtime, &shapes)
             .map_err(|e| whittle_compress::Error::Measure(format!("{e:#}")))
     };
     let job = AutoJob {

@@ -295,9 +295,9 @@ struct MainJob {
 }
 
 /// The main job on the bundled ResNet-8, calibrating on one part of the data and judging on the
-/// rest: `whittle auto`'s choice at the floor (on a target measured in this process), one pinned
-/// recipe (`--recipe`), or the default recipe and INT8 (`--no-auto`, and boards: auto measures on
-/// this machine only so far).
+/// rest: `whittle auto`'s choice at the floor (candidates timed in this process, or on an ssh
+/// board through its runner), one pinned recipe (`--recipe`), or the default recipe and INT8
+/// (`--no-auto`, and emulated and serial targets).
 fn main_job(
     a: &Args,
     root: &Path,
@@ -412,7 +412,6 @@ fn main_job(
             target,
             runtime,
             &shapes,
-            dir,
         )
         .map_err(|e| whittle_compress::Error::Measure(format!("{e:#}")))
     };
@@ -457,7 +456,7 @@ fn main_job(
 }
 
 /// `p[round][model]`: each model's p50 on the board in `rounds` interleaved rounds (the first
-/// model of a round rotating), each model written to a file in `dir` and sent once.
+/// model of a round rotating), each model written to a temporary file and sent once.
 pub fn measure_on_board(
     runner: &mut dyn RunnerTransport,
     models: &[&Model],
@@ -465,57 +464,22 @@ pub fn measure_on_board(
     target: &Target,
     runtime: RuntimeKind,
     shapes: &[(String, Vec<usize>)],
-    dir: &Path,
 ) -> Result<Vec<Vec<f64>>> {
-    let tmp = dir.join(".candidates");
-    std::fs::create_dir_all(&tmp)?;
-    let p = rounds_on_board(runner, models, rounds, target, runtime, shapes, &tmp);
-    let _ = std::fs::remove_dir_all(&tmp);
-    p
-}
-
-/// [`measure_on_board`] with the models written to `tmp`.
-fn rounds_on_board(
-    runner: &mut dyn RunnerTransport,
-    models: &[&Model],
-    rounds: usize,
-    target: &Target,
-    runtime: RuntimeKind,
-    shapes: &[(String, Vec<usize>)],
-    tmp: &Path,
-) -> Result<Vec<Vec<f64>>> {
-    let mut sent = Vec::with_capacity(models.len());
+    let tmp = tempfile::tempdir()?;
+    let mut files = Vec::with_capacity(models.len());
     for (k, m) in models.iter().enumerate() {
-        let local = tmp.join(format!("candidate-{k}.onnx"));
-        whittle_export::write_atomic(&local, &m.to_bytes())?;
-        sent.push(runner.send_file(&local)?);
+        let f = tmp.path().join(format!("candidate-{k}.onnx"));
+        whittle_export::write_atomic(&f, &m.to_bytes())?;
+        files.push(f);
     }
-    let n = models.len();
-    let mut p = Vec::with_capacity(rounds);
-    for r in 0..rounds.max(1) {
-        let mut row = vec![0.0; n];
-        for j in 0..n {
-            let k = (r + j) % n;
-            let mut req = RunRequest {
-                bench: BenchConfig {
-                    warmup: 5,
-                    iters: 50,
-                    max_seconds: Some(0.5),
-                },
-                ..RunRequest::for_target(
-                    target,
-                    (r * n + j) as u64 + 1,
-                    format!("candidate-{k}"),
-                    ModelSource::Path(sent[k].clone()),
-                    runtime,
-                )
-            };
-            req.options.input_shapes = shapes.to_vec();
-            row[k] = runner.request(&req, &mut |_, _| {})?.stats().p50_ms;
-        }
-        p.push(row);
-    }
-    Ok(p)
+    let bench = BenchConfig {
+        warmup: 5,
+        iters: 50,
+        max_seconds: Some(0.5),
+    };
+    Ok(whittle_deploy::transport::interleaved_p50(
+        runner, &files, rounds, target, runtime, shapes, &bench,
+    )?)
 }
 
 /// Calibration items (and as many held-apart ones for the search's judging) of the main job's
