@@ -23,6 +23,10 @@ Rows (each compressed model is written to a temporary folder, or --keep):
       removed" is then `drop_attention.removed`, whose attention went
   FFN neurons pruned, 25 % and 50 %: the same calibration flags and `--prune-ffn 0.25` / `0.5`
   attention heads pruned, 25 % and 50 %: `--prune-heads 0.25` / `0.5`
+  int8 (layers): `--quantize int8` (a transformer's MatMul inputs and weights; the rest float);
+      and 3 blocks replaced then int8, one `--recipe` of two steps
+  ONNX Runtime quantize_dynamic (QInt8): the peer, `onnxruntime.quantization.quantize_dynamic(MODEL,
+      OUT, weight_type=QInt8)` run in the peers venv (`just setup-peers`; without it the row says so)
 A compress that fails (e.g. a flag this whittle does not have yet) becomes a row saying so with its
 first error line; it is not a failure of this bench.
 
@@ -47,7 +51,7 @@ blocks; the Spearman kept and ort-cpu speedup with 3 blocks replaced (goal >= 97
 Spearman kept with 2 blocks replaced (goal >= 99 %). Exit status: 0, or 1 when a bench or verify run
 failed, 2 when the binary, model or data are missing.
 
-    python3 bench/transformer_bench.py [--quick] [--json] [--keep DIR] [--whittle PATH]
+    python3 bench/transformer_bench.py [--quick] [--json] [--keep DIR] [--whittle PATH] [--rows NAME,..]
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 from functools import partial
 import time
@@ -89,12 +94,55 @@ def variants(quick: bool) -> list[dict]:
         for frac in ((0.25,) if quick else (0.25, 0.5)):
             out.append({"name": f"{what} {frac:.0%} pruned", "kind": flag[2:], "fraction": frac,
                         "stem": f"{flag[2:]}_{frac}", "flags": [flag, str(frac)]})
+    out.append({"name": "int8 (layers)", "kind": "int8", "stem": "int8", "flags": ["--quantize", "int8"]})
+    out.append({"name": "drop 3 blocks, linear replace + int8", "kind": "drop+int8", "blocks": 3,
+                "linear_replace": True, "stem": "drop3_replace_int8", "flags": [],
+                "recipe": '[[step]]\nmethod = "drop_blocks"\ncount = 3\nlinear_replace = true\n\n'
+                          '[[step]]\nmethod = "quantize"\nprecision = "int8"\n'})
+    out.append({"name": "ONNX Runtime quantize_dynamic (QInt8)", "kind": "ort-dynamic", "stem": "ort_dynamic",
+                "flags": []})
     return out
 
 
+# ONNX Runtime's dynamic quantization (the peer for a transformer), run in the peers venv, which has
+# the `onnx` package it needs (`just setup-peers`); argv: model, out. Prints the seconds it took.
+ORT_DYNAMIC = """
+import sys, time
+from onnxruntime.quantization import QuantType, quantize_dynamic
+t0 = time.monotonic()
+quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8)
+print(round(time.monotonic() - t0, 3))
+"""
+
+
+def peers_python() -> Path:
+    return Path(os.environ.get("WHITTLE_CACHE", Path.home() / ".cache" / "whittle")) / "peers-venv" / "bin" / "python"
+
+
+def ort_dynamic(model: Path, out: Path) -> dict:
+    """The ONNX Runtime quantize_dynamic row's `compress` figures (its tool seconds; params as the
+    original's: the weights are the same count, in int8)."""
+    py = peers_python()
+    if not py.is_file():
+        raise RunError(f"no peers venv at {py} (`just setup-peers` makes it)")
+    cmd = [str(py), "-c", ORT_DYNAMIC, str(model), str(out)]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPRESS_TIMEOUT_S)
+    if r.returncode != 0:
+        raise RunError(f"quantize_dynamic: {(r.stderr or r.stdout).strip()[-2000:]}")
+    return {"command": ["quantize_dynamic", str(model), str(out), "weight_type=QInt8"],
+            "seconds": float(r.stdout.strip().splitlines()[-1]), "wall_s": round(time.monotonic() - t0, 2),
+            "params": [None, None], "params_kept": None, "removed": None}
+
+
 def compress(model: Path, calib: Path, out: Path, v: dict, a) -> dict:
+    flags = list(v["flags"])
+    if "recipe" in v:
+        recipe = out.with_suffix(".toml")
+        recipe.write_text(v["recipe"])
+        flags += ["--recipe", str(recipe)]
     cmd = [str(a.whittle), "compress", str(model), "-o", str(out), "--calib", str(calib),
-           "--calib-items", str(a.calib_items), "--holdout-items", "0", *v["flags"],
+           "--calib-items", str(a.calib_items), "--holdout-items", "0", *flags,
            "--threads", str(a.threads), "--json"]
     t0 = time.monotonic()
     rep = run_json(cmd, COMPRESS_TIMEOUT_S)
@@ -134,8 +182,9 @@ def run_row(model: Path, calib: Path, v: dict, work: Path, a, log) -> dict:
     out = work / f"minilm_{v['stem']}.onnx"
     log(f"  {v['name']}: compressing ...")
     try:
-        row["compress"] = c = compress(model, calib, out, v, a)
-    except (RunError, KeyError, TypeError, ValueError) as e:
+        row["compress"] = c = (ort_dynamic(model, out) if v["kind"] == "ort-dynamic"
+                               else compress(model, calib, out, v, a))
+    except (RunError, KeyError, TypeError, ValueError, OSError, subprocess.TimeoutExpired) as e:
         return benchlib.compress_failed(row, e, log)
     log(f"    compress {fmt(c['seconds'], '.1f')} s: params kept {fmt(c['params_kept'], '.1%')}"
         + (f", blocks removed {c['removed']} of {c['blocks']}" if c["removed"] is not None else ""))
@@ -146,6 +195,9 @@ def run_row(model: Path, calib: Path, v: dict, work: Path, a, log) -> dict:
     except (RunError, KeyError, TypeError) as e:
         benchlib.verify_failed(row, e, log)
     benchlib.latency(row, model, out, a.iters, a, log, BENCH_ARGS)
+    if v["kind"] == "ort-dynamic" and set(row.get("bench_errors") or {}) == {"tract"}:
+        # tract not running a peer's model is the peer's row, not a failure of this bench
+        row["ok"] = "latency" in row and "ort-cpu" in row["latency"]
     return row
 
 
@@ -171,7 +223,16 @@ def statements(rows: list[dict]) -> dict:
     r3, r2 = drop.get((3, True)), drop.get((2, True))
     sp3 = (((r3 or {}).get("latency") or {}).get("ort-cpu") or {}).get("speedup")
     k3, k2 = kept_of(r3), kept_of(r2)
+    by_kind = {r["kind"]: r for r in rows}
+
+    def speed(r):
+        return (((r or {}).get("latency") or {}).get("ort-cpu") or {}).get("speedup")
+
+    q, qd = by_kind.get("int8"), by_kind.get("ort-dynamic")
     return {
+        "int8": {"kept": kept_of(q), "ort_cpu_speedup": speed(q), "goal_kept": 0.99, "goal_speedup": 1.5,
+                 "met": None if kept_of(q) is None or speed(q) is None else (kept_of(q) >= 0.99 and speed(q) >= 1.5),
+                 "ort_dynamic_kept": kept_of(qd), "ort_dynamic_speedup": speed(qd)},
         "replace_beats_plain": {"at_1_2_3": every, "per_blocks": per},
         "three_blocks_replaced": {"kept": k3, "ort_cpu_speedup": sp3, "goal_kept": 0.97, "goal_speedup": 1.7,
                                   "met": None if k3 is None or sp3 is None else (k3 >= 0.97 and sp3 >= 1.7)},
@@ -197,6 +258,10 @@ def statement_lines(s: dict) -> list[str]:
         f"3 blocks removed with replacement: {pct(t3['kept'])} of Spearman kept, ort-cpu speedup "
         f"{fmt(t3['ort_cpu_speedup'], '.2f', 'x')} (goal: >= 97% and >= 1.7x: {met(t3['met'])})",
         f"2 blocks removed with replacement: {pct(t2['kept'])} kept (goal >= 99%: {met(t2['met'])})",
+        f"int8 (layers): {pct(s['int8']['kept'])} of Spearman kept, ort-cpu speedup "
+        f"{fmt(s['int8']['ort_cpu_speedup'], '.2f', 'x')} (goal: >= 99% and >= 1.5x: {met(s['int8']['met'])}); "
+        f"ONNX Runtime quantize_dynamic: {pct(s['int8']['ort_dynamic_kept'])} kept, "
+        f"{fmt(s['int8']['ort_dynamic_speedup'], '.2f', 'x')}",
     ]
 
 
@@ -241,6 +306,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     benchlib.add_measure_args(ap, rounds="interleaved latency rounds per row (default 3)",
                               iters="timed runs per bench run, ort-cpu and tract (default 50; --quick 20)",
                               calib_items=CALIB_ITEMS)
+    ap.add_argument("--rows", help="only the rows whose name contains one of these comma-separated strings")
     ap.add_argument("--verify-limit", type=int,
                     help=f"STS-dev pairs for verify (default all 1500; --quick {QUICK_VERIFY_LIMIT})")
     benchlib.add_output_args(ap, keep="write the compressed models and data here and keep them "
@@ -274,6 +340,8 @@ def run(a: argparse.Namespace, log) -> tuple[dict, int]:
     if why:
         return {"error": why}, 2
     vs = variants(a.quick)
+    if a.rows:
+        vs = [v for v in vs if any(w.strip() in v["name"] for w in a.rows.split(","))]
     clock = benchlib.started(log, f"transformer bench (minilm-l6-v2): {len(vs)} compressed variants", a,
                              after=f" at batch 1, sequence {SEQ}")
     with benchlib.workdir(a.keep, "whittle-transformer-bench-") as work:
