@@ -112,9 +112,11 @@ pub struct Board<'a> {
     pub name: String,
     /// `p[round][model]`: each model's p50 in ms in each of `rounds` interleaved rounds, the
     /// first model being the original.
-    #[allow(clippy::type_complexity)]
-    pub measure: &'a dyn Fn(&[&Model], usize) -> Result<Vec<Vec<f64>>, Error>,
+    pub measure: &'a Measure<'a>,
 }
+
+/// What a [`Board`] measures with.
+pub type Measure<'a> = dyn Fn(&[&Model], usize) -> Result<Vec<Vec<f64>>, Error> + 'a;
 
 /// A fidelity judge: the metric's name, what it judges on, and its value for a candidate model.
 pub struct Judge<'a> {
@@ -351,6 +353,8 @@ pub fn run(
                 p50_ms: ms,
                 speedup: original / ms,
                 spread: (original / ms, original / ms),
+                cpu_ms: None,
+                cpu_speedup: None,
             };
             std::iter::once(original)
                 .chain(measured.iter().map(|&i| table[&tried[i].name]))
@@ -516,12 +520,17 @@ pub fn markdown(r: &AutoReport) -> String {
             r.ties.join(", ")
         );
     }
-    out += "\n| candidate | fidelity | meets floor | speedup | spread | p50 ms | MACs kept | front | compress s | note |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    if let (Some(cpu), Some(s)) = (lat.cpu_ms, lat.cpu_speedup) {
+        out += &format!(
+            "\nBy the thread's CPU time (one thread, what waiting for the CPU does not inflate): {cpu:.3} ms per run, {s:.2}x the original's.\n"
+        );
+    }
+    out += "\n| candidate | fidelity | meets floor | speedup | spread | p50 ms | CPU ms | MACs kept | front | compress s | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (i, t) in r.candidates.iter().enumerate() {
         let l = t.latency.as_ref();
         let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
         out += &format!(
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             t.name,
             if i == r.chosen { " (chosen)" } else { "" },
             f(t.fidelity, 3),
@@ -532,6 +541,7 @@ pub fn markdown(r: &AutoReport) -> String {
                 l.spread.0, l.spread.1
             )),
             f(l.map(|l| l.p50_ms), 3),
+            f(l.and_then(|l| l.cpu_ms), 3),
             t.macs_kept
                 .map_or("-".into(), |m| format!("{:.1}%", m * 100.0)),
             if t.on_front { "yes" } else { "" },
@@ -557,6 +567,8 @@ mod tests {
                 p50_ms: 1.0 / speedup,
                 speedup,
                 spread,
+                cpu_ms: None,
+                cpu_speedup: None,
             }),
             error: None,
             meets_floor: fidelity >= floor,

@@ -553,17 +553,20 @@ pub fn local_pair_measure(
 ) -> impl FnMut(&Model, &Model) -> Result<(f64, f64), Error> {
     move |a: &Model, b: &Model| {
         let p = rounds_p50(&[a, b], runtime, threads, &input_shapes, rounds, &cfg)?;
-        let mut pa: Vec<f64> = p.iter().map(|r| r[0]).collect();
-        let mut diffs: Vec<f64> = p.iter().map(|r| r[0] - r[1]).collect();
+        let mut pa: Vec<f64> = p.iter().map(|r| r[0].0).collect();
+        let mut diffs: Vec<f64> = p.iter().map(|r| r[0].0 - r[1].0).collect();
         let before = median(&mut pa);
         Ok((before, before - median(&mut diffs)))
     }
 }
 
+/// One round of a side-by-side measurement: each model's p50 ms and its CPU ms per run.
+type Round = Vec<(f64, Option<f64>)>;
+
 /// The p50 latency of each of `models` in each of `rounds` interleaved rounds (rounds x models),
-/// each round `cfg`'s timed runs after its warmup, the model going first rotating from round to
-/// round. ONNX Runtime sessions are loaded afresh for each turn (see [`local_pair_measure`]);
-/// tract keeps them.
+/// with the calling thread's CPU ms per run, each round `cfg`'s timed runs after its warmup, the
+/// model going first rotating from round to round. ONNX Runtime sessions are loaded afresh for
+/// each turn (see [`local_pair_measure`]); tract keeps them.
 fn rounds_p50(
     models: &[&Model],
     runtime: RuntimeKind,
@@ -571,7 +574,7 @@ fn rounds_p50(
     input_shapes: &[(String, Vec<usize>)],
     rounds: usize,
     cfg: &BenchConfig,
-) -> Result<Vec<Vec<f64>>, Error> {
+) -> Result<Vec<Round>, Error> {
     let Some(first) = models.first() else {
         return Ok(vec![]);
     };
@@ -592,7 +595,7 @@ fn rounds_p50(
     let mut inputs = None;
     let mut out = Vec::with_capacity(rounds.max(1));
     for r in 0..rounds.max(1) {
-        let mut p = vec![0.0; n];
+        let mut p = vec![(0.0, None); n];
         for j in 0..n {
             let k = (r + j) % n;
             let mut fresh = None;
@@ -607,9 +610,9 @@ fn rounds_p50(
                 );
             }
             let x = inputs.as_ref().expect("set above");
-            p[k] = whittle_runtime::bench(s.as_mut(), x, cfg, &mut |_, _| {})
-                .map_err(|e| fail(models[k], e))?
-                .p50_ms;
+            let b = whittle_runtime::bench(s.as_mut(), x, cfg, &mut |_, _| {})
+                .map_err(|e| fail(models[k], e))?;
+            p[k] = (b.p50_ms, b.cpu_ms);
         }
         out.push(p);
     }
@@ -625,6 +628,13 @@ pub struct Beside {
     pub speedup: f64,
     /// The smallest and largest of those per-round ratios: a difference inside them is a tie.
     pub spread: (f64, f64),
+    /// With one thread, the calling thread's CPU ms per run (median over rounds): the model's
+    /// own compute, beside the wall time a busy machine inflates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<f64>,
+    /// The median per-round ratio of the first model's CPU time over this one's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_speedup: Option<f64>,
 }
 
 impl Beside {
@@ -648,7 +658,21 @@ pub fn compare_many(
         max_seconds: Some(0.15),
     };
     let p = rounds_p50(models, runtime, threads, &[], rounds, &cfg)?;
-    Ok(beside_from_rounds(&p))
+    let wall: Vec<Vec<f64>> = p.iter().map(|r| r.iter().map(|x| x.0).collect()).collect();
+    let mut out = beside_from_rounds(&wall);
+    // CPU time stands for the run only when the run is on the calling thread alone
+    if threads == Some(1) || runtime == RuntimeKind::Tract {
+        for (k, b) in out.iter_mut().enumerate() {
+            let cpu: Option<Vec<(f64, f64)>> = p.iter().map(|r| r[0].1.zip(r[k].1)).collect();
+            if let Some(cpu) = cpu.filter(|c| !c.is_empty()) {
+                let mut ms: Vec<f64> = cpu.iter().map(|c| c.1).collect();
+                let mut ratio: Vec<f64> = cpu.iter().map(|c| c.0 / c.1.max(1e-9)).collect();
+                b.cpu_ms = Some(median(&mut ms));
+                b.cpu_speedup = Some(median(&mut ratio));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Each model's p50 (median over the rounds) and speedup over the first (the median of the
@@ -666,6 +690,8 @@ pub fn beside_from_rounds(p: &[Vec<f64>]) -> Vec<Beside> {
                 p50_ms: median(&mut ms),
                 speedup: median(&mut ratio),
                 spread,
+                cpu_ms: None,
+                cpu_speedup: None,
             }
         })
         .collect()

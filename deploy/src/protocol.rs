@@ -250,6 +250,7 @@ impl pb::Result {
             min_ms: self.min_ms,
             max_ms: self.max_ms,
             fps: self.fps,
+            cpu_ms: None,
         }
     }
 

@@ -67,6 +67,11 @@ pub struct BenchStats {
     /// `run` calls per second, `1000 / mean_ms`. This counts calls, not samples: multiply by the
     /// batch size for samples per second.
     pub fps: f64,
+    /// The calling thread's CPU time per timed run, mean (where the platform tells it): with one
+    /// intra-op thread the run's own compute, which time spent waiting for the CPU on a busy
+    /// machine does not inflate; with more threads only the calling thread's share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<f64>,
 }
 
 impl BenchStats {
@@ -98,7 +103,26 @@ impl BenchStats {
             } else {
                 f64::INFINITY
             },
+            cpu_ms: None,
         })
+    }
+}
+
+/// The calling thread's CPU time so far, ms (`None` where the platform does not tell it).
+pub fn thread_cpu_ms() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec, which `t` is, and reads nothing else.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        (rc == 0).then(|| t.tv_sec as f64 * 1000.0 + t.tv_nsec as f64 / 1e6)
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 
@@ -129,6 +153,7 @@ pub fn bench(
         on_progress(i + 1, total);
     }
     let mut samples = Vec::with_capacity(cfg.iters);
+    let cpu0 = thread_cpu_ms();
     let started = Instant::now();
     for i in 0..cfg.iters {
         let t0 = Instant::now();
@@ -147,8 +172,13 @@ pub fn bench(
             break;
         }
     }
-    BenchStats::from_samples(&samples)
-        .ok_or_else(|| Error::InvalidBenchConfig("no timed run was made".into()))
+    let cpu = cpu0
+        .zip(thread_cpu_ms())
+        .map(|(a, b)| (b - a) / samples.len().max(1) as f64);
+    let mut stats = BenchStats::from_samples(&samples)
+        .ok_or_else(|| Error::InvalidBenchConfig("no timed run was made".into()))?;
+    stats.cpu_ms = cpu;
+    Ok(stats)
 }
 
 /// The probe value at flat index `i` over `[lo, hi)`: `lo + ((i mod 251) / 251) * (hi - lo)`.
