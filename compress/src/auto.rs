@@ -143,6 +143,9 @@ pub struct Tried {
     pub seconds: Option<f64>,
     /// Its latency beside the original's.
     pub latency: Option<Beside>,
+    /// Side-by-side rounds that latency comes from (the screening's, or the decision's for a
+    /// contender).
+    pub rounds: Option<usize>,
     /// Why it has no result: failed, does not apply, or not started within the budget.
     pub error: Option<String>,
     /// Whether it meets the floor.
@@ -246,6 +249,7 @@ pub fn run(
             macs_kept: None,
             seconds: None,
             latency: None,
+            rounds: None,
             error: None,
             meets_floor: false,
             on_front: false,
@@ -345,48 +349,78 @@ pub fn run(
             .iter()
             .map(|&i| &results[i].as_ref().expect("kept").0),
     );
-    let speeds = match &job.latencies {
+    let on = job
+        .board
+        .as_ref()
+        .map_or_else(|| job.base.runtime.to_string(), |b| b.name.clone());
+    let measure = |models: &[&Model], rounds: usize| -> Result<Vec<Beside>, Error> {
+        progress.start("auto: measuring side by side", 1);
+        let speeds = match &job.board {
+            Some(b) => (b.measure)(models, rounds).map(|p| latency::beside_from_rounds(&p)),
+            None => latency::compare_many(models, job.base.runtime, job.base.threads, rounds),
+        };
+        progress.finish();
+        speeds
+    };
+    let original_ms = match &job.latencies {
         Some((from, table)) => {
             log(format!("auto: latencies from {from}"));
             let original = table["original"];
-            let at = |ms: f64| Beside {
-                p50_ms: ms,
-                speedup: original / ms,
-                spread: (original / ms, original / ms),
-                cpu_ms: None,
-                cpu_speedup: None,
-            };
-            std::iter::once(original)
-                .chain(measured.iter().map(|&i| table[&tried[i].name]))
-                .map(at)
-                .collect()
+            for &i in &measured {
+                let ms = table[&tried[i].name];
+                tried[i].latency = Some(Beside {
+                    p50_ms: ms,
+                    speedup: original / ms,
+                    spread: (original / ms, original / ms),
+                    cpu_ms: None,
+                    cpu_speedup: None,
+                });
+            }
+            original
         }
         None => {
-            let on = job
-                .board
-                .as_ref()
-                .map_or_else(|| job.base.runtime.to_string(), |b| b.name.clone());
+            // successive halving: every judged candidate for a few rounds, then the contenders
+            // (over the floor: the faster half, and any the best's spread does not beat) again
+            // with the original for all the rounds the decision gets
+            let screen = SCREEN_ROUNDS.min(job.rounds);
             log(format!(
-                "auto: measuring the original and {} candidates side by side ({} rounds on {on})",
+                "auto: measuring the original and {} candidates side by side ({screen} rounds on {on})",
                 measured.len(),
-                job.rounds,
             ));
-            progress.start("auto: measuring side by side", 1);
-            let speeds = match &job.board {
-                Some(b) => {
-                    (b.measure)(&models, job.rounds).map(|p| latency::beside_from_rounds(&p))
+            let speeds = measure(&models, screen)?;
+            for (&i, b) in measured.iter().zip(&speeds[1..]) {
+                tried[i].latency = Some(b.clone());
+                tried[i].rounds = Some(screen);
+            }
+            let contenders = contenders(&tried, &measured);
+            if contenders.is_empty() || job.rounds <= screen {
+                speeds[0].p50_ms
+            } else {
+                log(format!(
+                    "auto: measuring the original and {} contenders again ({} rounds on {on}): {}",
+                    contenders.len(),
+                    job.rounds,
+                    contenders
+                        .iter()
+                        .map(|&i| format!("'{}'", tried[i].name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                let mut again: Vec<&Model> = vec![job.base.original];
+                again.extend(
+                    contenders
+                        .iter()
+                        .map(|&i| &results[i].as_ref().expect("kept").0),
+                );
+                let speeds = measure(&again, job.rounds)?;
+                for (&i, b) in contenders.iter().zip(&speeds[1..]) {
+                    tried[i].latency = Some(b.clone());
+                    tried[i].rounds = Some(job.rounds);
                 }
-                None => {
-                    latency::compare_many(&models, job.base.runtime, job.base.threads, job.rounds)
-                }
-            };
-            progress.finish();
-            speeds?
+                speeds[0].p50_ms
+            }
         }
     };
-    for (&i, b) in measured.iter().zip(&speeds[1..]) {
-        tried[i].latency = Some(b.clone());
-    }
     mark_front(&mut tried);
     let chosen = choose(&tried).ok_or_else(|| {
         let best = measured
@@ -433,7 +467,7 @@ pub fn run(
         floor: job.floor,
         metric,
         judged_on,
-        original_ms: speeds[0].p50_ms,
+        original_ms,
         rounds: job.rounds,
         candidates: tried,
         chosen,
@@ -445,15 +479,65 @@ pub fn run(
     Ok((model, summary, report))
 }
 
-/// The fastest measured candidate meeting the floor (by median speedup).
-fn choose(tried: &[Tried]) -> Option<usize> {
-    tried
+/// Rounds of the screening measurement of every judged candidate.
+const SCREEN_ROUNDS: usize = 3;
+
+/// The candidates measured again: over the floor, the faster half by the screening's median
+/// (at least two), and any whose spread the fastest one's does not beat.
+fn contenders(tried: &[Tried], measured: &[usize]) -> Vec<usize> {
+    let mut over: Vec<usize> = measured
+        .iter()
+        .copied()
+        .filter(|&i| tried[i].meets_floor && tried[i].latency.is_some())
+        .collect();
+    let speed = |i: usize| tried[i].latency.as_ref().map_or(0.0, |b| b.speedup);
+    over.sort_by(|&a, &b| speed(b).total_cmp(&speed(a)));
+    let Some(&best) = over.first() else {
+        return Vec::new();
+    };
+    let best = tried[best].latency.clone().expect("measured");
+    let keep = over.len().div_ceil(2).max(2);
+    let mut out: Vec<usize> = over
         .iter()
         .enumerate()
-        .filter(|(_, t)| t.meets_floor)
-        .filter_map(|(i, t)| Some((i, t.latency.as_ref()?.speedup)))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(i, _)| i)
+        .filter(|&(rank, &i)| {
+            rank < keep || !best.faster_than(tried[i].latency.as_ref().expect("measured"))
+        })
+        .map(|(_, &i)| i)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The choice among the candidates meeting the floor that were measured for the most rounds (the
+/// contenders, after a screening): the fastest by median speedup, unless others tie with it
+/// (their spreads overlap): then the most faithful of the tie, a faster median deciding only
+/// between equal fidelities.
+fn choose(tried: &[Tried]) -> Option<usize> {
+    let most = tried
+        .iter()
+        .filter(|t| t.meets_floor && t.latency.is_some())
+        .map(|t| t.rounds)
+        .max()?;
+    let pool: Vec<(usize, &Beside)> = tried
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.meets_floor && t.rounds == most)
+        .filter_map(|(i, t)| Some((i, t.latency.as_ref()?)))
+        .collect();
+    let fastest = pool
+        .iter()
+        .max_by(|a, b| a.1.speedup.total_cmp(&b.1.speedup))?
+        .1;
+    pool.iter()
+        .filter(|(_, b)| !fastest.faster_than(b))
+        .max_by(|a, b| {
+            let f = |i: usize| tried[i].fidelity.unwrap_or(f64::NEG_INFINITY);
+            f(a.0)
+                .total_cmp(&f(b.0))
+                .then(a.1.speedup.total_cmp(&b.1.speedup))
+        })
+        .map(|(i, _)| *i)
 }
 
 /// Marks the measured candidates that no other is both at least as fast and at least as
@@ -525,12 +609,12 @@ pub fn markdown(r: &AutoReport) -> String {
             "\nBy the thread's CPU time (one thread, what waiting for the CPU does not inflate): {cpu:.3} ms per run, {s:.2}x the original's.\n"
         );
     }
-    out += "\n| candidate | fidelity | meets floor | speedup | spread | p50 ms | CPU ms | MACs kept | front | compress s | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+    out += "\n| candidate | fidelity | meets floor | speedup | spread | rounds | p50 ms | CPU ms | MACs kept | front | compress s | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (i, t) in r.candidates.iter().enumerate() {
         let l = t.latency.as_ref();
         let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
         out += &format!(
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             t.name,
             if i == r.chosen { " (chosen)" } else { "" },
             f(t.fidelity, 3),
@@ -540,6 +624,7 @@ pub fn markdown(r: &AutoReport) -> String {
                 "{:.2}-{:.2}",
                 l.spread.0, l.spread.1
             )),
+            t.rounds.map_or("-".into(), |r| r.to_string()),
             f(l.map(|l| l.p50_ms), 3),
             f(l.and_then(|l| l.cpu_ms), 3),
             t.macs_kept
@@ -570,10 +655,32 @@ mod tests {
                 cpu_ms: None,
                 cpu_speedup: None,
             }),
+            rounds: Some(3),
             error: None,
             meets_floor: fidelity >= floor,
             on_front: false,
         }
+    }
+
+    #[test]
+    fn contenders_are_the_faster_half_over_the_floor_and_any_tie_with_the_best() {
+        let t = vec![
+            tried("a", 1.5, (1.45, 1.55), 0.99, 0.97),
+            tried("b", 2.0, (1.9, 2.1), 0.98, 0.97),
+            tried("under", 3.0, (2.9, 3.1), 0.90, 0.97),
+            tried("c", 1.95, (1.85, 2.05), 0.975, 0.97),
+            tried("d", 1.4, (1.35, 1.45), 0.99, 0.97),
+            // slow by its median, but its spread reaches the best's: not beaten
+            tried("wide", 1.3, (1.0, 1.95), 0.99, 0.97),
+            tried("e", 1.0, (0.95, 1.05), 1.0, 0.97),
+        ];
+        let all: Vec<usize> = (0..t.len()).collect();
+        let names = |v: Vec<usize>| v.iter().map(|&i| t[i].name.clone()).collect::<Vec<_>>();
+        // 6 over the floor: the faster 3 (b, c, a), and wide; d and e are beaten, "under" is out
+        assert_eq!(names(contenders(&t, &all)), ["a", "b", "c", "wide"]);
+        // one over the floor: it alone; none: none
+        assert_eq!(names(contenders(&t, &[0, 2])), ["a"]);
+        assert!(contenders(&t, &[2]).is_empty());
     }
 
     #[test]
@@ -592,12 +699,19 @@ mod tests {
             .collect();
         // d is slower and less faithful than a: not on the front
         assert_eq!(front, ["a", "b", "c"]);
-        // b is fastest but under the floor
-        assert_eq!(choose(&t), Some(2));
-        // c's spread overlaps a's: a tie, not a win
+        // b is fastest but under the floor; c is the fastest over it, but its spread overlaps
+        // a's: a tie, not a win, and a is more faithful
         let c = t[2].latency.as_ref().unwrap();
         assert!(!c.faster_than(t[0].latency.as_ref().unwrap()));
         assert!(c.faster_than(t[3].latency.as_ref().unwrap()));
+        assert_eq!(choose(&t), Some(0));
+        // as faithful as a: then the faster median decides
+        t[2].fidelity = Some(0.99);
+        assert_eq!(choose(&t), Some(2));
+        // beyond the tie, speed wins over fidelity
+        t[2].fidelity = Some(0.98);
+        t[2].latency.as_mut().unwrap().spread = (1.95, 2.0);
+        assert_eq!(choose(&t), Some(2));
         // nothing over the floor: no choice
         for x in &mut t {
             x.meets_floor = false;
