@@ -54,19 +54,21 @@ fn drop_blocks(count: usize) -> String {
 }
 
 /// The candidates for `model`, cheapest to judge first: for a transformer (blocks found) INT8 of
-/// its layers, one and two blocks removed with a linear replacement, and those with INT8; else
+/// its layers, one and two blocks removed with a linear replacement, those with INT8, and three
+/// removed with INT8; else
 /// INT8 alone (as its default decides, and with an image's stem float), pruning to 90%, 80% and
 /// 70% of the MACs followed by INT8, and pruning alone to 90% and 75%.
 pub fn candidates(model: &Model) -> Vec<Candidate> {
     let transformer = crate::blocks::find_blocks(model).is_ok_and(|b| !b.is_empty());
     if transformer {
-        let (d1, d2) = (drop_blocks(1), drop_blocks(2));
+        let (d1, d2, d3) = (drop_blocks(1), drop_blocks(2), drop_blocks(3));
         return vec![
             candidate("int8", &[INT8]),
             candidate("drop 1 block", &[&d1]),
             candidate("drop 1 block + int8", &[&d1, INT8]),
             candidate("drop 2 blocks", &[&d2]),
             candidate("drop 2 blocks + int8", &[&d2, INT8]),
+            candidate("drop 3 blocks + int8", &[&d3, INT8]),
         ];
     }
     let (p9, p8, p7, p75) = (prune(0.9), prune(0.8), prune(0.7), prune(0.75));
