@@ -148,7 +148,12 @@ pub fn run(a: Args) -> Result<Outcome> {
         None
     };
     let threads = a.threads.or(target.threads);
-    let shapes = super::deploy::one_item_shapes(&original.to_bytes(), &data, &pre)?;
+    // the input shapes a board's runner binds (serialising a large model only when needed)
+    let shapes = if on_board {
+        super::deploy::one_item_shapes(&original.to_bytes(), &data, &pre)?
+    } else {
+        Vec::new()
+    };
     let runner_cell = std::cell::RefCell::new(runner.as_deref_mut());
     let measure = |models: &[&whittle_core::Model], rounds: usize| {
         let mut r = runner_cell.borrow_mut();
@@ -189,7 +194,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         judge: None,
     };
     let original_bytes = original.to_bytes();
-    let sts = |m: &whittle_core::Model| -> Result<f64, whittle_compress::Error> {
+    let sts_on = |m: &whittle_core::Model, limit: Option<usize>| {
         let (pairs, tok) = (
             a.judge_pairs.as_deref().expect("judge set"),
             a.tokenizer.as_deref().expect("clap requires it"),
@@ -197,6 +202,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         let opts = whittle_export::VerifyOptions {
             runtime: a.runtime,
             threads: a.threads,
+            limit,
             ..Default::default()
         };
         whittle_export::sts::sts(
@@ -210,9 +216,12 @@ pub fn run(a: Args) -> Result<Outcome> {
         .map(|r| r.kept)
         .map_err(|e| whittle_compress::Error::Check(format!("STS pairs: {e}")))
     };
+    let sts = |m: &whittle_core::Model| sts_on(m, None);
     if let Some(p) = &a.judge_pairs {
-        // refused before any compression: pairs that cannot be read or a tokenizer that fails
-        sts(&original).map_err(|e| anyhow::anyhow!("--judge-pairs {}: {e}", p.display()))?;
+        // refused before any compression: pairs that cannot be read, a tokenizer that fails, a
+        // model that cannot embed them (two pairs are enough to find out)
+        sts_on(&original, Some(2))
+            .map_err(|e| anyhow::anyhow!("--judge-pairs {}: {e}", p.display()))?;
     }
     let job = AutoJob {
         judge: a.judge_pairs.as_ref().map(|p| auto::Judge {
